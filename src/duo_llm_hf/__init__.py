@@ -1,0 +1,50 @@
+"""duo-llm-hf: the Duo-LLM framework (big / small / skip routed FFNs, oracle, routers) on Hugging Face.
+
+Importing the package registers `duo_llama` with `AutoConfig` / `AutoModel` / `AutoModelForCausalLM`, and marks
+the classes for `register_for_auto_class`, so a folder written by `save_pretrained` also loads with
+`trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_duo_llama import DuoLlamaConfig
+from .flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
+from .losses import token_losses
+from .modeling_duo_llama import (
+    DuoCausalLMOutputWithPast,
+    DuoLlamaForCausalLM,
+    DuoLlamaModel,
+    DuoLlamaPreTrainedModel,
+)
+from .routing import BIG, CHOICE_NAMES, SKIP, SMALL, DuoFFN, RouteSampler, parse_pattern, pattern_to_str, route_fractions
+
+AutoConfig.register(DuoLlamaConfig.model_type, DuoLlamaConfig, exist_ok=True)
+AutoModel.register(DuoLlamaConfig, DuoLlamaModel, exist_ok=True)
+AutoModelForCausalLM.register(DuoLlamaConfig, DuoLlamaForCausalLM, exist_ok=True)
+DuoLlamaConfig.register_for_auto_class()
+DuoLlamaModel.register_for_auto_class("AutoModel")
+DuoLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BIG",
+    "CHOICE_NAMES",
+    "SKIP",
+    "SMALL",
+    "DuoCausalLMOutputWithPast",
+    "DuoFFN",
+    "DuoLlamaConfig",
+    "DuoLlamaForCausalLM",
+    "DuoLlamaModel",
+    "DuoLlamaPreTrainedModel",
+    "FlopCount",
+    "RouteSampler",
+    "dense_intermediate_size",
+    "flops_per_token",
+    "parse_pattern",
+    "pattern_flops",
+    "pattern_to_str",
+    "route_fractions",
+    "token_losses",
+]

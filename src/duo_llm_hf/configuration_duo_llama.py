@@ -1,0 +1,52 @@
+"""Configuration of DuoLlama: a Llama model whose every layer has a big and a small FFN sharing one attention."""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig
+
+from .routing import validate_route_fields
+
+
+class DuoLlamaConfig(LlamaConfig):
+    r"""Configuration of a [`DuoLlamaForCausalLM`]: every [`~transformers.LlamaConfig`] field plus the Duo fields.
+
+    Args:
+        small_intermediate_size (`int`, *optional*):
+            Inner size of the small FFN, in 1..`intermediate_size`. Defaults to `intermediate_size // 16`.
+        route_options (`list[str]`, defaults to `["small", "big"]`):
+            The choices a token may take in a layer: a non-empty subset of `small`, `big`, `skip`.
+        routing_mode (`str`, defaults to `"random"`):
+            How routes are chosen when `forward` is given none: `random` (sampled from `route_probs` with
+            `route_seed`), `fixed` (`fixed_pattern` for every token), `explicit` (the caller passes `routes=`),
+            `learned` (the per-layer router decides).
+        route_probs (`dict[str, float]`, *optional*):
+            Probability of each allowed choice for random routing; defaults to uniform (p_big = 0.5 over
+            small/big, the paper's stage 1).
+        fixed_pattern (`list[int | str]` or `str`, *optional*):
+            One choice per layer, for `routing_mode="fixed"`; codes, names or letters (`"sBsB"`). Stored as codes.
+        route_seed (`int`, defaults to 0):
+            Seed of the random route sampler.
+
+    ```python
+    >>> from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
+    >>> config = DuoLlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+    ...                         num_attention_heads=4, vocab_size=128, routing_mode="fixed", fixed_pattern="sBsB")
+    >>> model = DuoLlamaForCausalLM(config)
+    ```
+    """
+
+    model_type = "duo_llama"
+
+    small_intermediate_size: int | None = None
+    route_options: list | tuple = ("small", "big")
+    routing_mode: str = "random"
+    route_probs: dict | None = None
+    fixed_pattern: list | str | None = None
+    route_seed: int = 0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        validate_route_fields(self)
+
+
+__all__ = ["DuoLlamaConfig"]

@@ -1,0 +1,244 @@
+"""Routes: choice codes, route validation, random route sampling and the routed FFN.
+
+A *route* tensor has shape ``[batch, seq_len, num_layers]`` and holds one choice code per token and layer; one
+vector of ``num_layers`` codes is a *pattern*. This module is shared by every Duo model (Llama, OPT) and is copied
+next to the modeling file when a model is saved with ``trust_remote_code`` support, so it imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+SMALL = 0
+BIG = 1
+SKIP = 2
+CHOICE_NAMES = ("small", "big", "skip")
+CHOICE_CODES = {name: code for code, name in enumerate(CHOICE_NAMES)}
+# One letter per choice, for patterns printed in reports: "sBB-" = small, big, big, skip.
+CHOICE_LETTERS = ("s", "B", "-")
+ROUTING_MODES = ("random", "fixed", "explicit", "learned")
+
+
+def choice_code(choice: int | str, field: str = "choice") -> int:
+    """Return the code of a choice given by name (``"big"``) or code (``BIG``); raise a clear error otherwise."""
+    if isinstance(choice, str) and choice.lower() in CHOICE_CODES:
+        return CHOICE_CODES[choice.lower()]
+    if isinstance(choice, int) and not isinstance(choice, bool) and 0 <= choice < len(CHOICE_NAMES):
+        return choice
+    raise ValueError(
+        f"{field}: {choice!r} is not a route choice; use one of {list(CHOICE_NAMES)} "
+        f"or the codes SMALL={SMALL}, BIG={BIG}, SKIP={SKIP}."
+    )
+
+
+def pattern_to_str(pattern: Iterable[int]) -> str:
+    """Render a pattern as letters, e.g. ``[SMALL, BIG, SKIP] -> "sB-"``."""
+    return "".join(CHOICE_LETTERS[int(c)] for c in pattern)
+
+
+def parse_pattern(pattern: str | Sequence[int | str], field: str = "pattern") -> list[int]:
+    """Parse a pattern given as letters (``"sBB-"``), names or codes into a list of codes."""
+    if isinstance(pattern, str):
+        letters = {letter: code for code, letter in enumerate(CHOICE_LETTERS)}
+        letters.update({"b": BIG, "S": SMALL})
+        bad = [ch for ch in pattern if ch not in letters]
+        if bad:
+            raise ValueError(f"{field}: {pattern!r} has letters {bad} that are not choices; use s (small), B (big), - (skip).")
+        return [letters[ch] for ch in pattern]
+    return [choice_code(c, field) for c in pattern]
+
+
+def validate_route_fields(config) -> None:
+    """Validate and normalise the Duo routing fields of a config in place.
+
+    Every error names the field, the bad value and what is allowed. Normalised forms: ``route_options`` is a
+    list of names in canonical order (small, big, skip), ``route_probs`` a dict over ``route_options``,
+    ``fixed_pattern`` a list of codes.
+    """
+    n_layers = config.num_hidden_layers
+    big_size = config.intermediate_size
+
+    if config.small_intermediate_size is None:
+        config.small_intermediate_size = max(1, big_size // 16)
+    small = config.small_intermediate_size
+    if not isinstance(small, int) or isinstance(small, bool) or not 1 <= small <= big_size:
+        raise ValueError(
+            f"small_intermediate_size: {small!r} is not allowed; it must be an integer in 1..{big_size} "
+            f"(intermediate_size), by default intermediate_size // 16."
+        )
+
+    options = config.route_options
+    if isinstance(options, str) or not options:
+        raise ValueError(
+            f"route_options: {options!r} is not allowed; give a non-empty list of choices from {list(CHOICE_NAMES)}."
+        )
+    codes = sorted({choice_code(c, "route_options") for c in options})
+    config.route_options = [CHOICE_NAMES[c] for c in codes]
+
+    if config.routing_mode not in ROUTING_MODES:
+        raise ValueError(f"routing_mode: {config.routing_mode!r} is not a routing mode; use one of {list(ROUTING_MODES)}.")
+
+    config.route_probs = _normalised_route_probs(config.route_probs, config.route_options)
+
+    if config.fixed_pattern is not None:
+        pattern = parse_pattern(config.fixed_pattern, "fixed_pattern")
+        if len(pattern) != n_layers:
+            raise ValueError(
+                f"fixed_pattern: {config.fixed_pattern!r} has {len(pattern)} choices but the model has "
+                f"{n_layers} layers (num_hidden_layers); give one choice per layer."
+            )
+        outside = sorted({CHOICE_NAMES[c] for c in pattern} - set(config.route_options))
+        if outside:
+            raise ValueError(
+                f"fixed_pattern: {config.fixed_pattern!r} uses {outside}, which route_options "
+                f"{config.route_options} does not allow."
+            )
+        config.fixed_pattern = pattern
+    elif config.routing_mode == "fixed":
+        raise ValueError("fixed_pattern: None is not allowed with routing_mode='fixed'; give one choice per layer.")
+
+    seed = config.route_seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"route_seed: {seed!r} is not allowed; it must be a non-negative integer.")
+
+
+def _normalised_route_probs(probs: Mapping[str, float] | None, options: list[str]) -> dict[str, float]:
+    if probs is None:
+        # The paper's stage 1: p_big = 0.5 over small/big; otherwise uniform over the allowed choices.
+        return {name: 1.0 / len(options) for name in options}
+    if not isinstance(probs, Mapping):
+        raise ValueError(f"route_probs: {probs!r} is not allowed; give a dict such as {{'small': 0.5, 'big': 0.5}}.")
+    out = {}
+    for key, value in probs.items():
+        name = CHOICE_NAMES[choice_code(key, "route_probs")]
+        if name not in options:
+            raise ValueError(
+                f"route_probs: {dict(probs)!r} gives a probability to {name!r}, which route_options {options} does "
+                f"not allow."
+            )
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"route_probs: {name!r} has probability {value!r}; probabilities must be finite and >= 0.")
+        out[name] = float(value)
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"route_probs: {dict(probs)!r} sums to {total:g}; the probabilities must sum to 1.")
+    return {name: out.get(name, 0.0) for name in options}
+
+
+def allowed_codes(config) -> list[int]:
+    """The codes of the config's ``route_options``, in canonical order."""
+    return [CHOICE_CODES[name] for name in config.route_options]
+
+
+def check_routes(routes: torch.Tensor, config, batch_size: int, seq_len: int) -> None:
+    """Check an explicit route tensor: shape ``[batch, seq, layers]``, integer dtype, allowed codes only."""
+    n_layers = config.num_hidden_layers
+    if not isinstance(routes, torch.Tensor):
+        raise TypeError(f"routes: expected a torch.LongTensor of shape [batch, seq, layers], got {type(routes).__name__}.")
+    if routes.dtype.is_floating_point or routes.dtype.is_complex or routes.dtype == torch.bool:
+        raise TypeError(f"routes: dtype {routes.dtype} is not allowed; use an integer tensor (torch.long) of choice codes.")
+    expected = (batch_size, seq_len, n_layers)
+    if tuple(routes.shape) != expected:
+        raise ValueError(
+            f"routes: shape {tuple(routes.shape)} does not match [batch, seq_len, num_layers] = {list(expected)}."
+        )
+    allowed = torch.tensor(allowed_codes(config), device=routes.device)
+    bad = ~torch.isin(routes, allowed)
+    if bad.any():
+        found = sorted(set(routes[bad].tolist()))
+        raise ValueError(
+            f"routes: codes {found} are not allowed by route_options {config.route_options} "
+            f"(codes {allowed.tolist()}; SMALL={SMALL}, BIG={BIG}, SKIP={SKIP})."
+        )
+
+
+def route_fractions(routes: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Fraction of (token, layer) pairs that took each choice; ``mask`` ([batch, seq]) selects the tokens."""
+    if mask is not None:
+        routes = routes[mask.bool()]
+    counts = torch.bincount(routes.reshape(-1).long(), minlength=len(CHOICE_NAMES)).double()
+    total = counts.sum().clamp_min(1)
+    return {name: (counts[code] / total).item() for code, name in enumerate(CHOICE_NAMES)}
+
+
+class RouteSampler:
+    """Seeded sampler of random routes from the config's ``route_probs``.
+
+    It owns its generator, so routes are reproducible for a given seed whatever else draws random numbers, and
+    its ``state_dict`` can be checkpointed (``accelerator.register_for_checkpointing``) so a resumed run draws
+    the same routes.
+    """
+
+    def __init__(self, probs: Mapping[str, float], seed: int = 0):
+        names = [name for name, p in probs.items() if p > 0]
+        # Explicit CPU tensors: models are built under a meta-device context when loaded with from_pretrained.
+        self.codes = torch.tensor([CHOICE_CODES[n] for n in names], dtype=torch.long, device="cpu")
+        cumulative = torch.tensor([probs[n] for n in names], dtype=torch.float64, device="cpu").cumsum(0)
+        self.cumulative = (cumulative / cumulative[-1]).float()
+        self.seed = seed
+        # Routes are drawn on the CPU and moved to the device: the same seed gives the same routes anywhere.
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def sample(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.LongTensor:
+        """Draw a route tensor of the given shape."""
+        u = torch.rand(tuple(shape), generator=self.generator, device="cpu")
+        index = torch.bucketize(u, self.cumulative, right=True).clamp_max(len(self.codes) - 1)
+        return self.codes[index].to(device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "rng_state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.generator.set_state(state["rng_state"])
+
+
+class DuoFFN(nn.Module):
+    """A routed FFN: a big and a small module side by side; each token runs only the module it is routed to.
+
+    Tokens routed to ``SKIP`` run neither, so the FFN adds nothing for them. Dispatch gathers the tokens of each
+    module, runs the module on those rows only, and scatters the result back: compute falls with the route.
+    """
+
+    def __init__(self, big: nn.Module, small: nn.Module):
+        super().__init__()
+        self.big = big
+        self.small = small
+
+    def module_for(self, choice: int) -> nn.Module | None:
+        """The module that serves a choice code (``None`` for SKIP)."""
+        return {BIG: self.big, SMALL: self.small}.get(choice)
+
+    def run_choice(self, hidden_states: torch.Tensor, choice: int) -> torch.Tensor:
+        """Output of one choice for every row of ``hidden_states`` (used when all rows take the same choice)."""
+        module = self.module_for(choice)
+        return torch.zeros_like(hidden_states) if module is None else module(hidden_states)
+
+    def forward(self, hidden_states: torch.Tensor, route: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the routed FFN; return its output and the route taken.
+
+        ``hidden_states``: ``[..., hidden]``; ``route``: the choice code of each row, shape
+        ``hidden_states.shape[:-1]``. A ``None`` route is for learned routing, where a router decides.
+        """
+        if route is None:
+            raise ValueError("DuoFFN got no route: pass routes, or use a routing mode that makes them (random, fixed).")
+        return self.dispatch(hidden_states, route), route
+
+    def dispatch(self, hidden_states: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Gather the rows of each choice, run its module on them only, scatter the outputs (SKIP rows stay 0)."""
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        flat_route = route.reshape(-1)
+        out = torch.zeros_like(flat)
+        for choice, module in ((BIG, self.big), (SMALL, self.small)):
+            rows = (flat_route == choice).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            if rows.numel() == flat.shape[0]:
+                out = module(flat)
+                break
+            out = out.index_copy(0, rows, module(flat.index_select(0, rows)).to(out.dtype))
+        return out.view_as(hidden_states)
