@@ -743,7 +743,9 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     set_seed(args.seed)  # the weights depend on the seed only, not on what the data steps drew
     model = build_model(args, tokenizer)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers v5 deprecates gradient_checkpointing_enable for activation_checkpointing_enable.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     is_duo = isinstance(model, DuoLlamaForCausalLM)
     if is_duo and accelerator.num_processes > 1:
         # Each process draws its own routes (same config seed, offset by the process index).
