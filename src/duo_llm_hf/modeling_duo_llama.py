@@ -289,6 +289,7 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         routes: torch.LongTensor | None = None,
         routing: str | None = None,
+        budget=None,
         **kwargs,
     ) -> DuoCausalLMOutputWithPast:
         r"""
@@ -296,8 +297,23 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
             Explicit choice codes (`SMALL`, `BIG`, `SKIP`) for every token and layer; must be allowed by
             `config.route_options`. Overrides the routing mode.
         routing (`str`, *optional*):
-            Routing mode for this call (`random`, `fixed`, `explicit`), instead of `config.routing_mode`.
+            Routing mode for this call (`random`, `fixed`, `explicit`, `oracle`), instead of `config.routing_mode`.
+            `oracle` needs `labels`: every token takes the pattern with its lowest loss under `budget` (the
+            prefix-tree search of `duo_llm_hf.oracle`, without gradients); the output's `routes` and
+            `token_losses` are the oracle's, `loss` their mean, `logits` each token's under its route. Extra
+            keywords: `causal=True` for the causally consistent oracle (later tokens see the keys and values of
+            the routes chosen for earlier ones), `chunk_tokens` (memory), `route_options` (a subset).
+        budget (`int`, `str` or `dict`, *optional*):
+            Budget of the oracle: None (every pattern), a BIG count (`4`), counts per choice
+            (`{"big": 6, "skip": 6}`), or a BIG count falling with the position (`"6:2"`).
         """
+        if routing == "oracle":
+            from .oracle import oracle_routing  # only this mode needs the engine
+
+            found = oracle_routing(self, input_ids, labels, budget, attention_mask=attention_mask, **kwargs)
+            return DuoCausalLMOutputWithPast(
+                loss=found.loss, logits=found.logits, routes=found.routes, token_losses=found.token_losses
+            )
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
