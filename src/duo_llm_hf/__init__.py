@@ -2,8 +2,11 @@
 
 Importing the package registers `duo_llama` with `AutoConfig` / `AutoModel` / `AutoModelForCausalLM`, and marks
 the classes for `register_for_auto_class`, so a folder written by `save_pretrained` also loads with
-`trust_remote_code=True` where this package is not installed.
+`trust_remote_code=True` where this package is not installed. Where lm-evaluation-harness is installed, it also
+registers the `duo` lm-eval model (lazily: `duo_llm_hf.lm_eval_model` is imported when the harness builds it).
 """
+
+import importlib.util
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -34,6 +37,21 @@ AutoModelForCausalLM.register(DuoLlamaConfig, DuoLlamaForCausalLM, exist_ok=True
 DuoLlamaConfig.register_for_auto_class()
 DuoLlamaModel.register_for_auto_class("AutoModel")
 DuoLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def _register_lm_eval_model() -> None:
+    """Make `--model duo` known to lm-eval, without importing the harness's model code (or needing lm-eval)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    # The harness fills its registry with its own models only when it is empty at lookup; fill it first.
+    import lm_eval.models  # noqa: F401
+    from lm_eval.api.registry import model_registry
+
+    if "duo" not in model_registry:
+        model_registry.register("duo", target="duo_llm_hf.lm_eval_model:DuoLM")
+
+
+_register_lm_eval_model()
 
 __version__ = "0.1.0"
 
