@@ -16,6 +16,16 @@ from .modeling_duo_llama import (
     DuoLlamaModel,
     DuoLlamaPreTrainedModel,
 )
+from .router import (
+    ROUTER_SETTINGS,
+    DuoRouter,
+    TemperatureSchedule,
+    budget_loss,
+    freeze_all_but_routers,
+    realised_fractions,
+    router_parameters,
+    set_router_temperature,
+)
 from .routing import BIG, CHOICE_NAMES, SKIP, SMALL, DuoFFN, RouteSampler, parse_pattern, pattern_to_str, route_fractions
 
 AutoConfig.register(DuoLlamaConfig.model_type, DuoLlamaConfig, exist_ok=True)
@@ -39,7 +49,15 @@ __all__ = [
     "DuoLlamaModel",
     "DuoLlamaPreTrainedModel",
     "FlopCount",
+    "ROUTER_SETTINGS",
+    "DuoRouter",
     "RouteSampler",
+    "TemperatureSchedule",
+    "budget_loss",
+    "freeze_all_but_routers",
+    "realised_fractions",
+    "router_parameters",
+    "set_router_temperature",
     "dense_intermediate_size",
     "flops_per_token",
     "parse_pattern",

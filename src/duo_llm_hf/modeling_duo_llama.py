@@ -26,7 +26,8 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_duo_llama import DuoLlamaConfig
 from .losses import mean_loss, token_losses
-from .routing import DuoFFN, RouteSampler, check_routes, validate_route_fields
+from .router import DuoRouter, router_parameters
+from .routing import DuoFFN, RouteSampler, allowed_codes, check_routes, validate_route_fields
 
 # Keys of a dense Llama checkpoint that become the big path of a Duo model, and back.
 _DENSE_MLP, _BIG_MLP = ".mlp.", ".mlp.big."
@@ -34,9 +35,14 @@ _DENSE_MLP, _BIG_MLP = ".mlp.", ".mlp.big."
 
 @dataclass
 class DuoModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus the routes taken, `[batch, seq, layers]`."""
+    """`BaseModelOutputWithPast` plus the routes taken, `[batch, seq, layers]`, and the router probabilities.
+
+    `router_probs` (`[batch, seq, layers, 3]`, indexed by choice code) is set when the routers decided
+    (learned routing), else None.
+    """
 
     routes: torch.LongTensor | None = None
+    router_probs: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -44,11 +50,13 @@ class DuoCausalLMOutputWithPast(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus the routes taken and, when labels are given, the per-token losses.
 
     `token_losses[b, t]` is the cross-entropy of predicting `labels[b, t + 1]` (0 where there is no target);
-    `loss` is their mean over positions with a target.
+    `loss` is their mean over positions with a target. `router_probs` (`[batch, seq, layers, 3]`, float32,
+    indexed by choice code: `router_probs[..., BIG]` is P_big) is set under learned routing (budget loss).
     """
 
     routes: torch.LongTensor | None = None
     token_losses: torch.FloatTensor | None = None
+    router_probs: torch.FloatTensor | None = None
 
 
 def small_mlp_config(config: DuoLlamaConfig) -> SimpleNamespace:
@@ -72,7 +80,10 @@ class DuoLlamaDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
-        self.mlp = DuoFFN(big=LlamaMLP(config), small=LlamaMLP(small_mlp_config(config)))
+        router = None
+        if config.use_router:
+            router = DuoRouter(config.hidden_size, allowed_codes(config), config.router_temperature)
+        self.mlp = DuoFFN(big=LlamaMLP(config), small=LlamaMLP(small_mlp_config(config)), router=router)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -108,11 +119,15 @@ class DuoLlamaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Return the layer output and the route taken (`route`, or the router's choice when it is None)."""
+    ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor | None]:
+        """Return the layer output, the route taken (`route`, or the router's choice when it is None) and the
+        router probabilities (`[batch, seq, 3]`, None when the route was given)."""
         residual, ffn_input = self.attend(hidden_states, attention_mask, position_embeddings, past_key_values, **kwargs)
-        ffn_output, route = self.mlp(ffn_input, route)
-        return self.merge(residual, ffn_output), route
+        if route is None:
+            ffn_output, route, router_probs = self.mlp.forward_learned(ffn_input)
+        else:
+            (ffn_output, route), router_probs = self.mlp(ffn_input, route), None
+        return self.merge(residual, ffn_output), route, router_probs
 
 
 class DuoLlamaPreTrainedModel(PreTrainedModel):
@@ -126,6 +141,9 @@ class DuoLlamaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # A stage-1 checkpoint loaded with routing_mode="learned" has no router weights: they start fresh
+    # (initialised like any linear layer), the expected start of router training, so not reported as missing.
+    _keys_to_ignore_on_load_missing = [r"\.mlp\.router\."]
 
 
 class DuoLlamaModel(DuoLlamaPreTrainedModel):
@@ -133,6 +151,8 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
 
     def __init__(self, config: DuoLlamaConfig):
         super().__init__(config)
+        # from_pretrained(..., routing_mode="learned") sets overrides after the config validated itself.
+        validate_route_fields(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -165,6 +185,8 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
                 raise ValueError("routing='fixed' needs config.fixed_pattern; set it with model.set_routing('fixed', pattern).")
             return torch.tensor(config.fixed_pattern, device=device).expand(shape)
         if mode == "learned":
+            if not config.use_router:
+                raise ValueError("routing='learned' needs routers; add them with set_routing('learned').")
             return None
         if mode == "explicit":
             raise ValueError("routing_mode='explicit' needs a route tensor: call the model with routes=[batch, seq, layers].")
@@ -227,11 +249,11 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         all_hidden_states = [] if output_hidden_states else None
 
-        routes_taken = []
+        routes_taken, router_probs = [], []
         for layer_idx, decoder_layer in enumerate(self.layers):
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states, route = decoder_layer(
+            hidden_states, route, probs = decoder_layer(
                 hidden_states,
                 None if routes is None else routes[..., layer_idx],
                 past_key_values=past_key_values,
@@ -239,6 +261,7 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
                 **kwargs,
             )
             routes_taken.append(route)
+            router_probs.append(probs)
 
         hidden_states = self.finalize(hidden_states)
         if all_hidden_states is not None:
@@ -248,6 +271,7 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
             routes=torch.stack(routes_taken, dim=-1),
+            router_probs=None if router_probs[0] is None else torch.stack(router_probs, dim=2),
         )
 
 
@@ -296,7 +320,9 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
             Explicit choice codes (`SMALL`, `BIG`, `SKIP`) for every token and layer; must be allowed by
             `config.route_options`. Overrides the routing mode.
         routing (`str`, *optional*):
-            Routing mode for this call (`random`, `fixed`, `explicit`), instead of `config.routing_mode`.
+            Routing mode for this call (`random`, `fixed`, `explicit`, `learned`), instead of
+            `config.routing_mode`. Under `learned`, training mode mixes the module outputs with the router
+            probabilities and evaluation mode runs each token's argmax choice only.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
@@ -328,6 +354,7 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             routes=outputs.routes,
             token_losses=per_token,
+            router_probs=outputs.router_probs,
         )
 
     def set_routing(
@@ -337,7 +364,10 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
         route_probs: dict[str, float] | None = None,
         route_seed: int | None = None,
     ) -> DuoLlamaForCausalLM:
-        """Change the routing mode (and its pattern, probabilities or seed), validated like the config."""
+        """Change the routing mode (and its pattern, probabilities or seed), validated like the config.
+
+        `mode="learned"` on a model without routers adds freshly initialised ones (`config.use_router`).
+        """
         config = self.config
         previous = {k: getattr(config, k) for k in ("routing_mode", "fixed_pattern", "route_probs", "route_seed")}
         config.routing_mode = mode
@@ -354,7 +384,21 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
                 setattr(config, key, value)
             raise
         self.model.route_sampler = RouteSampler(config.route_probs, config.route_seed)
+        if config.use_router:
+            self._add_missing_routers()
         return self
+
+    def _add_missing_routers(self) -> None:
+        for layer in self.model.layers:
+            if layer.mlp.router is None:
+                config = self.config
+                router = DuoRouter(config.hidden_size, allowed_codes(config), config.router_temperature)
+                self._init_weights(router)
+                layer.mlp.router = router.to(device=self.device, dtype=self.dtype)
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The parameters of every layer's router (empty without routers)."""
+        return list(router_parameters(self))
 
     @classmethod
     def from_dense(
@@ -376,7 +420,7 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
         duo = cls(config).to(dtype=dense.dtype, device=dense.device)
         state = {k.replace(_DENSE_MLP, _BIG_MLP): v for k, v in dense.state_dict().items()}
         missing, unexpected = duo.load_state_dict(state, strict=False)
-        not_small = [k for k in missing if ".mlp.small." not in k]
+        not_small = [k for k in missing if ".mlp.small." not in k and ".mlp.router." not in k]
         if unexpected or not_small:
             raise ValueError(f"from_dense: weights do not match a Duo model (missing {not_small}, unexpected {unexpected}).")
         return duo
@@ -384,12 +428,15 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
     def to_dense(self) -> LlamaForCausalLM:
         """Export the all-big path as a plain `LlamaForCausalLM` (the small FFNs are dropped)."""
         duo_only = {"small_intermediate_size", "route_options", "routing_mode", "route_probs", "fixed_pattern", "route_seed"}
+        duo_only |= {"use_router", "router_temperature"}
         fields = {k: v for k, v in self.config.to_dict().items() if k not in _CONFIG_KEYS_NOT_COPIED | duo_only}
         config = LlamaConfig(**fields)
         config._attn_implementation = self.config._attn_implementation
         dense = LlamaForCausalLM(config).to(dtype=self.dtype, device=self.device)
         state = {
-            k.replace(_BIG_MLP, _DENSE_MLP): v for k, v in self.state_dict().items() if ".mlp.small." not in k
+            k.replace(_BIG_MLP, _DENSE_MLP): v
+            for k, v in self.state_dict().items()
+            if ".mlp.small." not in k and ".mlp.router." not in k
         }
         dense.load_state_dict(state, strict=True)
         return dense
