@@ -150,9 +150,7 @@ def test_temperature_schedules():
         schedule = TemperatureSchedule(start=2.0, end=0.05, steps=10, kind=kind)
         values = [schedule(step) for step in range(12)]
         assert (
-            values[0] == pytest.approx(2.0)
-            and values[10] == pytest.approx(0.05)
-            and values[11] == pytest.approx(0.05)
+            values[0] == pytest.approx(2.0) and values[10] == pytest.approx(0.05) and values[11] == pytest.approx(0.05)
         )
         assert all(a >= b for a, b in zip(values, values[1:]))
     assert TemperatureSchedule(start=1.0, end=0.1, steps=10, kind="exponential")(5) == pytest.approx(0.1**0.5)
@@ -244,9 +242,7 @@ def test_routing_fields_are_validated():
 
 
 def test_route_usage_layout_and_realised_fractions():
-    routes = torch.tensor(
-        [[[BIG, SMALL], [SKIP, BIG], [BIG, BIG]], [[SMALL, SMALL], [BIG, BIG], [SKIP, SKIP]]]
-    )
+    routes = torch.tensor([[[BIG, SMALL], [SKIP, BIG], [BIG, BIG]], [[SMALL, SMALL], [BIG, BIG], [SKIP, SKIP]]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
     usage = route_usage(routes, mask)
     assert usage.shape == (3, 2, 3)  # [choices, layers, positions]
@@ -266,9 +262,7 @@ def test_generate_in_learned_mode_matches_full_forward():
     model = tiny_model(route_options=["small", "big", "skip"])
     prompt = ids(batch=1, seq=5)
     with torch.no_grad():
-        generated = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False
-        )
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
         # Greedy decoding without a KV cache, one full forward per token.
         tokens = prompt
         for _ in range(6):
@@ -300,9 +294,7 @@ def test_router_weights_survive_save_and_load(tmp_path):
 def test_stage1_checkpoint_loads_with_fresh_routers(tmp_path):
     stage1 = tiny_model(routing_mode="random")
     stage1.save_pretrained(tmp_path)
-    model, info = DuoLlamaForCausalLM.from_pretrained(
-        tmp_path, routing_mode="learned", output_loading_info=True
-    )
+    model, info = DuoLlamaForCausalLM.from_pretrained(tmp_path, routing_mode="learned", output_loading_info=True)
     assert info["missing_keys"] == set() or not info["missing_keys"]
     assert model.config.use_router and len(routers(model)) == 2
     for router in routers(model):
@@ -338,9 +330,7 @@ def test_trust_remote_code_loads_routers_without_the_package(tmp_path):
         """
     )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 

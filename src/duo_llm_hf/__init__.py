@@ -26,7 +26,17 @@ from .router import (
     router_parameters,
     set_router_temperature,
 )
-from .routing import BIG, CHOICE_NAMES, SKIP, SMALL, DuoFFN, RouteSampler, parse_pattern, pattern_to_str, route_fractions
+from .routing import (
+    BIG,
+    CHOICE_NAMES,
+    SKIP,
+    SMALL,
+    DuoFFN,
+    RouteSampler,
+    parse_pattern,
+    pattern_to_str,
+    route_fractions,
+)
 
 AutoConfig.register(DuoLlamaConfig.model_type, DuoLlamaConfig, exist_ok=True)
 AutoModel.register(DuoLlamaConfig, DuoLlamaModel, exist_ok=True)

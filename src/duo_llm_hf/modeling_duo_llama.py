@@ -122,7 +122,9 @@ class DuoLlamaDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor | None]:
         """Return the layer output, the route taken (`route`, or the router's choice when it is None) and the
         router probabilities (`[batch, seq, 3]`, None when the route was given)."""
-        residual, ffn_input = self.attend(hidden_states, attention_mask, position_embeddings, past_key_values, **kwargs)
+        residual, ffn_input = self.attend(
+            hidden_states, attention_mask, position_embeddings, past_key_values, **kwargs
+        )
         if route is None:
             ffn_output, route, router_probs = self.mlp.forward_learned(ffn_input)
         else:
@@ -166,7 +168,12 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
         self.post_init()
 
     def resolve_routes(
-        self, routes: torch.Tensor | None, routing: str | None, batch_size: int, seq_len: int, device: torch.device
+        self,
+        routes: torch.Tensor | None,
+        routing: str | None,
+        batch_size: int,
+        seq_len: int,
+        device: torch.device,
     ) -> torch.LongTensor | None:
         """The route tensor for this call: the given `routes`, or one made by the routing mode.
 
@@ -182,15 +189,21 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
             return self.route_sampler.sample(shape, device)
         if mode == "fixed":
             if config.fixed_pattern is None:
-                raise ValueError("routing='fixed' needs config.fixed_pattern; set it with model.set_routing('fixed', pattern).")
+                raise ValueError(
+                    "routing='fixed' needs config.fixed_pattern; set it with model.set_routing('fixed', pattern)."
+                )
             return torch.tensor(config.fixed_pattern, device=device).expand(shape)
         if mode == "learned":
             if not config.use_router:
                 raise ValueError("routing='learned' needs routers; add them with set_routing('learned').")
             return None
         if mode == "explicit":
-            raise ValueError("routing_mode='explicit' needs a route tensor: call the model with routes=[batch, seq, layers].")
-        raise ValueError(f"routing={mode!r} is not a routing mode of {type(self).__name__}; use random, fixed or explicit.")
+            raise ValueError(
+                "routing_mode='explicit' needs a route tensor: call the model with routes=[batch, seq, layers]."
+            )
+        raise ValueError(
+            f"routing={mode!r} is not a routing mode of {type(self).__name__}; use random, fixed or explicit."
+        )
 
     def embed(
         self,
@@ -207,7 +220,9 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+            position_ids = (
+                torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            ).unsqueeze(0)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -243,10 +258,14 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        hidden_states, layer_kwargs = self.embed(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        hidden_states, layer_kwargs = self.embed(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds
+        )
         batch_size, seq_len = hidden_states.shape[:2]
         routes = self.resolve_routes(routes, routing, batch_size, seq_len, hidden_states.device)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         all_hidden_states = [] if output_hidden_states else None
 
         routes_taken, router_probs = [], []
@@ -369,7 +388,9 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
         `mode="learned"` on a model without routers adds freshly initialised ones (`config.use_router`).
         """
         config = self.config
-        previous = {k: getattr(config, k) for k in ("routing_mode", "fixed_pattern", "route_probs", "route_seed")}
+        previous = {
+            k: getattr(config, k) for k in ("routing_mode", "fixed_pattern", "route_probs", "route_seed")
+        }
         config.routing_mode = mode
         if fixed_pattern is not None:
             config.fixed_pattern = fixed_pattern
@@ -422,14 +443,26 @@ class DuoLlamaForCausalLM(DuoLlamaPreTrainedModel, GenerationMixin):
         missing, unexpected = duo.load_state_dict(state, strict=False)
         not_small = [k for k in missing if ".mlp.small." not in k and ".mlp.router." not in k]
         if unexpected or not_small:
-            raise ValueError(f"from_dense: weights do not match a Duo model (missing {not_small}, unexpected {unexpected}).")
+            raise ValueError(
+                f"from_dense: weights do not match a Duo model (missing {not_small}, unexpected {unexpected})."
+            )
         return duo
 
     def to_dense(self) -> LlamaForCausalLM:
         """Export the all-big path as a plain `LlamaForCausalLM` (the small FFNs are dropped)."""
-        duo_only = {"small_intermediate_size", "route_options", "routing_mode", "route_probs", "fixed_pattern", "route_seed"}
-        duo_only |= {"use_router", "router_temperature"}
-        fields = {k: v for k, v in self.config.to_dict().items() if k not in _CONFIG_KEYS_NOT_COPIED | duo_only}
+        duo_only = {
+            "small_intermediate_size",
+            "route_options",
+            "routing_mode",
+            "route_probs",
+            "fixed_pattern",
+            "route_seed",
+            "use_router",
+            "router_temperature",
+        }
+        fields = {
+            k: v for k, v in self.config.to_dict().items() if k not in _CONFIG_KEYS_NOT_COPIED | duo_only
+        }
         config = LlamaConfig(**fields)
         config._attn_implementation = self.config._attn_implementation
         dense = LlamaForCausalLM(config).to(dtype=self.dtype, device=self.device)

@@ -98,9 +98,7 @@ def parse_budget(
         targets = {CHOICE_CODES["big"]: budget}
     for code, value in targets.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-            raise ValueError(
-                f"budget: target {value!r} for {CHOICE_NAMES[code]!r} must be a number in [0, 1]."
-            )
+            raise ValueError(f"budget: target {value!r} for {CHOICE_NAMES[code]!r} must be a number in [0, 1].")
     if route_options is not None:
         allowed = {choice_code(c, "route_options") for c in route_options}
         outside = sorted(CHOICE_NAMES[c] for c in targets if c not in allowed)
@@ -142,8 +140,7 @@ def budget_loss(
     """
     if router_probs.dim() != 4 or router_probs.shape[-1] != len(CHOICE_NAMES):
         raise ValueError(
-            f"router_probs: expected shape [batch, seq, layers, {len(CHOICE_NAMES)}], "
-            f"got {tuple(router_probs.shape)}."
+            f"router_probs: expected shape [batch, seq, layers, {len(CHOICE_NAMES)}], got {tuple(router_probs.shape)}."
         )
     targets = parse_budget(budget)
     batch, seq = router_probs.shape[:2]
@@ -181,13 +178,9 @@ class TemperatureSchedule:
         for name in ("start", "end"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"TemperatureSchedule {name}: {value!r} is not allowed; temperatures must be > 0."
-                )
+                raise ValueError(f"TemperatureSchedule {name}: {value!r} is not allowed; temperatures must be > 0.")
         if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(
-                f"TemperatureSchedule steps: {self.steps!r} is not allowed; use an integer >= 0."
-            )
+            raise ValueError(f"TemperatureSchedule steps: {self.steps!r} is not allowed; use an integer >= 0.")
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"TemperatureSchedule kind: {self.kind!r} is not one of {list(SCHEDULE_KINDS)}.")
 
