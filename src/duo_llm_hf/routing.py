@@ -210,7 +210,7 @@ def route_usage(routes: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     Returns counts of shape ``[3, layers, seq]``: ``usage[c, l, t]`` = number of sequences whose token at
     position ``t`` took choice code ``c`` (``SMALL``, ``BIG``, ``SKIP``) in layer ``l``. Positions are indices
     in the route tensor (position 0 = first token; use right padding). Counts add up over batches of the same
-    length.
+    length; `analysis.usage_fraction` turns them into the fraction of tokens per (layer, position).
     """
     if routes.dim() != 3:
         raise ValueError(f"routes: expected shape [batch, seq, layers], got {tuple(routes.shape)}.")
@@ -218,15 +218,6 @@ def route_usage(routes: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     if mask is not None:
         one_hot = one_hot * mask.to(one_hot.device).bool()[:, :, None, None]
     return one_hot.sum(0).permute(2, 1, 0).contiguous()
-
-
-def usage_fractions(usage: torch.Tensor) -> torch.Tensor:
-    """Usage counts ``[3, layers, positions]`` as fractions over the choices at each (layer, position).
-
-    Where no token was counted (a masked-out position) every fraction is 0.
-    """
-    usage = usage.double()
-    return usage / usage.sum(0, keepdim=True).clamp_min(1)
 
 
 class RouteSampler:
