@@ -18,7 +18,17 @@ from .modeling_duo_llama import (
     DuoLlamaPreTrainedModel,
 )
 from .modeling_duo_opt import DuoOPTForCausalLM, DuoOPTModel, DuoOPTPreTrainedModel
-from .routing import BIG, CHOICE_NAMES, SKIP, SMALL, DuoFFN, RouteSampler, parse_pattern, pattern_to_str, route_fractions
+from .routing import (
+    BIG,
+    CHOICE_NAMES,
+    SKIP,
+    SMALL,
+    DuoFFN,
+    RouteSampler,
+    parse_pattern,
+    pattern_to_str,
+    route_fractions,
+)
 
 AutoConfig.register(DuoLlamaConfig.model_type, DuoLlamaConfig, exist_ok=True)
 AutoModel.register(DuoLlamaConfig, DuoLlamaModel, exist_ok=True)

@@ -95,7 +95,9 @@ def _lm_head_flops(config) -> float:
 
 def pattern_flops(config, pattern: Sequence[int], seq_len: int | None = None) -> FlopCount:
     """Forward FLOPs per token when every token follows one pattern."""
-    counts = {code: sum(1 for c in pattern if int(c) == code) / len(pattern) for code in range(len(CHOICE_NAMES))}
+    counts = {
+        code: sum(1 for c in pattern if int(c) == code) / len(pattern) for code in range(len(CHOICE_NAMES))
+    }
     return flops_per_token(config, counts, seq_len)
 
 
@@ -109,5 +111,7 @@ def _fractions(route_fractions: Mapping[str | int, float]) -> dict[int, float]:
     fractions = {choice_code(k, "route_fractions"): float(v) for k, v in route_fractions.items()}
     total = sum(fractions.values())
     if any(v < 0 for v in fractions.values()) or abs(total - 1.0) > 1e-6:
-        raise ValueError(f"route_fractions: {dict(route_fractions)!r} must be non-negative and sum to 1 (got {total:g}).")
+        raise ValueError(
+            f"route_fractions: {dict(route_fractions)!r} must be non-negative and sum to 1 (got {total:g})."
+        )
     return fractions

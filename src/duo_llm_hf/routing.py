@@ -47,7 +47,9 @@ def parse_pattern(pattern: str | Sequence[int | str], field: str = "pattern") ->
         letters.update({"b": BIG, "S": SMALL})
         bad = [ch for ch in pattern if ch not in letters]
         if bad:
-            raise ValueError(f"{field}: {pattern!r} has letters {bad} that are not choices; use s (small), B (big), - (skip).")
+            raise ValueError(
+                f"{field}: {pattern!r} has letters {bad} that are not choices; use s (small), B (big), - (skip)."
+            )
         return [letters[ch] for ch in pattern]
     return [choice_code(c, field) for c in pattern]
 
@@ -82,7 +84,9 @@ def validate_route_fields(config) -> None:
     config.route_options = [CHOICE_NAMES[c] for c in codes]
 
     if config.routing_mode not in ROUTING_MODES:
-        raise ValueError(f"routing_mode: {config.routing_mode!r} is not a routing mode; use one of {list(ROUTING_MODES)}.")
+        raise ValueError(
+            f"routing_mode: {config.routing_mode!r} is not a routing mode; use one of {list(ROUTING_MODES)}."
+        )
 
     config.route_probs = _normalised_route_probs(config.route_probs, config.route_options)
 
@@ -101,7 +105,9 @@ def validate_route_fields(config) -> None:
             )
         config.fixed_pattern = pattern
     elif config.routing_mode == "fixed":
-        raise ValueError("fixed_pattern: None is not allowed with routing_mode='fixed'; give one choice per layer.")
+        raise ValueError(
+            "fixed_pattern: None is not allowed with routing_mode='fixed'; give one choice per layer."
+        )
 
     seed = config.route_seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -113,7 +119,9 @@ def _normalised_route_probs(probs: Mapping[str, float] | None, options: list[str
         # The paper's stage 1: p_big = 0.5 over small/big; otherwise uniform over the allowed choices.
         return {name: 1.0 / len(options) for name in options}
     if not isinstance(probs, Mapping):
-        raise ValueError(f"route_probs: {probs!r} is not allowed; give a dict such as {{'small': 0.5, 'big': 0.5}}.")
+        raise ValueError(
+            f"route_probs: {probs!r} is not allowed; give a dict such as {{'small': 0.5, 'big': 0.5}}."
+        )
     out = {}
     for key, value in probs.items():
         name = CHOICE_NAMES[choice_code(key, "route_probs")]
@@ -122,8 +130,15 @@ def _normalised_route_probs(probs: Mapping[str, float] | None, options: list[str
                 f"route_probs: {dict(probs)!r} gives a probability to {name!r}, which route_options {options} does "
                 f"not allow."
             )
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"route_probs: {name!r} has probability {value!r}; probabilities must be finite and >= 0.")
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(
+                f"route_probs: {name!r} has probability {value!r}; probabilities must be finite and >= 0."
+            )
         out[name] = float(value)
     total = sum(out.values())
     if abs(total - 1.0) > 1e-6:
@@ -140,9 +155,13 @@ def check_routes(routes: torch.Tensor, config, batch_size: int, seq_len: int) ->
     """Check an explicit route tensor: shape ``[batch, seq, layers]``, integer dtype, allowed codes only."""
     n_layers = config.num_hidden_layers
     if not isinstance(routes, torch.Tensor):
-        raise TypeError(f"routes: expected a torch.LongTensor of shape [batch, seq, layers], got {type(routes).__name__}.")
+        raise TypeError(
+            f"routes: expected a torch.LongTensor of shape [batch, seq, layers], got {type(routes).__name__}."
+        )
     if routes.dtype.is_floating_point or routes.dtype.is_complex or routes.dtype == torch.bool:
-        raise TypeError(f"routes: dtype {routes.dtype} is not allowed; use an integer tensor (torch.long) of choice codes.")
+        raise TypeError(
+            f"routes: dtype {routes.dtype} is not allowed; use an integer tensor (torch.long) of choice codes."
+        )
     expected = (batch_size, seq_len, n_layers)
     if tuple(routes.shape) != expected:
         raise ValueError(
@@ -220,14 +239,18 @@ class DuoFFN(nn.Module):
         module = self.module_for(choice)
         return torch.zeros_like(hidden_states) if module is None else module(hidden_states)
 
-    def forward(self, hidden_states: torch.Tensor, route: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, route: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the routed FFN; return its output and the route taken.
 
         ``hidden_states``: ``[..., hidden]``; ``route``: the choice code of each row, shape
         ``hidden_states.shape[:-1]``. A ``None`` route is for learned routing, where a router decides.
         """
         if route is None:
-            raise ValueError("DuoFFN got no route: pass routes, or use a routing mode that makes them (random, fixed).")
+            raise ValueError(
+                "DuoFFN got no route: pass routes, or use a routing mode that makes them (random, fixed)."
+            )
         return self.dispatch(hidden_states, route), route
 
     def dispatch(self, hidden_states: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
