@@ -1,13 +1,14 @@
 """duo-llm-hf: the Duo-LLM framework (big / small / skip routed FFNs, oracle, routers) on Hugging Face.
 
-Importing the package registers `duo_llama` with `AutoConfig` / `AutoModel` / `AutoModelForCausalLM`, and marks
-the classes for `register_for_auto_class`, so a folder written by `save_pretrained` also loads with
-`trust_remote_code=True` where this package is not installed.
+Importing the package registers `duo_llama` and `duo_opt` with `AutoConfig` / `AutoModel` /
+`AutoModelForCausalLM`, and marks the classes for `register_for_auto_class`, so a folder written by
+`save_pretrained` also loads with `trust_remote_code=True` where this package is not installed.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_duo_llama import DuoLlamaConfig
+from .configuration_duo_opt import DuoOPTConfig
 from .flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
 from .losses import token_losses
 from .modeling_duo_llama import (
@@ -16,6 +17,7 @@ from .modeling_duo_llama import (
     DuoLlamaModel,
     DuoLlamaPreTrainedModel,
 )
+from .modeling_duo_opt import DuoOPTForCausalLM, DuoOPTModel, DuoOPTPreTrainedModel
 from .router import (
     ROUTER_SETTINGS,
     DuoRouter,
@@ -44,6 +46,12 @@ AutoModelForCausalLM.register(DuoLlamaConfig, DuoLlamaForCausalLM, exist_ok=True
 DuoLlamaConfig.register_for_auto_class()
 DuoLlamaModel.register_for_auto_class("AutoModel")
 DuoLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register(DuoOPTConfig.model_type, DuoOPTConfig, exist_ok=True)
+AutoModel.register(DuoOPTConfig, DuoOPTModel, exist_ok=True)
+AutoModelForCausalLM.register(DuoOPTConfig, DuoOPTForCausalLM, exist_ok=True)
+DuoOPTConfig.register_for_auto_class()
+DuoOPTModel.register_for_auto_class("AutoModel")
+DuoOPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __version__ = "0.1.0"
 
@@ -58,6 +66,10 @@ __all__ = [
     "DuoLlamaForCausalLM",
     "DuoLlamaModel",
     "DuoLlamaPreTrainedModel",
+    "DuoOPTConfig",
+    "DuoOPTForCausalLM",
+    "DuoOPTModel",
+    "DuoOPTPreTrainedModel",
     "FlopCount",
     "ROUTER_SETTINGS",
     "DuoRouter",

@@ -63,6 +63,8 @@ def validate_route_fields(config) -> None:
     """
     n_layers = config.num_hidden_layers
     big_size = config.intermediate_size
+    # The big inner size may be stored under another name (DuoOPT: ffn_dim, aliased by attribute_map).
+    big_name = getattr(config, "attribute_map", {}).get("intermediate_size", "intermediate_size")
 
     if config.small_intermediate_size is None:
         config.small_intermediate_size = max(1, big_size // 16)
@@ -70,7 +72,7 @@ def validate_route_fields(config) -> None:
     if not isinstance(small, int) or isinstance(small, bool) or not 1 <= small <= big_size:
         raise ValueError(
             f"small_intermediate_size: {small!r} is not allowed; it must be an integer in 1..{big_size} "
-            f"(intermediate_size), by default intermediate_size // 16."
+            f"({big_name}), by default {big_name} // 16."
         )
 
     options = config.route_options
