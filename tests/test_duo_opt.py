@@ -453,3 +453,18 @@ def test_llama_family_from_dense():
         got = duo(ids, attention_mask=mask, routes=torch.full((*ids.shape, 2), BIG)).logits
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(duo.to_dense().eval()(ids, attention_mask=mask).logits, expected)
+
+
+def test_learned_routing_shares_the_router_code(tmp_path):
+    model = DuoOPTForCausalLM.from_dense(tiny_opt(), route_options=["small", "big", "skip"], routing_mode="learned")
+    model.eval()
+    assert all(layer.mlp.router is not None for layer in model.model.layers)
+    ids, mask = batch()
+    out = model(ids, attention_mask=mask)
+    assert out.router_probs.shape == (*ids.shape, 3, 3)
+    assert torch.equal(out.routes, out.router_probs.argmax(-1))
+    model.save_pretrained(tmp_path)
+    reloaded = DuoOPTForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits, out.logits)
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (ids.shape[0], ids.shape[1] + 3)
