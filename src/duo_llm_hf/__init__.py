@@ -1,9 +1,10 @@
 """duo-llm-hf: the Duo-LLM framework (big / small / skip routed FFNs, oracle, routers) on Hugging Face.
 
-Importing the package registers `duo_llama` with `AutoConfig` / `AutoModel` / `AutoModelForCausalLM`, and marks
-the classes for `register_for_auto_class`, so a folder written by `save_pretrained` also loads with
-`trust_remote_code=True` where this package is not installed. Where lm-evaluation-harness is installed, it also
-registers the `duo` lm-eval model (lazily: `duo_llm_hf.lm_eval_model` is imported when the harness builds it).
+Importing the package registers `duo_llama` and `duo_opt` with `AutoConfig` / `AutoModel` /
+`AutoModelForCausalLM`, and marks the classes for `register_for_auto_class`, so a folder written by
+`save_pretrained` also loads with `trust_remote_code=True` where this package is not installed. Where
+lm-evaluation-harness is installed, it also registers the `duo` lm-eval model (lazily: `duo_llm_hf.lm_eval_model`
+is imported when the harness builds it).
 """
 
 import importlib.util
@@ -11,6 +12,7 @@ import importlib.util
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_duo_llama import DuoLlamaConfig
+from .configuration_duo_opt import DuoOPTConfig
 from .flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
 from .losses import token_losses
 from .modeling_duo_llama import (
@@ -18,6 +20,17 @@ from .modeling_duo_llama import (
     DuoLlamaForCausalLM,
     DuoLlamaModel,
     DuoLlamaPreTrainedModel,
+)
+from .modeling_duo_opt import DuoOPTForCausalLM, DuoOPTModel, DuoOPTPreTrainedModel
+from .router import (
+    ROUTER_SETTINGS,
+    DuoRouter,
+    TemperatureSchedule,
+    budget_loss,
+    freeze_all_but_routers,
+    realised_fractions,
+    router_parameters,
+    set_router_temperature,
 )
 from .routing import (
     BIG,
@@ -37,6 +50,12 @@ AutoModelForCausalLM.register(DuoLlamaConfig, DuoLlamaForCausalLM, exist_ok=True
 DuoLlamaConfig.register_for_auto_class()
 DuoLlamaModel.register_for_auto_class("AutoModel")
 DuoLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register(DuoOPTConfig.model_type, DuoOPTConfig, exist_ok=True)
+AutoModel.register(DuoOPTConfig, DuoOPTModel, exist_ok=True)
+AutoModelForCausalLM.register(DuoOPTConfig, DuoOPTForCausalLM, exist_ok=True)
+DuoOPTConfig.register_for_auto_class()
+DuoOPTModel.register_for_auto_class("AutoModel")
+DuoOPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def _register_lm_eval_model() -> None:
@@ -66,8 +85,20 @@ __all__ = [
     "DuoLlamaForCausalLM",
     "DuoLlamaModel",
     "DuoLlamaPreTrainedModel",
+    "DuoOPTConfig",
+    "DuoOPTForCausalLM",
+    "DuoOPTModel",
+    "DuoOPTPreTrainedModel",
     "FlopCount",
+    "ROUTER_SETTINGS",
+    "DuoRouter",
     "RouteSampler",
+    "TemperatureSchedule",
+    "budget_loss",
+    "freeze_all_but_routers",
+    "realised_fractions",
+    "router_parameters",
+    "set_router_temperature",
     "dense_intermediate_size",
     "flops_per_token",
     "parse_pattern",

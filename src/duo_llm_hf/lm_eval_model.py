@@ -63,8 +63,9 @@ def routing_settings(
 ) -> dict[str, Any] | None:
     """The `set_routing` arguments that the `duo` model arguments ask for (None: keep the config's routing).
 
-    `routing` is `config` (default), `random`, `fixed`, `learned`, or `small` / `big` / `skip` (every token on
-    that choice in every layer; `all-small` etc. are accepted too). With `random`, the given probabilities
+    `routing` is `config` (default), `random`, `fixed`, `learned` (the model's trained routers; refused for a
+    model without routers), or `small` / `big` / `skip` (every token on that choice in every layer; `all-small`
+    etc. are accepted too). With `random`, the given probabilities
     (`p_big`, `p_small`, `p_skip`) set `route_probs`; a single allowed choice left unset gets the remainder,
     and none given keeps the config's. `p_*` alone implies `random`, `pattern` alone implies `fixed`.
     """
@@ -84,6 +85,12 @@ def routing_settings(
         raise ValueError(f"pattern={pattern!r} only applies to routing=fixed, not routing={routing!r}.")
     if mode is None:
         return None
+    if mode == "learned" and not getattr(config, "use_router", False):
+        # set_routing("learned") would add freshly initialised routers: refuse rather than score untrained ones.
+        raise ValueError(
+            "routing=learned: this model has no routers (config.use_router is false); evaluate a model whose "
+            "routers were trained (stage 3), or pick another routing."
+        )
     settings: dict[str, Any] = {"mode": mode}
     if route_seed is not None:
         settings["route_seed"] = int(route_seed)
