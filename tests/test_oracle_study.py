@@ -70,8 +70,10 @@ def test_study_results_save_and_load(model, blocks, tmp_path):
         assert ppl["oracle"] <= ppl["fixed"] <= ppl["best_of_k_pattern"] + 1e-9
     assert budgets["big=0"]["perplexity"]["fixed"] == pytest.approx(summary["uniform_perplexity"]["small_all"])
     assert budgets["big=3"]["fixed_pattern"] == "BBB"
-    assert loaded.usage("big=1").shape == (3, 3, 8)
-    assert loaded.usage("big=1").sum(0)[:, :-1].allclose(torch.ones(3, 7))  # one choice per layer and token
+    usage = loaded.usage("big=1")
+    assert usage.shape == (3, 3, 8)
+    assert torch.equal(usage.sum(0)[:, :-1], torch.full((3, 7), 5))  # 5 sequences, one choice per layer and token
+    assert torch.equal(usage[1].sum(0)[:-1], torch.full((7,), 5))  # exactly one BIG layer per token
     # The batched study equals one oracle_search over all sequences at once.
     whole = oracle_search(model, blocks, space, best_of_k=3, seed=1, uniform=["small", "big"])
     assert torch.equal(loaded.tensors["oracle_index"], whole.oracle_index)

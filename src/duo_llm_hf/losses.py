@@ -8,7 +8,9 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each position's prediction of the next label.
 
     ``logits``: ``[..., seq, vocab]``; ``labels``: ``[..., seq]`` (the input ids, as in transformers). Returns
@@ -34,7 +36,9 @@ def target_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     ).view(targets.shape)
 
 
-def mean_loss(losses: torch.Tensor, mask: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+def mean_loss(
+    losses: torch.Tensor, mask: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over the positions that have a target (or the sum over ``num_items_in_batch``, as transformers does)."""
     denominator = mask.sum() if num_items_in_batch is None else num_items_in_batch
     if isinstance(denominator, torch.Tensor):

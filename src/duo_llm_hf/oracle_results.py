@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .oracle_reducers import NO_PATTERN, BatchReduction
 from .route_spaces import RouteSpace, index_to_pattern
-from .routing import BIG, CHOICE_NAMES
+from .routing import BIG, CHOICE_NAMES, route_usage
 
 RESULTS_FILE = "oracle_results.safetensors"
 SUMMARY_FILE = "oracle_summary.json"
@@ -150,14 +150,11 @@ class OracleResult:
             raise ValueError(f"{method} has tokens without a pattern under {budget!r}; the result is incomplete.")
         return index_to_pattern(index, self.space.choices, self.space.num_layers)
 
-    def usage(self, budget="all", method: str = "oracle") -> torch.Tensor:
-        """Fraction of tokens whose pattern takes each choice, per layer and position: ``[3, layers, T]``
-        (indexed by code: SMALL, BIG, SKIP), over the tokens with a target. The data of the paper's Fig. 2."""
-        routes = self.routes(budget, method)
-        mask = self.tensors["token_mask"]
-        onehot = torch.nn.functional.one_hot(routes, len(CHOICE_NAMES)).double() * mask[..., None, None]
-        counts = onehot.sum(0)  # [T, layers, 3]
-        return (counts / mask.sum(0).clamp_min(1)[:, None, None]).permute(2, 1, 0).float()
+    def usage(self, budget="all", method: str = "oracle") -> torch.LongTensor:
+        """Per-layer x per-position counts of each choice in the per-token patterns, over the tokens with a
+        target: ``[3, layers, T]`` indexed by code (`routing.route_usage`; the data of the paper's Fig. 2).
+        `analysis.usage_fraction` turns them into fractions."""
+        return route_usage(self.routes(budget, method), self.tensors["token_mask"])
 
     def uniform_loss(self, choice: str) -> torch.Tensor:
         """Per-token loss ``[N, T]`` with every layer on ``choice`` (``small`` or ``big``)."""
