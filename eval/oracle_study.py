@@ -28,7 +28,9 @@ from duo_llm_hf.oracle_run import load_token_blocks, run_oracle_study, study_spa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="folder (or Hub name) of a Duo causal LM")
     p.add_argument("--data", required=True, nargs="+", help="text files, or one .safetensors/.pt file of token blocks")
     p.add_argument("--tokenizer", help="tokenizer for text data (default: the model's)")

@@ -245,7 +245,9 @@ def test_routing_oracle_mode(model, batch):
     assert torch.equal(out.routes, index_to_pattern(red.oracle_index[0], space.choices, N_LAYERS))
     assert out.loss == pytest.approx(float(out.token_losses.sum() / mask.sum()))
     # The returned logits are each token's under its own oracle pattern.
-    recomputed = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+    recomputed = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none"
+    )
     assert torch.allclose(recomputed.view(3, -1)[mask[:, :-1]], out.token_losses[:, :-1][mask[:, :-1]], atol=1e-5)
     # The oracle beats every fixed pattern of the budget, token by token.
     table = naive_table(model, ids, labels, space)

@@ -27,7 +27,7 @@ def next_token_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -
 
 
 def target_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Cross-entropy of ``logits`` (``[..., vocab]``) against already-shifted ``targets`` (``[...]``); 0 where ignored."""
+    """Cross-entropy of ``logits`` (``[..., vocab]``) against shifted ``targets`` (``[...]``); 0 where ignored."""
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1).to(logits.device),

@@ -19,8 +19,8 @@ Two oracles:
 - **causal** (``causal=True``, beyond the paper): tokens are decided left to right. Token ``t`` is scored on the
   keys and values (KV cache) of the routes already chosen for tokens ``< t``; its best pattern is then fixed and
   its keys and values appended to the cache. The result is realisable: one forward pass with
-  ``routes=<the causal oracle's routes>`` reproduces its losses exactly. It costs one tree walk per token and
-  budget.
+  ``routes=<the causal oracle's routes>`` reproduces its losses (up to float rounding: the cache path adds in
+  another order). It costs one tree walk per token and budget.
 
 This file is copied next to a saved model (the model's ``routing="oracle"`` mode imports it): torch only.
 """
@@ -49,6 +49,7 @@ ACCELERATOR_CHUNK_TOKENS = 65536
 def default_chunk_tokens(device: torch.device | str) -> int:
     """The default ``chunk_tokens`` on a device: 4096 on a CPU, 65536 on an accelerator."""
     return CPU_CHUNK_TOKENS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_TOKENS
+
 
 # on_leaves(indices [m] ascending, losses [m, N, T], logits [m, N, T, vocab])
 LeafFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -97,7 +98,7 @@ class _PrefixTree:
         on_progress: Callable[[int], None] | None = None,
     ):
         if chunk_tokens is not None and chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens={chunk_tokens!r}: it must be a positive number of tokens per forward batch.")
+            raise ValueError(f"chunk_tokens={chunk_tokens!r}: give a positive number of tokens per forward batch.")
         self.model = model
         self.layers = model.model.layers
         self.choices = tuple(choices)
@@ -218,7 +219,7 @@ class _PrefixTree:
 
 def under_roots(prefixes: torch.Tensor, roots: torch.Tensor | None, choices: Sequence[int]) -> torch.Tensor:
     """Which prefixes lie on a path to (or below) one of ``roots`` (``[R, depth]``); all when ``roots`` is None."""
-    if roots is None or roots.shape[1] == 0:
+    if roots is None:
         return torch.ones(len(prefixes), dtype=torch.bool)
     depth = min(prefixes.shape[1], roots.shape[1])
     if depth == 0:

@@ -251,7 +251,9 @@ def space_from_spec(spec: Mapping) -> RouteSpace:
     return RouteSpace(spec["num_layers"], spec["choices"], spec["budgets"], extra_classes=spec["extra_classes"])
 
 
-def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+def atomic_save_tensors(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write a safetensors file so that a crash leaves either the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)

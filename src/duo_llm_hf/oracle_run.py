@@ -212,7 +212,9 @@ def run_oracle_study(
     if input_ids.dim() != 2 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids must be token blocks [num_sequences, seq_len], got shape {list(input_ids.shape)}.")
     output_dir = Path(output_dir)
-    uniform = [name for name, vector in uniform_classes(space.num_layers, space.choices).items() if _has_class(space, vector)]
+    uniform = [
+        name for name, vector in uniform_classes(space.num_layers, space.choices).items() if _has_class(space, vector)
+    ]
     fingerprint = {
         "model": model_id,
         "data": data_id,
@@ -243,8 +245,7 @@ def run_oracle_study(
         dynamic_ncols=True,
     )
     device = next(model.parameters()).device
-    ran = 0
-    for b in range(done, num_batches):
+    for ran, b in enumerate(range(done, num_batches)):
         if stop_after_batches is not None and ran >= stop_after_batches:
             bar.close()
             return None
@@ -259,7 +260,6 @@ def run_oracle_study(
         if main:
             _save_batch(output_dir, b, reduction, fingerprint, num_batches)
         state.wait_for_everyone()
-        ran += 1
     bar.close()
     if not main:
         return None

@@ -72,7 +72,7 @@ class Budget:
         return torch.floor(value + 0.5).long()
 
     def allowed(self, counts: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """``[m, seq_len]`` mask: which of ``m`` patterns (choice counts ``[m, 3]``) this budget allows at each position."""
+        """``[m, seq_len]``: which of ``m`` patterns (choice counts ``[m, 3]``) the budget allows at each position."""
         ok = self.matches(counts)[:, None].expand(-1, seq_len)
         big = self.big_at(seq_len)
         if big is None:
@@ -343,7 +343,7 @@ class RouteSpace:
         self.counts = choice_counts(prefixes)
 
     def feasible(self, prefixes: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Which prefixes (``[m, depth]`` codes) can still be completed into a pattern of the space (or of ``targets``)."""
+        """Which prefixes (``[m, depth]`` codes) can still become a pattern of the space (or of ``targets``)."""
         if targets is None and self.unconstrained:
             return torch.ones(len(prefixes), dtype=torch.bool)
         targets = self.target_counts if targets is None else targets
