@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .routing import BIG, CHOICE_NAMES, SKIP, SMALL, choice_code
+from .routing import BIG, CHOICE_NAMES, SMALL, choice_code
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,10 @@ def _ffn_matrices(config) -> int:
 def ffn_inner_size(config, choice: int | str) -> int:
     """Inner size of the module that serves a choice (0 for SKIP)."""
     code = choice_code(choice)
-    return {BIG: config.intermediate_size, SMALL: config.small_intermediate_size, SKIP: 0}[code]
+    # Read only the size the choice needs, so a dense config (no small_intermediate_size) works for BIG.
+    if code == BIG:
+        return config.intermediate_size
+    return config.small_intermediate_size if code == SMALL else 0
 
 
 def ffn_flops(config, choice: int | str) -> float:
