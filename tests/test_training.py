@@ -362,6 +362,7 @@ def test_streamed_local_corpus_trains_and_resumes_exactly(tmp_path):
         train(tiny_args(tmp_path, "cut", **common), step_callback=crash_at(12))
     resumed = train(tiny_args(tmp_path, "cut", resume_from="latest", **common))
     assert resumed.losses == {step: full.losses[step] for step in range(11, 15)}
+    assert "eval/code/random/ppl" in full.eval_metrics and resumed.eval_metrics == full.eval_metrics
     epochs = [
         r["train/epoch"] for r in read_metrics(Path(resumed.output_dir) / "logs/train_duo/metrics.jsonl")
     ]

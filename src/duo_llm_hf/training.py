@@ -723,7 +723,8 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     holdout_texts = {}
     for name in HOLDOUTS:
         spec = getattr(args, f"holdout_{name}")
-        texts = load_corpus(spec, f"holdout_{name}", **corpus_kwargs)
+        # With --streaming the holdouts stream too: only their first --eval-blocks blocks are read.
+        texts = load_corpus(spec, f"holdout_{name}", streaming=args.streaming, **corpus_kwargs)
         if texts is not None:
             holdout_texts[name] = texts
     tokenizer = _prepare_tokenizer(args, accelerator, train_texts)
@@ -738,6 +739,9 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
         blocks = pack_corpus(
             texts, tokenizer, args.block_size, f"holdout_{name}", max_blocks=args.eval_blocks
         )
+        if isinstance(blocks, datasets.IterableDataset):  # held in memory, the same blocks at every evaluation
+            ids = [row["input_ids"].tolist() for row in blocks]
+            blocks = datasets.Dataset.from_dict({"input_ids": ids}).with_format("torch")
         eval_loaders[name] = DataLoader(blocks, batch_size=eval_batch)
 
     set_seed(args.seed)  # the weights depend on the seed only, not on what the data steps drew
