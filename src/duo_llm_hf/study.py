@@ -18,6 +18,7 @@ numbers and reported as reproduced or not.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -49,7 +50,9 @@ class StudyConfig:
     oracle_blocks: int = 16
     oracle_batch_size: int = 8
     best_of_k: int = 100
+    # Fig. 4c: BIG layers falling 6 -> 2 (and rising 2 -> 6) along the sequence against a constant 4.
     schedules: tuple[str, ...] = ("6:2", "2:6")
+    constant_budget: int = 4
     # In the BIG-or-SKIP space, 6 BIG layers means 6 skipped (the paper's Fig. 2d).
     skip_budget: str = "big=6"
     causal_budget: int | None = 6
@@ -90,6 +93,7 @@ PRESETS: dict[str, StudyConfig] = {
         preset="tiny",
         train={
             **_DEFAULT_TRAIN,
+            "num_layers": 6,
             "hidden_size": 16,
             "num_heads": 2,
             "intermediate_size": 32,
@@ -108,13 +112,20 @@ PRESETS: dict[str, StudyConfig] = {
         oracle_blocks=2,
         oracle_batch_size=2,
         best_of_k=20,
+        schedules=("3:1", "1:3"),
+        constant_budget=2,
+        skip_budget="big=3",
+        causal_budget=1,
         causal_blocks=1,
+        router_budgets=(2, 3, 4),
         router={"max_steps": 3, "batch_size": 4, "eval_blocks": 2},
     ),
     # The CPU study of `make demo`: a 12-layer model trained on the built-in corpus, about 15 minutes on 2 cores.
     "default": StudyConfig(
         preset="default",
         train=dict(_DEFAULT_TRAIN),
+        causal_budget=2,
+        causal_blocks=2,
         router={"max_steps": 120, "batch_size": 16, "eval_blocks": 16},
     ),
     # The paper's model (12 layers, hidden 2560, big 10240 / small 640) on Hub corpora; for many GPUs
@@ -335,3 +346,48 @@ def _check_same_settings(out: Path, config: StudyConfig) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def summary_table(metrics: dict) -> str:
+    """The closing terminal summary: perplexity per budget and method on each holdout, then the findings."""
+    best_of = f"best_of_{metrics['settings']['best_of_k']}"
+    lines = []
+    for holdout, m in metrics["oracle"].items():
+        kinds = list(metrics["routers"])
+        header = f"{'k':>3} {'oracle':>9} {best_of:>12} {'fixed':>9}" + "".join(f" {k[:12]:>12}" for k in kinds)
+        lines += [f"{holdout} holdout: perplexity by number of BIG layers", header]
+        for k, v in m["by_budget"].items():
+            routers = "".join(
+                f" {metrics['routers'][kind][k][holdout]['ppl']:>12.3f}" if k in metrics["routers"][kind] else " " * 13
+                for kind in kinds
+            )
+            methods = f"{v['oracle']:>9.3f} {v.get(best_of, float('nan')):>12.3f} {v['fixed']:>9.3f}"
+            lines.append(f"{k:>3} {methods}{routers}")
+        lines.append("")
+    lines.append("Findings of the paper:")
+    for finding in metrics["findings"]:
+        lines.append(f"  [{'reproduced' if finding['reproduced'] else 'NOT reproduced'}] {finding['statement']}")
+    return "\n".join(lines)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duo-llm study",
+        description="The Duo-LLM study end to end: stage 1 training, the oracle (all budgets, fixed, best-of-100, "
+        "skip, position budgets, causal), routers, token difficulty; report.md/.html, metrics.json, figures. "
+        "A re-run with the same --out reuses the finished stages.",
+    )
+    parser.add_argument("--out", required=True, help="Folder of the study (stages, report, figures).")
+    parser.add_argument("--preset", default="default", choices=list(PRESETS), help="Sizes of every stage.")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``duo-llm study``."""
+    args = build_arg_parser().parse_args(argv)
+    metrics = run_study(args.out, args.preset, progress=not args.no_progress)
+    print()
+    print(summary_table(metrics))
+    print(f"\nReport: {Path(args.out) / 'report.md'} (and report.html); metrics: {Path(args.out) / 'metrics.json'}")
+    return 0

@@ -68,8 +68,8 @@ def oracle_metrics(result: OracleResult, n_layers: int, config) -> dict:
             entry[f"best_of_{config.best_of_k}"] = result.perplexity("best_of_k", label)
             entry[f"best_of_{config.best_of_k}_pattern"] = result.perplexity("best_of_k_pattern", label)
         by_budget[str(k)] = entry
-    middle = n_layers // 3
-    schedules = {str(middle): result.perplexity("oracle", f"big={middle}")}
+    constant = config.constant_budget
+    schedules = {str(constant): result.perplexity("oracle", f"big={constant}")}
     schedules.update({s: result.perplexity("oracle", f"big={s}") for s in config.schedules})
     return {
         "tokens": result.num_tokens,
@@ -234,7 +234,7 @@ def findings(metrics: dict) -> list[dict]:
     )
 
     schedules = {h: metrics["oracle"][h]["schedules"] for h in metrics["oracle"]}
-    constant = str(n // 3)
+    constant = str(metrics["settings"]["constant_budget"])
     ok = all(s[constant] < min(v for k, v in s.items() if k != constant) for s in schedules.values())
     out.append(
         _finding(
