@@ -26,6 +26,10 @@ class DuoLlamaConfig(LlamaConfig):
             One choice per layer, for `routing_mode="fixed"`; codes, names or letters (`"sBsB"`). Stored as codes.
         route_seed (`int`, defaults to 0):
             Seed of the random route sampler.
+        ffn_dispatch (`str`, defaults to `"fast"`):
+            Implementation of the routed FFN's dispatch: `fast` (grouped, one sort per layer) or `reference`
+            (the straightforward gather/run/scatter per module). Both give the same outputs; change it at run
+            time with `duo_llm_hf.routing.set_ffn_dispatch(model, mode)`.
 
     ```python
     >>> from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
@@ -43,6 +47,7 @@ class DuoLlamaConfig(LlamaConfig):
     route_probs: dict | None = None
     fixed_pattern: list | str | None = None
     route_seed: int = 0
+    ffn_dispatch: str = "fast"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

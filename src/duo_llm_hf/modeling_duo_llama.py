@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_duo_llama import DuoLlamaConfig
 from .losses import mean_loss, token_losses
-from .routing import DuoFFN, RouteSampler, check_routes, validate_route_fields
+from .routing import DispatchPlan, DuoFFN, RouteSampler, check_routes, dispatch_plans, validate_route_fields
 
 # Keys of a dense Llama checkpoint that become the big path of a Duo model, and back.
 _DENSE_MLP, _BIG_MLP = ".mlp.", ".mlp.big."
@@ -72,7 +72,9 @@ class DuoLlamaDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
-        self.mlp = DuoFFN(big=LlamaMLP(config), small=LlamaMLP(small_mlp_config(config)))
+        self.mlp = DuoFFN(
+            big=LlamaMLP(config), small=LlamaMLP(small_mlp_config(config)), dispatch_mode=config.ffn_dispatch
+        )
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -107,11 +109,15 @@ class DuoLlamaDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
+        route_plan: DispatchPlan | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Return the layer output and the route taken (`route`, or the router's choice when it is None)."""
+        """Return the layer output and the route taken (`route`, or the router's choice when it is None).
+
+        `route_plan`: the route's grouping for the fast dispatch, when the model made it for all layers.
+        """
         residual, ffn_input = self.attend(hidden_states, attention_mask, position_embeddings, past_key_values, **kwargs)
-        ffn_output, route = self.mlp(ffn_input, route)
+        ffn_output, route = self.mlp(ffn_input, route, route_plan)
         return self.merge(residual, ffn_output), route
 
 
@@ -227,6 +233,8 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         all_hidden_states = [] if output_hidden_states else None
 
+        # Group the rows of every layer by choice once per forward (one host sync), for the fast dispatch.
+        plans = dispatch_plans(routes) if routes is not None and self.config.ffn_dispatch == "fast" else None
         routes_taken = []
         for layer_idx, decoder_layer in enumerate(self.layers):
             if all_hidden_states is not None:
@@ -235,6 +243,7 @@ class DuoLlamaModel(DuoLlamaPreTrainedModel):
                 hidden_states,
                 None if routes is None else routes[..., layer_idx],
                 past_key_values=past_key_values,
+                route_plan=None if plans is None else plans[layer_idx],
                 **layer_kwargs,
                 **kwargs,
             )
