@@ -36,18 +36,37 @@ import torch
 from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM, flops_per_token, route_fractions
 from duo_llm_hf.routing import CHOICE_NAMES, set_ffn_dispatch
 
+PHASES = ("prefill", "decode")
+
 
 @dataclass
 class Case:
-    """One routing setting to time: how to set the model up for it, and the routes it took."""
+    """One routing setting to time: how to set the model up for it, its timings and the routes it took."""
 
     name: str
     dispatch: str
     setup: Callable[[DuoLlamaForCausalLM], None]
-    prefill_s: list[float] = field(default_factory=list)
-    decode_s: list[float] = field(default_factory=list)
-    prefill_routes: torch.Tensor | None = None
-    decode_routes: torch.Tensor | None = None
+    wall_s: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    cpu_s: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    routes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Timer:
+    """Wall-clock and process CPU time of a block (CPU time is far less sensitive to other processes)."""
+
+    def __enter__(self):
+        _synchronize()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        _synchronize()
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def machine() -> str:
@@ -161,35 +180,30 @@ def _learned(budget: float, prompt: torch.Tensor):
 
 
 @torch.inference_mode()
-def prefill(model, prompt):
-    out = model(prompt, use_cache=True, logits_to_keep=1)
-    return out
+def timed_prefill(model, prompt) -> tuple[Timer, torch.Tensor]:
+    """One prefill as `generate` runs it: the KV cache filled, logits of the last position only."""
+    with Timer() as timer:
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+    return timer, out.routes
 
 
 @torch.inference_mode()
-def greedy_decode(model, prompt, new_tokens: int) -> tuple[float, torch.Tensor]:
-    """Prefill (not timed), then ``new_tokens`` greedy steps with the KV cache; return time and routes."""
+def timed_decode(model, prompt, new_tokens: int) -> tuple[Timer, torch.Tensor]:
+    """Prefill (not timed), then ``new_tokens`` greedy steps with the KV cache (timed); return the routes."""
     out = model(prompt, use_cache=True, logits_to_keep=1)
     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     routes = []
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        routes.append(out.routes)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, torch.cat(routes, dim=1)
+    with Timer() as timer:
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            routes.append(out.routes)
+    return timer, torch.cat(routes, dim=1)
 
 
-def timed_prefill(model, prompt) -> tuple[float, torch.Tensor]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = prefill(model, prompt)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out.routes
+def progress(label: str, cases: list[Case], phase: str) -> None:
+    times = ", ".join(f"{c.name} [{c.dispatch}] {c.wall_s[phase][-1]:.2f}s" for c in cases)
+    print(f"{label}: {times}", file=sys.stderr, flush=True)
 
 
 def predicted_flops(
@@ -244,47 +258,47 @@ def run(args) -> dict:
         for _ in range(args.warmup):
             timed_prefill(model, prompt)
             if not args.skip_decode:
-                greedy_decode(model, prompt, min(8, args.new_tokens))
+                timed_decode(model, prompt, min(8, args.new_tokens))
 
-    for _ in range(args.repeats):
-        for case in cases:
-            prepare(case)
-            seconds, case.prefill_routes = timed_prefill(model, prompt)
-            case.prefill_s.append(seconds)
+    phases = [("prefill", args.repeats, lambda: timed_prefill(model, prompt))]
     if not args.skip_decode:
-        for _ in range(args.decode_repeats):
-            for case in cases:
+        phases.append(("decode", args.decode_repeats, lambda: timed_decode(model, prompt, args.new_tokens)))
+    for phase, repeats, timed in phases:
+        for repeat in range(repeats):
+            for case in cases:  # side by side: each repeat runs every case once
                 prepare(case)
-                seconds, case.decode_routes = greedy_decode(model, prompt, args.new_tokens)
-                case.decode_s.append(seconds)
+                timer, case.routes[phase] = timed()
+                case.wall_s[phase].append(timer.wall)
+                case.cpu_s[phase].append(timer.cpu)
+            progress(f"{phase} repeat {repeat + 1}/{repeats}", cases, phase)
 
     rows = []
     for case in cases:
         base = next(c for c in cases if c.name == "all-big" and c.dispatch == case.dispatch)
         row = {"case": case.name, "dispatch": case.dispatch}
-        for phase, times, base_times, routes, base_routes in (
-            ("prefill", case.prefill_s, base.prefill_s, case.prefill_routes, base.prefill_routes),
-            ("decode", case.decode_s, base.decode_s, case.decode_routes, base.decode_routes),
-        ):
-            if not times:
-                continue
+        for phase in case.routes:
             lengths = (args.prompt_len, args.new_tokens, phase)
-            flops, ffn = predicted_flops(config, routes, *lengths)
-            base_flops, base_ffn = predicted_flops(config, base_routes, *lengths)
-            time_fraction = statistics.median(t / b for t, b in zip(times, base_times))
-            predicted = flops / base_flops
-            predicted_saving, measured_saving = 1 - predicted, 1 - time_fraction
+            flops, ffn = predicted_flops(config, case.routes[phase], *lengths)
+            base_flops, base_ffn = predicted_flops(config, base.routes[phase], *lengths)
+            predicted_saving = 1 - flops / base_flops
             row[phase] = {
-                "big_fraction": route_fractions(routes.cpu())["big"],
-                "median_s": statistics.median(times),
-                "times_s": times,
-                "time_fraction": time_fraction,
-                "flop_fraction": predicted,
+                "big_fraction": route_fractions(case.routes[phase].cpu())["big"],
+                "wall_s": case.wall_s[phase],
+                "cpu_s": case.cpu_s[phase],
+                "median_wall_s": statistics.median(case.wall_s[phase]),
                 "ffn_flop_fraction": ffn / base_ffn,
+                "flop_fraction": flops / base_flops,
                 "predicted_saving": predicted_saving,
-                "measured_saving": measured_saving,
-                "saving_ratio": measured_saving / predicted_saving if predicted_saving > 1e-9 else None,
             }
+            for clock in ("wall", "cpu"):
+                # Each repeat's ratio to all-big in the same repeat, then the median over repeats.
+                pairs = zip(getattr(case, f"{clock}_s")[phase], getattr(base, f"{clock}_s")[phase])
+                fraction = statistics.median(t / b for t, b in pairs)
+                row[phase][f"{clock}_fraction"] = fraction
+                row[phase][f"{clock}_saving"] = 1 - fraction
+                row[phase][f"{clock}_saving_ratio"] = (
+                    (1 - fraction) / predicted_saving if predicted_saving > 1e-9 else None
+                )
         rows.append(row)
     return {
         "machine": machine(),
@@ -299,27 +313,33 @@ def markdown(result: dict) -> str:
     """The results as Markdown tables (one per phase), the form BENCHMARKS.md keeps."""
     lines = [f"Machine: {result['machine']}", f"Command: `{result['command']}`"]
     lines += [f"Note: {result['learned_note']}", ""]
-    for phase in ("prefill", "decode"):
+    for phase in PHASES:
         rows = [r for r in result["rows"] if phase in r]
         if not rows:
             continue
         lines += [
-            f"**{phase}**",
+            f"**{phase}** (fractions and savings against all-big; saving = 1 - fraction)",
             "",
-            "| case | dispatch | BIG share | median s | FFN FLOP fraction | FLOP fraction | time fraction "
-            "| predicted saving | measured saving | measured / predicted |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| case | dispatch | BIG share | median wall s | FFN FLOP fraction | FLOP fraction "
+            "| wall fraction | CPU fraction | predicted saving | measured saving (wall) "
+            "| measured / predicted (wall) | measured / predicted (CPU) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             p = r[phase]
-            ratio = "—" if p["saving_ratio"] is None else f"{p['saving_ratio']:.2f}"
+            ratios = [_ratio(p["wall_saving_ratio"]), _ratio(p["cpu_saving_ratio"])]
             lines.append(
-                f"| {r['case']} | {r['dispatch']} | {p['big_fraction']:.2f} | {p['median_s']:.3f} "
-                f"| {p['ffn_flop_fraction']:.3f} | {p['flop_fraction']:.3f} | {p['time_fraction']:.3f} "
-                f"| {p['predicted_saving']:.3f} | {p['measured_saving']:.3f} | {ratio} |"
+                f"| {r['case']} | {r['dispatch']} | {p['big_fraction']:.2f} | {p['median_wall_s']:.3f} "
+                f"| {p['ffn_flop_fraction']:.3f} | {p['flop_fraction']:.3f} | {p['wall_fraction']:.3f} "
+                f"| {p['cpu_fraction']:.3f} | {p['predicted_saving']:.3f} | {p['wall_saving']:.3f} "
+                f"| {ratios[0]} | {ratios[1]} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def parse_args(argv=None):
@@ -332,7 +352,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved prefill repeats")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved prefill repeats")
     parser.add_argument("--decode-repeats", type=int, default=3, help="interleaved decoding repeats")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-decode", action="store_true")
