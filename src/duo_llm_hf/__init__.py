@@ -1,13 +1,18 @@
 """duo-llm-hf: the Duo-LLM framework (big / small / skip routed FFNs, oracle, routers) on Hugging Face.
 
-Importing the package registers `duo_llama` with `AutoConfig` / `AutoModel` / `AutoModelForCausalLM`, and marks
-the classes for `register_for_auto_class`, so a folder written by `save_pretrained` also loads with
-`trust_remote_code=True` where this package is not installed.
+Importing the package registers `duo_llama` and `duo_opt` with `AutoConfig` / `AutoModel` /
+`AutoModelForCausalLM`, and marks the classes for `register_for_auto_class`, so a folder written by
+`save_pretrained` also loads with `trust_remote_code=True` where this package is not installed. Where
+lm-evaluation-harness is installed, it also registers the `duo` lm-eval model (lazily: `duo_llm_hf.lm_eval_model`
+is imported when the harness builds it).
 """
+
+import importlib.util
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_duo_llama import DuoLlamaConfig
+from .configuration_duo_opt import DuoOPTConfig
 from .flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
 from .losses import token_losses
 from .modeling_duo_llama import (
@@ -16,7 +21,28 @@ from .modeling_duo_llama import (
     DuoLlamaModel,
     DuoLlamaPreTrainedModel,
 )
-from .routing import BIG, CHOICE_NAMES, SKIP, SMALL, DuoFFN, RouteSampler, parse_pattern, pattern_to_str, route_fractions
+from .modeling_duo_opt import DuoOPTForCausalLM, DuoOPTModel, DuoOPTPreTrainedModel
+from .router import (
+    ROUTER_SETTINGS,
+    DuoRouter,
+    TemperatureSchedule,
+    budget_loss,
+    freeze_all_but_routers,
+    realised_fractions,
+    router_parameters,
+    set_router_temperature,
+)
+from .routing import (
+    BIG,
+    CHOICE_NAMES,
+    SKIP,
+    SMALL,
+    DuoFFN,
+    RouteSampler,
+    parse_pattern,
+    pattern_to_str,
+    route_fractions,
+)
 
 AutoConfig.register(DuoLlamaConfig.model_type, DuoLlamaConfig, exist_ok=True)
 AutoModel.register(DuoLlamaConfig, DuoLlamaModel, exist_ok=True)
@@ -24,6 +50,27 @@ AutoModelForCausalLM.register(DuoLlamaConfig, DuoLlamaForCausalLM, exist_ok=True
 DuoLlamaConfig.register_for_auto_class()
 DuoLlamaModel.register_for_auto_class("AutoModel")
 DuoLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register(DuoOPTConfig.model_type, DuoOPTConfig, exist_ok=True)
+AutoModel.register(DuoOPTConfig, DuoOPTModel, exist_ok=True)
+AutoModelForCausalLM.register(DuoOPTConfig, DuoOPTForCausalLM, exist_ok=True)
+DuoOPTConfig.register_for_auto_class()
+DuoOPTModel.register_for_auto_class("AutoModel")
+DuoOPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def _register_lm_eval_model() -> None:
+    """Make `--model duo` known to lm-eval, without importing the harness's model code (or needing lm-eval)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    # The harness fills its registry with its own models only when it is empty at lookup; fill it first.
+    import lm_eval.models  # noqa: F401
+    from lm_eval.api.registry import model_registry
+
+    if "duo" not in model_registry:
+        model_registry.register("duo", target="duo_llm_hf.lm_eval_model:DuoLM")
+
+
+_register_lm_eval_model()
 
 __version__ = "0.1.0"
 
@@ -38,8 +85,20 @@ __all__ = [
     "DuoLlamaForCausalLM",
     "DuoLlamaModel",
     "DuoLlamaPreTrainedModel",
+    "DuoOPTConfig",
+    "DuoOPTForCausalLM",
+    "DuoOPTModel",
+    "DuoOPTPreTrainedModel",
     "FlopCount",
+    "ROUTER_SETTINGS",
+    "DuoRouter",
     "RouteSampler",
+    "TemperatureSchedule",
+    "budget_loss",
+    "freeze_all_but_routers",
+    "realised_fractions",
+    "router_parameters",
+    "set_router_temperature",
     "dense_intermediate_size",
     "flops_per_token",
     "parse_pattern",

@@ -26,6 +26,12 @@ class DuoLlamaConfig(LlamaConfig):
             One choice per layer, for `routing_mode="fixed"`; codes, names or letters (`"sBsB"`). Stored as codes.
         route_seed (`int`, defaults to 0):
             Seed of the random route sampler.
+        use_router (`bool`, defaults to `False`):
+            Give every layer a learned router (`layers[i].mlp.router`). Always on with
+            `routing_mode="learned"`; a model that has routers keeps them (and their weights) in every mode.
+        router_temperature (`float`, defaults to 1.0):
+            Softmax temperature tau of the routers, `P = softmax(logits / tau)`; annealed down during router
+            training. Evaluation routes by the argmax, which tau does not change.
         ffn_dispatch (`str`, defaults to `"fast"`):
             Implementation of the routed FFN's dispatch: `fast` (grouped, one sort per layer) or `reference`
             (the straightforward gather/run/scatter per module). Both give the same outputs; change it at run
@@ -47,6 +53,8 @@ class DuoLlamaConfig(LlamaConfig):
     route_probs: dict | None = None
     fixed_pattern: list | str | None = None
     route_seed: int = 0
+    use_router: bool = False
+    router_temperature: float = 1.0
     ffn_dispatch: str = "fast"
 
     def __post_init__(self, **kwargs):

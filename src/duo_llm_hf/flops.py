@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .routing import BIG, CHOICE_NAMES, SKIP, SMALL, choice_code
+from .routing import BIG, CHOICE_NAMES, SMALL, choice_code
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,18 @@ class FlopCount:
 
 
 def _ffn_matrices(config) -> int:
-    # Llama's gated MLP has three projections (gate, up, down); OPT's fc1/fc2 has two.
+    # Llama's gated MLP has three projections (gate, up, down); OPT's fc1/fc2 has two. The big inner size is
+    # `intermediate_size` everywhere: DuoOPTConfig aliases it to OPT's ffn_dim.
     return 3 if getattr(config, "model_type", "").endswith("llama") else 2
 
 
 def ffn_inner_size(config, choice: int | str) -> int:
     """Inner size of the module that serves a choice (0 for SKIP)."""
     code = choice_code(choice)
-    return {BIG: config.intermediate_size, SMALL: config.small_intermediate_size, SKIP: 0}[code]
+    # Read only the size the choice needs, so a dense config (no small_intermediate_size) works for BIG.
+    if code == BIG:
+        return config.intermediate_size
+    return config.small_intermediate_size if code == SMALL else 0
 
 
 def ffn_flops(config, choice: int | str) -> float:
@@ -78,14 +82,25 @@ def flops_per_token(
     return FlopCount(
         attention=n_layers * attention_flops(config, seq_len),
         ffn=ffn,
-        lm_head=2.0 * config.hidden_size * config.vocab_size,
+        lm_head=_lm_head_flops(config),
         router=2.0 * n_layers * config.hidden_size * n_choices if router else 0.0,
     )
 
 
+def _lm_head_flops(config) -> float:
+    # OPT models such as opt-350m project hidden states to word_embed_proj_dim around the decoder
+    # (project_in / project_out) and their head reads the projected size; counted here with the head.
+    hidden = config.hidden_size
+    proj = getattr(config, "word_embed_proj_dim", None) or hidden
+    projections = 0.0 if proj == hidden else 2.0 * 2.0 * hidden * proj
+    return 2.0 * proj * config.vocab_size + projections
+
+
 def pattern_flops(config, pattern: Sequence[int], seq_len: int | None = None) -> FlopCount:
     """Forward FLOPs per token when every token follows one pattern."""
-    counts = {code: sum(1 for c in pattern if int(c) == code) / len(pattern) for code in range(len(CHOICE_NAMES))}
+    counts = {
+        code: sum(1 for c in pattern if int(c) == code) / len(pattern) for code in range(len(CHOICE_NAMES))
+    }
     return flops_per_token(config, counts, seq_len)
 
 
@@ -99,5 +114,7 @@ def _fractions(route_fractions: Mapping[str | int, float]) -> dict[int, float]:
     fractions = {choice_code(k, "route_fractions"): float(v) for k, v in route_fractions.items()}
     total = sum(fractions.values())
     if any(v < 0 for v in fractions.values()) or abs(total - 1.0) > 1e-6:
-        raise ValueError(f"route_fractions: {dict(route_fractions)!r} must be non-negative and sum to 1 (got {total:g}).")
+        raise ValueError(
+            f"route_fractions: {dict(route_fractions)!r} must be non-negative and sum to 1 (got {total:g})."
+        )
     return fractions

@@ -50,7 +50,9 @@ def parse_pattern(pattern: str | Sequence[int | str], field: str = "pattern") ->
         letters.update({"b": BIG, "S": SMALL})
         bad = [ch for ch in pattern if ch not in letters]
         if bad:
-            raise ValueError(f"{field}: {pattern!r} has letters {bad} that are not choices; use s (small), B (big), - (skip).")
+            raise ValueError(
+                f"{field}: {pattern!r} has letters {bad} that are not choices; use s (small), B (big), - (skip)."
+            )
         return [letters[ch] for ch in pattern]
     return [choice_code(c, field) for c in pattern]
 
@@ -64,6 +66,8 @@ def validate_route_fields(config) -> None:
     """
     n_layers = config.num_hidden_layers
     big_size = config.intermediate_size
+    # The big inner size may be stored under another name (DuoOPT: ffn_dim, aliased by attribute_map).
+    big_name = getattr(config, "attribute_map", {}).get("intermediate_size", "intermediate_size")
 
     if config.small_intermediate_size is None:
         config.small_intermediate_size = max(1, big_size // 16)
@@ -71,7 +75,7 @@ def validate_route_fields(config) -> None:
     if not isinstance(small, int) or isinstance(small, bool) or not 1 <= small <= big_size:
         raise ValueError(
             f"small_intermediate_size: {small!r} is not allowed; it must be an integer in 1..{big_size} "
-            f"(intermediate_size), by default intermediate_size // 16."
+            f"({big_name}), by default {big_name} // 16."
         )
 
     options = config.route_options
@@ -83,7 +87,9 @@ def validate_route_fields(config) -> None:
     config.route_options = [CHOICE_NAMES[c] for c in codes]
 
     if config.routing_mode not in ROUTING_MODES:
-        raise ValueError(f"routing_mode: {config.routing_mode!r} is not a routing mode; use one of {list(ROUTING_MODES)}.")
+        raise ValueError(
+            f"routing_mode: {config.routing_mode!r} is not a routing mode; use one of {list(ROUTING_MODES)}."
+        )
 
     config.route_probs = _normalised_route_probs(config.route_probs, config.route_options)
 
@@ -102,7 +108,9 @@ def validate_route_fields(config) -> None:
             )
         config.fixed_pattern = pattern
     elif config.routing_mode == "fixed":
-        raise ValueError("fixed_pattern: None is not allowed with routing_mode='fixed'; give one choice per layer.")
+        raise ValueError(
+            "fixed_pattern: None is not allowed with routing_mode='fixed'; give one choice per layer."
+        )
 
     seed = config.route_seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -112,13 +120,33 @@ def validate_route_fields(config) -> None:
     if dispatch not in DISPATCH_MODES:
         raise ValueError(f"ffn_dispatch: {dispatch!r} is not allowed; use one of {list(DISPATCH_MODES)}.")
 
+    _validate_router_fields(config)
+
+
+def _validate_router_fields(config) -> None:
+    # Getattr defaults: configs of other Duo models may not declare the router fields.
+    use_router = getattr(config, "use_router", False)
+    if not isinstance(use_router, bool):
+        raise ValueError(f"use_router: {use_router!r} is not allowed; it must be True or False.")
+    # Learned routing needs routers; a model that has them keeps them (and their weights) in every mode.
+    config.use_router = use_router or config.routing_mode == "learned"
+    tau = getattr(config, "router_temperature", 1.0)
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(
+            f"router_temperature: {tau!r} is not allowed; it must be a finite number > 0 "
+            f"(P = softmax(logits / tau))."
+        )
+    config.router_temperature = float(tau)
+
 
 def _normalised_route_probs(probs: Mapping[str, float] | None, options: list[str]) -> dict[str, float]:
     if probs is None:
         # The paper's stage 1: p_big = 0.5 over small/big; otherwise uniform over the allowed choices.
         return {name: 1.0 / len(options) for name in options}
     if not isinstance(probs, Mapping):
-        raise ValueError(f"route_probs: {probs!r} is not allowed; give a dict such as {{'small': 0.5, 'big': 0.5}}.")
+        raise ValueError(
+            f"route_probs: {probs!r} is not allowed; give a dict such as {{'small': 0.5, 'big': 0.5}}."
+        )
     out = {}
     for key, value in probs.items():
         name = CHOICE_NAMES[choice_code(key, "route_probs")]
@@ -127,8 +155,15 @@ def _normalised_route_probs(probs: Mapping[str, float] | None, options: list[str
                 f"route_probs: {dict(probs)!r} gives a probability to {name!r}, which route_options {options} does "
                 f"not allow."
             )
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"route_probs: {name!r} has probability {value!r}; probabilities must be finite and >= 0.")
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(
+                f"route_probs: {name!r} has probability {value!r}; probabilities must be finite and >= 0."
+            )
         out[name] = float(value)
     total = sum(out.values())
     if abs(total - 1.0) > 1e-6:
@@ -145,9 +180,13 @@ def check_routes(routes: torch.Tensor, config, batch_size: int, seq_len: int) ->
     """Check an explicit route tensor: shape ``[batch, seq, layers]``, integer dtype, allowed codes only."""
     n_layers = config.num_hidden_layers
     if not isinstance(routes, torch.Tensor):
-        raise TypeError(f"routes: expected a torch.LongTensor of shape [batch, seq, layers], got {type(routes).__name__}.")
+        raise TypeError(
+            f"routes: expected a torch.LongTensor of shape [batch, seq, layers], got {type(routes).__name__}."
+        )
     if routes.dtype.is_floating_point or routes.dtype.is_complex or routes.dtype == torch.bool:
-        raise TypeError(f"routes: dtype {routes.dtype} is not allowed; use an integer tensor (torch.long) of choice codes.")
+        raise TypeError(
+            f"routes: dtype {routes.dtype} is not allowed; use an integer tensor (torch.long) of choice codes."
+        )
     expected = (batch_size, seq_len, n_layers)
     if tuple(routes.shape) != expected:
         raise ValueError(
@@ -170,6 +209,24 @@ def route_fractions(routes: torch.Tensor, mask: torch.Tensor | None = None) -> d
     counts = torch.bincount(routes.reshape(-1).long(), minlength=len(CHOICE_NAMES)).double()
     total = counts.sum().clamp_min(1)
     return {name: (counts[code] / total).item() for code, name in enumerate(CHOICE_NAMES)}
+
+
+def route_usage(routes: torch.Tensor, mask: torch.Tensor | None = None) -> torch.LongTensor:
+    """Per-layer x per-position usage counts of each choice (the data of the paper's Fig. 2 and Fig. 3).
+
+    ``routes``: ``[batch, seq, layers]`` choice codes (routes taken by any routing mode, or the oracle's
+    argmin patterns); ``mask``: ``[batch, seq]``, True for the tokens to count (e.g. the attention mask).
+    Returns counts of shape ``[3, layers, seq]``: ``usage[c, l, t]`` = number of sequences whose token at
+    position ``t`` took choice code ``c`` (``SMALL``, ``BIG``, ``SKIP``) in layer ``l``. Positions are indices
+    in the route tensor (position 0 = first token; use right padding). Counts add up over batches of the same
+    length; `analysis.usage_fraction` turns them into the fraction of tokens per (layer, position).
+    """
+    if routes.dim() != 3:
+        raise ValueError(f"routes: expected shape [batch, seq, layers], got {tuple(routes.shape)}.")
+    one_hot = torch.nn.functional.one_hot(routes.long(), len(CHOICE_NAMES))  # [B, T, L, 3]
+    if mask is not None:
+        one_hot = one_hot * mask.to(one_hot.device).bool()[:, :, None, None]
+    return one_hot.sum(0).permute(2, 1, 0).contiguous()
 
 
 class RouteSampler:
@@ -264,7 +321,9 @@ class DuoFFN(nn.Module):
     outputs.
     """
 
-    def __init__(self, big: nn.Module, small: nn.Module, dispatch_mode: str = "fast"):
+    def __init__(
+        self, big: nn.Module, small: nn.Module, router: nn.Module | None = None, dispatch_mode: str = "fast"
+    ):
         super().__init__()
         if dispatch_mode not in DISPATCH_MODES:
             raise ValueError(
@@ -273,6 +332,8 @@ class DuoFFN(nn.Module):
         self.big = big
         self.small = small
         self.dispatch_mode = dispatch_mode
+        # A learned router (router.DuoRouter): maps the FFN input to (probabilities [..., 3], argmax route).
+        self.router = router
 
     def module_for(self, choice: int) -> nn.Module | None:
         """The module that serves a choice code (``None`` for SKIP)."""
@@ -284,17 +345,50 @@ class DuoFFN(nn.Module):
         return torch.zeros_like(hidden_states) if module is None else module(hidden_states)
 
     def forward(
-        self, hidden_states: torch.Tensor, route: torch.Tensor | None, plan: DispatchPlan | None = None
+        self,
+        hidden_states: torch.Tensor,
+        route: torch.Tensor | None = None,
+        plan: DispatchPlan | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the routed FFN; return its output and the route taken.
 
         ``hidden_states``: ``[..., hidden]``; ``route``: the choice code of each row, shape
-        ``hidden_states.shape[:-1]``. A ``None`` route is for learned routing, where a router decides.
-        ``plan``: the route's `DispatchPlan` when the caller made it already (one for all layers).
+        ``hidden_states.shape[:-1]``. A ``None`` route is learned routing: the router decides (see
+        `forward_learned`, which also returns the router probabilities). ``plan``: the route's `DispatchPlan`
+        when the caller made it already (one for all layers).
         """
         if route is None:
-            raise ValueError("DuoFFN got no route: pass routes, or use a routing mode that makes them (random, fixed).")
+            output, route, _ = self.forward_learned(hidden_states)
+            return output, route
         return self.dispatch(hidden_states, route, plan), route
+
+    def forward_learned(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor]:
+        """Learned routing; return the output, the route taken (the router's argmax) and the probabilities.
+
+        In training mode the output is the paper's soft mixture ``sum_x P_x * H_x`` over the allowed choices
+        (every allowed module runs on every token, so gradients reach the router); in evaluation mode each
+        token runs only its argmax choice (`dispatch`). Probabilities have shape ``[..., 3]``, indexed by
+        choice code (0 for choices the router does not allow), in float32.
+        """
+        if self.router is None:
+            raise ValueError(
+                "DuoFFN got no route and has no router: pass routes, use a routing mode that makes them "
+                "(random, fixed), or add routers with model.set_routing('learned')."
+            )
+        probs, route = self.router(hidden_states)
+        if self.training:
+            return self.mix(hidden_states, probs), route, probs
+        return self.dispatch(hidden_states, route), route, probs
+
+    def mix(self, hidden_states: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Soft mixture ``sum_x probs[..., x] * H_x`` of the module outputs (SKIP adds nothing)."""
+        out = torch.zeros_like(hidden_states)
+        for choice, module in ((BIG, self.big), (SMALL, self.small)):
+            if choice in self.router.choices:
+                out = out + probs[..., choice : choice + 1].to(hidden_states.dtype) * module(hidden_states)
+        return out
 
     def dispatch(
         self, hidden_states: torch.Tensor, route: torch.Tensor, plan: DispatchPlan | None = None

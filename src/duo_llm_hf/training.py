@@ -1,0 +1,884 @@
+"""Stage 1 training with Accelerate: random routing from scratch, frozen-big, and the dense baseline.
+
+The paper's stage 1 trains a Duo model from scratch while every token in every layer goes to the big or the
+small FFN at random (p_big = 0.5). Two comparisons are trained by the same loop: *frozen-big* (start from a
+trained dense Llama, or the big path of a Duo model, freeze it and train only the small FFNs; the paper's
+Fig. 8c) and the *dense baseline* (a plain `LlamaForCausalLM` whose FFN inner size matches the Duo model's
+FLOPs at the given p_big; Fig. 8a/b).
+
+The pieces are public so that later scripts (the router trainer, the ablations, the study) reuse them:
+`TrainArguments` / `build_arg_parser`, `build_model`, `build_optimizer`, `build_scheduler`,
+`evaluate_perplexity`, the checkpoint helpers in `checkpointing`, and `train` itself, which
+``training/train_duo.py`` and the ``duo-llm train`` command call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, HfArgumentParser, LlamaConfig, LlamaForCausalLM, get_scheduler
+
+from .checkpointing import RouteSamplerState, TrainState, resolve_resume, save_checkpoint
+from .configuration_duo_llama import DuoLlamaConfig
+from .data import (
+    BUILTIN,
+    EpochSampler,
+    iter_texts,
+    load_corpus,
+    pack_corpus,
+    parse_corpus_spec,
+)
+from .flops import dense_intermediate_size, flops_per_token
+from .losses import token_losses
+from .modeling_duo_llama import DuoLlamaForCausalLM
+from .routing import BIG, CHOICE_CODES, RouteSampler
+from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer, train_bpe_tokenizer
+from .tracking import make_trackers
+
+logger = logging.getLogger(__name__)
+
+MODES = ("random", "frozen-big", "dense")
+EVAL_ROUTES = ("random", "big", "small", "skip")
+# Holdout sets evaluated separately, as the paper holds out C4 (English) and Python code.
+HOLDOUTS = ("english", "code")
+SMALL_MODULE_KEY = ".mlp.small."
+# Arguments that may change when a run is resumed: they do not change what the run computes.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "resume_from",
+        "report_to",
+        "run_name",
+        "progress",
+        "log_every",
+        "eval_every",
+        "eval_blocks",
+        "eval_batch_size",
+        "eval_routes",
+        "checkpoint_every",
+        "checkpoints_to_keep",
+        "cache_dir",
+    }
+)
+
+
+@dataclass
+class TrainArguments:
+    """Arguments of a stage 1 training run (each is also a command-line flag, ``--name-with-dashes``)."""
+
+    output_dir: str = field(metadata={"help": "Folder for the final model, tokenizer, checkpoints and logs."})
+    mode: Literal["random", "frozen-big", "dense"] = field(
+        default="random",
+        metadata={
+            "help": "random: a Duo model from scratch with random routing (stage 1). frozen-big: start from "
+            "--init-from, freeze it, train only the small FFNs. dense: a LlamaForCausalLM whose FFN inner "
+            "size "
+            "matches the Duo model's FLOPs at --p-big."
+        },
+    )
+    # Data
+    dataset: str = field(
+        default=BUILTIN,
+        metadata={
+            "help": "Training corpus: builtin, a local file/folder (.txt .jsonl .json .csv .parquet), or "
+            "hf:NAME[:CONFIG][@SPLIT] (Hub)."
+        },
+    )
+    holdout_english: str = field(
+        default=BUILTIN, metadata={"help": "English holdout corpus (same syntax; 'none' to skip)."}
+    )
+    holdout_code: str = field(
+        default=BUILTIN, metadata={"help": "Code holdout corpus (same syntax; 'none' to skip)."}
+    )
+    text_column: str = field(
+        default="text", metadata={"help": "Column holding the text in json/csv/parquet/Hub data."}
+    )
+    sample_by: Literal["document", "paragraph", "line"] = field(
+        default="document", metadata={"help": "How plain-text files are cut into documents."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the training corpus (needs --max-steps)."}
+    )
+    shuffle_buffer: int = field(
+        default=10_000, metadata={"help": "Shuffle buffer (blocks) of a streamed corpus."}
+    )
+    builtin_max_chars: int | None = field(
+        default=None,
+        metadata={"help": "Cap each built-in split at this many characters (quick runs, tests)."},
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache folder of `datasets` (default: HF's)."}
+    )
+    block_size: int = field(default=256, metadata={"help": "Tokens per training block (sequence length)."})
+    # Tokenizer
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Existing tokenizer folder. Default: train a byte-level BPE on the training corpus "
+            "(frozen-big: the tokenizer in --init-from)."
+        },
+    )
+    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size of a trained tokenizer."})
+    tokenizer_train_chars: int = field(
+        default=50_000_000,
+        metadata={"help": "Characters of the training corpus the tokenizer is trained on."},
+    )
+    # Model
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "frozen-big: a dense Llama folder or a Duo model folder (its big path)."},
+    )
+    hidden_size: int = field(default=256, metadata={"help": "Hidden size."})
+    num_layers: int = field(default=8, metadata={"help": "Decoder layers."})
+    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    num_kv_heads: int | None = field(
+        default=None, metadata={"help": "Key/value heads (default: --num-heads)."}
+    )
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "Big FFN inner size (default 4 x hidden)."}
+    )
+    small_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Small FFN inner size (default: big // 16)."}
+    )
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "Positions of the model (default: --block-size)."}
+    )
+    p_big: float = field(
+        default=0.5, metadata={"help": "Probability of the big FFN (dense: FLOP-matched at it)."}
+    )
+    p_skip: float = field(
+        default=0.0, metadata={"help": "Probability of skipping the FFN; small gets the rest."}
+    )
+    route_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the random routes (default: --seed)."}
+    )
+    # Optimisation
+    batch_size: int = field(default=16, metadata={"help": "Blocks per micro-batch and process."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step."}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    lr_scheduler: str = field(
+        default="cosine", metadata={"help": "transformers scheduler name, after warm-up."}
+    )
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: --num-epochs)."})
+    num_epochs: int = field(
+        default=1, metadata={"help": "Epochs over the training blocks, when no --max-steps."}
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no, fp16 or bf16 (default: the accelerate config's, else no)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of weights, data order and (by default) routes."})
+    # Evaluation, logging, checkpoints
+    eval_every: int = field(
+        default=200, metadata={"help": "Evaluate held-out perplexity every N steps (0: end)."}
+    )
+    eval_blocks: int = field(default=64, metadata={"help": "Blocks of each holdout set to evaluate."})
+    eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Eval batch size (default --batch-size)."}
+    )
+    eval_routes: str = field(
+        default="random,big,small",
+        metadata={"help": "Duo routes to evaluate, comma-separated: random (fixed seed), big, small, skip."},
+    )
+    log_every: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
+    report_to: str = field(
+        default="auto",
+        metadata={"help": "Trackers: auto (jsonl + tensorboard if installed), jsonl, none, ..."},
+    )
+    run_name: str = field(default="train_duo", metadata={"help": "Run name for the trackers."})
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "Save a checkpoint every N steps (0: never)."}
+    )
+    checkpoints_to_keep: int | None = field(
+        default=2, metadata={"help": "Keep only the newest N checkpoints."}
+    )
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint folder to resume from, or 'latest' (newest in output_dir)."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def validate(self) -> None:
+        """Check the arguments and the paths they name, before any work is done."""
+        positive = (
+            "block_size",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "eval_blocks",
+            "log_every",
+            "num_epochs",
+            "tokenizer_train_chars",
+            "shuffle_buffer",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {value!r} must be a positive integer.")
+        for name in (
+            "max_steps",
+            "eval_batch_size",
+            "num_kv_heads",
+            "intermediate_size",
+            "small_intermediate_size",
+            "max_position_embeddings",
+            "builtin_max_chars",
+            "checkpoints_to_keep",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: {value!r} must be a positive integer (or left unset).")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 0.")
+        if self.block_size < 2:
+            raise ValueError(f"block_size: {self.block_size} must be at least 2 tokens.")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} is not a training mode; use one of {list(MODES)}.")
+        if not (
+            0.0 <= self.p_big <= 1.0 and 0.0 <= self.p_skip <= 1.0 and self.p_big + self.p_skip <= 1.0 + 1e-9
+        ):
+            raise ValueError(
+                f"p_big={self.p_big!r}, p_skip={self.p_skip!r}: each must be in [0, 1] and together at most "
+                "1 "
+                "(the small FFN gets 1 - p_big - p_skip)."
+            )
+        routes = self.eval_route_list()
+        bad = [r for r in routes if r not in EVAL_ROUTES]
+        if bad:
+            raise ValueError(
+                f"eval_routes: {bad} are not route modes; use a comma-separated subset of {EVAL_ROUTES}."
+            )
+        if "skip" in routes and self.p_skip == 0:
+            raise ValueError(
+                "eval_routes: 'skip' needs a model that allows skipping (train with --p-skip > 0)."
+            )
+        if self.mode == "frozen-big" and not self.init_from:
+            raise ValueError(
+                "mode 'frozen-big' needs --init-from: a dense Llama folder or a Duo model folder."
+            )
+        if self.mode != "frozen-big" and self.init_from:
+            raise ValueError(f"--init-from is for mode 'frozen-big' only (this run's mode is {self.mode!r}).")
+        if self.init_from and not Path(self.init_from).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"init_from: {self.init_from!r} is not a model folder (written by save_pretrained)."
+            )
+        if self.tokenizer is not None and not Path(self.tokenizer).expanduser().is_dir():
+            raise FileNotFoundError(f"tokenizer: {self.tokenizer!r} is not a tokenizer folder.")
+        if self.streaming and self.max_steps is None:
+            raise ValueError("streaming: a streamed corpus has no known length; give --max-steps.")
+        positions = self.max_position_embeddings
+        if positions is not None and self.block_size > positions:
+            raise ValueError(
+                f"block_size {self.block_size} is longer than max_position_embeddings {positions}; use a "
+                "block "
+                "size <= the model's positions."
+            )
+        parse_corpus_spec(self.dataset, "train", "dataset")
+        if parse_corpus_spec(self.dataset, "train", "dataset").kind == "none":
+            raise ValueError("dataset: 'none' is not a training corpus.")
+        parse_corpus_spec(self.holdout_english, "holdout_english", "holdout_english")
+        parse_corpus_spec(self.holdout_code, "holdout_code", "holdout_code")
+
+    def eval_route_list(self) -> list[str]:
+        return [r.strip() for r in self.eval_routes.split(",") if r.strip()]
+
+    def route_probs(self) -> dict[str, float]:
+        """Random-routing probabilities: big = p_big, skip = p_skip, small = the rest."""
+        probs = {"small": max(0.0, 1.0 - self.p_big - self.p_skip), "big": self.p_big}
+        if self.p_skip > 0:
+            probs["skip"] = self.p_skip
+        return probs
+
+
+@dataclass
+class TrainResult:
+    """What a run did: final step and tokens, the loss of each optimizer step it ran, the last evaluation."""
+
+    output_dir: str
+    global_step: int
+    tokens_seen: int
+    losses: dict[int, float]
+    eval_metrics: dict[str, float]
+
+
+def build_arg_parser(**kwargs) -> HfArgumentParser:
+    """The command-line parser of `TrainArguments` (``--flag-name`` and ``--flag_name`` both work).
+
+    ``kwargs`` go to `argparse.ArgumentParser` (e.g. ``add_help=False`` to use it as a parent parser).
+    """
+    kwargs.setdefault(
+        "description", "Stage 1 training of a Duo-LLM model (or its dense baseline) with Accelerate."
+    )
+    return HfArgumentParser(TrainArguments, **kwargs)
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainArguments:
+    """Parse command-line arguments into `TrainArguments`."""
+    (args,) = build_arg_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def duo_config_from_args(args: TrainArguments, vocab_size: int, **overrides) -> DuoLlamaConfig:
+    """The Duo model of a from-scratch run (also the FLOP reference of the dense baseline).
+
+    ``overrides`` are further config fields (the tokenizer's special token ids).
+    """
+    intermediate = args.intermediate_size or 4 * args.hidden_size
+    options = ["small", "big"] + (["skip"] if args.p_skip > 0 else [])
+    return DuoLlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=intermediate,
+        small_intermediate_size=args.small_intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads or args.num_heads,
+        max_position_embeddings=args.max_position_embeddings or args.block_size,
+        route_options=options,
+        routing_mode="random",
+        route_probs=args.route_probs(),
+        route_seed=args.seed if args.route_seed is None else args.route_seed,
+        **overrides,
+    )
+
+
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """The tokenizer's BOS / EOS / padding ids, as config fields (used by ``generate``)."""
+    return {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+
+
+def dense_config_like(config: DuoLlamaConfig, intermediate_size: int) -> LlamaConfig:
+    """A `LlamaConfig` with a Duo config's dimensions and the given FFN inner size."""
+    duo_only = {
+        "small_intermediate_size",
+        "route_options",
+        "routing_mode",
+        "route_probs",
+        "fixed_pattern",
+        "route_seed",
+        "model_type",
+        "architectures",
+        "auto_map",
+        "transformers_version",
+        "_name_or_path",
+    }
+    fields = {k: v for k, v in config.to_dict().items() if k not in duo_only}
+    fields["intermediate_size"] = intermediate_size
+    return LlamaConfig(**fields)
+
+
+def dense_baseline_config(config: DuoLlamaConfig) -> LlamaConfig:
+    """The dense baseline of a Duo config: FFN inner size matching the Duo FFN's FLOPs at route_probs."""
+    return dense_config_like(config, dense_intermediate_size(config, config.route_probs))
+
+
+def inspect_init_source(path: str | Path, block_size: int):
+    """Read a frozen-big source's config (no weights); check it is Llama-shaped and long enough."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"init_from: {str(path)!r} has no config.json; give a folder written by save_pretrained."
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"init_from: {str(path)!r} has a config that cannot be read ({err}).") from err
+    if config.model_type not in ("llama", DuoLlamaConfig.model_type):
+        raise ValueError(
+            f"init_from: {str(path)!r} is a {config.model_type!r} model; frozen-big needs a Llama-shaped "
+            "model "
+            f"(model_type 'llama', i.e. LlamaForCausalLM, or a '{DuoLlamaConfig.model_type}' Duo model)."
+        )
+    if block_size > config.max_position_embeddings:
+        raise ValueError(
+            f"block_size {block_size} is longer than the max_position_embeddings "
+            f"{config.max_position_embeddings} "
+            f"of init_from {str(path)!r}; use --block-size <= {config.max_position_embeddings}."
+        )
+    return config
+
+
+def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
+    """The model of a run: a random-routing Duo model, a frozen-big Duo model, or the dense baseline.
+
+    From scratch, the vocabulary is the tokenizer's and the config takes its special token ids.
+    """
+    if args.mode in ("dense", "random"):
+        config = duo_config_from_args(args, len(tokenizer), **special_token_ids(tokenizer))
+        if args.mode == "dense":
+            return LlamaForCausalLM(dense_baseline_config(config))
+        return DuoLlamaForCausalLM(config)
+    source = AutoConfig.from_pretrained(args.init_from)
+    if source.model_type == "llama":
+        dense = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    else:  # a Duo model: its big path, with fresh small modules below
+        dense = DuoLlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to_dense()
+    options = ["small", "big"] + (["skip"] if args.p_skip > 0 else [])
+    model = DuoLlamaForCausalLM.from_dense(
+        dense,
+        small_intermediate_size=args.small_intermediate_size,
+        route_options=options,
+        routing_mode="random",
+        route_probs=args.route_probs(),
+        route_seed=args.seed if args.route_seed is None else args.route_seed,
+    )
+    freeze_all_but_small(model)
+    return model
+
+
+def freeze_all_but_small(model: DuoLlamaForCausalLM) -> int:
+    """Freeze every parameter except the small FFNs; return the number of trainable parameters."""
+    trainable = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(SMALL_MODULE_KEY in name)
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable
+
+
+def may_leave_a_module_unused(args: TrainArguments, chance: float = 1e-9) -> bool:
+    """Whether a step may route no token of a micro-batch to the small or the big FFN of a layer.
+
+    DDP must then search for unused parameters (``find_unused_parameters``), which costs a graph traversal
+    per step, so it is only switched on where needed: a probability of 0, or tiny batches.
+    """
+    if args.mode == "dense":
+        return False
+    tokens = args.batch_size * args.block_size
+    probs = args.route_probs()
+    return any((1.0 - probs[choice]) ** tokens > chance for choice in ("small", "big"))
+
+
+def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only (not norms, not biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2)
+    )
+
+
+def build_scheduler(optimizer, args: TrainArguments, total_steps: int, num_processes: int = 1):
+    """Warm-up then ``args.lr_scheduler``.
+
+    Accelerate steps a prepared scheduler once per process per optimizer step, so the step counts are scaled
+    by the number of processes (as in accelerate's examples).
+    """
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_route_kwargs(model, mode: str, input_ids: torch.Tensor, sampler: RouteSampler | None) -> dict:
+    """Keyword arguments that make a Duo model follow ``mode`` (random / big / small / skip) on a batch."""
+    if mode == "dense":
+        return {}
+    shape = (*input_ids.shape, model.config.num_hidden_layers)
+    if mode == "random":
+        return {"routes": sampler.sample(shape, input_ids.device)}
+    return {"routes": torch.full(shape, CHOICE_CODES[mode], dtype=torch.long, device=input_ids.device)}
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model,
+    loaders: dict[str, DataLoader],
+    accelerator: Accelerator,
+    route_modes: list[str],
+    route_seed: int = 0,
+) -> dict[str, float]:
+    """Held-out loss and perplexity of each eval set under each route mode (``dense`` for a dense model).
+
+    Random routes come from a fresh sampler seeded with ``route_seed`` at every call, so evaluations along a
+    run see the same routes and are comparable. Keys: ``eval/<set>/<mode>/loss`` and ``.../ppl``.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    is_duo = isinstance(unwrapped.config, DuoLlamaConfig)
+    modes = route_modes if is_duo else ["dense"]
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    for set_name, loader in loaders.items():
+        for mode in modes:
+            sampler = RouteSampler(unwrapped.config.route_probs, route_seed) if mode == "random" else None
+            total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            for batch in loader:
+                ids = batch["input_ids"]
+                logits = model(input_ids=ids, **eval_route_kwargs(unwrapped, mode, ids, sampler)).logits
+                losses, mask = token_losses(logits, ids)
+                sums, counts = accelerator.gather_for_metrics(
+                    (losses.sum(-1).double(), mask.sum(-1).double())
+                )
+                total += sums.sum()
+                count += counts.sum()
+            loss = (total / count.clamp_min(1)).item()
+            metrics[f"eval/{set_name}/{mode}/loss"] = loss
+            metrics[f"eval/{set_name}/{mode}/ppl"] = math.exp(min(loss, 50.0))
+    model.train(was_training)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_texts):
+    if args.tokenizer is not None:
+        return load_tokenizer(args.tokenizer)
+    if args.mode == "frozen-big":
+        if not has_tokenizer(args.init_from):
+            raise FileNotFoundError(
+                f"init_from {args.init_from!r} holds no tokenizer; pass --tokenizer with the tokenizer that "
+                "model "
+                "was trained with (a new one would not match its embeddings)."
+            )
+        return load_tokenizer(args.init_from)
+    folder = Path(args.output_dir) / "tokenizer"
+    # The main process trains and saves the tokenizer first; the others (and a resumed run) load it.
+    with accelerator.main_process_first():
+        if has_tokenizer(folder):
+            tokenizer = load_tokenizer(folder)
+            if len(tokenizer) > args.vocab_size:
+                raise ValueError(
+                    f"{folder} holds a tokenizer of {len(tokenizer)} tokens from an earlier run, more than "
+                    f"--vocab-size {args.vocab_size}; use a new --output-dir or pass --tokenizer {folder}."
+                )
+            logger.info("Using the tokenizer in %s", folder)
+        else:
+            logger.info(
+                "Training a byte-level BPE tokenizer (vocab_size %d) on %s", args.vocab_size, args.dataset
+            )
+            tokenizer = train_bpe_tokenizer(
+                iter_texts(train_texts, args.tokenizer_train_chars), args.vocab_size
+            )
+            if accelerator.is_main_process:
+                tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _check_resume_arguments(args: TrainArguments, checkpoint: Path) -> None:
+    saved = json.loads((checkpoint / "train_state.json").read_text()).get("args", {})
+    current = dataclasses.asdict(args)
+    changed = sorted(
+        k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]
+    )
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(
+            f"resume_from {str(checkpoint)!r}: these arguments differ from the checkpointed run ({detail}); "
+            "resume "
+            "with the same arguments, or start a new run."
+        )
+
+
+def _make_train_loader(blocks, args: TrainArguments) -> DataLoader:
+    if hasattr(blocks, "__len__"):
+        sampler = EpochSampler(len(blocks), seed=args.seed)
+        return DataLoader(blocks, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    shuffled = blocks.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
+    return DataLoader(shuffled, batch_size=args.batch_size, drop_last=True)
+
+
+def _tracker_config(args: TrainArguments, extra: dict) -> dict:
+    values = {**dataclasses.asdict(args), **extra}
+    return {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in values.items()}
+
+
+def _reset_accelerate_state() -> None:
+    # Accelerate keeps process-wide singletons; a later run in the same process (tests, the study) may use
+    # other settings (precision, accumulation), so the run leaves them clean. The process group stays up.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def train(
+    args: TrainArguments, step_callback: Callable[[TrainState, dict], None] | None = None
+) -> TrainResult:
+    """Run stage 1 training (or a frozen-big / dense baseline run) as ``args`` say; see `TrainArguments`.
+
+    Every check on the inputs runs before any training time is spent. ``step_callback(state, metrics)`` is
+    called after each optimizer step (and its logging, evaluation and checkpoint) on every process.
+    """
+    args.validate()
+    output_dir = Path(args.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
+    if resume_dir is not None:
+        _check_resume_arguments(args, resume_dir)
+    if args.mode == "frozen-big":
+        source_config = inspect_init_source(args.init_from, args.block_size)
+
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=may_leave_a_module_unused(args))
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        kwargs_handlers=[ddp],
+        log_with=make_trackers(args.report_to, args.run_name, project.logging_dir) or None,
+        project_config=project,
+    )
+    bars_were_on = datasets.is_progress_bar_enabled()
+    if not args.progress:
+        datasets.disable_progress_bars()
+    try:
+        return _train(
+            args,
+            accelerator,
+            resume_dir,
+            checkpoints_dir,
+            step_callback,
+            source_config if args.mode == "frozen-big" else None,
+        )
+    finally:
+        accelerator.end_training()
+        _reset_accelerate_state()
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config) -> TrainResult:
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if resume_dir is None and args.resume_from == "latest" and accelerator.is_main_process:
+        logger.warning(
+            "resume_from='latest': no checkpoint in %s yet; starting from step 0.", checkpoints_dir
+        )
+    set_seed(args.seed)
+
+    # Corpora, then the tokenizer, then blocks: each step checks its input before the next costs anything.
+    corpus_kwargs = {
+        "text_column": args.text_column,
+        "sample_by": args.sample_by,
+        "builtin_max_chars": args.builtin_max_chars,
+        "cache_dir": args.cache_dir,
+    }
+    train_texts = load_corpus(args.dataset, "train", streaming=args.streaming, **corpus_kwargs)
+    holdout_texts = {}
+    for name in HOLDOUTS:
+        spec = getattr(args, f"holdout_{name}")
+        texts = load_corpus(spec, f"holdout_{name}", **corpus_kwargs)
+        if texts is not None:
+            holdout_texts[name] = texts
+    tokenizer = _prepare_tokenizer(args, accelerator, train_texts)
+    if source_config is not None:
+        check_tokenizer_fits(tokenizer, source_config.vocab_size, f"init_from {args.init_from!r}")
+    vocab_size = len(tokenizer)
+
+    train_blocks = pack_corpus(train_texts, tokenizer, args.block_size, f"dataset {args.dataset!r}")
+    eval_loaders = {}
+    eval_batch = args.eval_batch_size or args.batch_size
+    for name, texts in holdout_texts.items():
+        blocks = pack_corpus(
+            texts, tokenizer, args.block_size, f"holdout_{name}", max_blocks=args.eval_blocks
+        )
+        eval_loaders[name] = DataLoader(blocks, batch_size=eval_batch)
+
+    set_seed(args.seed)  # the weights depend on the seed only, not on what the data steps drew
+    model = build_model(args, tokenizer)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    is_duo = isinstance(model, DuoLlamaForCausalLM)
+    if is_duo and accelerator.num_processes > 1:
+        # Each process draws its own routes (same config seed, offset by the process index).
+        config = model.config
+        model.model.route_sampler = RouteSampler(
+            config.route_probs, config.route_seed + accelerator.process_index
+        )
+
+    train_loader = _make_train_loader(train_blocks, args)
+    optimizer = build_optimizer(model, args)
+    if args.max_steps is not None:
+        total_steps = args.max_steps
+    else:
+        batches = len(train_loader) // accelerator.num_processes
+        total_steps = args.num_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+        if total_steps == 0:
+            raise ValueError(
+                f"dataset {args.dataset!r} has {len(train_blocks)} blocks, fewer than one batch of "
+                f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or add data."
+            )
+    scheduler = build_scheduler(optimizer, args, total_steps, accelerator.num_processes)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
+
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if is_duo:
+        unwrapped = accelerator.unwrap_model(model)
+        accelerator.register_for_checkpointing(
+            RouteSamplerState(lambda: unwrapped.model.route_sampler, accelerator)
+        )
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        accelerator.print(f"Resumed from {resume_dir} at step {state.global_step}")
+
+    unwrapped_config = accelerator.unwrap_model(model).config
+    flops = flops_per_token(unwrapped_config, None if is_duo else {BIG: 1.0}, seq_len=args.block_size)
+    accelerator.init_trackers(
+        args.run_name,
+        config=_tracker_config(
+            args,
+            {
+                "vocab_size_model": vocab_size,
+                "total_steps": total_steps,
+                "forward_flops_per_token": flops.total,
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            },
+        ),
+    )
+    route_modes = args.eval_route_list()
+    eval_seed = unwrapped_config.route_seed if is_duo else 0
+    tokens_per_micro_batch = args.batch_size * args.block_size * accelerator.num_processes
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses: dict[int, float] = {}
+    eval_metrics: dict[str, float] = {}
+
+    progress = tqdm(
+        total=total_steps,
+        initial=state.global_step,
+        desc="train",
+        disable=not (args.progress and accelerator.is_local_main_process),
+    )
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_batches = 0
+    log_losses: list[float] = []
+    log_tokens, log_time = 0, time.perf_counter()
+    model.train()
+    while state.global_step < total_steps:
+        train_loader.set_epoch(state.epoch)
+        batches = (
+            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            if state.batches_in_epoch
+            else train_loader
+        )
+        for batch in batches:
+            with accelerator.accumulate(model):
+                ids = batch["input_ids"]
+                loss = model(input_ids=ids, labels=ids).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            window_loss += loss.detach().float()
+            window_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            state.global_step += 1
+            step_tokens = tokens_per_micro_batch * window_batches
+            state.tokens_seen += step_tokens
+            step_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
+            window_loss.zero_()
+            window_batches = 0
+            losses[state.global_step] = step_loss
+            log_losses.append(step_loss)
+            log_tokens += step_tokens
+            elapsed = time.perf_counter() - log_time
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{log_tokens / max(elapsed, 1e-9):,.0f}")
+
+            metrics: dict[str, float] = {}
+            last = state.global_step >= total_steps
+            if state.global_step % args.log_every == 0 or last:
+                metrics.update(
+                    {
+                        "train/loss": sum(log_losses) / len(log_losses),
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/tokens_per_second": log_tokens / max(elapsed, 1e-9),
+                        "train/tokens": state.tokens_seen,
+                        "train/epoch": state.epoch,
+                    }
+                )
+                log_losses, log_tokens, log_time = [], 0, time.perf_counter()
+            if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
+                eval_metrics = evaluate_perplexity(model, eval_loaders, accelerator, route_modes, eval_seed)
+                metrics.update(eval_metrics)
+                log_time = time.perf_counter()  # evaluation time is not training throughput
+            if metrics:
+                accelerator.log(metrics, step=state.global_step)
+            if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+                save_checkpoint(
+                    accelerator,
+                    checkpoints_dir,
+                    state.global_step,
+                    {**state.state_dict(), "args": dataclasses.asdict(args)},
+                    args.checkpoints_to_keep,
+                )
+                log_time = time.perf_counter()
+            if step_callback is not None:
+                step_callback(state, {"train/step_loss": step_loss, **metrics})
+            if last:
+                break
+        else:  # the epoch ran out
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            continue
+        break
+    progress.close()
+
+    _save_final(args, accelerator, model, tokenizer, state, eval_metrics)
+    return TrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, eval_metrics)
+
+
+def _save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict) -> None:
+    """``save_pretrained`` the model and tokenizer into ``output_dir``, plus the arguments and metrics."""
+    output_dir = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(
+        output_dir,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        results = {"global_step": state.global_step, "tokens_seen": state.tokens_seen, **eval_metrics}
+        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()

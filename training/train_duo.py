@@ -1,0 +1,21 @@
+"""Stage 1 training of a Duo-LLM model (random routing), a frozen-big model, or the dense baseline.
+
+    accelerate launch --config_file training/configs/cpu.yaml training/train_duo.py --output-dir runs/duo
+    python training/train_duo.py --output-dir runs/duo --max-steps 200        # one process, no launcher
+
+All flags: ``python training/train_duo.py --help``. The work is done by `duo_llm_hf.training`.
+"""
+
+from duo_llm_hf.training import parse_train_args, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    result = train(parse_train_args(argv))
+    print(
+        f"Saved the model to {result.output_dir} after {result.global_step} steps "
+        f"({result.tokens_seen:,} tokens)."
+    )
+
+
+if __name__ == "__main__":
+    main()
