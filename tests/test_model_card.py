@@ -7,6 +7,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
+from duo_llm_hf.cli import main as cli_main
 from duo_llm_hf.model_card import NOT_EVALUATED, build_model_card, main, write_model_card
 
 LM_EVAL_OUTPUT = {  # the layout lm-evaluation-harness 0.4 writes
@@ -121,6 +122,40 @@ def test_card_reads_run_files_and_json_paths(model_dir, tmp_path):
     assert ModelCard.load(path).data.datasets == ["tiny_corpus"]
 
 
+def test_oracle_summary_layout(model_dir):
+    summary = {  # the layout of eval/oracle_study.py's oracle_summary.json
+        "model": "runs/duo",
+        "tokens_evaluated": 4096,
+        "uniform_perplexity": {"small_all": 41.2, "big_all": 30.5},
+        "budgets": {
+            "big=1": {"patterns": 12, "perplexity": {"oracle": 22.1, "fixed": 35.0}, "fixed_pattern": "sssBssss"},
+            "big=2": {"patterns": 66, "perplexity": {"oracle": 19.4, "fixed": 33.2}, "fixed_pattern": "ssBsssBs"},
+        },
+        "_space": {"kind": "classes"},
+    }
+    oracle = sections(build_model_card(model_dir, {"oracle": summary}))["Oracle routes (stage 2)"]
+    assert "| tokens_evaluated | 4096 |" in oracle and "| big_all | 30.5 |" in oracle
+    assert "|  | patterns | perplexity oracle | perplexity fixed | fixed_pattern |" in oracle
+    assert "| big=2 | 66 | 19.4 | 33.2 | ssBsssBs |" in oracle
+    assert "_space" not in oracle
+
+
+def test_router_run_folder(model_dir, tmp_path):
+    run = tmp_path / "router-run"
+    run.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "README.md":
+            (run / f.name).write_bytes(f.read_bytes())
+    (run / "train_results.json").write_text(json.dumps({"global_step": 300}))
+    (run / "router_report.json").write_text(json.dumps({"realised_big": 0.31, "ppl": 27.2}))
+    stage1 = tmp_path / "stage1_results.json"
+    stage1.write_text(json.dumps({"global_step": 9000, "eval_ppl": 24.0}))
+    parts = sections(build_model_card(run, {"training": {"stage1": stage1}}))
+    assert "| global_step | 300 |" in parts["Stage 3: learned router"]
+    assert "| global_step | 9000 |" in parts["Stage 1: Duo model with random routing"]
+    assert "| realised_big | 0.31 |" in parts["Learned router (stage 3)"]
+
+
 def test_command_line(model_dir, tmp_path, capsys):
     figures = tmp_path / "figures.json"
     figures.write_text(json.dumps({"oracle": {"oracle_ppl": 17.5}}))
@@ -128,6 +163,12 @@ def test_command_line(model_dir, tmp_path, capsys):
     assert str(path) in capsys.readouterr().out
     text = path.read_text()
     assert text.splitlines()[0] == "---" and "# Duo tiny" in text and "| oracle_ppl | 17.5 |" in text
+    # The same through the duo-llm command.
+    path.unlink()
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"realised_big": 0.27}))
+    assert cli_main(["card", str(model_dir), "--metrics", f"router={report}"]) == 0
+    assert "| realised_big | 0.27 |" in sections(path.read_text())["Learned router (stage 3)"]
 
 
 def test_bad_inputs_give_clear_errors(model_dir, tmp_path):

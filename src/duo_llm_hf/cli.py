@@ -53,6 +53,11 @@ COMMANDS: dict[str, Command] = {
         "Benchmarks with lm-evaluation-harness (--model duo, any routing mode; the harness's own flags).",
         "lm_eval --model duo (through duo-lm-eval)",
     ),
+    "card": Command(
+        "duo_llm_hf.model_card:main",
+        "Write the Hub model card (README.md) of a saved checkpoint, filled in with the run's figures.",
+        "python -m duo_llm_hf.model_card",
+    ),
 }
 
 

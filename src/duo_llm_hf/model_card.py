@@ -3,10 +3,13 @@
 `write_model_card(model_dir, metrics)` reads the saved model folder (``config.json``, the safetensors headers
 for parameter counts, and the run files the training script leaves there: ``train_results.json``,
 ``training_args.json``) plus the figures given in ``metrics``, and writes ``README.md`` (the Hub's model card)
-into the folder. A section with no figures says **Not evaluated**; no number is ever made up.
+into the folder (``train_results.json`` and ``training_args.json`` count as router training, stage 3, when
+``router_report.json`` lies next to them, as router training leaves it). A section with no figures says
+**Not evaluated**; no number is ever made up.
 
 ``metrics`` is a dict, one JSON path, or a list of JSON paths. As a dict its keys are the card's sections,
-each holding figures or the path of a JSON file with them:
+each holding figures or the path of a JSON file with them (at any depth: ``{"training": {"stage1":
+"runs/duo/train_results.json"}}``):
 
 - ``training``: ``{stage: figures}``; stages ``stage1`` (random routing) and ``router`` (stage 3) get the
   paper's description, other names are shown as they are.
@@ -45,16 +48,16 @@ NOT_EVALUATED = "**Not evaluated**"
 CARD_TAGS = ("duo-llm", "routed-ffn", "adaptive-computation", "custom_code")
 SECTIONS = ("training", "oracle", "router", "lm_eval")
 CARD_FIELDS = ("model_name", "repo_id", "datasets", "base_model", "license", "language", "limitations")
-# Run files found in the model folder, and where their figures go: (section, stage, part).
+# Run files found in the model folder, and where their figures go: (section, stage, part). The training files
+# belong to the stage that wrote the folder: router training (stage 3) when it left its report there, else stage 1.
 RUN_FILES = {
     "train_results.json": ("training", "stage1", "results"),
     "training_args.json": ("training", "stage1", "hyperparameters"),
-    "router_results.json": ("training", "router", "results"),
-    "router_args.json": ("training", "router", "hyperparameters"),
     "oracle_summary.json": ("oracle", None, None),
     "router_report.json": ("router", None, None),
     "lm_eval_results.json": ("lm_eval", None, None),
 }
+ROUTER_REPORT_FILE = "router_report.json"
 STAGES = {
     "stage1": (
         "Stage 1: Duo model with random routing",
@@ -167,12 +170,14 @@ def read_config(model_dir: Path) -> dict:
 def collect_figures(model_dir: Path, metrics=None) -> dict:
     """The run's figures: the run files in ``model_dir`` first, then ``metrics`` (which wins on conflicts)."""
     figures: dict = {}
+    router_run = (Path(model_dir) / ROUTER_REPORT_FILE).is_file()
     for filename, (section, stage, part) in RUN_FILES.items():
         path = Path(model_dir) / filename
         if not path.is_file():
             continue
         data = _load_json(path)
         if section == "training":
+            stage = "router" if router_run else stage
             figures.setdefault("training", {}).setdefault(stage, {})[part] = _scalars(data)
             if part == "hyperparameters" and isinstance(data, Mapping) and data.get("dataset"):
                 figures.setdefault("datasets", _as_list(data["dataset"]))
@@ -187,12 +192,7 @@ def load_metrics(metrics) -> dict:
     if metrics is None:
         return {}
     if isinstance(metrics, Mapping):
-        out = {}
-        for key, value in metrics.items():
-            if isinstance(value, (str, os.PathLike)) and str(value).endswith(".json"):
-                value = _load_json(Path(value))
-            out[key] = value
-        return out
+        return _load_paths(metrics)
     paths = [metrics] if isinstance(metrics, (str, os.PathLike)) else list(metrics)
     out: dict = {}
     for item in paths:
@@ -201,6 +201,15 @@ def load_metrics(metrics) -> dict:
         data = _load_json(path)
         _deep_update(out, {section: data} if section else _classify(path, data))
     return out
+
+
+def _load_paths(value: Any) -> Any:
+    """``value`` with every ``*.json`` path in it (at any depth of dicts) replaced by the file's content."""
+    if isinstance(value, (str, os.PathLike)) and str(value).endswith(".json"):
+        return _load_json(Path(value))
+    if isinstance(value, Mapping):
+        return {key: _load_paths(item) for key, item in value.items()}
+    return value
 
 
 def _classify(path: Path, data: Any) -> dict:
@@ -355,13 +364,20 @@ def _render(value: Any, depth: int) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, Mapping):
+        # Keys with a leading underscore are bookkeeping (e.g. the oracle summary's "_space"), not figures.
+        value = {k: v for k, v in value.items() if not str(k).startswith("_")}
         scalars = {k: v for k, v in value.items() if not isinstance(v, (Mapping, list))}
         nested = {k: v for k, v in value.items() if isinstance(v, (Mapping, list))}
+        if nested and all(isinstance(v, Mapping) for v in nested.values()):
+            flat = {k: _flatten_row(v) for k, v in nested.items()}
+            if _same_columns(flat.values()):  # e.g. the oracle's budgets: one row each, perplexity per method
+                nested = flat
         parts = []
         if scalars:
             parts.append(_table(["figure", "value"], [[k, _fmt(v)] for k, v in scalars.items()]))
-        if not scalars and _same_columns(nested.values()):
-            return _rows_table("", nested)  # e.g. one row per budget, one column per figure
+        if _same_columns(nested.values()):  # e.g. one row per budget, one column per figure
+            parts.append(_rows_table("", nested))
+            return "\n\n".join(parts)
         for key, sub in nested.items():
             if isinstance(sub, list) and not any(isinstance(x, (Mapping, list)) for x in sub):
                 parts.append(f"**{key}**: {', '.join(_fmt(x) for x in sub)}")
@@ -395,10 +411,27 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _flatten_row(row: Mapping) -> Mapping:
+    """A row whose values include dicts of scalars, flattened to ``"outer inner"`` columns (else as it is)."""
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, Mapping) and not _has_nested(value):
+            flat.update({f"{key} {inner}": item for inner, item in value.items()})
+        elif isinstance(value, (Mapping, list)):
+            return row
+        else:
+            flat[key] = value
+    return flat
+
+
+def _has_nested(row: Mapping) -> bool:
+    return any(isinstance(v, (Mapping, list)) for v in row.values())
+
+
 def _same_columns(rows: Iterable[Any]) -> bool:
     """Whether flat dicts share most of their keys, so that they read best as the rows of one table."""
     rows = list(rows)
-    if not rows or not all(isinstance(r, Mapping) and r for r in rows):
+    if len(rows) < 2 or not all(isinstance(r, Mapping) and r for r in rows):
         return False
     if any(isinstance(v, (Mapping, list)) for r in rows for v in r.values()):
         return False
