@@ -286,6 +286,7 @@ def run(args) -> dict:
                 "wall_s": case.wall_s[phase],
                 "cpu_s": case.cpu_s[phase],
                 "median_wall_s": statistics.median(case.wall_s[phase]),
+                "median_cpu_s": statistics.median(case.cpu_s[phase]),
                 "ffn_flop_fraction": ffn / base_ffn,
                 "flop_fraction": flops / base_flops,
                 "predicted_saving": predicted_saving,
@@ -301,12 +302,29 @@ def run(args) -> dict:
                 )
         rows.append(row)
     return {
+        "fast_vs_reference": fast_vs_reference(cases),
         "machine": machine(),
         "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "config": {k: getattr(args, k) for k in vars(args) if k != "json"},
         "learned_note": learned_note,
         "rows": rows,
     }
+
+
+def fast_vs_reference(cases: list[Case]) -> list[dict]:
+    """Time of the fast dispatch over the reference one, per case and phase (median of per-repeat ratios)."""
+    out = []
+    for fast in (c for c in cases if c.dispatch == "fast"):
+        reference = next((c for c in cases if c.dispatch == "reference" and c.name == fast.name), None)
+        if reference is None:
+            continue
+        row = {"case": fast.name}
+        for phase in fast.routes:
+            for clock in ("wall", "cpu"):
+                pairs = zip(getattr(fast, f"{clock}_s")[phase], getattr(reference, f"{clock}_s")[phase])
+                row[f"{phase}_{clock}"] = statistics.median(f / r for f, r in pairs)
+        out.append(row)
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -320,20 +338,32 @@ def markdown(result: dict) -> str:
         lines += [
             f"**{phase}** (fractions and savings against all-big; saving = 1 - fraction)",
             "",
-            "| case | dispatch | BIG share | median wall s | FFN FLOP fraction | FLOP fraction "
+            "| case | dispatch | BIG share | median wall s | median CPU s | FFN FLOP fraction | FLOP fraction "
             "| wall fraction | CPU fraction | predicted saving | measured saving (wall) "
             "| measured / predicted (wall) | measured / predicted (CPU) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             p = r[phase]
             ratios = [_ratio(p["wall_saving_ratio"]), _ratio(p["cpu_saving_ratio"])]
             lines.append(
                 f"| {r['case']} | {r['dispatch']} | {p['big_fraction']:.2f} | {p['median_wall_s']:.3f} "
+                f"| {p['median_cpu_s']:.3f} "
                 f"| {p['ffn_flop_fraction']:.3f} | {p['flop_fraction']:.3f} | {p['wall_fraction']:.3f} "
                 f"| {p['cpu_fraction']:.3f} | {p['predicted_saving']:.3f} | {p['wall_saving']:.3f} "
                 f"| {ratios[0]} | {ratios[1]} |"
             )
+        lines.append("")
+    if result["fast_vs_reference"]:
+        keys = [k for k in result["fast_vs_reference"][0] if k != "case"]
+        lines += [
+            "**fast / reference** (time of the fast dispatch over the reference dispatch, same routes)",
+            "",
+            "| case | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for row in result["fast_vs_reference"]:
+            lines.append(f"| {row['case']} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)
 
