@@ -140,19 +140,26 @@ def test_generate_equal(routing):
     torch.testing.assert_close(fast_logits, ref_logits, **TIGHT)
 
 
-def test_learned_routing_equal_when_available():
+def test_learned_routing_equal():
     model = tiny_model()
-    try:
-        model.set_routing("learned")
-    except ValueError as err:
-        pytest.skip(f"learned routing is not in this package yet: {err}")
-    if getattr(model.model.layers[0].mlp, "router", None) is None:
-        pytest.skip("learned routing is not in this package yet: DuoFFN has no router")
+    model.set_routing("learned")  # adds (untrained) routers; evaluation mode runs each token's argmax only
     prompt = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
         reference, fast = run_both(model, lambda m: m(prompt))
     assert torch.equal(fast.routes, reference.routes)
+    assert all(fast.routes[..., layer].unique().numel() > 1 for layer in range(N_LAYERS))  # mixed layers
     torch.testing.assert_close(fast.logits, reference.logits, **TIGHT)
+
+
+def test_oracle_routing_equal():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        reference, fast = run_both(model, lambda m: m(ids, labels=ids, routing="oracle", budget=1))
+    assert torch.equal(fast.routes, reference.routes)
+    assert fast.routes.unique().numel() > 1  # tokens took different patterns: the dispatch had work to do
+    torch.testing.assert_close(fast.logits, reference.logits, **TIGHT)
+    torch.testing.assert_close(fast.token_losses, reference.token_losses, **TIGHT)
 
 
 def test_gradients_equal():
