@@ -58,6 +58,11 @@ COMMANDS: dict[str, Command] = {
         "The main job: the paper's study end to end (train, oracle, routers, token difficulty) with a report.",
         "duo-llm study --out DIR",
     ),
+    "card": Command(
+        "duo_llm_hf.model_card:main",
+        "Write the Hub model card (README.md) of a saved checkpoint, filled in with the run's figures.",
+        "python -m duo_llm_hf.model_card",
+    ),
 }
 
 
