@@ -17,10 +17,11 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, OPTConfig, OPTForCausalLM
 
-from duo_llm_hf import BIG, DuoOPTForCausalLM
-from duo_llm_hf.finetuning import AttentionLoRA, FinetuneArguments, finetune, parse_finetune_args
+from duo_llm_hf import BIG, DuoOPTForCausalLM, finetuning
+from duo_llm_hf.cli import COMMANDS
+from duo_llm_hf.finetuning import AttentionLoRA, FinetuneArguments, estimate_memory, finetune, parse_finetune_args
 from duo_llm_hf.tokenization import train_bpe_tokenizer
-from duo_llm_hf.training import build_model
+from duo_llm_hf.training import build_model, freeze_all_but_small
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
@@ -303,3 +304,42 @@ def test_script_and_parser(tmp_path, source):
         ]
     )
     assert type(AutoModelForCausalLM.from_pretrained(out)) is DuoOPTForCausalLM
+    assert COMMANDS["finetune"].load() is finetuning.main  # duo-llm finetune runs the same function
+
+
+def test_memory_estimate_counts_the_parameters_of_the_run(source):
+    folder, opt, _ = source
+    duo = DuoOPTForCausalLM.from_dense(opt)
+    estimate = estimate_memory(opt.config)
+    assert estimate.total_parameters == sum(p.numel() for p in duo.parameters())
+    assert estimate.small_parameters == sum(p.numel() for n, p in duo.named_parameters() if ".mlp.small." in n)
+    assert estimate.lora_parameters == 0
+    assert estimate.static_bytes == 4 * estimate.total_parameters + 12 * estimate.small_parameters
+
+    with_lora = estimate_memory(opt.config, lora_r=2)
+    freeze_all_but_small(duo)  # as the run freezes the model before the adapters are added
+    adapted = AttentionLoRA(r=2).add(duo)
+    assert with_lora.trainable_parameters == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert with_lora.lora_parameters == sum(p.numel() for n, p in adapted.named_parameters() if ".lora_" in n) > 0
+
+
+def test_lora_defaults_to_the_attention_of_llama_family_models_too():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from duo_llm_hf import DuoLlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    duo = DuoLlamaForCausalLM.from_dense(LlamaForCausalLM(config))
+    freeze_all_but_small(duo)
+    adapted = AttentionLoRA(r=2).add(duo)
+    adapted_names = {n.split(".")[-4] for n, _ in adapted.named_parameters() if ".lora_A." in n}
+    assert adapted_names == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    lora = sum(p.numel() for n, p in adapted.named_parameters() if ".lora_" in n)
+    assert estimate_memory(config, lora_r=2).lora_parameters == lora

@@ -11,16 +11,7 @@ All flags: ``python training/finetune_duo_opt.py --help``. The work is done by `
 are trained on the result with ``training/train_router.py``.
 """
 
-from duo_llm_hf.finetuning import finetune, parse_finetune_args
-
-
-def main(argv: list[str] | None = None) -> None:
-    result = finetune(parse_finetune_args(argv))
-    print(
-        f"Saved the finetuned Duo model to {result.output_dir} after {result.global_step} steps "
-        f"({result.tokens_seen:,} tokens)."
-    )
-
+from duo_llm_hf.finetuning import main
 
 if __name__ == "__main__":
     main()

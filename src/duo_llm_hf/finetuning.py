@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpointing import TrainState
+from .configuration_duo_llama import DuoLlamaConfig
+from .configuration_duo_opt import DuoOPTConfig
 from .training import ModelHooks, TrainArguments, TrainResult, train
 
 # The attention projections that LoRA adapts by default, by Duo model_type.
 ATTENTION_PROJECTIONS = {
-    "duo_opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
-    "duo_llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    DuoOPTConfig.model_type: ("q_proj", "k_proj", "v_proj", "out_proj"),
+    DuoLlamaConfig.model_type: ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 
 
@@ -173,6 +175,65 @@ class AttentionLoRA:
         return ModelHooks(adapt=self.add, export=self.merge)
 
 
+@dataclass
+class MemoryEstimate:
+    """Parameter counts of a finetuning run and the memory they take, in bytes (activations not included).
+
+    Weights are held in fp32 (the run loads the checkpoint in fp32; ``--mixed-precision bf16`` autocasts the
+    matmuls); each trainable parameter (small FFNs, LoRA) also has an fp32 gradient and two fp32 AdamW moments.
+    """
+
+    total_parameters: int
+    small_parameters: int
+    lora_parameters: int
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def trainable_parameters(self) -> int:
+        return self.small_parameters + self.lora_parameters
+
+    @property
+    def static_bytes(self) -> int:
+        """Weights + gradients + optimizer states: what the run holds before any activation."""
+        return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+
+
+def estimate_memory(
+    config,
+    lora_r: int | None = None,
+    lora_target_modules: Sequence[str] | None = None,
+    small_intermediate_size: int | None = None,
+) -> MemoryEstimate:
+    """Count the parameters of the Duo model a finetuning run makes from ``config`` (a dense or Duo config of a
+    supported architecture), and the memory of its weights, gradients and AdamW states.
+
+    The model is built on the meta device: no weights are allocated or downloaded. ``lora_r`` None: no LoRA.
+    ``total_parameters`` counts the Duo model without the adapters.
+    """
+    from .duo_modeling_utils import dense_config_fields
+    from .training import FROZEN_BIG_SOURCES
+
+    if config.model_type not in FROZEN_BIG_SOURCES:
+        raise ValueError(f"estimate_memory: {config.model_type!r} is not one of {sorted(FROZEN_BIG_SOURCES)}.")
+    duo_class = FROZEN_BIG_SOURCES[config.model_type]
+    duo_config = duo_class.config_class(**dense_config_fields(config), small_intermediate_size=small_intermediate_size)
+    with torch.device("meta"):
+        duo = duo_class(duo_config)
+    named = dict(duo.named_parameters())  # tied weights once
+    total = sum(p.numel() for p in named.values())
+    small = sum(p.numel() for name, p in named.items() if ".mlp.small." in name)
+    lora = 0
+    if lora_r is not None:
+        targets = AttentionLoRA(lora_r, target_modules=lora_target_modules).targets(duo)
+        for name, module in duo.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                lora += lora_r * (module.in_features + module.out_features)
+    trainable = small + lora
+    return MemoryEstimate(total, small, lora, 4 * (total + lora), 4 * trainable, 8 * trainable)
+
+
 def finetune(args: FinetuneArguments, step_callback: Callable[[TrainState, dict], None] | None = None) -> TrainResult:
     """Run the Appendix A finetuning: ``args.init_from`` as a Duo model, frozen, small FFNs (and LoRA) trained.
 
@@ -204,11 +265,23 @@ def parse_finetune_args(argv: list[str] | None = None) -> FinetuneArguments:
     return args
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``training/finetune_duo_opt.py`` and ``duo-llm finetune``: parse the flags, run, say where the model is."""
+    result = finetune(parse_finetune_args(argv))
+    print(
+        f"Saved the finetuned Duo model to {result.output_dir} after {result.global_step} steps "
+        f"({result.tokens_seen:,} tokens)."
+    )
+
+
 __all__ = [
     "ATTENTION_PROJECTIONS",
     "AttentionLoRA",
     "FinetuneArguments",
+    "MemoryEstimate",
     "build_finetune_parser",
+    "estimate_memory",
     "finetune",
+    "main",
     "parse_finetune_args",
 ]
