@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, OPTCon
 from duo_llm_hf import BIG, DuoOPTForCausalLM, finetuning
 from duo_llm_hf.cli import COMMANDS
 from duo_llm_hf.finetuning import AttentionLoRA, FinetuneArguments, estimate_memory, finetune, parse_finetune_args
+from duo_llm_hf.oracle import pattern_losses
+from duo_llm_hf.route_spaces import RouteSpace
 from duo_llm_hf.tokenization import train_bpe_tokenizer
 from duo_llm_hf.training import build_model, freeze_all_but_small
 
@@ -191,12 +193,20 @@ def test_lora_run_resumes_exactly(tmp_path, source):
         finetune(tiny_args(tmp_path, folder, "crashed", resume_from="latest", **{**common, "lora_r": 4}))
 
 
-def test_finetuned_model_loads_with_trust_remote_code(tmp_path, source):
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, source):
+    """The output folder of a short LoRA finetuning run that also trained the skip route (p_skip > 0)."""
     folder, _, _ = source
-    args = tiny_args(tmp_path, folder, max_steps=1, lora=True, lora_r=2)
+    args = tiny_args(
+        tmp_path_factory.mktemp("finetuned"), folder, max_steps=2, lora=True, lora_r=2, p_big=0.4, p_skip=0.2
+    )
     finetune(args)
+    return args.output_dir
+
+
+def test_finetuned_model_loads_with_trust_remote_code(tmp_path, finetuned):
     ids, routes = ids_and_routes()
-    model = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(finetuned).eval()
     with torch.no_grad():
         expected = model(ids, routes=routes).logits
     torch.save({"ids": ids, "routes": routes}, tmp_path / "inputs.pt")
@@ -206,10 +216,10 @@ def test_finetuned_model_loads_with_trust_remote_code(tmp_path, source):
         sys.modules["duo_llm_hf"] = None  # the installed package must not be used
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained({args.output_dir!r}, trust_remote_code=True).eval()
+        model = AutoModelForCausalLM.from_pretrained({finetuned!r}, trust_remote_code=True).eval()
         assert type(model).__name__ == "DuoOPTForCausalLM", type(model)
         assert not type(model).__module__.startswith("duo_llm_hf"), type(model).__module__
-        tokenizer = AutoTokenizer.from_pretrained({args.output_dir!r})
+        tokenizer = AutoTokenizer.from_pretrained({finetuned!r})
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         with torch.no_grad():
             logits = model(inputs["ids"], routes=inputs["routes"]).logits
@@ -224,6 +234,22 @@ def test_finetuned_model_loads_with_trust_remote_code(tmp_path, source):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+
+
+def test_oracle_prefix_tree_equals_naive_forwards_on_the_finetuned_model(finetuned):
+    model = AutoModelForCausalLM.from_pretrained(finetuned).eval()
+    assert model.config.route_options == ["small", "big", "skip"]
+    space = RouteSpace.from_config(model.config, ["all"])
+    assert space.size == 3**LAYERS
+    ids, _ = ids_and_routes()
+    labels = ids.clone()
+    labels[0, 5] = -100  # a position without a target
+    patterns, table = pattern_losses(model, ids, space, labels=labels, chunk_tokens=10)
+    with torch.no_grad():
+        naive = torch.stack([model(ids, labels=labels, routes=p.expand(*ids.shape, -1)).token_losses for p in patterns])
+        assert torch.allclose(table, naive, rtol=0, atol=1e-6)
+        oracle = model(ids, labels=labels, routing="oracle")
+    assert torch.equal(oracle.token_losses, table.amin(0))
 
 
 def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source):
