@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from accelerate.utils import set_seed
@@ -285,52 +287,32 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source):
         assert not (Path(args.output_dir) / "model.safetensors").exists(), overrides
 
 
-def test_script_and_parser(tmp_path, source):
+def test_script_and_parser(tmp_path, source, monkeypatch, capsys):
     folder, _, _ = source
     args = parse_finetune_args(
         ["--output-dir", "x", "--model-name-or-path", "facebook/opt-1.3b", "--lora", "--lora-r", "8", "--p-big", "0.3"]
     )
-    assert (args.init_from, args.mode, args.lora, args.lora_r, args.p_big) == (
-        "facebook/opt-1.3b",
-        "frozen-big",
-        True,
-        8,
-        0.3,
-    )
+    assert (args.init_from, args.mode, args.lora, args.lora_r) == ("facebook/opt-1.3b", "frozen-big", True, 8)
+    assert args.p_big == 0.3
     with pytest.raises(ValueError, match="--hidden-size"):  # the checkpoint gives the shape: no from-scratch flags
         parse_finetune_args(["--output-dir", "x", "--init-from", folder, "--hidden-size", "64"])
-    out = tmp_path / "cli"
-    main = runpy.run_path(str(ROOT / "training" / "finetune_duo_opt.py"))["main"]
-    main(
-        [
-            "--init-from",
-            folder,
-            "--output-dir",
-            str(out),
-            "--builtin-max-chars",
-            "2000",
-            "--block-size",
-            "16",
-            "--batch-size",
-            "2",
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "0",
-            "--eval-blocks",
-            "1",
-            "--report-to",
-            "none",
-            "--no-progress",
-            "--lora",
-            "--lora-r",
-            "2",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
-    )
-    assert type(AutoModelForCausalLM.from_pretrained(out)) is DuoOPTForCausalLM
     assert COMMANDS["finetune"].load() is finetuning.main  # duo-llm finetune runs the same function
+
+    # The script, given a Hub name: the tiny OPT sits in a Hub cache and is read offline, as a download is.
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-opt" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "cli"
+    argv = f"--init-from tiny-org/tiny-opt --output-dir {out} --builtin-max-chars 2000 --block-size 16 --batch-size 2 "
+    argv += "--max-steps 2 --eval-every 0 --eval-blocks 1 --report-to none --no-progress --lora --lora-r 2 "
+    argv += f"--cache-dir {tmp_path / 'cache'}"
+    main = runpy.run_path(str(ROOT / "training" / "finetune_duo_opt.py"))["main"]
+    main(argv.split())
+    assert f"Saved the finetuned Duo model to {out} after 2 steps" in capsys.readouterr().out
+    assert type(AutoModelForCausalLM.from_pretrained(out)) is DuoOPTForCausalLM
 
 
 def test_memory_estimate_counts_the_parameters_of_the_run(source):
