@@ -48,6 +48,11 @@ COMMANDS: dict[str, Command] = {
         "Stage 1: train a Duo model (random routing), a frozen-big model or the FLOP-matched dense baseline.",
         "training/train_duo.py",
     ),
+    "finetune": Command(
+        "duo_llm_hf.finetuning:main",
+        "Appendix A: finetune a pretrained OPT (Hub or local) as a Duo model: frozen weights, small FFNs, LoRA.",
+        "training/finetune_duo_opt.py",
+    ),
     "eval": Command(
         "duo_llm_hf.cli:eval_command",
         "Benchmarks with lm-evaluation-harness (--model duo, any routing mode; the harness's own flags).",
