@@ -58,6 +58,16 @@ COMMANDS: dict[str, Command] = {
         "Benchmarks with lm-evaluation-harness (--model duo, any routing mode; the harness's own flags).",
         "lm_eval --model duo (through duo-lm-eval)",
     ),
+    "oracle": Command(
+        "duo_llm_hf.oracle_run:main",
+        "Stage 2: the oracle over every route (or budgets): oracle, fixed, best-of-K, usage, token difficulty.",
+        "eval/oracle_study.py",
+    ),
+    "ablation": Command(
+        "duo_llm_hf.ablation:main",
+        "Fig. 8: Duo at p_big 0..1 against FLOP-matched dense models, and from scratch against frozen-big.",
+        "eval/ablation.py",
+    ),
     "study": Command(
         "duo_llm_hf.study:main",
         "The main job: the paper's study end to end (train, oracle, routers, token difficulty) with a report.",
