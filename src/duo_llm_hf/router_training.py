@@ -1,0 +1,752 @@
+"""Stage 3 with Accelerate: train learned routers on a frozen Duo model, and report their realised budget.
+
+`train_router` loads a stage 1 Duo model folder (DuoLlama or DuoOPT, via `AutoModelForCausalLM`), gives every
+layer a fresh router over the route options of the setting (`add_routers`), freezes the Duo weights and trains
+the routers on the training corpus with the paper's loss ``CE + alpha * budget_loss`` while the router
+temperature anneals (`router.TemperatureSchedule`). In training mode each layer's FFN output is the soft mixture
+``sum_x P_x * H_x``; the evaluation (`evaluate_router`) runs the held-out sets in evaluation mode, where every
+token takes its argmax choice and only that module runs, and reports the *realised* fraction of each choice
+(overall, per layer, and the per-layer x per-position usage counts that the oracle's analysis also draws) with
+the perplexity at that realised budget.
+
+Which choices a model can route: those of its ``route_options`` (its small and big FFNs were trained for them
+in stage 1), plus ``skip``, which needs no module (the paper lets the oracle and the router skip layers of a
+model trained with small / big routing only). The paper's three settings are `router.ROUTER_SETTINGS`.
+
+Data, optimizer, scheduler, checkpoints, trackers and resume checks are stage 1's (`training`); the output folder
+holds the model with its routers (``save_pretrained``, ``routing_mode="learned"``), the tokenizer,
+``training_args.json``, ``train_results.json`` and ``router_report.json`` (`REPORT_FILE`). A checkpoint holds the
+whole model (Accelerate's ``save_state``), although only the routers change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
+
+from .checkpointing import TrainState, resolve_resume, save_checkpoint
+from .configuration_duo_llama import DuoLlamaConfig
+from .configuration_duo_opt import DuoOPTConfig
+from .data import pack_corpus, parse_corpus_spec
+from .duo_modeling_utils import DUO_CONFIG_FIELDS
+from .flops import flops_per_token
+from .losses import token_losses
+from .router import (
+    ROUTER_SETTINGS,
+    SCHEDULE_KINDS,
+    TemperatureSchedule,
+    budget_loss,
+    freeze_all_but_routers,
+    parse_budget,
+    realised_fractions,
+    set_router_temperature,
+)
+from .routing import BIG, CHOICE_NAMES, SKIP, choice_code, route_usage
+from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer
+from .tracking import make_trackers
+from .training import (
+    TrainArguments,
+    build_optimizer,
+    build_scheduler,
+    check_resume_arguments,
+    load_corpora,
+    make_eval_loaders,
+    make_train_loader,
+    reset_accelerate_state,
+    save_final,
+    total_training_steps,
+    tracker_config,
+    training_batches,
+)
+
+logger = logging.getLogger(__name__)
+
+DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
+REPORT_FILE = "router_report.json"
+DEFAULT_BLOCK_SIZE = 256
+# Arguments that may change when a run is resumed: they do not change what the run computes.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "resume_from",
+        "report_to",
+        "run_name",
+        "progress",
+        "log_every",
+        "eval_every",
+        "eval_blocks",
+        "eval_batch_size",
+        "checkpoint_every",
+        "checkpoints_to_keep",
+        "cache_dir",
+    }
+)
+
+
+def _stage1(name: str, **changes):
+    """A field declared like `TrainArguments`' field ``name`` (same help), with ``default`` or ``help`` changed."""
+    source = TrainArguments.__dataclass_fields__[name]
+    metadata = {**source.metadata, **({"help": changes["help"]} if "help" in changes else {})}
+    return field(default=changes.get("default", source.default), metadata=metadata)
+
+
+@dataclass
+class RouterTrainArguments:
+    """Arguments of a router training run (each is also a command-line flag, ``--name-with-dashes``).
+
+    The route options and budget come from ``setting`` (one of `ROUTER_SETTINGS`) or from ``route_options`` and
+    ``budget``. The data, optimisation, logging and checkpoint fields mean what they mean in stage 1
+    (`training.TrainArguments`), with defaults for a few small linear layers.
+    """
+
+    model: str = field(metadata={"help": "Folder of a stage 1 Duo model (DuoLlama or DuoOPT, save_pretrained)."})
+    output_dir: str = field(metadata={"help": "Folder for the model with routers, tokenizer, report, checkpoints."})
+    # The routers and their loss
+    setting: str | None = field(
+        default=None,
+        metadata={
+            "help": f"One of the paper's router settings {sorted(ROUTER_SETTINGS)}: sets the route options and the "
+            "budget (then leave out --route-options and --budget)."
+        },
+    )
+    route_options: str | None = field(
+        default=None,
+        metadata={"help": "Choices the routers pick from, comma-separated (default: the model's route_options)."},
+    )
+    budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target budget: the fraction of BIG (e.g. 0.3), or a fraction per choice "
+            "(e.g. small=0.3,big=0.5,skip=0.2)."
+        },
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Weight of the budget loss: loss = CE + alpha * budget."})
+    temperature_start: float = field(default=1.0, metadata={"help": "Router temperature tau at step 0."})
+    temperature_end: float = field(default=0.1, metadata={"help": "Router temperature at the end of annealing."})
+    temperature_schedule: Literal["constant", "linear", "exponential", "cosine"] = field(
+        default="exponential", metadata={"help": f"How tau goes from start to end: {list(SCHEDULE_KINDS)}."}
+    )
+    temperature_steps: int | None = field(
+        default=None, metadata={"help": "Steps over which tau anneals (default: the whole run)."}
+    )
+    router_seed: int | None = field(default=None, metadata={"help": "Seed of the router weights (default: --seed)."})
+    # Data
+    dataset: str = _stage1("dataset")
+    holdout_english: str = _stage1("holdout_english")
+    holdout_code: str = _stage1("holdout_code")
+    text_column: str = _stage1("text_column")
+    sample_by: Literal["document", "paragraph", "line"] = _stage1("sample_by")
+    streaming: bool = _stage1("streaming")
+    shuffle_buffer: int = _stage1("shuffle_buffer")
+    builtin_max_chars: int | None = _stage1("builtin_max_chars")
+    cache_dir: str | None = _stage1("cache_dir")
+    block_size: int | None = _stage1(
+        "block_size",
+        default=None,
+        help=f"Tokens per block (default: {DEFAULT_BLOCK_SIZE}, or the model's positions if fewer).",
+    )
+    tokenizer: str | None = _stage1("tokenizer", help="Tokenizer folder (default: the one in --model).")
+    # Optimisation
+    batch_size: int = _stage1("batch_size")
+    gradient_accumulation_steps: int = _stage1("gradient_accumulation_steps")
+    learning_rate: float = _stage1("learning_rate", default=1e-2)
+    weight_decay: float = _stage1("weight_decay", default=0.0)
+    adam_beta1: float = _stage1("adam_beta1")
+    adam_beta2: float = _stage1("adam_beta2")
+    lr_scheduler: str = _stage1("lr_scheduler", default="constant")
+    warmup_steps: int = _stage1("warmup_steps", default=0)
+    max_grad_norm: float = _stage1("max_grad_norm")
+    max_steps: int | None = _stage1("max_steps")
+    num_epochs: int = _stage1("num_epochs")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _stage1("mixed_precision")
+    seed: int = _stage1("seed", help="Seed of the data order and (by default) the router weights.")
+    # Evaluation, logging, checkpoints
+    eval_every: int = _stage1("eval_every", default=0)
+    eval_blocks: int = _stage1("eval_blocks")
+    eval_batch_size: int | None = _stage1("eval_batch_size")
+    log_every: int = _stage1("log_every")
+    report_to: str = _stage1("report_to")
+    run_name: str = _stage1("run_name", default="train_router")
+    checkpoint_every: int = _stage1("checkpoint_every")
+    checkpoints_to_keep: int | None = _stage1("checkpoints_to_keep")
+    resume_from: str | None = _stage1("resume_from")
+    progress: bool = _stage1("progress")
+
+    def validate(self) -> None:
+        """Check the arguments and the paths they name, before any work is done (see also `route_plan`)."""
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_blocks", "log_every", "num_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {value!r} must be a positive integer.")
+        for name in ("max_steps", "eval_batch_size", "block_size", "builtin_max_chars", "checkpoints_to_keep"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: {value!r} must be a positive integer (or left unset).")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 0.")
+        if self.temperature_steps is not None and self.temperature_steps < 0:
+            raise ValueError(f"temperature_steps: {self.temperature_steps!r} must be >= 0 (or left unset).")
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(f"block_size: {self.block_size} must be at least 2 tokens.")
+        if not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ValueError(f"alpha: {self.alpha!r} must be a finite number >= 0 (the budget loss weight).")
+        self.temperature_plan(1)  # checks the temperatures and the schedule kind
+        if self.setting is not None:
+            if self.setting not in ROUTER_SETTINGS:
+                raise ValueError(
+                    f"setting: {self.setting!r} is not a router setting; use one of "
+                    f"{sorted(ROUTER_SETTINGS)}, or --route-options with --budget."
+                )
+            if self.route_options is not None or self.budget is not None:
+                raise ValueError(
+                    f"setting {self.setting!r} fixes the route options and the budget; leave out --route-options "
+                    "and --budget, or give those without --setting."
+                )
+        elif self.budget is None:
+            raise ValueError(
+                f"budget: give a target, e.g. --budget 0.3 (the fraction of BIG) or --budget small=0.3,big=0.5,"
+                f"skip=0.2, or one of the paper's settings with --setting ({', '.join(sorted(ROUTER_SETTINGS))})."
+            )
+        else:
+            parse_budget(parse_budget_flag(self.budget))
+        if self.route_options is not None:
+            parse_route_options(self.route_options)
+        folder = Path(self.model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model: {self.model!r} is not a model folder (it has no config.json); give the output folder of "
+                "training/train_duo.py or any folder a Duo model was saved to with save_pretrained."
+            )
+        if self.tokenizer is not None and not Path(self.tokenizer).expanduser().is_dir():
+            raise FileNotFoundError(f"tokenizer: {self.tokenizer!r} is not a tokenizer folder.")
+        if self.streaming and self.max_steps is None:
+            raise ValueError("streaming: a streamed corpus has no known length; give --max-steps.")
+        if parse_corpus_spec(self.dataset, "train", "dataset").kind == "none":
+            raise ValueError("dataset: 'none' is not a training corpus.")
+        parse_corpus_spec(self.holdout_english, "holdout_english", "holdout_english")
+        parse_corpus_spec(self.holdout_code, "holdout_code", "holdout_code")
+
+    def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
+        """The router temperature schedule of a run of ``total_steps`` optimizer steps."""
+        steps = total_steps if self.temperature_steps is None else self.temperature_steps
+        return TemperatureSchedule(self.temperature_start, self.temperature_end, steps, self.temperature_schedule)
+
+
+@dataclass
+class RouterTrainResult:
+    """What a router run did: steps, tokens, the total loss of each optimizer step it ran, and its report."""
+
+    output_dir: str
+    global_step: int
+    tokens_seen: int
+    losses: dict[int, float]
+    report: dict
+
+
+def build_router_arg_parser(**kwargs) -> HfArgumentParser:
+    """The command-line parser of `RouterTrainArguments` (``kwargs`` go to `argparse.ArgumentParser`)."""
+    kwargs.setdefault("description", "Stage 3: train learned routers on a frozen Duo model with Accelerate.")
+    return HfArgumentParser(RouterTrainArguments, **kwargs)
+
+
+def parse_router_args(argv: list[str] | None = None) -> RouterTrainArguments:
+    """Parse command-line arguments into `RouterTrainArguments`."""
+    (args,) = build_router_arg_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Route options and budgets
+
+
+def parse_route_options(text: str | Sequence[str | int]) -> list[str]:
+    """Route options from a comma-separated string (``"small,big"``) or a list, as names in canonical order."""
+    items = [part.strip() for part in text.split(",") if part.strip()] if isinstance(text, str) else list(text)
+    if not items:
+        raise ValueError(f"route_options: {text!r} names no choice; use e.g. small,big or big,skip.")
+    return [CHOICE_NAMES[c] for c in sorted({choice_code(item, "route_options") for item in items})]
+
+
+def parse_budget_flag(text: str | float | Mapping[str, float]) -> float | dict[str, float]:
+    """A ``--budget`` value: ``"0.3"`` (the BIG fraction) or ``"small=0.3,big=0.5,skip=0.2"`` (per choice)."""
+    if not isinstance(text, str):
+        return text if isinstance(text, Mapping) else float(text)
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(
+                f"budget: {text!r} is not a number; give the BIG fraction (e.g. 0.3) or name=fraction pairs "
+                "(e.g. small=0.3,big=0.5,skip=0.2)."
+            ) from None
+    targets = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, value = part.partition("=")
+        try:
+            targets[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"budget: {part!r} in {text!r} is not name=fraction (e.g. big=0.5).") from None
+    return targets
+
+
+def routable_choices(config) -> list[str]:
+    """The choices a model can route: its ``route_options`` (trained in stage 1) and ``skip`` (needs no module)."""
+    return [name for name in CHOICE_NAMES if name in config.route_options or name == CHOICE_NAMES[SKIP]]
+
+
+def route_plan(args: RouterTrainArguments, config) -> tuple[list[str], dict[int, float]]:
+    """The router's route options and budget targets (``{choice code: fraction}``) for a model's config.
+
+    Raises when the setting asks for a choice the model cannot route (see `routable_choices`) or the budget does
+    not fit the options.
+    """
+    if args.setting is not None:
+        preset = ROUTER_SETTINGS[args.setting]
+        options, budget, source = preset["route_options"], preset["budget"], f"setting {args.setting!r}"
+    else:
+        options = parse_route_options(args.route_options or config.route_options)
+        budget, source = parse_budget_flag(args.budget), f"route_options {options}"
+    options = parse_route_options(options)
+    routable = routable_choices(config)
+    missing = [name for name in options if name not in routable]
+    if missing:
+        raise ValueError(
+            f"{source} routes to {missing}, which model {args.model!r} cannot route: its route_options are "
+            f"{list(config.route_options)} (skip is always possible); choose options within {routable}."
+        )
+    if len(options) < 2:
+        raise ValueError(f"{source}: a router needs at least two route options to choose between, got {options}.")
+    return options, parse_budget(budget, options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def inspect_duo_source(path: str | Path):
+    """Read a Duo model folder's config (no weights); raise unless it is a DuoLlama or DuoOPT model."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model: {str(path)!r} is not a model folder (it has no config.json); give a Duo model folder written "
+            "by save_pretrained, e.g. the output folder of training/train_duo.py."
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"model: {str(path)!r} has a config that cannot be read ({err}).") from err
+    if config.model_type not in DUO_MODEL_TYPES:
+        raise ValueError(
+            f"model: {str(path)!r} is a {config.model_type!r} model, not a Duo model ({list(DUO_MODEL_TYPES)}); "
+            "routers need a Duo model: train one with training/train_duo.py or convert a dense one with "
+            "DuoLlamaForCausalLM.from_dense / DuoOPTForCausalLM.from_dense."
+        )
+    return config
+
+
+def load_duo_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a Duo model folder (DuoLlama or DuoOPT) with `AutoModelForCausalLM`, after `inspect_duo_source`."""
+    inspect_duo_source(path)
+    return AutoModelForCausalLM.from_pretrained(Path(path).expanduser(), dtype=dtype)
+
+
+def add_routers(model, route_options: Sequence[str | int], seed: int = 0, temperature: float = 1.0):
+    """Give every layer of a Duo model a fresh router over ``route_options`` and switch it to learned routing.
+
+    Routers the model already had are replaced. Router weights are drawn with the model's initialisation under
+    ``seed`` (the global random state is left as it was). The config's ``route_probs`` keep the probabilities of
+    the choices still allowed (renormalised; uniform if none is left) and a ``fixed_pattern`` using a choice no
+    longer allowed is dropped, so the model stays valid in every routing mode. Returns the model.
+    """
+    config = model.config
+    options = parse_route_options(route_options)
+    kept = {name: p for name, p in config.route_probs.items() if name in options and p > 0}
+    total = sum(kept.values())
+    probs = {name: kept.get(name, 0.0) / total for name in options} if total > 0 else None
+    pattern = config.fixed_pattern
+    if pattern is not None and any(CHOICE_NAMES[c] not in options for c in pattern):
+        pattern = None
+    previous = {key: getattr(config, key) for key in DUO_CONFIG_FIELDS}
+    old_routers = [layer.mlp.router for layer in model.model.layers]
+    try:
+        config.route_options, config.route_probs, config.fixed_pattern = options, probs, pattern
+        config.router_temperature = float(temperature)
+        for layer in model.model.layers:
+            layer.mlp.router = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.set_routing("learned")
+    except ValueError:
+        for key, value in previous.items():
+            setattr(config, key, value)
+        for layer, router in zip(model.model.layers, old_routers):
+            layer.mlp.router = router
+        raise
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_router(
+    model, loaders: Mapping[str, DataLoader], accelerator: Accelerator | None = None, **forward_kwargs
+) -> dict[str, dict]:
+    """Held-out loss, perplexity and realised routes of each eval set under hard learned routing.
+
+    The model runs in evaluation mode with ``routing="learned"`` (each token takes its argmax choice; only that
+    module runs); ``forward_kwargs`` replace or add forward arguments (e.g. ``routing="fixed"``), so other route
+    modes are measured the same way. Returns, per set and for ``"all"`` sets together: ``loss``, ``ppl``,
+    ``tokens`` (predicted tokens), ``realised`` (`router.realised_fractions`: overall and per layer) and
+    ``usage`` (`routing.route_usage` counts ``[3, layers, positions]`` of the routes taken, every position of
+    every block counted). Under several processes, the counts of all processes are gathered.
+    """
+    kwargs = {"routing": "learned", **forward_kwargs}
+    was_training = model.training
+    model.eval()
+    results: dict[str, dict] = {}
+    all_usage, all_loss, all_tokens = None, 0.0, 0
+    for name, loader in loaders.items():
+        total = count = 0.0
+        usage = None
+        for batch in loader:
+            ids = batch["input_ids"]
+            out = model(input_ids=ids, **kwargs)
+            losses, mask = token_losses(out.logits, ids)
+            sums, counts, routes = losses.sum(-1).double(), mask.sum(-1).double(), out.routes
+            if accelerator is not None:
+                sums, counts, routes = accelerator.gather_for_metrics((sums, counts, routes))
+            total += sums.sum().item()
+            count += counts.sum().item()
+            counted = route_usage(routes).cpu()
+            usage = counted if usage is None else usage + counted
+        if usage is None:
+            raise ValueError(f"eval set {name!r} has no blocks to evaluate.")
+        loss = total / max(count, 1.0)
+        results[name] = _eval_entry(loss, int(count), usage)
+        all_loss, all_tokens = all_loss + total, all_tokens + int(count)
+        all_usage = usage if all_usage is None or all_usage.shape != usage.shape else all_usage + usage
+    if len(results) > 1 and all(r["usage"].shape == all_usage.shape for r in results.values()):
+        results["all"] = _eval_entry(all_loss / max(all_tokens, 1), all_tokens, all_usage)
+    model.train(was_training)
+    return results
+
+
+def _eval_entry(loss: float, tokens: int, usage: torch.Tensor) -> dict:
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "tokens": tokens,
+        "realised": realised_fractions(usage),
+        "usage": usage,
+    }
+
+
+def eval_metrics(results: Mapping[str, dict], prefix: str = "eval") -> dict[str, float]:
+    """Flat tracker metrics of `evaluate_router` results: loss, ppl and the overall realised fractions."""
+    metrics = {}
+    for name, entry in results.items():
+        metrics[f"{prefix}/{name}/learned/loss"] = entry["loss"]
+        metrics[f"{prefix}/{name}/learned/ppl"] = entry["ppl"]
+        for choice, fraction in entry["realised"]["overall"].items():
+            metrics[f"{prefix}/{name}/realised/{choice}"] = fraction
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def train_router(
+    args: RouterTrainArguments, step_callback: Callable[[TrainState, dict], None] | None = None
+) -> RouterTrainResult:
+    """Train the routers of a frozen Duo model as ``args`` say (see the module docstring); return the result.
+
+    Every check on the inputs runs before any training time is spent. ``step_callback(state, metrics)`` is
+    called after each optimizer step (and its logging, evaluation and checkpoint) on every process.
+    """
+    args.validate()
+    source_config = inspect_duo_source(args.model)
+    options, targets = route_plan(args, source_config)
+    positions = source_config.max_position_embeddings
+    if args.block_size is not None and args.block_size > positions:
+        raise ValueError(
+            f"block_size {args.block_size} is longer than the max_position_embeddings {positions} of model "
+            f"{args.model!r}; use --block-size <= {positions}."
+        )
+    args = dataclasses.replace(args, block_size=args.block_size or min(DEFAULT_BLOCK_SIZE, positions))
+    output_dir = Path(args.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
+    if resume_dir is not None:
+        check_resume_arguments(args, resume_dir, RESUMABLE_CHANGES)
+
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=make_trackers(args.report_to, args.run_name, project.logging_dir) or None,
+        project_config=project,
+    )
+    bars_were_on = datasets.is_progress_bar_enabled()
+    if not args.progress:
+        datasets.disable_progress_bars()
+    try:
+        return _train_router(
+            args, accelerator, options, targets, source_config, resume_dir, checkpoints_dir, step_callback
+        )
+    finally:
+        accelerator.end_training()
+        reset_accelerate_state()
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _train_router(
+    args, accelerator, options, targets, source_config, resume_dir, checkpoints_dir, step_callback
+) -> RouterTrainResult:
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if resume_dir is None and args.resume_from == "latest" and accelerator.is_main_process:
+        logger.warning("resume_from='latest': no checkpoint in %s yet; starting from step 0.", checkpoints_dir)
+    set_seed(args.seed)
+
+    train_texts, holdout_texts = load_corpora(args)
+    tokenizer_dir = args.tokenizer or args.model
+    if args.tokenizer is None and not has_tokenizer(args.model):
+        raise FileNotFoundError(
+            f"model {args.model!r} holds no tokenizer; pass --tokenizer with the tokenizer the model was trained with."
+        )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_tokenizer_fits(tokenizer, source_config.vocab_size, f"model {args.model!r}")
+    train_blocks = pack_corpus(train_texts, tokenizer, args.block_size, f"dataset {args.dataset!r}")
+    eval_loaders = make_eval_loaders(holdout_texts, tokenizer, args)
+
+    model = load_duo_model(args.model)
+    schedule = args.temperature_plan(1)  # replaced below once the number of steps is known
+    add_routers(
+        model, options, seed=args.seed if args.router_seed is None else args.router_seed, temperature=schedule(0)
+    )
+    trainable = freeze_all_but_routers(model)
+
+    train_loader = make_train_loader(train_blocks, args)
+    optimizer = build_optimizer(model, args)
+    total_steps = total_training_steps(args, train_loader, accelerator.num_processes)
+    schedule = args.temperature_plan(total_steps)
+    scheduler = build_scheduler(optimizer, args, total_steps, accelerator.num_processes)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
+    unwrapped = accelerator.unwrap_model(model)
+
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        accelerator.print(f"Resumed from {resume_dir} at step {state.global_step}")
+    targets_named = {CHOICE_NAMES[code]: value for code, value in targets.items()}
+    accelerator.init_trackers(
+        args.run_name,
+        config=tracker_config(
+            args,
+            {
+                "route_options_resolved": ",".join(options),
+                "budget_resolved": json.dumps(targets_named),
+                "total_steps": total_steps,
+                "trainable_parameters": sum(p.numel() for p in trainable),
+            },
+        ),
+    )
+
+    tokens_per_micro_batch = args.batch_size * args.block_size * accelerator.num_processes
+    losses: dict[int, float] = {}
+    results: dict[str, dict] = {}
+    progress = tqdm(
+        total=total_steps,
+        initial=state.global_step,
+        desc="train routers",
+        disable=not (args.progress and accelerator.is_local_main_process),
+    )
+    # Running sums over the micro-batches of a step: total loss, CE, budget loss; and over a log window: the
+    # hard (argmax) route counts and the soft router probabilities of the training batches.
+    window = torch.zeros(3, device=accelerator.device)
+    window_batches = 0
+    log_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    log_steps = 0
+    hard_counts = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=accelerator.device)
+    soft_sums = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=accelerator.device)
+    train_realised: dict[str, float] = {}
+    log_tokens, log_time = 0, time.perf_counter()
+    model.train()
+    for batch in training_batches(train_loader, accelerator, state, total_steps):
+        temperature = schedule(state.global_step)
+        set_router_temperature(unwrapped, temperature)
+        with accelerator.accumulate(model):
+            ids = batch["input_ids"]
+            out = model(input_ids=ids, labels=ids, routing="learned")
+            budget = budget_loss(out.router_probs, targets)
+            loss = out.loss + args.alpha * budget
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        window += torch.stack([loss.detach(), out.loss.detach(), budget.detach()]).float()
+        window_batches += 1
+        hard_counts += torch.bincount(out.routes.reshape(-1), minlength=len(CHOICE_NAMES)).double()
+        soft_sums += out.router_probs.detach().double().reshape(-1, len(CHOICE_NAMES)).sum(0)
+        if not accelerator.sync_gradients:
+            continue
+
+        state.global_step += 1
+        step_tokens = tokens_per_micro_batch * window_batches
+        state.tokens_seen += step_tokens
+        step_values = accelerator.reduce(window / window_batches, "mean").double()
+        window.zero_()
+        window_batches = 0
+        losses[state.global_step] = step_values[0].item()
+        log_sums += step_values
+        log_steps += 1
+        log_tokens += step_tokens
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_values[0].item():.3f}", budget=f"{step_values[2].item():.4f}")
+
+        metrics: dict[str, float] = {}
+        last = state.global_step >= total_steps
+        if state.global_step % args.log_every == 0 or last:
+            elapsed = time.perf_counter() - log_time
+            mean = (log_sums / log_steps).tolist()
+            hard = accelerator.reduce(hard_counts, "sum")
+            soft = accelerator.reduce(soft_sums, "sum")
+            train_realised = {n: (hard[c] / hard.sum().clamp_min(1)).item() for c, n in enumerate(CHOICE_NAMES)}
+            metrics.update(
+                {
+                    "train/loss": mean[0],
+                    "train/ce": mean[1],
+                    "train/budget_loss": mean[2],
+                    "train/temperature": temperature,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_second": log_tokens / max(elapsed, 1e-9),
+                    "train/tokens": state.tokens_seen,
+                    "train/epoch": state.epoch,
+                    **{f"train/realised/{n}": v for n, v in train_realised.items()},
+                    **{
+                        f"train/soft/{n}": (soft[c] / soft.sum().clamp_min(1e-12)).item()
+                        for c, n in enumerate(CHOICE_NAMES)
+                    },
+                }
+            )
+            log_sums.zero_()
+            hard_counts.zero_()
+            soft_sums.zero_()
+            log_steps, log_tokens, log_time = 0, 0, time.perf_counter()
+        if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
+            results = evaluate_router(model, eval_loaders, accelerator)
+            metrics.update(eval_metrics(results))
+            log_time = time.perf_counter()  # evaluation time is not training throughput
+        if metrics:
+            accelerator.log(metrics, step=state.global_step)
+        if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+            save_checkpoint(
+                accelerator,
+                checkpoints_dir,
+                state.global_step,
+                {**state.state_dict(), "args": dataclasses.asdict(args)},
+                args.checkpoints_to_keep,
+            )
+            log_time = time.perf_counter()
+        if step_callback is not None:
+            step_callback(state, {"train/step_loss": losses[state.global_step], **metrics})
+        if last:
+            break
+    progress.close()
+
+    set_router_temperature(unwrapped, schedule(state.global_step))
+    report = router_report(args, unwrapped.config, options, targets, state, results, train_realised)
+    save_final(args, accelerator, model, tokenizer, state, eval_metrics(results))
+    if accelerator.is_main_process:
+        (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    accelerator.wait_for_everyone()
+    return RouterTrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, report)
+
+
+def router_report(
+    args: RouterTrainArguments,
+    config,
+    options: Sequence[str],
+    targets: Mapping[int, float],
+    state: TrainState,
+    results: Mapping[str, dict],
+    train_realised: Mapping[str, float],
+) -> dict:
+    """The JSON report of a router run: the plan, and per held-out set the realised fractions and perplexity.
+
+    ``holdouts[name]`` holds ``loss``, ``ppl``, ``tokens``, ``realised`` (``overall`` and ``per_layer``
+    fractions of each choice), ``usage`` (counts ``[3][layers][positions]``: choice code x layer x position,
+    the data of the paper's Fig. 3) and ``flops_per_token`` at the realised fractions (with the routers' own
+    FLOPs) next to ``flops_per_token_all_big``.
+    """
+    holdouts = {}
+    for name, entry in results.items():
+        realised = entry["realised"]["overall"]
+        fractions = realised if sum(realised.values()) > 0 else None
+        holdouts[name] = {
+            "loss": entry["loss"],
+            "ppl": entry["ppl"],
+            "tokens": entry["tokens"],
+            "realised": entry["realised"],
+            "flops_per_token": flops_per_token(config, fractions, seq_len=args.block_size, router=True).total,
+            "usage": entry["usage"].tolist(),
+        }
+    return {
+        "model": str(args.model),
+        "setting": args.setting,
+        "route_options": list(options),
+        "budget": {CHOICE_NAMES[code]: value for code, value in targets.items()},
+        "alpha": args.alpha,
+        "temperature_final": float(config.router_temperature),
+        "global_step": state.global_step,
+        "tokens_seen": state.tokens_seen,
+        "block_size": args.block_size,
+        "flops_per_token_all_big": flops_per_token(config, {BIG: 1.0}, seq_len=args.block_size).total,
+        "train_realised_last_window": dict(train_realised),
+        "holdouts": holdouts,
+    }
+
+
+__all__ = [
+    "REPORT_FILE",
+    "RouterTrainArguments",
+    "RouterTrainResult",
+    "add_routers",
+    "build_router_arg_parser",
+    "eval_metrics",
+    "evaluate_router",
+    "inspect_duo_source",
+    "load_duo_model",
+    "parse_budget_flag",
+    "parse_route_options",
+    "parse_router_args",
+    "routable_choices",
+    "route_plan",
+    "router_report",
+    "train_router",
+]
