@@ -1,0 +1,87 @@
+"""The ``duo-llm`` command: one subcommand per stage, each calling the same library function as its script.
+
+``duo-llm COMMAND --help`` shows a command's own flags. Commands are imported only when run, so
+``duo-llm --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``module:function`` taking the remaining command-line arguments."""
+
+    target: str
+    help: str
+    script: str
+
+    def load(self) -> Callable[[list[str]], object]:
+        module, function = self.target.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def train_command(argv: list[str]) -> None:
+    """``duo-llm train``: the flags of ``training/train_duo.py``."""
+    from .training import parse_train_args, train
+
+    result = train(parse_train_args(argv))
+    print(f"Saved the model to {result.output_dir} after {result.global_step} steps ({result.tokens_seen:,} tokens).")
+
+
+def eval_command(argv: list[str]) -> None:
+    """``duo-llm eval``: the lm-evaluation-harness command line with the ``duo`` model registered."""
+    from .lm_eval_model import main as lm_eval_main
+
+    sys.argv = ["duo-llm eval", *argv]  # the harness parses sys.argv itself
+    lm_eval_main()
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        "duo_llm_hf.cli:train_command",
+        "Stage 1: train a Duo model (random routing), a frozen-big model or the FLOP-matched dense baseline.",
+        "training/train_duo.py",
+    ),
+    "eval": Command(
+        "duo_llm_hf.cli:eval_command",
+        "Benchmarks with lm-evaluation-harness (--model duo, any routing mode; the harness's own flags).",
+        "lm_eval --model duo (through duo-lm-eval)",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duo-llm",
+        description="Duo-LLM on Hugging Face: train Duo models, find oracle routes, train routers, analyse.",
+        epilog="Run 'duo-llm COMMAND --help' for the flags of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=f"{command.help} (script: {command.script})", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"duo-llm: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}.", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    result = COMMANDS[argv[0]].load()(argv[1:])
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
