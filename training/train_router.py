@@ -7,16 +7,7 @@
 All flags: ``python training/train_router.py --help``. The work is done by `duo_llm_hf.router_training`.
 """
 
-from duo_llm_hf.router_training import parse_router_args, train_router
-
-
-def main(argv: list[str] | None = None) -> None:
-    result = train_router(parse_router_args(argv))
-    print(f"Saved the model with routers to {result.output_dir} after {result.global_step} steps.")
-    for name, entry in result.report["holdouts"].items():
-        fractions = ", ".join(f"{choice} {value:.3f}" for choice, value in entry["realised"]["overall"].items())
-        print(f"  {name}: perplexity {entry['ppl']:.3f} at realised fractions {fractions}")
-
+from duo_llm_hf.router_training import main
 
 if __name__ == "__main__":
     main()

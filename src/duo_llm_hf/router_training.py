@@ -732,6 +732,16 @@ def router_report(
     }
 
 
+def main(argv: list[str] | None = None) -> RouterTrainResult:
+    """``training/train_router.py`` (and ``duo-llm train-router``): parse the flags, train, print the outcome."""
+    result = train_router(parse_router_args(argv))
+    print(f"Saved the model with routers to {result.output_dir} after {result.global_step} steps.")
+    for name, entry in result.report["holdouts"].items():
+        fractions = ", ".join(f"{choice} {value:.3f}" for choice, value in entry["realised"]["overall"].items())
+        print(f"  {name}: perplexity {entry['ppl']:.3f} at realised fractions {fractions}")
+    return result
+
+
 __all__ = [
     "REPORT_FILE",
     "RouterTrainArguments",
@@ -742,6 +752,7 @@ __all__ = [
     "evaluate_router",
     "inspect_duo_source",
     "load_duo_model",
+    "main",
     "parse_budget_flag",
     "parse_route_options",
     "parse_router_args",
