@@ -213,6 +213,7 @@ class DuoCausalLMMixin:
         logits_to_keep: int | torch.Tensor = 0,
         routes: torch.LongTensor | None = None,
         routing: str | None = None,
+        budget=None,
         **kwargs,
     ) -> DuoCausalLMOutputWithPast:
         r"""
@@ -220,10 +221,25 @@ class DuoCausalLMMixin:
             Explicit choice codes (`SMALL`, `BIG`, `SKIP`) for every token and layer; must be allowed by
             `config.route_options`. Overrides the routing mode.
         routing (`str`, *optional*):
-            Routing mode for this call (`random`, `fixed`, `explicit`, `learned`), instead of
+            Routing mode for this call (`random`, `fixed`, `explicit`, `learned`, `oracle`), instead of
             `config.routing_mode`. Under `learned`, training mode mixes the module outputs with the router
-            probabilities and evaluation mode runs each token's argmax choice only.
+            probabilities and evaluation mode runs each token's argmax choice only. `oracle` needs `labels`:
+            every token takes the pattern with its lowest loss under `budget` (the prefix-tree search of
+            `duo_llm_hf.oracle`, without gradients); `routes` and `token_losses` are the oracle's, `loss` their
+            mean, `logits` each token's under its own route. Extra keywords for `oracle`: `causal=True` (the
+            causally consistent oracle: later tokens see the keys and values of the routes chosen for earlier
+            ones), `chunk_tokens` (memory), `route_options` (a subset of the model's).
+        budget (`int`, `str` or `dict`, *optional*):
+            The oracle's budget: None (every pattern), a BIG count (`4`), counts per choice
+            (`{"big": 6, "skip": 6}`), or a BIG count that falls with the position (`"6:2"`).
         """
+        if routing == "oracle":
+            from .oracle import oracle_routing  # only this mode needs the engine
+
+            found = oracle_routing(self, input_ids, labels, budget, attention_mask=attention_mask, **kwargs)
+            return DuoCausalLMOutputWithPast(
+                loss=found.loss, logits=found.logits, routes=found.routes, token_losses=found.token_losses
+            )
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,

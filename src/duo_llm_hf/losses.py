@@ -17,14 +17,23 @@ def token_losses(
     ``(losses, mask)`` of shape ``[..., seq]``: position ``t`` holds the loss of predicting ``labels[t + 1]``;
     positions with no target (the last one, and ignored labels) have loss 0 and mask False.
     """
-    shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    losses = F.cross_entropy(
+    targets = next_token_targets(labels, ignore_index)
+    return target_losses(logits, targets, ignore_index), targets != ignore_index
+
+
+def next_token_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The label each position predicts: ``labels`` shifted left by one, ``ignore_index`` at the last position."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def target_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (``[..., vocab]``) against shifted ``targets`` (``[...]``); 0 where ignored."""
+    return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
-        shift_labels.reshape(-1).to(logits.device),
+        targets.reshape(-1).to(logits.device),
         ignore_index=ignore_index,
         reduction="none",
-    ).view(shift_labels.shape)
-    return losses, shift_labels != ignore_index
+    ).view(targets.shape)
 
 
 def mean_loss(

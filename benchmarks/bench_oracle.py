@@ -1,0 +1,149 @@
+"""Prefix-tree oracle engine vs the naive loop (one model(...) call per pattern), side by side in one run.
+
+Default setting (issue 4): the full 2^12 space over small/big of a 12-layer DuoLlama (hidden 128, inner 512, small
+inner 32, 4 heads, vocab 512), 32 sequences of 128 tokens, fp32. The engine runs the whole space with the study's
+reductions (oracle, fixed, best-of-100 for the whole space and every BIG count, all-small / all-big losses). The
+naive loop is timed on a random sample of patterns (half before the engine, half after, so that a change in
+machine load hits both sides) and scaled to the whole space: its cost is linear in the number of patterns.
+Reported: measured speed-up, the FLOP-predicted speed-up (`duo_llm_hf.oracle.tree_flops`: attention + FFN + LM
+head, per pattern naively vs per tree node) and their ratio (target >= 0.8).
+
+    PYTHONPATH=src python benchmarks/bench_oracle.py                      # the issue's setting (minutes on CPU)
+    PYTHONPATH=src python benchmarks/bench_oracle.py --layers 8 --sequences 8   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
+from duo_llm_hf.oracle import oracle_search, tree_flops
+from duo_llm_hf.oracle_run import study_space
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--sequences", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--naive-sample", type=int, default=24, help="patterns timed on the naive side")
+    p.add_argument("--best-of-k", type=int, default=100)
+    p.add_argument("--chunk-tokens", type=int, help="default: the engine's (4096 on CPU, 65536 on GPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see Clock)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p.parse_args()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Clock:
+    """Wall seconds and CPU seconds of this process between `start` and `stop` (summed over calls)."""
+
+    def __init__(self, device: str):
+        self.device, self.wall, self.cpu = device, 0.0, 0.0
+
+    def __enter__(self):
+        sync(self.device)
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.process_time() - self._cpu
+
+    def seconds(self) -> float:
+        """The headline measure: CPU seconds on a CPU (one thread: other jobs on a shared machine do not count),
+        wall seconds on a GPU."""
+        return self.cpu if self.device == "cpu" else self.wall
+
+
+@torch.no_grad()
+def run_naive(model, ids, patterns, device) -> None:
+    """One full forward with labels per pattern, every token on that pattern."""
+    for pattern in patterns:
+        model(ids, labels=ids, routes=pattern.to(device).expand(*ids.shape, -1))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = DuoLlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.seq_len,
+        route_options=["small", "big"],
+    )
+    model = DuoLlamaForCausalLM(config).to(args.device).eval()
+    ids = torch.randint(0, args.vocab, (args.sequences, args.seq_len), device=args.device)
+    space = study_space(config, ["all", "classes"])
+    flops = tree_flops(config, space, args.seq_len)
+    generator = torch.Generator().manual_seed(1)
+    sample = space.patterns[torch.randperm(space.size, generator=generator)[: args.naive_sample]]
+    half = len(sample) // 2
+
+    print(
+        f"DuoLlama {args.layers} layers, hidden {args.hidden}, inner {args.intermediate}/"
+        f"{config.small_intermediate_size}, vocab {args.vocab}; {args.sequences} x {args.seq_len} tokens; "
+        f"{space.size:,} patterns; device {args.device}, {torch.get_num_threads()} threads"
+    )
+    run_naive(model, ids, sample[:1], args.device)  # warm-up
+    naive, tree = Clock(args.device), Clock(args.device)
+    with naive:
+        run_naive(model, ids, sample[:half], args.device)
+    with tree:
+        oracle_search(
+            model, ids, space, best_of_k=args.best_of_k, uniform=["small", "big"], chunk_tokens=args.chunk_tokens
+        )
+    with naive:
+        run_naive(model, ids, sample[half:], args.device)
+    scale = space.size / len(sample)
+    measured = naive.seconds() * scale / tree.seconds()
+    predicted = flops["predicted_speedup"]
+    unit = "CPU s" if args.device == "cpu" else "s"
+    figures = {
+        "patterns": space.size,
+        "naive_patterns_timed": len(sample),
+        "naive_seconds_per_pattern": {"wall": naive.wall / len(sample), "cpu": naive.cpu / len(sample)},
+        "naive_seconds_scaled": {"wall": naive.wall * scale, "cpu": naive.cpu * scale},
+        "tree_seconds": {"wall": tree.wall, "cpu": tree.cpu},
+        "measured_speedup": measured,
+        "measured_speedup_wall": naive.wall * scale / tree.wall,
+        "flop_predicted_speedup": predicted,
+        "ratio": measured / predicted,
+        "flops_per_token": flops,
+        "setting": {**vars(args), "threads": torch.get_num_threads()},
+    }
+    print(
+        f"naive: {naive.seconds() / len(sample):.3f} {unit}/pattern over {len(sample)} sampled patterns ({half} "
+        f"before, {len(sample) - half} after the engine), scaled to {space.size:,} patterns: "
+        f"{naive.seconds() * scale:.1f} {unit} (wall {naive.wall * scale:.1f} s)"
+    )
+    print(f"prefix tree (whole space, all reductions): {tree.seconds():.1f} {unit} (wall {tree.wall:.1f} s)")
+    naive_mflop = flops["naive"]["total"] / space.size / 1e6
+    tree_mflop = flops["tree"]["total"] / space.size / 1e6
+    print(
+        f"speed-up measured {measured:.2f}x (wall {figures['measured_speedup_wall']:.2f}x), FLOP-predicted "
+        f"{predicted:.2f}x (naive {naive_mflop:.2f} vs tree {tree_mflop:.2f} MFLOP per pattern-token), "
+        f"ratio {measured / predicted:.2f} (target >= 0.8)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Long oracle runs: batches of sequences, a progress bar, resumable checkpoints, many processes.
+
+`run_oracle_study` evaluates a route space on ``[N, T]`` token blocks, ``batch_size`` sequences at a time.
+
+- **Resumable**: after each batch the combined reductions go to ``<output_dir>/batches/batch_XXXXX.safetensors``
+  and the count of finished batches to ``oracle_state.json``, both written atomically (temp file, then
+  ``os.replace``). Restarted with the same arguments, a run continues after the last finished batch and gives the
+  identical result; with different arguments it refuses and says which ones differ.
+- **Many processes**: under ``accelerate launch`` every process takes a share of the prefix tree
+  (`RouteSpace.partition`: top-of-tree prefixes, balanced by leaf count) for every batch, and the reductions are
+  combined exactly (`BatchReduction.combine`) before they are written, so N processes give the result of one.
+- **Progress**: a tqdm bar counts pattern-tokens (one pattern's loss at one token) with rate and time left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .oracle import oracle_search, under_roots
+from .oracle_reducers import BatchReduction, RunningMin
+from .oracle_results import OracleResult, atomic_save_tensors, atomic_write_text, space_spec
+from .route_spaces import RouteSpace, uniform_classes
+from .routing import BIG
+
+STATE_FILE = "oracle_state.json"
+BATCH_DIR = "batches"
+
+
+def study_space(config, budgets: Sequence | None = None, route_options: Sequence | None = None) -> RouteSpace:
+    """The route space of a study: the model's layers and ``route_options`` (or a subset), the given budgets, and
+    the all-small / all-big patterns (for token difficulty) even when no budget contains them."""
+    space = RouteSpace.from_config(config, budgets, route_options=route_options)
+    extra = uniform_classes(space.num_layers, space.choices).values()
+    return RouteSpace(space.num_layers, space.choices, space.budgets, extra_classes=list(extra))
+
+
+def load_token_blocks(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer=None,
+    block_size: int | None = None,
+    num_blocks: int | None = None,
+) -> tuple[torch.LongTensor, str]:
+    """Token blocks ``[N, T]`` for the oracle and an identifier of them (paths, shape, sha256 of the tokens).
+
+    ``paths``: one ``.safetensors`` file (tensor ``input_ids``) or ``.pt`` file (a tensor, or a dict with
+    ``input_ids``) holding pre-tokenized blocks; or text files, tokenized with ``tokenizer`` (an EOS token after
+    each file when the tokenizer has one), concatenated and cut into ``block_size`` blocks (the rest dropped).
+    ``num_blocks`` keeps the first blocks.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("load_token_blocks: no data file given.")
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file {path} does not exist.")
+    suffix = Path(paths[0]).suffix
+    if suffix in (".safetensors", ".pt", ".pth"):
+        if len(paths) > 1:
+            raise ValueError(f"give one pre-tokenized tensor file, not {len(paths)} files.")
+        blocks = _load_tensor_file(Path(paths[0]))
+        if block_size is not None and block_size != blocks.shape[1]:
+            raise ValueError(
+                f"{paths[0]} holds blocks of {blocks.shape[1]} tokens, but block_size={block_size} was asked; "
+                "drop --block-size or re-tokenize."
+            )
+    else:
+        blocks = _tokenize_files(paths, tokenizer, block_size, num_blocks)
+    if num_blocks is not None:
+        if num_blocks > len(blocks):
+            raise ValueError(f"asked for {num_blocks} blocks, but the data holds only {len(blocks)}.")
+        blocks = blocks[:num_blocks]
+    digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
+    names = ",".join(str(p) for p in paths)
+    return blocks, f"{names} ({len(blocks)}x{blocks.shape[1]} tokens, sha256 {digest})"
+
+
+def _load_tensor_file(path: Path) -> torch.LongTensor:
+    if path.suffix == ".safetensors":
+        tensors = load_file(path)
+        if "input_ids" not in tensors:
+            raise ValueError(f"{path} has no tensor 'input_ids' (it has {sorted(tensors)}).")
+        blocks = tensors["input_ids"]
+    else:
+        blocks = torch.load(path, weights_only=True, map_location="cpu")
+        if isinstance(blocks, dict):
+            if "input_ids" not in blocks:
+                raise ValueError(f"{path} holds a dict without 'input_ids' (keys {sorted(blocks)}).")
+            blocks = blocks["input_ids"]
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype.is_floating_point:
+        raise ValueError(f"{path}: expected an integer tensor of token ids shaped [num_blocks, block_size].")
+    return blocks.long()
+
+
+def _tokenize_files(paths, tokenizer, block_size, num_blocks) -> torch.LongTensor:
+    if tokenizer is None:
+        raise ValueError("text data needs a tokenizer (the model folder's, or --tokenizer).")
+    if not block_size or block_size < 2:
+        raise ValueError(f"block_size={block_size!r}: text data is cut into blocks of at least 2 tokens.")
+    wanted = None if num_blocks is None else num_blocks * block_size
+    ids: list[int] = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            # Tokenize whole lines in pieces, and stop reading once there are enough tokens.
+            piece: list[str] = []
+            size = 0
+            for line in f:
+                piece.append(line)
+                size += len(line)
+                if size >= 1 << 20:
+                    ids += tokenizer("".join(piece), add_special_tokens=False)["input_ids"]
+                    piece, size = [], 0
+                    if wanted is not None and len(ids) >= wanted:
+                        break
+            if piece:
+                ids += tokenizer("".join(piece), add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if wanted is not None and len(ids) >= wanted:
+            break
+    count = len(ids) // block_size
+    if count == 0:
+        raise ValueError(f"the text gives {len(ids)} tokens, fewer than one block of {block_size}.")
+    return torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
+
+
+def _distributed():
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _all_gather(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    if tensor.numel() == 0:  # nothing to exchange (e.g. no position-scheduled budget)
+        return [tensor] * world_size
+    dist = _distributed()
+    flag = tensor.dtype == torch.bool
+    send = (tensor.to(torch.uint8) if flag else tensor).contiguous()
+    parts = [torch.empty_like(send) for _ in range(world_size)]
+    dist.all_gather(parts, send)
+    return [p.bool() for p in parts] if flag else parts
+
+
+def _gather_reduction(reduction: BatchReduction, world_size: int) -> BatchReduction:
+    tensors = {k: v for k, v in vars(reduction).items() if v is not None}
+    gathered = {k: _all_gather(v, world_size) for k, v in tensors.items()}
+    return BatchReduction.combine([BatchReduction(**{k: v[r] for k, v in gathered.items()}) for r in range(world_size)])
+
+
+def _gather_min(world_size: int):
+    def reduce(loss: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        running = RunningMin(loss.shape, loss.device)
+        for part_loss, part_index in zip(_all_gather(loss, world_size), _all_gather(index, world_size)):
+            running.merge(part_loss, part_index)
+        return running.loss, running.index
+
+    return reduce
+
+
+def _work_per_sequence(space: RouteSpace, roots: torch.Tensor | None, seq_len: int, causal: bool) -> int:
+    """Pattern-tokens this process computes per sequence (for the progress bar)."""
+    mine = under_roots(space.patterns, roots, space.choices)
+    work = int(mine.sum()) * seq_len
+    if causal:
+        for g, budget in enumerate(space.budgets):
+            members = space.members[g] & mine
+            big = budget.big_at(seq_len)
+            if big is None:
+                work += int(members.sum()) * seq_len
+            else:
+                per_k = {k: int((members & (space.counts[:, BIG] == k)).sum()) for k in set(big.tolist())}
+                work += sum(per_k[k] for k in big.tolist())
+    return work
+
+
+def run_oracle_study(
+    model,
+    input_ids: torch.LongTensor,
+    space: RouteSpace,
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    best_of_k: int = 0,
+    seed: int = 0,
+    causal: bool = False,
+    chunk_tokens: int | None = None,
+    model_id: str = "",
+    data_id: str = "",
+    stop_after_batches: int | None = None,
+    progress: bool = True,
+) -> OracleResult | None:
+    """Run the oracle over ``input_ids`` (``[N, T]`` blocks) for every budget of ``space``; save and return the result.
+
+    Writes ``oracle_results.safetensors`` and ``oracle_summary.json`` to ``output_dir`` (see `OracleResult`).
+    ``stop_after_batches``: stop after that many batches in this call (the run continues when called again),
+    e.g. to fit a job into a time slot. Returns the result on the main process once every batch is done, else
+    None. Under ``accelerate launch`` every process must call it with the same arguments.
+    """
+    state = PartialState()
+    world, rank, main = state.num_processes, state.process_index, state.is_main_process
+    if world > 1 and _distributed() is None:
+        raise RuntimeError("run_oracle_study: several processes but no torch.distributed group; use accelerate launch.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: it must be at least one sequence.")
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be token blocks [num_sequences, seq_len], got shape {list(input_ids.shape)}.")
+    output_dir = Path(output_dir)
+    uniform = [
+        name for name, vector in uniform_classes(space.num_layers, space.choices).items() if _has_class(space, vector)
+    ]
+    fingerprint = {
+        "model": model_id,
+        "data": data_id,
+        "input_sha256": hashlib.sha256(input_ids.cpu().numpy().tobytes()).hexdigest(),
+        "sequences": int(input_ids.shape[0]),
+        "seq_len": int(input_ids.shape[1]),
+        "space": space_spec(space),
+        "best_of_k": best_of_k,
+        "seed": seed,
+        "causal": causal,
+        "batch_size": batch_size,
+        "uniform": uniform,
+    }
+    num_batches = -(-input_ids.shape[0] // batch_size)
+    done = _resume_point(output_dir, fingerprint, num_batches)
+    if main:
+        (output_dir / BATCH_DIR).mkdir(parents=True, exist_ok=True)
+    roots = space.partition(world)[rank] if world > 1 else None
+    reduce = _gather_min(world) if world > 1 else None
+    per_sequence = _work_per_sequence(space, roots, input_ids.shape[1], causal)
+    bar = tqdm(
+        total=per_sequence * input_ids.shape[0],
+        initial=per_sequence * min(done * batch_size, input_ids.shape[0]),
+        unit="pattern-token",
+        unit_scale=True,
+        desc=f"oracle ({space.size:,} patterns)",
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
+    device = next(model.parameters()).device
+    for ran, b in enumerate(range(done, num_batches)):
+        if stop_after_batches is not None and ran >= stop_after_batches:
+            bar.close()
+            return None
+        batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
+        bar.set_postfix_str(f"sequences {b * batch_size}/{input_ids.shape[0]}")
+        reduction = oracle_search(
+            model, batch, space, best_of_k=best_of_k, seed=seed, uniform=uniform, causal=causal,
+            chunk_tokens=chunk_tokens, roots=roots, reduce=reduce, on_progress=bar.update,
+        )
+        if world > 1:
+            reduction = _gather_reduction(reduction, world)
+        if main:
+            _save_batch(output_dir, b, reduction, fingerprint, num_batches)
+        state.wait_for_everyone()
+    bar.close()
+    if not main:
+        return None
+    batches = [
+        BatchReduction.from_tensors(load_file(output_dir / BATCH_DIR / f"batch_{b:05d}.safetensors"))
+        for b in range(num_batches)
+    ]
+    meta = {
+        "model": model_id,
+        "data": data_id,
+        "best_of_k": best_of_k,
+        "seed": seed,
+        "causal": causal,
+        "uniform": uniform,
+        "batch_size": batch_size,
+        "mode": "independent" + (" + causal" if causal else ""),
+    }
+    result = OracleResult.from_batches(space, batches, input_ids, meta)
+    result.save(output_dir)
+    return result
+
+
+def _has_class(space: RouteSpace, vector) -> bool:
+    return bool((space.counts == torch.tensor(vector)).all(-1).any())
+
+
+def _resume_point(output_dir: Path, fingerprint: dict, num_batches: int) -> int:
+    """Batches already done by an earlier run with the same arguments (0 for a fresh run); refuse other arguments."""
+    path = output_dir / STATE_FILE
+    if not path.exists():
+        return 0
+    saved = json.loads(path.read_text())
+    before = saved.get("fingerprint", {})
+    if before != fingerprint:
+        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+        details = "; ".join(f"{k}: was {before.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{output_dir} holds an oracle run with other arguments ({details}). Rerun with the same arguments to "
+            "resume it, or use another --output-dir (or delete this one) to start a new run."
+        )
+    done = int(saved["batches_done"])
+    missing = [b for b in range(done) if not (output_dir / BATCH_DIR / f"batch_{b:05d}.safetensors").exists()]
+    if missing:
+        raise ValueError(f"{path} says {done} batches are done, but batch files {missing} are missing.")
+    return min(done, num_batches)
+
+
+def _save_batch(output_dir: Path, b: int, reduction: BatchReduction, fingerprint: dict, num_batches: int) -> None:
+    path = output_dir / BATCH_DIR / f"batch_{b:05d}.safetensors"
+    atomic_save_tensors(reduction.tensors(), path)
+    state = {"fingerprint": fingerprint, "batches_done": b + 1, "num_batches": num_batches}
+    atomic_write_text(output_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
