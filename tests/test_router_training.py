@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.checkpointing import list_checkpoints
+from duo_llm_hf.data import pack_corpus
 from duo_llm_hf.router import routers
 from duo_llm_hf.router_training import (
     REPORT_FILE,
@@ -19,12 +20,14 @@ from duo_llm_hf.router_training import (
     add_routers,
     evaluate_router,
     load_duo_model,
+    oracle_router_targets,
     parse_budget_flag,
     parse_router_args,
+    router_agreement,
     train_router,
 )
-from duo_llm_hf.tokenization import train_bpe_tokenizer
-from duo_llm_hf.training import load_corpora, make_eval_loaders
+from duo_llm_hf.tokenization import load_tokenizer, train_bpe_tokenizer
+from duo_llm_hf.training import TrainArguments, load_corpora, make_eval_loaders, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
@@ -204,6 +207,77 @@ def test_three_way_setting_through_the_script(tmp_path, source):
     assert (out / "tokenizer.json").is_file() and (out / "training_args.json").is_file()
 
 
+def test_teacher_forced_router_probs_match_learned_routing(source):
+    model = add_routers(load_duo_model(source), ["small", "big", "skip"], seed=1).eval()
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    learned = model(input_ids=ids, routing="learned")
+    forced = model(input_ids=ids, routes=learned.routes, output_router_probs=True)
+    assert torch.equal(forced.routes, learned.routes)
+    torch.testing.assert_close(forced.router_probs, learned.router_probs)
+    torch.testing.assert_close(forced.logits, learned.logits)
+    assert model(input_ids=ids, routes=learned.routes).router_probs is None  # only when asked
+
+
+def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path):
+    # A briefly trained stage 1 model, so that the oracle's choices depend on the text.
+    stage1 = TrainArguments(
+        output_dir=str(tmp_path / "stage1"),
+        builtin_max_chars=3000,
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=LAYERS,
+        num_heads=4,
+        intermediate_size=128,
+        block_size=16,
+        batch_size=4,
+        max_steps=30,
+        eval_every=0,
+        checkpoint_every=0,
+        warmup_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        progress=False,
+        holdout_english="none",
+        holdout_code="none",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    train(stage1)
+    args = tiny_args(
+        tmp_path,
+        stage1.output_dir,
+        supervision="oracle",
+        alpha=0.0,
+        temperature_schedule="constant",
+        batch_size=8,
+        max_steps=40,
+        learning_rate=0.05,
+        eval_blocks=4,
+        holdout_code="none",
+    )
+    result = train_router(args)
+    report = result.report
+    assert report["supervision"] == "oracle" and report["oracle_budget"] == "big=1"  # 0.5 of 2 layers
+    assert 0 < report["train_oracle_agreement_last_window"] <= 1
+    realised = report["holdouts"]["english"]["realised"]
+    assert len(realised["per_layer"]) == LAYERS and sum(realised["overall"].values()) == pytest.approx(1.0)
+
+    # On training blocks, each layer's hard choice (teacher forced on the oracle's route) agrees with the oracle
+    # more often than the fresh routers do, and more often than always taking each layer's commoner choice.
+    train_texts, _ = load_corpora(args)
+    trained = load_duo_model(args.output_dir)
+    blocks = pack_corpus(train_texts, load_tokenizer(args.output_dir), 16)["input_ids"][:64]
+    routes, mask = oracle_router_targets(trained, blocks, report["oracle_budget"])
+    assert routes.shape == (64, 16, LAYERS) and (routes[mask] == BIG).sum(-1).eq(1).all()
+    fresh = add_routers(load_duo_model(stage1.output_dir), ["small", "big"], seed=args.seed)
+    agreement = {}
+    for name, model in (("trained", trained), ("fresh", fresh)):
+        probs = model(input_ids=blocks, routes=routes, output_router_probs=True).router_probs
+        agreement[name] = router_agreement(probs, routes, mask)
+    p_big = (routes[mask] == BIG).double().mean(0)
+    majority = torch.maximum(p_big, 1 - p_big).mean().item()
+    assert agreement["trained"] > max(majority, agreement["fresh"]) + 0.05, (agreement, majority)
+
+
 def test_parser_and_budget_flags():
     args = parse_router_args(["--model", "m", "--output-dir", "o", "--budget", "big=0.5,skip=0.5", "--alpha", "3"])
     assert (args.budget, args.alpha, args.block_size) == ("big=0.5,skip=0.5", 3.0, None)
@@ -243,6 +317,9 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, tokenizer):
         ({"alpha": -1.0}, ValueError, "alpha: -1.0"),
         ({"temperature_end": 0.0}, ValueError, "temperatures must be > 0"),
         ({"resume_from": str(tmp_path / "nowhere")}, FileNotFoundError, "not a checkpoint folder"),
+        ({"oracle_budget": "1"}, ValueError, "need --supervision oracle"),
+        ({"supervision": "oracle", "budget": "0.25"}, ValueError, r"0.5\} layers, not whole numbers"),
+        ({"supervision": "oracle", "oracle_budget": "big=3"}, ValueError, "3 big layers is impossible"),
     ]
     for i, (overrides, error, message) in enumerate(cases):
         args = tiny_args(tmp_path, source, f"bad{i}", **overrides)

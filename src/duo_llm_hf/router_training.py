@@ -45,7 +45,9 @@ from .configuration_duo_opt import DuoOPTConfig
 from .data import pack_corpus, parse_corpus_spec
 from .duo_modeling_utils import DUO_CONFIG_FIELDS
 from .flops import flops_per_token
-from .losses import token_losses
+from .losses import IGNORE_INDEX, next_token_targets, token_losses
+from .oracle import oracle_routing
+from .route_spaces import RouteSpace
 from .router import (
     ROUTER_SETTINGS,
     SCHEDULE_KINDS,
@@ -145,6 +147,28 @@ class RouterTrainArguments:
         default=None, metadata={"help": "Steps over which tau anneals (default: the whole run)."}
     )
     router_seed: int | None = field(default=None, metadata={"help": "Seed of the router weights (default: --seed)."})
+    supervision: Literal["lm", "oracle"] = field(
+        default="lm",
+        metadata={
+            "help": "lm: the paper's router, trained by the LM loss through the soft mixture (plus alpha * budget "
+            "loss). oracle (beyond the paper): each layer's router learns the oracle's choice in that layer on the "
+            "training text (cross-entropy, on the FFN inputs of the oracle's route), plus alpha * budget loss."
+        },
+    )
+    oracle_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "supervision oracle: the oracle's exact budget (e.g. 2 = two BIG layers, big=6,skip=6); "
+            "default: the --budget targets times the number of layers, which must be whole numbers."
+        },
+    )
+    oracle_causal: bool = field(
+        default=False,
+        metadata={"help": "supervision oracle: targets from the causally consistent oracle (realisable routes)."},
+    )
+    oracle_chunk_tokens: int | None = field(
+        default=None, metadata={"help": "supervision oracle: tokens per forward batch of the oracle's tree walk."}
+    )
     # Data
     dataset: str = _stage1("dataset")
     holdout_english: str = _stage1("holdout_english")
@@ -200,6 +224,14 @@ class RouterTrainArguments:
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 0.")
+        if self.supervision not in SUPERVISIONS:
+            raise ValueError(f"supervision: {self.supervision!r} is not one of {list(SUPERVISIONS)}.")
+        if self.supervision != "oracle":
+            given = [f"--{n.replace('_', '-')}" for n in ORACLE_FIELDS if getattr(self, n) != _DEFAULTS[n]]
+            if given:
+                raise ValueError(f"{given} set the oracle's targets; they need --supervision oracle.")
+        if self.oracle_chunk_tokens is not None and self.oracle_chunk_tokens < 1:
+            raise ValueError(f"oracle_chunk_tokens: {self.oracle_chunk_tokens!r} must be a positive integer.")
         if self.temperature_steps is not None and self.temperature_steps < 0:
             raise ValueError(f"temperature_steps: {self.temperature_steps!r} must be >= 0 (or left unset).")
         if self.block_size is not None and self.block_size < 2:
@@ -246,6 +278,11 @@ class RouterTrainArguments:
         """The router temperature schedule of a run of ``total_steps`` optimizer steps."""
         steps = total_steps if self.temperature_steps is None else self.temperature_steps
         return TemperatureSchedule(self.temperature_start, self.temperature_end, steps, self.temperature_schedule)
+
+
+SUPERVISIONS = ("lm", "oracle")
+ORACLE_FIELDS = ("oracle_budget", "oracle_causal", "oracle_chunk_tokens")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterTrainArguments)}
 
 
 @dataclass
@@ -333,6 +370,31 @@ def route_plan(args: RouterTrainArguments, config) -> tuple[list[str], dict[int,
     if len(options) < 2:
         raise ValueError(f"{source}: a router needs at least two route options to choose between, got {options}.")
     return options, parse_budget(budget, options)
+
+
+def oracle_budget_spec(
+    args: RouterTrainArguments, options: Sequence[str], targets: Mapping[int, float], num_layers: int
+):
+    """The oracle's budget for oracle supervision: ``args.oracle_budget``, else the targets times the layers.
+
+    The oracle picks patterns with *exact* counts (`route_spaces.parse_budget` syntax), so each target fraction
+    times ``num_layers`` must be a whole number (``0.5`` of 4 layers: ``big=2``). The budget is checked against a
+    route space over ``options`` here, before any work is done.
+    """
+    if args.oracle_budget is not None:
+        spec = args.oracle_budget
+    else:
+        counts = {CHOICE_NAMES[code]: fraction * num_layers for code, fraction in targets.items()}
+        uneven = {name: count for name, count in counts.items() if abs(count - round(count)) > 1e-6}
+        if uneven:
+            raise ValueError(
+                f"budget { ({CHOICE_NAMES[c]: v for c, v in targets.items()}) } of {num_layers} layers is "
+                f"{uneven} layers, not whole numbers; the oracle needs exact counts: give --oracle-budget (e.g. "
+                f"{','.join(f'{n}={round(c)}' for n, c in counts.items())})."
+            )
+        spec = ",".join(f"{name}={round(count)}" for name, count in counts.items())
+    RouteSpace(num_layers, options, [spec])  # raises on a budget the options cannot meet
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,6 +533,47 @@ def eval_metrics(results: Mapping[str, dict], prefix: str = "eval") -> dict[str,
 
 
 # ----------------------------------------------------------------------------------------------------
+# Oracle supervision
+
+
+def oracle_router_targets(
+    model, input_ids: torch.LongTensor, budget, *, causal: bool = False, chunk_tokens: int | None = None
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """The oracle's route of every token (``[batch, seq, layers]``) and which tokens count (``[batch, seq]``).
+
+    The oracle (`oracle.oracle_routing`, independent by default, ``causal`` for the causally consistent one)
+    picks each token's best pattern under ``budget`` over the model's ``route_options``, given the next tokens
+    of ``input_ids``; tokens without a next token (the last of each block) do not count. Runs without gradients
+    in evaluation mode, and leaves the model's mode as it was.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        found = oracle_routing(model, input_ids, input_ids, budget, causal=causal, chunk_tokens=chunk_tokens)
+    finally:
+        model.train(was_training)
+    return found.routes, next_token_targets(input_ids) != IGNORE_INDEX
+
+
+def oracle_router_loss(router_probs: torch.Tensor, routes: torch.LongTensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the routers' probabilities (``[batch, seq, layers, 3]``) at the oracle's ``routes``.
+
+    Averaged over the layers and the counted tokens (``mask``, ``[batch, seq]``): each layer's router learns to
+    predict the oracle's choice in that layer.
+    """
+    chosen = router_probs.gather(-1, routes.to(router_probs.device)[..., None]).squeeze(-1)  # [B, T, L]
+    log_p = torch.log(chosen.clamp_min(torch.finfo(chosen.dtype).tiny))
+    weights = mask.to(log_p.device, log_p.dtype)[..., None].expand_as(log_p)
+    return -(log_p * weights).sum() / weights.sum().clamp_min(1)
+
+
+def router_agreement(router_probs: torch.Tensor, routes: torch.LongTensor, mask: torch.Tensor) -> float:
+    """Fraction of the counted (token, layer) pairs where the router's argmax is the oracle's choice."""
+    hits = (router_probs.argmax(-1) == routes.to(router_probs.device))[mask.to(router_probs.device).bool()]
+    return hits.double().mean().item() if hits.numel() else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -492,6 +595,9 @@ def train_router(
             f"{args.model!r}; use --block-size <= {positions}."
         )
     args = dataclasses.replace(args, block_size=args.block_size or min(DEFAULT_BLOCK_SIZE, positions))
+    oracle_budget = None
+    if args.supervision == "oracle":
+        oracle_budget = oracle_budget_spec(args, options, targets, source_config.num_hidden_layers)
     output_dir = Path(args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
@@ -509,9 +615,8 @@ def train_router(
     if not args.progress:
         datasets.disable_progress_bars()
     try:
-        return _train_router(
-            args, accelerator, options, targets, source_config, resume_dir, checkpoints_dir, step_callback
-        )
+        plan = RoutePlan(options, targets, oracle_budget)
+        return _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback)
     finally:
         accelerator.end_training()
         reset_accelerate_state()
@@ -519,9 +624,16 @@ def train_router(
             datasets.enable_progress_bars()
 
 
-def _train_router(
-    args, accelerator, options, targets, source_config, resume_dir, checkpoints_dir, step_callback
-) -> RouterTrainResult:
+@dataclass(frozen=True)
+class RoutePlan:
+    """What the routers learn: their options, the budget targets and, under oracle supervision, the oracle's budget."""
+
+    options: list[str]
+    targets: dict[int, float]
+    oracle_budget: str | None = None
+
+
+def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback):
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -543,7 +655,7 @@ def _train_router(
     model = load_duo_model(args.model)
     schedule = args.temperature_plan(1)  # replaced below once the number of steps is known
     add_routers(
-        model, options, seed=args.seed if args.router_seed is None else args.router_seed, temperature=schedule(0)
+        model, plan.options, seed=args.seed if args.router_seed is None else args.router_seed, temperature=schedule(0)
     )
     trainable = freeze_all_but_routers(model)
 
@@ -561,14 +673,15 @@ def _train_router(
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         accelerator.print(f"Resumed from {resume_dir} at step {state.global_step}")
-    targets_named = {CHOICE_NAMES[code]: value for code, value in targets.items()}
+    targets_named = {CHOICE_NAMES[code]: value for code, value in plan.targets.items()}
     accelerator.init_trackers(
         args.run_name,
         config=tracker_config(
             args,
             {
-                "route_options_resolved": ",".join(options),
+                "route_options_resolved": ",".join(plan.options),
                 "budget_resolved": json.dumps(targets_named),
+                "oracle_budget_resolved": str(plan.oracle_budget),
                 "total_steps": total_steps,
                 "trainable_parameters": sum(p.numel() for p in trainable),
             },
@@ -584,15 +697,19 @@ def _train_router(
         desc="train routers",
         disable=not (args.progress and accelerator.is_local_main_process),
     )
-    # Running sums over the micro-batches of a step: total loss, CE, budget loss; and over a log window: the
-    # hard (argmax) route counts and the soft router probabilities of the training batches.
+    # Running sums over the micro-batches of a step: total loss, the main loss (the LM's CE, or the routers' CE
+    # towards the oracle), budget loss; and over a log window: the routers' hard (argmax) choice counts, their
+    # soft probabilities, and (oracle supervision) their agreement with the oracle.
     window = torch.zeros(3, device=accelerator.device)
     window_batches = 0
     log_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     log_steps = 0
     hard_counts = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=accelerator.device)
     soft_sums = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=accelerator.device)
+    agreement = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # hits, counted pairs
     train_realised: dict[str, float] = {}
+    train_agreement = None
+    main_name = "train/router_ce" if args.supervision == "oracle" else "train/ce"
     log_tokens, log_time = 0, time.perf_counter()
     model.train()
     for batch in training_batches(train_loader, accelerator, state, total_steps):
@@ -600,19 +717,32 @@ def _train_router(
         set_router_temperature(unwrapped, temperature)
         with accelerator.accumulate(model):
             ids = batch["input_ids"]
-            out = model(input_ids=ids, labels=ids, routing="learned")
-            budget = budget_loss(out.router_probs, targets)
-            loss = out.loss + args.alpha * budget
+            if args.supervision == "oracle":
+                routes, mask = oracle_router_targets(
+                    unwrapped, ids, plan.oracle_budget, causal=args.oracle_causal, chunk_tokens=args.oracle_chunk_tokens
+                )
+                # Teacher forcing: the model follows the oracle's routes, each router sees the FFN input there.
+                out = model(input_ids=ids, routes=routes, output_router_probs=True, logits_to_keep=1)
+                main = oracle_router_loss(out.router_probs, routes, mask)
+            else:
+                out = model(input_ids=ids, labels=ids, routing="learned")
+                main = out.loss
+            budget = budget_loss(out.router_probs, plan.targets)
+            loss = main + args.alpha * budget
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        window += torch.stack([loss.detach(), out.loss.detach(), budget.detach()]).float()
+        probs = out.router_probs.detach()
+        window += torch.stack([loss.detach(), main.detach(), budget.detach()]).float()
         window_batches += 1
-        hard_counts += torch.bincount(out.routes.reshape(-1), minlength=len(CHOICE_NAMES)).double()
-        soft_sums += out.router_probs.detach().double().reshape(-1, len(CHOICE_NAMES)).sum(0)
+        hard_counts += torch.bincount(probs.argmax(-1).reshape(-1), minlength=len(CHOICE_NAMES)).double()
+        soft_sums += probs.double().reshape(-1, len(CHOICE_NAMES)).sum(0)
+        if args.supervision == "oracle":
+            hits = (probs.argmax(-1) == routes)[mask]
+            agreement += torch.stack([hits.sum(), torch.tensor(hits.numel(), device=hits.device)]).double()
         if not accelerator.sync_gradients:
             continue
 
@@ -640,7 +770,7 @@ def _train_router(
             metrics.update(
                 {
                     "train/loss": mean[0],
-                    "train/ce": mean[1],
+                    main_name: mean[1],
                     "train/budget_loss": mean[2],
                     "train/temperature": temperature,
                     "train/lr": scheduler.get_last_lr()[0],
@@ -654,9 +784,14 @@ def _train_router(
                     },
                 }
             )
+            if args.supervision == "oracle":
+                hits, pairs = accelerator.reduce(agreement, "sum").tolist()
+                train_agreement = hits / max(pairs, 1.0)
+                metrics["train/oracle_agreement"] = train_agreement
             log_sums.zero_()
             hard_counts.zero_()
             soft_sums.zero_()
+            agreement.zero_()
             log_steps, log_tokens, log_time = 0, 0, time.perf_counter()
         if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
             results = evaluate_router(model, eval_loaders, accelerator)
@@ -680,7 +815,7 @@ def _train_router(
     progress.close()
 
     set_router_temperature(unwrapped, schedule(state.global_step))
-    report = router_report(args, unwrapped.config, options, targets, state, results, train_realised)
+    report = router_report(args, unwrapped.config, plan, state, results, train_realised, train_agreement)
     save_final(args, accelerator, model, tokenizer, state, eval_metrics(results))
     if accelerator.is_main_process:
         (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -691,11 +826,11 @@ def _train_router(
 def router_report(
     args: RouterTrainArguments,
     config,
-    options: Sequence[str],
-    targets: Mapping[int, float],
+    plan: RoutePlan,
     state: TrainState,
     results: Mapping[str, dict],
     train_realised: Mapping[str, float],
+    train_agreement: float | None = None,
 ) -> dict:
     """The JSON report of a router run: the plan, and per held-out set the realised fractions and perplexity.
 
@@ -719,8 +854,11 @@ def router_report(
     return {
         "model": str(args.model),
         "setting": args.setting,
-        "route_options": list(options),
-        "budget": {CHOICE_NAMES[code]: value for code, value in targets.items()},
+        "supervision": args.supervision,
+        "route_options": list(plan.options),
+        "budget": {CHOICE_NAMES[code]: value for code, value in plan.targets.items()},
+        "oracle_budget": plan.oracle_budget,
+        "oracle_causal": args.oracle_causal if args.supervision == "oracle" else None,
         "alpha": args.alpha,
         "temperature_final": float(config.router_temperature),
         "global_step": state.global_step,
@@ -728,6 +866,7 @@ def router_report(
         "block_size": args.block_size,
         "flops_per_token_all_big": flops_per_token(config, {BIG: 1.0}, seq_len=args.block_size).total,
         "train_realised_last_window": dict(train_realised),
+        "train_oracle_agreement_last_window": train_agreement,
         "holdouts": holdouts,
     }
 
@@ -744,6 +883,7 @@ def main(argv: list[str] | None = None) -> RouterTrainResult:
 
 __all__ = [
     "REPORT_FILE",
+    "RoutePlan",
     "RouterTrainArguments",
     "RouterTrainResult",
     "add_routers",
@@ -753,10 +893,14 @@ __all__ = [
     "inspect_duo_source",
     "load_duo_model",
     "main",
+    "oracle_budget_spec",
+    "oracle_router_loss",
+    "oracle_router_targets",
     "parse_budget_flag",
     "parse_route_options",
     "parse_router_args",
     "routable_choices",
+    "router_agreement",
     "route_plan",
     "router_report",
     "train_router",
