@@ -14,6 +14,7 @@ from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.checkpointing import list_checkpoints
 from duo_llm_hf.data import pack_corpus
 from duo_llm_hf.router import routers
+from duo_llm_hf.router_comparison import ComparisonArguments, compare_routers, comparison_table
 from duo_llm_hf.router_training import (
     REPORT_FILE,
     RouterTrainArguments,
@@ -218,33 +219,40 @@ def test_teacher_forced_router_probs_match_learned_routing(source):
     assert model(input_ids=ids, routes=learned.routes).router_probs is None  # only when asked
 
 
-def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path):
-    # A briefly trained stage 1 model, so that the oracle's choices depend on the text.
-    stage1 = TrainArguments(
-        output_dir=str(tmp_path / "stage1"),
-        builtin_max_chars=3000,
-        vocab_size=300,
-        hidden_size=32,
-        num_layers=LAYERS,
-        num_heads=4,
-        intermediate_size=128,
-        block_size=16,
-        batch_size=4,
-        max_steps=30,
-        eval_every=0,
-        checkpoint_every=0,
-        warmup_steps=1,
-        learning_rate=1e-2,
-        report_to="none",
-        progress=False,
-        holdout_english="none",
-        holdout_code="none",
-        cache_dir=str(tmp_path / "cache"),
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> str:
+    """A briefly trained stage 1 model (2 layers), so that the oracle's choices depend on the text."""
+    folder = tmp_path_factory.mktemp("stage1")
+    train(
+        TrainArguments(
+            output_dir=str(folder / "model"),
+            builtin_max_chars=3000,
+            vocab_size=300,
+            hidden_size=32,
+            num_layers=LAYERS,
+            num_heads=4,
+            intermediate_size=128,
+            block_size=16,
+            batch_size=4,
+            max_steps=30,
+            eval_every=0,
+            checkpoint_every=0,
+            warmup_steps=1,
+            learning_rate=1e-2,
+            report_to="none",
+            progress=False,
+            holdout_english="none",
+            holdout_code="none",
+            cache_dir=str(folder / "cache"),
+        )
     )
-    train(stage1)
+    return str(folder / "model")
+
+
+def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path, stage1):
     args = tiny_args(
         tmp_path,
-        stage1.output_dir,
+        stage1,
         supervision="oracle",
         alpha=0.0,
         temperature_schedule="constant",
@@ -268,14 +276,57 @@ def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path):
     blocks = pack_corpus(train_texts, load_tokenizer(args.output_dir), 16)["input_ids"][:64]
     routes, mask = oracle_router_targets(trained, blocks, report["oracle_budget"])
     assert routes.shape == (64, 16, LAYERS) and (routes[mask] == BIG).sum(-1).eq(1).all()
-    fresh = add_routers(load_duo_model(stage1.output_dir), ["small", "big"], seed=args.seed)
+    fresh = add_routers(load_duo_model(stage1), ["small", "big"], seed=args.seed)
     agreement = {}
     for name, model in (("trained", trained), ("fresh", fresh)):
         probs = model(input_ids=blocks, routes=routes, output_router_probs=True).router_probs
         agreement[name] = router_agreement(probs, routes, mask)
+        if name == "trained":
+            # Calibrated on these blocks: each layer's hard choices take BIG as often as the oracle's.
+            hard_big = (probs.argmax(-1) == BIG)[mask].double().mean(0)
+            torch.testing.assert_close(hard_big, (routes[mask] == BIG).double().mean(0), atol=0.01, rtol=0)
     p_big = (routes[mask] == BIG).double().mean(0)
     majority = torch.maximum(p_big, 1 - p_big).mean().item()
     assert agreement["trained"] > max(majority, agreement["fresh"]) + 0.05, (agreement, majority)
+    calibration = report["oracle_calibration"]
+    assert calibration["blocks"] == min(64, len(pack_corpus(train_texts, load_tokenizer(args.output_dir), 16)))
+    assert len(calibration["bias_offsets"]) == LAYERS and calibration["agreement_after"] == pytest.approx(
+        agreement["trained"]
+    )
+
+
+def test_router_vs_oracle_table(tmp_path, stage1, monkeypatch):
+    args = ComparisonArguments(
+        model=stage1,
+        output_dir=str(tmp_path / "cmp"),
+        router_steps=3,
+        batch_size=4,
+        block_size=16,
+        eval_blocks=2,
+        builtin_max_chars=3000,
+        progress=False,
+    )
+    results = compare_routers(args)
+    assert results["budgets"] == [1]
+    for name in ("english", "code"):
+        found = results["sets"][name]
+        # The oracle takes each token's best pattern: never worse than the best single pattern.
+        assert found["oracle"][1] <= found["fixed"][1] + 1e-9
+        assert found["fixed_pattern"][1] in ("sB", "Bs")
+        for supervision in ("lm", "oracle"):
+            entry = results["routers"][supervision][1][name]
+            assert 0 <= entry["realised_big"] <= 1 and entry["ppl"] > 1
+    table = (Path(args.output_dir) / "router_vs_oracle.md").read_text()
+    assert table == comparison_table(results) + "\n"
+    methods = [line.split("|")[2].strip() for line in table.splitlines()[2:]]
+    assert methods[:2] == ["all small", "oracle"] and methods[2].startswith("fixed `")
+    assert methods[3:] == ["router (conventional)", "router (oracle-supervised)", "all big"]
+
+    # A rerun with the same arguments reuses the finished routers and oracle studies.
+    monkeypatch.setattr("duo_llm_hf.router_comparison.train_router", None)
+    again = compare_routers(args)
+    assert json.loads(json.dumps(again)) == json.loads((Path(args.output_dir) / "router_vs_oracle.json").read_text())
+    assert again["routers"] == results["routers"] and again["sets"] == results["sets"]
 
 
 def test_parser_and_budget_flags():

@@ -56,6 +56,7 @@ from .router import (
     freeze_all_but_routers,
     parse_budget,
     realised_fractions,
+    routers,
     set_router_temperature,
 )
 from .routing import BIG, CHOICE_NAMES, SKIP, choice_code, route_usage
@@ -169,6 +170,13 @@ class RouterTrainArguments:
     oracle_chunk_tokens: int | None = field(
         default=None, metadata={"help": "supervision oracle: tokens per forward batch of the oracle's tree walk."}
     )
+    oracle_calibration_blocks: int = field(
+        default=64,
+        metadata={
+            "help": "supervision oracle: after training, shift each layer's router biases so that on this many "
+            "training blocks its hard choices take each choice as often as the oracle does in that layer (0: off)."
+        },
+    )
     # Data
     dataset: str = _stage1("dataset")
     holdout_english: str = _stage1("holdout_english")
@@ -230,6 +238,8 @@ class RouterTrainArguments:
             given = [f"--{n.replace('_', '-')}" for n in ORACLE_FIELDS if getattr(self, n) != _DEFAULTS[n]]
             if given:
                 raise ValueError(f"{given} set the oracle's targets; they need --supervision oracle.")
+        if self.oracle_calibration_blocks < 0:
+            raise ValueError(f"oracle_calibration_blocks: {self.oracle_calibration_blocks!r} must be >= 0.")
         if self.oracle_chunk_tokens is not None and self.oracle_chunk_tokens < 1:
             raise ValueError(f"oracle_chunk_tokens: {self.oracle_chunk_tokens!r} must be a positive integer.")
         if self.temperature_steps is not None and self.temperature_steps < 0:
@@ -281,7 +291,7 @@ class RouterTrainArguments:
 
 
 SUPERVISIONS = ("lm", "oracle")
-ORACLE_FIELDS = ("oracle_budget", "oracle_causal", "oracle_chunk_tokens")
+ORACLE_FIELDS = ("oracle_budget", "oracle_causal", "oracle_chunk_tokens", "oracle_calibration_blocks")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterTrainArguments)}
 
 
@@ -573,6 +583,72 @@ def router_agreement(router_probs: torch.Tensor, routes: torch.LongTensor, mask:
     return hits.double().mean().item() if hits.numel() else float("nan")
 
 
+def _match_fractions(scores: torch.Tensor, target: torch.Tensor, rounds: int = 8, steps: int = 50) -> torch.Tensor:
+    """Offsets ``[C]`` such that ``argmax(scores + offsets)`` takes choice ``c`` for a ``target[c]`` share of rows.
+
+    ``scores``: ``[n, C]`` (``-inf`` for choices never allowed). The share of a choice only grows with its own
+    offset, so each offset is found by bisection with the others held; a few rounds over the choices settle all
+    of them (one round is exact for two choices).
+    """
+    finite = scores[torch.isfinite(scores)]
+    span = float(finite.max() - finite.min()) + 1.0 if finite.numel() else 1.0
+    offsets = torch.zeros(scores.shape[-1], dtype=scores.dtype)
+    allowed = [c for c in range(scores.shape[-1]) if torch.isfinite(scores[:, c]).any()]
+    for _ in range(rounds if len(allowed) > 2 else 1):
+        for c in allowed[:-1]:  # the last allowed choice takes the rest
+            low, high = -span, span
+            for _ in range(steps):
+                offsets[c] = (low + high) / 2
+                share = ((scores + offsets).argmax(-1) == c).double().mean()
+                low, high = (offsets[c].item(), high) if share < target[c] else (low, offsets[c].item())
+            offsets[c] = high
+    return offsets
+
+
+@torch.no_grad()
+def calibrate_routers(
+    model, input_ids: torch.LongTensor, budget, *, causal: bool = False, chunk_tokens: int | None = None
+) -> dict:
+    """Shift each layer's router biases so that its hard choices match the oracle's per-layer shares.
+
+    A router trained to predict the oracle's choice in its layer is a classifier, and the argmax of a classifier
+    that is unsure favours the commoner class: under a budget of 1 BIG layer in 4, every layer may prefer small
+    and hard routing then spends almost no BIG. On ``input_ids`` (training blocks), with the model teacher
+    forced on the oracle's routes, each router's biases get offsets (`_match_fractions`) such that its argmax
+    takes each choice as often as the oracle does in that layer. Returns the offsets per layer and the hard
+    choice shares and agreement with the oracle before and after.
+    """
+    routes, mask = oracle_router_targets(model, input_ids, budget, causal=causal, chunk_tokens=chunk_tokens)
+    was_training = model.training
+    model.eval()
+    probs = model(input_ids=input_ids, routes=routes, output_router_probs=True, logits_to_keep=1).router_probs
+    model.train(was_training)
+    counted = mask.to(probs.device).bool()
+    before = router_agreement(probs, routes, mask)
+    offsets, shares = [], []
+    for layer, router in enumerate(routers(model)):
+        log_p = torch.log(probs[:, :, layer][counted].double())  # [n, 3]; argmax(log P + o) = argmax(logits + tau o)
+        oracle_share = torch.bincount(routes[:, :, layer][counted].reshape(-1).cpu(), minlength=len(CHOICE_NAMES))
+        target = oracle_share.double() / oracle_share.sum().clamp_min(1)
+        offset = _match_fractions(log_p.cpu(), target)
+        router.bias.add_(
+            torch.stack([offset[code] for code in router.choices]).to(router.bias.device, router.bias.dtype)
+            * router.temperature
+        )
+        offsets.append({CHOICE_NAMES[code]: offset[code].item() * router.temperature for code in router.choices})
+        shares.append({CHOICE_NAMES[c]: target[c].item() for c in router.choices})
+    model.eval()
+    after_probs = model(input_ids=input_ids, routes=routes, output_router_probs=True, logits_to_keep=1).router_probs
+    model.train(was_training)
+    return {
+        "blocks": int(input_ids.shape[0]),
+        "oracle_shares": shares,
+        "bias_offsets": offsets,
+        "agreement_before": before,
+        "agreement_after": router_agreement(after_probs, routes, mask),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run
 
@@ -710,6 +786,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
     train_realised: dict[str, float] = {}
     train_agreement = None
     main_name = "train/router_ce" if args.supervision == "oracle" else "train/ce"
+    calibrate = args.supervision == "oracle" and args.oracle_calibration_blocks > 0  # the final eval comes after
     log_tokens, log_time = 0, time.perf_counter()
     model.train()
     for batch in training_batches(train_loader, accelerator, state, total_steps):
@@ -793,7 +870,9 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
             soft_sums.zero_()
             agreement.zero_()
             log_steps, log_tokens, log_time = 0, 0, time.perf_counter()
-        if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
+        if eval_loaders and (
+            (args.eval_every and state.global_step % args.eval_every == 0) or (last and not calibrate)
+        ):
             results = evaluate_router(model, eval_loaders, accelerator)
             metrics.update(eval_metrics(results))
             log_time = time.perf_counter()  # evaluation time is not training throughput
@@ -815,7 +894,20 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
     progress.close()
 
     set_router_temperature(unwrapped, schedule(state.global_step))
+    calibration = None
+    if calibrate:
+        # Every process calibrates on the same blocks, so the routers stay identical.
+        count = min(args.oracle_calibration_blocks, len(train_blocks)) if hasattr(train_blocks, "__len__") else None
+        blocks = train_blocks.select(range(count)) if count else train_blocks.take(args.oracle_calibration_blocks)
+        ids = torch.stack([row["input_ids"] for row in blocks]).to(accelerator.device)
+        calibration = calibrate_routers(
+            unwrapped, ids, plan.oracle_budget, causal=args.oracle_causal, chunk_tokens=args.oracle_chunk_tokens
+        )
+    if eval_loaders and (calibration is not None or not results):  # after calibration, or a resumed finished run
+        results = evaluate_router(model, eval_loaders, accelerator)
+        accelerator.log(eval_metrics(results), step=state.global_step)
     report = router_report(args, unwrapped.config, plan, state, results, train_realised, train_agreement)
+    report["oracle_calibration"] = calibration
     save_final(args, accelerator, model, tokenizer, state, eval_metrics(results))
     if accelerator.is_main_process:
         (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -888,6 +980,7 @@ __all__ = [
     "RouterTrainResult",
     "add_routers",
     "build_router_arg_parser",
+    "calibrate_routers",
     "eval_metrics",
     "evaluate_router",
     "inspect_duo_source",
