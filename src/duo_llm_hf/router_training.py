@@ -9,6 +9,13 @@ token takes its argmax choice and only that module runs, and reports the *realis
 (overall, per layer, and the per-layer x per-position usage counts that the oracle's analysis also draws) with
 the perplexity at that realised budget.
 
+Beyond the paper, ``supervision="oracle"`` trains the same routers to predict the oracle's choices instead: per
+training batch the oracle (`oracle.oracle_routing`) finds each token's best pattern under an exact budget, the
+model follows those routes (teacher forcing: each router sees the FFN input the oracle's route gives) and each
+layer's router learns the oracle's choice in that layer by cross-entropy (`oracle_router_loss`), plus ``alpha *
+budget_loss``. Afterwards `calibrate_routers` shifts the router biases so that hard routing takes each choice as
+often as the oracle does per layer; the evaluation is the conventional router's.
+
 Which choices a model can route: those of its ``route_options`` (its small and big FFNs were trained for them
 in stage 1), plus ``skip``, which needs no module (the paper lets the oracle and the router skip layers of a
 model trained with small / big routing only). The paper's three settings are `router.ROUTER_SETTINGS`.
@@ -33,7 +40,7 @@ from typing import Literal
 
 import datasets
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -966,6 +973,8 @@ def router_report(
 def main(argv: list[str] | None = None) -> RouterTrainResult:
     """``training/train_router.py`` (and ``duo-llm train-router``): parse the flags, train, print the outcome."""
     result = train_router(parse_router_args(argv))
+    if not PartialState().is_main_process:
+        return result
     print(f"Saved the model with routers to {result.output_dir} after {result.global_step} steps.")
     for name, entry in result.report["holdouts"].items():
         fractions = ", ".join(f"{choice} {value:.3f}" for choice, value in entry["realised"]["overall"].items())
