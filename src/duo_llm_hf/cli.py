@@ -53,6 +53,11 @@ COMMANDS: dict[str, Command] = {
         "Benchmarks with lm-evaluation-harness (--model duo, any routing mode; the harness's own flags).",
         "lm_eval --model duo (through duo-lm-eval)",
     ),
+    "study": Command(
+        "duo_llm_hf.study:main",
+        "The main job: the paper's study end to end (train, oracle, routers, token difficulty) with a report.",
+        "duo-llm study --out DIR",
+    ),
 }
 
 

@@ -210,6 +210,7 @@ class RouterTrainArguments:
     lr_scheduler: str = _stage1("lr_scheduler", default="constant")
     warmup_steps: int = _stage1("warmup_steps", default=0)
     max_grad_norm: float = _stage1("max_grad_norm")
+    fused_optimizer: bool = _stage1("fused_optimizer")
     max_steps: int | None = _stage1("max_steps")
     num_epochs: int = _stage1("num_epochs")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _stage1("mixed_precision")
@@ -796,7 +797,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
     calibrate = args.supervision == "oracle" and args.oracle_calibration_blocks > 0  # the final eval comes after
     log_tokens, log_time = 0, time.perf_counter()
     model.train()
-    for batch in training_batches(train_loader, accelerator, state, total_steps):
+    for batch in training_batches(train_loader, accelerator, state, total_steps, args):
         temperature = schedule(state.global_step)
         set_router_temperature(unwrapped, temperature)
         with accelerator.accumulate(model):

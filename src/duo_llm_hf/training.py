@@ -87,8 +87,7 @@ class TrainArguments:
         metadata={
             "help": "random: a Duo model from scratch with random routing (stage 1). frozen-big: start from "
             "--init-from, freeze it, train only the small FFNs. dense: a LlamaForCausalLM whose FFN inner "
-            "size "
-            "matches the Duo model's FLOPs at --p-big."
+            "size matches the Duo model's FLOPs at --p-big."
         },
     )
     # Data
@@ -181,6 +180,9 @@ class TrainArguments:
     )
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    fused_optimizer: bool = field(
+        default=True, metadata={"help": "Use torch's fused AdamW kernel where it runs (CPU, CUDA)."}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: --num-epochs)."})
     num_epochs: int = field(
         default=1, metadata={"help": "Epochs over the training blocks, when no --max-steps."}
@@ -266,8 +268,7 @@ class TrainArguments:
         ):
             raise ValueError(
                 f"p_big={self.p_big!r}, p_skip={self.p_skip!r}: each must be in [0, 1] and together at most "
-                "1 "
-                "(the small FFN gets 1 - p_big - p_skip)."
+                "1 (the small FFN gets 1 - p_big - p_skip)."
             )
         routes = self.eval_route_list()
         bad = [r for r in routes if r not in EVAL_ROUTES]
@@ -297,8 +298,7 @@ class TrainArguments:
         if positions is not None and self.block_size > positions:
             raise ValueError(
                 f"block_size {self.block_size} is longer than max_position_embeddings {positions}; use a "
-                "block "
-                "size <= the model's positions."
+                "block size <= the model's positions."
             )
         parse_corpus_spec(self.dataset, "train", "dataset")
         if parse_corpus_spec(self.dataset, "train", "dataset").kind == "none":
@@ -417,8 +417,7 @@ def inspect_init_source(path: str | Path, block_size: int):
     if config.model_type not in ("llama", DuoLlamaConfig.model_type):
         raise ValueError(
             f"init_from: {str(path)!r} is a {config.model_type!r} model; frozen-big needs a Llama-shaped "
-            "model "
-            f"(model_type 'llama', i.e. LlamaForCausalLM, or a '{DuoLlamaConfig.model_type}' Duo model)."
+            f"model (model_type 'llama': LlamaForCausalLM, or a '{DuoLlamaConfig.model_type}' Duo model)."
         )
     if block_size > config.max_position_embeddings:
         raise ValueError(
@@ -480,14 +479,24 @@ def may_leave_a_module_unused(args: TrainArguments, chance: float = 1e-9) -> boo
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices only (not norms, not biases)."""
+    """AdamW over the trainable parameters; weight decay on matrices only (not norms, not biases).
+
+    With ``args.fused_optimizer``, torch's fused AdamW is used where it runs (floating-point parameters on CPU
+    or CUDA): on CPU its single kernel takes about a third of the time of the default per-parameter loop.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    fused = args.fused_optimizer and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
+    )
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2)
+        [g for g in groups if g["params"]],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        fused=fused or None,
     )
 
 
@@ -503,6 +512,24 @@ def build_scheduler(optimizer, args: TrainArguments, total_steps: int, num_proce
         num_warmup_steps=args.warmup_steps * num_processes,
         num_training_steps=total_steps * num_processes,
     )
+
+
+def training_step(
+    accelerator: Accelerator, model, batch: dict, optimizer, scheduler, trainable: list, max_grad_norm: float
+) -> torch.Tensor:
+    """One micro-batch: causal LM loss, backward, and (when Accelerate syncs) clip + optimizer + scheduler.
+
+    Call it inside ``accelerator.accumulate(model)``; returns the (un-scaled) loss.
+    """
+    ids = batch["input_ids"]
+    loss = model(input_ids=ids, labels=ids).loss
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -563,7 +590,7 @@ def evaluate_perplexity(
 # The run
 
 
-def load_corpora(args) -> tuple[datasets.Dataset | datasets.IterableDataset, dict[str, datasets.Dataset]]:
+def load_corpora(args) -> tuple[datasets.Dataset | datasets.IterableDataset, dict]:
     """The training corpus and the holdout corpora (``{"english": ..., "code": ...}``, without ``none`` ones).
 
     ``args`` needs the corpus fields of `TrainArguments` (``dataset``, ``holdout_english``, ``holdout_code``,
@@ -579,7 +606,8 @@ def load_corpora(args) -> tuple[datasets.Dataset | datasets.IterableDataset, dic
     holdout_texts = {}
     for name in HOLDOUTS:
         spec = getattr(args, f"holdout_{name}")
-        texts = load_corpus(spec, f"holdout_{name}", **corpus_kwargs)
+        # With --streaming the holdouts stream too: only their first --eval-blocks blocks are read.
+        texts = load_corpus(spec, f"holdout_{name}", streaming=args.streaming, **corpus_kwargs)
         if texts is not None:
             holdout_texts[name] = texts
     return train_texts, holdout_texts
@@ -590,48 +618,52 @@ def make_eval_loaders(holdout_texts: dict, tokenizer, args) -> dict[str, DataLoa
     loaders = {}
     for name, texts in holdout_texts.items():
         blocks = pack_corpus(texts, tokenizer, args.block_size, f"holdout_{name}", max_blocks=args.eval_blocks)
+        if isinstance(blocks, datasets.IterableDataset):  # held in memory, the same blocks at every evaluation
+            ids = [row["input_ids"].tolist() for row in blocks]
+            blocks = datasets.Dataset.from_dict({"input_ids": ids}).with_format("torch")
         loaders[name] = DataLoader(blocks, batch_size=args.eval_batch_size or args.batch_size)
     return loaders
 
 
 def total_training_steps(args, train_loader: DataLoader, num_processes: int = 1) -> int:
-    """Optimizer steps of a run: ``args.max_steps``, else ``args.num_epochs`` epochs of the (unprepared) loader."""
-    if args.max_steps is not None:
-        return args.max_steps
-    batches = len(train_loader) // num_processes
-    total_steps = args.num_epochs * math.ceil(batches / args.gradient_accumulation_steps)
-    if total_steps == 0:
+    """Optimizer steps of a run: ``args.max_steps``, else ``args.num_epochs`` epochs of the (unprepared) loader.
+
+    Raises when a map-style corpus gives fewer batches than there are processes.
+    """
+    if not args.streaming and len(train_loader) < num_processes:
         raise ValueError(
             f"dataset {args.dataset!r} has {len(train_loader.dataset)} blocks, fewer than one batch of "
             f"{args.batch_size} x {num_processes} processes; lower --batch-size or add data."
         )
-    return total_steps
+    if args.max_steps is not None:
+        return args.max_steps
+    batches = len(train_loader) // num_processes
+    return args.num_epochs * math.ceil(batches / args.gradient_accumulation_steps)
 
 
 def training_batches(
-    train_loader, accelerator: Accelerator, state: TrainState, total_steps: int
+    train_loader, accelerator: Accelerator, state: TrainState, total_steps: int, args
 ) -> Iterator[dict]:
     """The micro-batches of a run, epoch after epoch, from where ``state`` says the run is.
 
     ``state.epoch`` and ``state.batches_in_epoch`` advance as batches are taken (a batch counts as used once
     it is yielded), so a checkpoint of ``state`` resumes with the next batch. Nothing is yielded when
     ``state.global_step`` (counted by the caller) has reached ``total_steps``; the caller stops the loop after
-    its last step.
+    its last step. An epoch that gives no batch at all raises (``args.dataset`` and ``args.batch_size`` name it).
     """
     while state.global_step < total_steps:
         train_loader.set_epoch(state.epoch)
+        fresh_epoch = state.batches_in_epoch == 0
         batches = (
             accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
             if state.batches_in_epoch
             else train_loader
         )
-        yielded = False
         for batch in batches:
             state.batches_in_epoch += 1
-            yielded = True
             yield batch
-        if not yielded and state.batches_in_epoch == 0:
-            raise ValueError("The training data gives no complete batch; lower --batch-size or add data.")
+        if fresh_epoch and state.batches_in_epoch == 0:
+            raise ValueError(f"dataset {args.dataset!r} gave no batch of {args.batch_size} blocks.")
         state.epoch += 1
         state.batches_in_epoch = 0
 
@@ -643,8 +675,7 @@ def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_tex
         if not has_tokenizer(args.init_from):
             raise FileNotFoundError(
                 f"init_from {args.init_from!r} holds no tokenizer; pass --tokenizer with the tokenizer that "
-                "model "
-                "was trained with (a new one would not match its embeddings)."
+                "model was trained with (a new one would not match its embeddings)."
             )
         return load_tokenizer(args.init_from)
     folder = Path(args.output_dir) / "tokenizer"
@@ -682,8 +713,7 @@ def check_resume_arguments(args, checkpoint: Path, resumable: frozenset[str] = R
         detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise ValueError(
             f"resume_from {str(checkpoint)!r}: these arguments differ from the checkpointed run ({detail}); "
-            "resume "
-            "with the same arguments, or start a new run."
+            "resume with the same arguments, or start a new run."
         )
 
 
@@ -781,7 +811,9 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     set_seed(args.seed)  # the weights depend on the seed only, not on what the data steps drew
     model = build_model(args, tokenizer)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers v5 deprecates gradient_checkpointing_enable for activation_checkpointing_enable.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     is_duo = isinstance(model, DuoLlamaForCausalLM)
     if is_duo and accelerator.num_processes > 1:
         # Each process draws its own routes (same config seed, offset by the process index).
@@ -840,16 +872,11 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     log_losses: list[float] = []
     log_tokens, log_time = 0, time.perf_counter()
     model.train()
-    for batch in training_batches(train_loader, accelerator, state, total_steps):
+    for batch in training_batches(train_loader, accelerator, state, total_steps, args):
         with accelerator.accumulate(model):
-            ids = batch["input_ids"]
-            loss = model(input_ids=ids, labels=ids).loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = training_step(
+                accelerator, model, batch, optimizer, scheduler, trainable, args.max_grad_norm
+            )
         window_loss += loss.detach().float()
         window_batches += 1
         if not accelerator.sync_gradients:
