@@ -313,7 +313,7 @@ def test_router_vs_oracle_table(tmp_path, stage1, monkeypatch):
         # The oracle takes each token's best pattern: never worse than the best single pattern.
         assert found["oracle"][1] <= found["fixed"][1] + 1e-9
         assert found["fixed_pattern"][1] in ("sB", "Bs")
-        for supervision in ("lm", "oracle"):
+        for supervision in ("conventional", "oracle"):
             entry = results["routers"][supervision][1][name]
             assert 0 <= entry["realised_big"] <= 1 and entry["ppl"] > 1
     table = (Path(args.output_dir) / "router_vs_oracle.md").read_text()

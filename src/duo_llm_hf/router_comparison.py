@@ -6,7 +6,7 @@
   ``k`` BIG layers: each token's best pattern, and the best single pattern. Both are chosen *on the held-out tokens
   themselves* (they see the labels), as in the paper; their BIG fraction is exactly ``k / L``;
 - **router**: the paper's router, trained by `router_training.train_router` with the budget ``k / L``
-  (``supervision="lm"``), and the **oracle-supervised router** (``supervision="oracle"``, the oracle's budget
+  (``supervision="conventional"``), and the **oracle-supervised router** (``supervision="oracle"``, the oracle's budget
   ``big=k`` on the training text); both are evaluated with hard routing on the same held-out blocks, at the BIG
   fraction they realise there.
 
@@ -41,7 +41,7 @@ from .training import load_corpora, make_eval_loaders
 
 RESULT_FILE = "router_vs_oracle.json"
 TABLE_FILE = "router_vs_oracle.md"
-ROUTERS = {"lm": "router (conventional)", "oracle": "router (oracle-supervised)"}
+ROUTERS = {"conventional": "router (conventional)", "oracle": "router (oracle-supervised)"}
 
 
 @dataclass
@@ -125,7 +125,7 @@ def compare_routers(args: ComparisonArguments) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # The held-out blocks every method is measured on: those the router runs evaluate (same arguments).
-    probe = router_run_arguments(args, num_layers, budgets[0], "lm")
+    probe = router_run_arguments(args, num_layers, budgets[0], "conventional")
     probe.validate()
     tokenizer = load_tokenizer(args.model)
     _, holdouts = load_corpora(probe)

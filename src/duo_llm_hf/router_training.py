@@ -155,12 +155,13 @@ class RouterTrainArguments:
         default=None, metadata={"help": "Steps over which tau anneals (default: the whole run)."}
     )
     router_seed: int | None = field(default=None, metadata={"help": "Seed of the router weights (default: --seed)."})
-    supervision: Literal["lm", "oracle"] = field(
-        default="lm",
+    supervision: Literal["conventional", "oracle"] = field(
+        default="conventional",
         metadata={
-            "help": "lm: the paper's router, trained by the LM loss through the soft mixture (plus alpha * budget "
-            "loss). oracle (beyond the paper): each layer's router learns the oracle's choice in that layer on the "
-            "training text (cross-entropy, on the FFN inputs of the oracle's route), plus alpha * budget loss."
+            "help": "conventional: the paper's router, trained by the LM loss through the soft mixture (plus "
+            "alpha * budget loss). oracle (beyond the paper): each layer's router learns the oracle's choice in that "
+            "layer on the training text (cross-entropy, on the FFN inputs of the oracle's route), plus alpha * "
+            "budget loss."
         },
     )
     oracle_budget: str | None = field(
@@ -298,7 +299,7 @@ class RouterTrainArguments:
         return TemperatureSchedule(self.temperature_start, self.temperature_end, steps, self.temperature_schedule)
 
 
-SUPERVISIONS = ("lm", "oracle")
+SUPERVISIONS = ("conventional", "oracle")
 ORACLE_FIELDS = ("oracle_budget", "oracle_causal", "oracle_chunk_tokens", "oracle_calibration_blocks")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterTrainArguments)}
 
