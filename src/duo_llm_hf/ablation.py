@@ -71,10 +71,10 @@ from .training import (
     HOLDOUTS,
     RESUMABLE_CHANGES,
     TrainArguments,
-    _reset_accelerate_state,
     dense_baseline_config,
     duo_config_from_args,
     evaluate_perplexity,
+    reset_accelerate_state,
     train,
 )
 
@@ -933,7 +933,7 @@ def evaluate_runs(plan: AblationPlan, tokenizer) -> dict[str, dict[str, dict]]:
             records[run.name] = {_setting_key(p): cached[p] for p in points}
     finally:
         # The harness and this evaluation set Accelerate's process-wide state; later runs start clean.
-        _reset_accelerate_state()
+        reset_accelerate_state()
     return records
 
 

@@ -21,7 +21,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -642,6 +642,84 @@ def evaluate_perplexity(
 # The run
 
 
+def load_corpora(args) -> tuple[datasets.Dataset | datasets.IterableDataset, dict]:
+    """The training corpus and the holdout corpora (``{"english": ..., "code": ...}``, without ``none`` ones).
+
+    ``args`` needs the corpus fields of `TrainArguments` (``dataset``, ``holdout_english``, ``holdout_code``,
+    ``text_column``, ``sample_by``, ``builtin_max_chars``, ``cache_dir``, ``streaming``).
+    """
+    corpus_kwargs = {
+        "text_column": args.text_column,
+        "sample_by": args.sample_by,
+        "builtin_max_chars": args.builtin_max_chars,
+        "cache_dir": args.cache_dir,
+    }
+    train_texts = load_corpus(args.dataset, "train", streaming=args.streaming, **corpus_kwargs)
+    holdout_texts = {}
+    for name in HOLDOUTS:
+        spec = getattr(args, f"holdout_{name}")
+        # With --streaming the holdouts stream too: only their first --eval-blocks blocks are read.
+        texts = load_corpus(spec, f"holdout_{name}", streaming=args.streaming, **corpus_kwargs)
+        if texts is not None:
+            holdout_texts[name] = texts
+    return train_texts, holdout_texts
+
+
+def make_eval_loaders(holdout_texts: dict, tokenizer, args) -> dict[str, DataLoader]:
+    """One loader per holdout corpus: its first ``args.eval_blocks`` blocks of ``args.block_size`` tokens."""
+    loaders = {}
+    for name, texts in holdout_texts.items():
+        blocks = pack_corpus(texts, tokenizer, args.block_size, f"holdout_{name}", max_blocks=args.eval_blocks)
+        if isinstance(blocks, datasets.IterableDataset):  # held in memory, the same blocks at every evaluation
+            ids = [row["input_ids"].tolist() for row in blocks]
+            blocks = datasets.Dataset.from_dict({"input_ids": ids}).with_format("torch")
+        loaders[name] = DataLoader(blocks, batch_size=args.eval_batch_size or args.batch_size)
+    return loaders
+
+
+def total_training_steps(args, train_loader: DataLoader, num_processes: int = 1) -> int:
+    """Optimizer steps of a run: ``args.max_steps``, else ``args.num_epochs`` epochs of the (unprepared) loader.
+
+    Raises when a map-style corpus gives fewer batches than there are processes.
+    """
+    if not args.streaming and len(train_loader) < num_processes:
+        raise ValueError(
+            f"dataset {args.dataset!r} has {len(train_loader.dataset)} blocks, fewer than one batch of "
+            f"{args.batch_size} x {num_processes} processes; lower --batch-size or add data."
+        )
+    if args.max_steps is not None:
+        return args.max_steps
+    batches = len(train_loader) // num_processes
+    return args.num_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+
+
+def training_batches(
+    train_loader, accelerator: Accelerator, state: TrainState, total_steps: int, args
+) -> Iterator[dict]:
+    """The micro-batches of a run, epoch after epoch, from where ``state`` says the run is.
+
+    ``state.epoch`` and ``state.batches_in_epoch`` advance as batches are taken (a batch counts as used once
+    it is yielded), so a checkpoint of ``state`` resumes with the next batch. Nothing is yielded when
+    ``state.global_step`` (counted by the caller) has reached ``total_steps``; the caller stops the loop after
+    its last step. An epoch that gives no batch at all raises (``args.dataset`` and ``args.batch_size`` name it).
+    """
+    while state.global_step < total_steps:
+        train_loader.set_epoch(state.epoch)
+        fresh_epoch = state.batches_in_epoch == 0
+        batches = (
+            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            if state.batches_in_epoch
+            else train_loader
+        )
+        for batch in batches:
+            state.batches_in_epoch += 1
+            yield batch
+        if fresh_epoch and state.batches_in_epoch == 0:
+            raise ValueError(f"dataset {args.dataset!r} gave no batch of {args.batch_size} blocks.")
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
 def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_texts):
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
@@ -678,12 +756,14 @@ def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_tex
     return tokenizer
 
 
-def _check_resume_arguments(args: TrainArguments, checkpoint: Path) -> None:
+def check_resume_arguments(args, checkpoint: Path, resumable: frozenset[str] = RESUMABLE_CHANGES) -> None:
+    """Refuse to resume ``checkpoint`` with arguments (a dataclass) that change what the run computes.
+
+    Only the fields named in ``resumable`` may differ from the arguments saved in the checkpoint.
+    """
     saved = json.loads((checkpoint / "train_state.json").read_text()).get("args", {})
     current = dataclasses.asdict(args)
-    changed = sorted(
-        k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]
-    )
+    changed = sorted(k for k in current if k not in resumable and k in saved and saved[k] != current[k])
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise ValueError(
@@ -692,7 +772,11 @@ def _check_resume_arguments(args: TrainArguments, checkpoint: Path) -> None:
         )
 
 
-def _make_train_loader(blocks, args: TrainArguments) -> DataLoader:
+def make_train_loader(blocks, args) -> DataLoader:
+    """The training loader: a seeded order per epoch (`EpochSampler`), or a shuffle buffer when streamed.
+
+    ``args`` needs ``batch_size``, ``seed`` and ``shuffle_buffer``.
+    """
     # Each new iterator of a DataLoader draws a seed from its generator; with the global one, a resumed run
     # would draw it after restoring the RNG state and so shift the dropout masks (OPT has dropout) that the
     # uninterrupted run saw. A generator of its own keeps resumed runs exact.
@@ -704,12 +788,14 @@ def _make_train_loader(blocks, args: TrainArguments) -> DataLoader:
     return DataLoader(shuffled, batch_size=args.batch_size, drop_last=True, generator=generator)
 
 
-def _tracker_config(args: TrainArguments, extra: dict) -> dict:
+def tracker_config(args, extra: dict) -> dict:
+    """The run configuration for the trackers: the arguments (a dataclass) and ``extra``, as plain values."""
     values = {**dataclasses.asdict(args), **extra}
     return {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in values.items()}
 
 
-def _reset_accelerate_state() -> None:
+def reset_accelerate_state() -> None:
+    """Clear Accelerate's process-wide state at the end of a run (the process group stays up)."""
     # Accelerate keeps process-wide singletons; a later run in the same process (tests, the study) may use
     # other settings (precision, accumulation), so the run leaves them clean. The process group stays up.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -732,7 +818,7 @@ def train(
     checkpoints_dir = output_dir / "checkpoints"
     resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
     if resume_dir is not None:
-        _check_resume_arguments(args, resume_dir)
+        check_resume_arguments(args, resume_dir)
     if args.mode == "frozen-big":
         source_config = inspect_init_source(args.init_from, args.block_size)
 
@@ -760,7 +846,7 @@ def train(
         )
     finally:
         accelerator.end_training()
-        _reset_accelerate_state()
+        reset_accelerate_state()
         if bars_were_on:
             datasets.enable_progress_bars()
 
@@ -776,36 +862,14 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     set_seed(args.seed)
 
     # Corpora, then the tokenizer, then blocks: each step checks its input before the next costs anything.
-    corpus_kwargs = {
-        "text_column": args.text_column,
-        "sample_by": args.sample_by,
-        "builtin_max_chars": args.builtin_max_chars,
-        "cache_dir": args.cache_dir,
-    }
-    train_texts = load_corpus(args.dataset, "train", streaming=args.streaming, **corpus_kwargs)
-    holdout_texts = {}
-    for name in HOLDOUTS:
-        spec = getattr(args, f"holdout_{name}")
-        # With --streaming the holdouts stream too: only their first --eval-blocks blocks are read.
-        texts = load_corpus(spec, f"holdout_{name}", streaming=args.streaming, **corpus_kwargs)
-        if texts is not None:
-            holdout_texts[name] = texts
+    train_texts, holdout_texts = load_corpora(args)
     tokenizer = _prepare_tokenizer(args, accelerator, train_texts)
     if source_config is not None:
         check_tokenizer_fits(tokenizer, source_config.vocab_size, f"init_from {args.init_from!r}")
     vocab_size = len(tokenizer)
 
     train_blocks = pack_corpus(train_texts, tokenizer, args.block_size, f"dataset {args.dataset!r}")
-    eval_loaders = {}
-    eval_batch = args.eval_batch_size or args.batch_size
-    for name, texts in holdout_texts.items():
-        blocks = pack_corpus(
-            texts, tokenizer, args.block_size, f"holdout_{name}", max_blocks=args.eval_blocks
-        )
-        if isinstance(blocks, datasets.IterableDataset):  # held in memory, the same blocks at every evaluation
-            ids = [row["input_ids"].tolist() for row in blocks]
-            blocks = datasets.Dataset.from_dict({"input_ids": ids}).with_format("torch")
-        eval_loaders[name] = DataLoader(blocks, batch_size=eval_batch)
+    eval_loaders = make_eval_loaders(holdout_texts, tokenizer, args)
 
     set_seed(args.seed)  # the weights depend on the seed only, not on what the data steps drew
     model = build_model(args, tokenizer)
@@ -823,18 +887,9 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             config.route_probs, config.route_seed + accelerator.process_index
         )
 
-    train_loader = _make_train_loader(train_blocks, args)
+    train_loader = make_train_loader(train_blocks, args)
     optimizer = build_optimizer(model, args)
-    if not args.streaming and len(train_loader) < accelerator.num_processes:
-        raise ValueError(
-            f"dataset {args.dataset!r} has {len(train_blocks)} blocks, fewer than one batch of "
-            f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or add data."
-        )
-    if args.max_steps is not None:
-        total_steps = args.max_steps
-    else:
-        batches = len(train_loader) // accelerator.num_processes
-        total_steps = args.num_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+    total_steps = total_training_steps(args, train_loader, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, args, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
@@ -854,7 +909,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     flops = flops_per_token(unwrapped_config, None if is_duo else {BIG: 1.0}, seq_len=args.block_size)
     accelerator.init_trackers(
         args.run_name,
-        config=_tracker_config(
+        config=tracker_config(
             args,
             {
                 "vocab_size_model": vocab_size,
@@ -882,86 +937,68 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     log_losses: list[float] = []
     log_tokens, log_time = 0, time.perf_counter()
     model.train()
-    while state.global_step < total_steps:
-        train_loader.set_epoch(state.epoch)
-        fresh_epoch = state.batches_in_epoch == 0
-        batches = (
-            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-            if state.batches_in_epoch
-            else train_loader
-        )
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = training_step(
-                    accelerator, model, batch, optimizer, scheduler, trainable, args.max_grad_norm
-                )
-            state.batches_in_epoch += 1
-            window_loss += loss.detach().float()
-            window_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            state.global_step += 1
-            step_tokens = tokens_per_micro_batch * window_batches
-            state.tokens_seen += step_tokens
-            step_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
-            window_loss.zero_()
-            window_batches = 0
-            losses[state.global_step] = step_loss
-            log_losses.append(step_loss)
-            log_tokens += step_tokens
-            elapsed = time.perf_counter() - log_time
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{log_tokens / max(elapsed, 1e-9):,.0f}")
-
-            metrics: dict[str, float] = {}
-            last = state.global_step >= total_steps
-            if state.global_step % args.log_every == 0 or last:
-                metrics.update(
-                    {
-                        "train/loss": sum(log_losses) / len(log_losses),
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/tokens_per_second": log_tokens / max(elapsed, 1e-9),
-                        "train/tokens": state.tokens_seen,
-                        "train/epoch": state.epoch,
-                    }
-                )
-                log_losses, log_tokens, log_time = [], 0, time.perf_counter()
-            if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
-                eval_metrics = evaluate_perplexity(model, eval_loaders, accelerator, route_modes, eval_seed)
-                metrics.update(eval_metrics)
-                log_time = time.perf_counter()  # evaluation time is not training throughput
-            if metrics:
-                accelerator.log(metrics, step=state.global_step)
-            if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
-                save_checkpoint(
-                    accelerator,
-                    checkpoints_dir,
-                    state.global_step,
-                    {**state.state_dict(), "args": dataclasses.asdict(args)},
-                    args.checkpoints_to_keep,
-                )
-                log_time = time.perf_counter()
-            if step_callback is not None:
-                step_callback(state, {"train/step_loss": step_loss, **metrics})
-            if last:
-                break
-        else:  # the epoch ran out
-            if fresh_epoch and state.batches_in_epoch == 0:
-                raise ValueError(f"dataset {args.dataset!r} gave no batch of {args.batch_size} blocks.")
-            state.epoch += 1
-            state.batches_in_epoch = 0
+    for batch in training_batches(train_loader, accelerator, state, total_steps, args):
+        with accelerator.accumulate(model):
+            loss = training_step(
+                accelerator, model, batch, optimizer, scheduler, trainable, args.max_grad_norm
+            )
+        window_loss += loss.detach().float()
+        window_batches += 1
+        if not accelerator.sync_gradients:
             continue
-        break
+
+        state.global_step += 1
+        step_tokens = tokens_per_micro_batch * window_batches
+        state.tokens_seen += step_tokens
+        step_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
+        window_loss.zero_()
+        window_batches = 0
+        losses[state.global_step] = step_loss
+        log_losses.append(step_loss)
+        log_tokens += step_tokens
+        elapsed = time.perf_counter() - log_time
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{log_tokens / max(elapsed, 1e-9):,.0f}")
+
+        metrics: dict[str, float] = {}
+        last = state.global_step >= total_steps
+        if state.global_step % args.log_every == 0 or last:
+            metrics.update(
+                {
+                    "train/loss": sum(log_losses) / len(log_losses),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_second": log_tokens / max(elapsed, 1e-9),
+                    "train/tokens": state.tokens_seen,
+                    "train/epoch": state.epoch,
+                }
+            )
+            log_losses, log_tokens, log_time = [], 0, time.perf_counter()
+        if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
+            eval_metrics = evaluate_perplexity(model, eval_loaders, accelerator, route_modes, eval_seed)
+            metrics.update(eval_metrics)
+            log_time = time.perf_counter()  # evaluation time is not training throughput
+        if metrics:
+            accelerator.log(metrics, step=state.global_step)
+        if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+            save_checkpoint(
+                accelerator,
+                checkpoints_dir,
+                state.global_step,
+                {**state.state_dict(), "args": dataclasses.asdict(args)},
+                args.checkpoints_to_keep,
+            )
+            log_time = time.perf_counter()
+        if step_callback is not None:
+            step_callback(state, {"train/step_loss": step_loss, **metrics})
+        if last:
+            break
     progress.close()
 
-    _save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export)
+    save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export)
     return TrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, eval_metrics)
 
 
-def _save_final(
-    args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None
-) -> None:
+def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None) -> None:
     """``save_pretrained`` the model (``export(model)`` if given) and tokenizer into ``output_dir``, plus the
     arguments and metrics."""
     output_dir = Path(args.output_dir)
