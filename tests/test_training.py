@@ -343,3 +343,27 @@ def test_script_and_parser(tmp_path):
     )
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "train_results.json").read_text())["global_step"] == 2
+
+
+def test_streamed_local_corpus_trains_and_resumes_exactly(tmp_path):
+    from duo_llm_hf.data import builtin_corpus
+
+    corpus = tmp_path / "stream.jsonl"
+    texts = builtin_corpus("train", max_chars=1000)["text"]
+    corpus.write_text(
+        "".join(json.dumps({"text": t[i : i + 200]}) + "\n" for t in texts for i in range(0, len(t), 200))
+    )
+    # A few batches per pass over the stream: the 14 steps cross into later, reshuffled epochs.
+    common = dict(
+        dataset=str(corpus), streaming=True, shuffle_buffer=8, max_steps=14, checkpoint_every=5, log_every=1
+    )
+    full = train(tiny_args(tmp_path, "full", **common))
+    with pytest.raises(Crash):
+        train(tiny_args(tmp_path, "cut", **common), step_callback=crash_at(12))
+    resumed = train(tiny_args(tmp_path, "cut", resume_from="latest", **common))
+    assert resumed.losses == {step: full.losses[step] for step in range(11, 15)}
+    assert "eval/code/random/ppl" in full.eval_metrics and resumed.eval_metrics == full.eval_metrics
+    epochs = [
+        r["train/epoch"] for r in read_metrics(Path(resumed.output_dir) / "logs/train_duo/metrics.jsonl")
+    ]
+    assert max(epochs) >= 1

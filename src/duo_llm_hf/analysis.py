@@ -105,9 +105,14 @@ def plot_token_difficulty(
         for i, (token, colour) in enumerate(zip(tokens, colours, strict=True)):
             row, col = divmod(i, per_line)
             ax.text(
-                col / per_line, 1 - (row + 0.5) / n_lines, _visible(token)[:10], fontsize=7, family="monospace",
-                va="center", bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.0},
-            )  # fmt: skip
+                col / per_line,
+                1 - (row + 0.5) / n_lines,
+                _visible(token)[:10],
+                fontsize=7,
+                family="monospace",
+                va="center",
+                bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.0},
+            )
         ax.set_axis_off()
         ax.set_title(name, fontsize=10, loc="left")
     return _save(fig, path)

@@ -52,7 +52,7 @@ class DuoModelOutputWithPast(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus the routes taken, `[batch, seq, layers]`, and the router probabilities.
 
     `router_probs` (`[batch, seq, layers, 3]`, indexed by choice code) is set when the routers decided
-    (learned routing), else None.
+    (learned routing) or were asked (`output_router_probs=True`), else None.
     """
 
     routes: torch.LongTensor | None = None
@@ -65,7 +65,8 @@ class DuoCausalLMOutputWithPast(CausalLMOutputWithPast):
 
     `token_losses[b, t]` is the cross-entropy of predicting `labels[b, t + 1]` (0 where there is no target);
     `loss` is their mean over positions with a target. `router_probs` (`[batch, seq, layers, 3]`, float32,
-    indexed by choice code: `router_probs[..., BIG]` is P_big) is set under learned routing (budget loss).
+    indexed by choice code: `router_probs[..., BIG]` is P_big) is set under learned routing (budget loss) and
+    with `output_router_probs=True`.
     """
 
     routes: torch.LongTensor | None = None
@@ -94,11 +95,14 @@ class DuoDecoderLayerMixin:
         route: torch.LongTensor | None,
         past_key_values: Cache | None = None,
         route_plan: DispatchPlan | None = None,
+        output_router_probs: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor | None]:
         """Return the layer output, the route taken (`route`, or the router's choice when it is None) and the
         router probabilities (`[batch, seq, 3]`, None when the route was given).
 
+        With `output_router_probs` and a given route, a layer with a router still returns what its router says
+        about the FFN input of that route (teacher forcing, as when a router learns the oracle's choices).
         `kwargs` are the layer keyword arguments made by the model's `embed` (attention mask, positions).
         `route_plan` is the route's grouping for the fast dispatch, when the model made it for all layers.
         """
@@ -107,6 +111,8 @@ class DuoDecoderLayerMixin:
             ffn_output, route, router_probs = self.mlp.forward_learned(ffn_input)
         else:
             (ffn_output, route), router_probs = self.mlp(ffn_input, route, route_plan), None
+            if output_router_probs and self.mlp.router is not None:
+                router_probs = self.mlp.router(ffn_input)[0]
         return self.merge(residual, ffn_output), route, router_probs
 
 
@@ -244,6 +250,9 @@ class DuoCausalLMMixin:
             mean, `logits` each token's under its own route. Extra keywords for `oracle`: `causal=True` (the
             causally consistent oracle: later tokens see the keys and values of the routes chosen for earlier
             ones), `chunk_tokens` (memory), `route_options` (a subset of the model's).
+            With `output_router_probs=True`, a model with routers returns `router_probs` also when the routes
+            are given (`routes=` or a non-learned mode): each router's probabilities on the FFN input of the
+            given route.
         budget (`int`, `str` or `dict`, *optional*):
             The oracle's budget: None (every pattern), a BIG count (`4`), counts per choice
             (`{"big": 6, "skip": 6}`), or a BIG count that falls with the position (`"6:2"`).

@@ -53,8 +53,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"tokenizer: {str(path)!r} is not a folder; give a folder written by tokenizer.save_pretrained, "
-            "or "
-            "leave --tokenizer out to train a byte-level BPE tokenizer on the training corpus."
+            "or leave --tokenizer out to train a byte-level BPE tokenizer on the training corpus."
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

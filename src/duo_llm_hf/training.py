@@ -2,14 +2,15 @@
 
 The paper's stage 1 trains a Duo model from scratch while every token in every layer goes to the big or the
 small FFN at random (p_big = 0.5). Two comparisons are trained by the same loop: *frozen-big* (start from a
-trained dense Llama, or the big path of a Duo model, freeze it and train only the small FFNs; the paper's
-Fig. 8c) and the *dense baseline* (a plain `LlamaForCausalLM` whose FFN inner size matches the Duo model's
-FLOPs at the given p_big; Fig. 8a/b).
+trained dense Llama or OPT, or the big path of a Duo model, freeze it and train only the small FFNs; the
+paper's Fig. 8c, and its Appendix A recipe in `finetuning`) and the *dense baseline* (a plain
+`LlamaForCausalLM` whose FFN inner size matches the Duo model's FLOPs at the given p_big; Fig. 8a/b).
 
 The pieces are public so that later scripts (the router trainer, the ablations, the study) reuse them:
 `TrainArguments` / `build_arg_parser`, `build_model`, `build_optimizer`, `build_scheduler`,
 `evaluate_perplexity`, the checkpoint helpers in `checkpointing`, and `train` itself, which
-``training/train_duo.py`` and the ``duo-llm train`` command call.
+``training/train_duo.py`` and the ``duo-llm train`` command call; `ModelHooks` lets a recipe change the model
+it trains and saves.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,10 +33,19 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, HfArgumentParser, LlamaConfig, LlamaForCausalLM, get_scheduler
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    get_scheduler,
+)
 
 from .checkpointing import RouteSamplerState, TrainState, resolve_resume, save_checkpoint
 from .configuration_duo_llama import DuoLlamaConfig
+from .configuration_duo_opt import DuoOPTConfig
 from .data import (
     BUILTIN,
     EpochSampler,
@@ -43,9 +54,11 @@ from .data import (
     pack_corpus,
     parse_corpus_spec,
 )
+from .duo_modeling_utils import DuoCausalLMMixin
 from .flops import dense_intermediate_size, flops_per_token
 from .losses import token_losses
 from .modeling_duo_llama import DuoLlamaForCausalLM
+from .modeling_duo_opt import DuoOPTForCausalLM
 from .routing import BIG, CHOICE_CODES, RouteSampler
 from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from .tracking import make_trackers
@@ -57,6 +70,15 @@ EVAL_ROUTES = ("random", "big", "small", "skip")
 # Holdout sets evaluated separately, as the paper holds out C4 (English) and Python code.
 HOLDOUTS = ("english", "code")
 SMALL_MODULE_KEY = ".mlp.small."
+# frozen-big sources by model_type: the Duo class each becomes (a Duo source gives its big path, to_dense()).
+FROZEN_BIG_SOURCES = {
+    "llama": DuoLlamaForCausalLM,
+    DuoLlamaConfig.model_type: DuoLlamaForCausalLM,
+    "opt": DuoOPTForCausalLM,
+    DuoOPTConfig.model_type: DuoOPTForCausalLM,
+}
+# A Hub model id, "name" or "org/name" (what `from_pretrained` downloads when no such local folder exists).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Arguments that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_CHANGES = frozenset(
     {
@@ -87,8 +109,7 @@ class TrainArguments:
         metadata={
             "help": "random: a Duo model from scratch with random routing (stage 1). frozen-big: start from "
             "--init-from, freeze it, train only the small FFNs. dense: a LlamaForCausalLM whose FFN inner "
-            "size "
-            "matches the Duo model's FLOPs at --p-big."
+            "size matches the Duo model's FLOPs at --p-big."
         },
     )
     # Data
@@ -141,7 +162,10 @@ class TrainArguments:
     # Model
     init_from: str | None = field(
         default=None,
-        metadata={"help": "frozen-big: a dense Llama folder or a Duo model folder (its big path)."},
+        metadata={
+            "help": "frozen-big: a dense Llama or OPT model, or a Duo model (its big path); a local folder or a "
+            "Hub name (e.g. facebook/opt-1.3b)."
+        },
     )
     hidden_size: int = field(default=256, metadata={"help": "Hidden size."})
     num_layers: int = field(default=8, metadata={"help": "Decoder layers."})
@@ -181,6 +205,9 @@ class TrainArguments:
     )
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    fused_optimizer: bool = field(
+        default=True, metadata={"help": "Use torch's fused AdamW kernel where it runs (CPU, CUDA)."}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: --num-epochs)."})
     num_epochs: int = field(
         default=1, metadata={"help": "Epochs over the training blocks, when no --max-steps."}
@@ -266,8 +293,7 @@ class TrainArguments:
         ):
             raise ValueError(
                 f"p_big={self.p_big!r}, p_skip={self.p_skip!r}: each must be in [0, 1] and together at most "
-                "1 "
-                "(the small FFN gets 1 - p_big - p_skip)."
+                "1 (the small FFN gets 1 - p_big - p_skip)."
             )
         routes = self.eval_route_list()
         bad = [r for r in routes if r not in EVAL_ROUTES]
@@ -285,9 +311,10 @@ class TrainArguments:
             )
         if self.mode != "frozen-big" and self.init_from:
             raise ValueError(f"--init-from is for mode 'frozen-big' only (this run's mode is {self.mode!r}).")
-        if self.init_from and not Path(self.init_from).expanduser().is_dir():
+        if self.init_from and not (Path(self.init_from).expanduser().is_dir() or is_hub_id(self.init_from)):
             raise FileNotFoundError(
-                f"init_from: {self.init_from!r} is not a model folder (written by save_pretrained)."
+                f"init_from: {self.init_from!r} is not a model folder (written by save_pretrained) nor a Hub "
+                "model name."
             )
         if self.tokenizer is not None and not Path(self.tokenizer).expanduser().is_dir():
             raise FileNotFoundError(f"tokenizer: {self.tokenizer!r} is not a tokenizer folder.")
@@ -297,8 +324,7 @@ class TrainArguments:
         if positions is not None and self.block_size > positions:
             raise ValueError(
                 f"block_size {self.block_size} is longer than max_position_embeddings {positions}; use a "
-                "block "
-                "size <= the model's positions."
+                "block size <= the model's positions."
             )
         parse_corpus_spec(self.dataset, "train", "dataset")
         if parse_corpus_spec(self.dataset, "train", "dataset").kind == "none":
@@ -326,6 +352,20 @@ class TrainResult:
     tokens_seen: int
     losses: dict[int, float]
     eval_metrics: dict[str, float]
+
+
+@dataclass
+class ModelHooks:
+    """What a recipe built on `train` changes about its model (LoRA finetuning uses both hooks).
+
+    ``adapt(model)`` gets the built model (frozen as the mode says) before the optimizer is made and returns the
+    model to train; whatever then requires grad is trained, and checkpoints hold that model. ``export(model)``
+    gets the trained model (unwrapped from DDP) before the final ``save_pretrained`` and returns the model to
+    save. A hook that is None changes nothing.
+    """
+
+    adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    export: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
 
 def build_arg_parser(**kwargs) -> HfArgumentParser:
@@ -403,22 +443,29 @@ def dense_baseline_config(config: DuoLlamaConfig) -> LlamaConfig:
     return dense_config_like(config, dense_intermediate_size(config, config.route_probs))
 
 
+def is_hub_id(name: str | Path) -> bool:
+    """Whether ``name`` is a Hub model id ("name" or "org/name") and no local folder of that name exists."""
+    return not Path(name).expanduser().exists() and bool(_HUB_ID.match(str(name)))
+
+
 def inspect_init_source(path: str | Path, block_size: int):
-    """Read a frozen-big source's config (no weights); check it is Llama-shaped and long enough."""
+    """Read a frozen-big source's config (no weights); check it is a supported model and long enough.
+
+    ``path`` is a local folder or a Hub name (whose config is downloaded, or read from the Hub cache).
+    """
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
+    if not is_hub_id(path) and not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"init_from: {str(path)!r} has no config.json; give a folder written by save_pretrained."
         )
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(str(path) if is_hub_id(path) else folder)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"init_from: {str(path)!r} has a config that cannot be read ({err}).") from err
-    if config.model_type not in ("llama", DuoLlamaConfig.model_type):
+    if config.model_type not in FROZEN_BIG_SOURCES:
         raise ValueError(
-            f"init_from: {str(path)!r} is a {config.model_type!r} model; frozen-big needs a Llama-shaped "
-            "model "
-            f"(model_type 'llama', i.e. LlamaForCausalLM, or a '{DuoLlamaConfig.model_type}' Duo model)."
+            f"init_from: {str(path)!r} is a {config.model_type!r} model; frozen-big needs a Llama-shaped model or "
+            f"an OPT model (model_type one of {sorted(FROZEN_BIG_SOURCES)})."
         )
     if block_size > config.max_position_embeddings:
         raise ValueError(
@@ -439,13 +486,12 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
         if args.mode == "dense":
             return LlamaForCausalLM(dense_baseline_config(config))
         return DuoLlamaForCausalLM(config)
-    source = AutoConfig.from_pretrained(args.init_from)
-    if source.model_type == "llama":
-        dense = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
-    else:  # a Duo model: its big path, with fresh small modules below
-        dense = DuoLlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to_dense()
+    duo_class = FROZEN_BIG_SOURCES[AutoConfig.from_pretrained(args.init_from).model_type]
+    dense = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    if is_duo_model(dense):  # a Duo model: its big path, with fresh small modules below
+        dense = dense.to_dense()
     options = ["small", "big"] + (["skip"] if args.p_skip > 0 else [])
-    model = DuoLlamaForCausalLM.from_dense(
+    model = duo_class.from_dense(
         dense,
         small_intermediate_size=args.small_intermediate_size,
         route_options=options,
@@ -457,7 +503,12 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
     return model
 
 
-def freeze_all_but_small(model: DuoLlamaForCausalLM) -> int:
+def is_duo_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a Duo causal LM (DuoLlama, DuoOPT), as opposed to a dense one."""
+    return isinstance(model, DuoCausalLMMixin)
+
+
+def freeze_all_but_small(model: torch.nn.Module) -> int:
     """Freeze every parameter except the small FFNs; return the number of trainable parameters."""
     trainable = 0
     for name, param in model.named_parameters():
@@ -480,14 +531,24 @@ def may_leave_a_module_unused(args: TrainArguments, chance: float = 1e-9) -> boo
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices only (not norms, not biases)."""
+    """AdamW over the trainable parameters; weight decay on matrices only (not norms, not biases).
+
+    With ``args.fused_optimizer``, torch's fused AdamW is used where it runs (floating-point parameters on CPU
+    or CUDA): on CPU its single kernel takes about a third of the time of the default per-parameter loop.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    fused = args.fused_optimizer and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
+    )
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2)
+        [g for g in groups if g["params"]],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        fused=fused or None,
     )
 
 
@@ -503,6 +564,24 @@ def build_scheduler(optimizer, args: TrainArguments, total_steps: int, num_proce
         num_warmup_steps=args.warmup_steps * num_processes,
         num_training_steps=total_steps * num_processes,
     )
+
+
+def training_step(
+    accelerator: Accelerator, model, batch: dict, optimizer, scheduler, trainable: list, max_grad_norm: float
+) -> torch.Tensor:
+    """One micro-batch: causal LM loss, backward, and (when Accelerate syncs) clip + optimizer + scheduler.
+
+    Call it inside ``accelerator.accumulate(model)``; returns the (un-scaled) loss.
+    """
+    ids = batch["input_ids"]
+    loss = model(input_ids=ids, labels=ids).loss
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -533,7 +612,7 @@ def evaluate_perplexity(
     run see the same routes and are comparable. Keys: ``eval/<set>/<mode>/loss`` and ``.../ppl``.
     """
     unwrapped = accelerator.unwrap_model(model)
-    is_duo = isinstance(unwrapped.config, DuoLlamaConfig)
+    is_duo = is_duo_model(unwrapped)
     modes = route_modes if is_duo else ["dense"]
     was_training = model.training
     model.eval()
@@ -563,15 +642,95 @@ def evaluate_perplexity(
 # The run
 
 
+def load_corpora(args) -> tuple[datasets.Dataset | datasets.IterableDataset, dict]:
+    """The training corpus and the holdout corpora (``{"english": ..., "code": ...}``, without ``none`` ones).
+
+    ``args`` needs the corpus fields of `TrainArguments` (``dataset``, ``holdout_english``, ``holdout_code``,
+    ``text_column``, ``sample_by``, ``builtin_max_chars``, ``cache_dir``, ``streaming``).
+    """
+    corpus_kwargs = {
+        "text_column": args.text_column,
+        "sample_by": args.sample_by,
+        "builtin_max_chars": args.builtin_max_chars,
+        "cache_dir": args.cache_dir,
+    }
+    train_texts = load_corpus(args.dataset, "train", streaming=args.streaming, **corpus_kwargs)
+    holdout_texts = {}
+    for name in HOLDOUTS:
+        spec = getattr(args, f"holdout_{name}")
+        # With --streaming the holdouts stream too: only their first --eval-blocks blocks are read.
+        texts = load_corpus(spec, f"holdout_{name}", streaming=args.streaming, **corpus_kwargs)
+        if texts is not None:
+            holdout_texts[name] = texts
+    return train_texts, holdout_texts
+
+
+def make_eval_loaders(holdout_texts: dict, tokenizer, args) -> dict[str, DataLoader]:
+    """One loader per holdout corpus: its first ``args.eval_blocks`` blocks of ``args.block_size`` tokens."""
+    loaders = {}
+    for name, texts in holdout_texts.items():
+        blocks = pack_corpus(texts, tokenizer, args.block_size, f"holdout_{name}", max_blocks=args.eval_blocks)
+        if isinstance(blocks, datasets.IterableDataset):  # held in memory, the same blocks at every evaluation
+            ids = [row["input_ids"].tolist() for row in blocks]
+            blocks = datasets.Dataset.from_dict({"input_ids": ids}).with_format("torch")
+        loaders[name] = DataLoader(blocks, batch_size=args.eval_batch_size or args.batch_size)
+    return loaders
+
+
+def total_training_steps(args, train_loader: DataLoader, num_processes: int = 1) -> int:
+    """Optimizer steps of a run: ``args.max_steps``, else ``args.num_epochs`` epochs of the (unprepared) loader.
+
+    Raises when a map-style corpus gives fewer batches than there are processes.
+    """
+    if not args.streaming and len(train_loader) < num_processes:
+        raise ValueError(
+            f"dataset {args.dataset!r} has {len(train_loader.dataset)} blocks, fewer than one batch of "
+            f"{args.batch_size} x {num_processes} processes; lower --batch-size or add data."
+        )
+    if args.max_steps is not None:
+        return args.max_steps
+    batches = len(train_loader) // num_processes
+    return args.num_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+
+
+def training_batches(
+    train_loader, accelerator: Accelerator, state: TrainState, total_steps: int, args
+) -> Iterator[dict]:
+    """The micro-batches of a run, epoch after epoch, from where ``state`` says the run is.
+
+    ``state.epoch`` and ``state.batches_in_epoch`` advance as batches are taken (a batch counts as used once
+    it is yielded), so a checkpoint of ``state`` resumes with the next batch. Nothing is yielded when
+    ``state.global_step`` (counted by the caller) has reached ``total_steps``; the caller stops the loop after
+    its last step. An epoch that gives no batch at all raises (``args.dataset`` and ``args.batch_size`` name it).
+    """
+    while state.global_step < total_steps:
+        train_loader.set_epoch(state.epoch)
+        fresh_epoch = state.batches_in_epoch == 0
+        batches = (
+            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            if state.batches_in_epoch
+            else train_loader
+        )
+        for batch in batches:
+            state.batches_in_epoch += 1
+            yield batch
+        if fresh_epoch and state.batches_in_epoch == 0:
+            raise ValueError(f"dataset {args.dataset!r} gave no batch of {args.batch_size} blocks.")
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
 def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_texts):
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
+    if args.mode == "frozen-big" and is_hub_id(args.init_from):
+        with accelerator.main_process_first():  # one download, then the Hub cache
+            return AutoTokenizer.from_pretrained(args.init_from)
     if args.mode == "frozen-big":
         if not has_tokenizer(args.init_from):
             raise FileNotFoundError(
                 f"init_from {args.init_from!r} holds no tokenizer; pass --tokenizer with the tokenizer that "
-                "model "
-                "was trained with (a new one would not match its embeddings)."
+                "model was trained with (a new one would not match its embeddings)."
             )
         return load_tokenizer(args.init_from)
     folder = Path(args.output_dir) / "tokenizer"
@@ -597,35 +756,46 @@ def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_tex
     return tokenizer
 
 
-def _check_resume_arguments(args: TrainArguments, checkpoint: Path) -> None:
+def check_resume_arguments(args, checkpoint: Path, resumable: frozenset[str] = RESUMABLE_CHANGES) -> None:
+    """Refuse to resume ``checkpoint`` with arguments (a dataclass) that change what the run computes.
+
+    Only the fields named in ``resumable`` may differ from the arguments saved in the checkpoint.
+    """
     saved = json.loads((checkpoint / "train_state.json").read_text()).get("args", {})
     current = dataclasses.asdict(args)
-    changed = sorted(
-        k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]
-    )
+    changed = sorted(k for k in current if k not in resumable and k in saved and saved[k] != current[k])
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise ValueError(
             f"resume_from {str(checkpoint)!r}: these arguments differ from the checkpointed run ({detail}); "
-            "resume "
-            "with the same arguments, or start a new run."
+            "resume with the same arguments, or start a new run."
         )
 
 
-def _make_train_loader(blocks, args: TrainArguments) -> DataLoader:
+def make_train_loader(blocks, args) -> DataLoader:
+    """The training loader: a seeded order per epoch (`EpochSampler`), or a shuffle buffer when streamed.
+
+    ``args`` needs ``batch_size``, ``seed`` and ``shuffle_buffer``.
+    """
+    # Each new iterator of a DataLoader draws a seed from its generator; with the global one, a resumed run
+    # would draw it after restoring the RNG state and so shift the dropout masks (OPT has dropout) that the
+    # uninterrupted run saw. A generator of its own keeps resumed runs exact.
+    generator = torch.Generator().manual_seed(args.seed)
     if hasattr(blocks, "__len__"):
         sampler = EpochSampler(len(blocks), seed=args.seed)
-        return DataLoader(blocks, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+        return DataLoader(blocks, batch_size=args.batch_size, sampler=sampler, drop_last=True, generator=generator)
     shuffled = blocks.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
-    return DataLoader(shuffled, batch_size=args.batch_size, drop_last=True)
+    return DataLoader(shuffled, batch_size=args.batch_size, drop_last=True, generator=generator)
 
 
-def _tracker_config(args: TrainArguments, extra: dict) -> dict:
+def tracker_config(args, extra: dict) -> dict:
+    """The run configuration for the trackers: the arguments (a dataclass) and ``extra``, as plain values."""
     values = {**dataclasses.asdict(args), **extra}
     return {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in values.items()}
 
 
-def _reset_accelerate_state() -> None:
+def reset_accelerate_state() -> None:
+    """Clear Accelerate's process-wide state at the end of a run (the process group stays up)."""
     # Accelerate keeps process-wide singletons; a later run in the same process (tests, the study) may use
     # other settings (precision, accumulation), so the run leaves them clean. The process group stays up.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -633,19 +803,22 @@ def _reset_accelerate_state() -> None:
 
 
 def train(
-    args: TrainArguments, step_callback: Callable[[TrainState, dict], None] | None = None
+    args: TrainArguments,
+    step_callback: Callable[[TrainState, dict], None] | None = None,
+    hooks: ModelHooks | None = None,
 ) -> TrainResult:
     """Run stage 1 training (or a frozen-big / dense baseline run) as ``args`` say; see `TrainArguments`.
 
     Every check on the inputs runs before any training time is spent. ``step_callback(state, metrics)`` is
-    called after each optimizer step (and its logging, evaluation and checkpoint) on every process.
+    called after each optimizer step (and its logging, evaluation and checkpoint) on every process. ``hooks``
+    let a recipe change the model to train and the model to save (`ModelHooks`; e.g. `finetuning` adds LoRA).
     """
     args.validate()
     output_dir = Path(args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
     if resume_dir is not None:
-        _check_resume_arguments(args, resume_dir)
+        check_resume_arguments(args, resume_dir)
     if args.mode == "frozen-big":
         source_config = inspect_init_source(args.init_from, args.block_size)
 
@@ -669,15 +842,16 @@ def train(
             checkpoints_dir,
             step_callback,
             source_config if args.mode == "frozen-big" else None,
+            hooks or ModelHooks(),
         )
     finally:
         accelerator.end_training()
-        _reset_accelerate_state()
+        reset_accelerate_state()
         if bars_were_on:
             datasets.enable_progress_bars()
 
 
-def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config) -> TrainResult:
+def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks) -> TrainResult:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -688,38 +862,24 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     set_seed(args.seed)
 
     # Corpora, then the tokenizer, then blocks: each step checks its input before the next costs anything.
-    corpus_kwargs = {
-        "text_column": args.text_column,
-        "sample_by": args.sample_by,
-        "builtin_max_chars": args.builtin_max_chars,
-        "cache_dir": args.cache_dir,
-    }
-    train_texts = load_corpus(args.dataset, "train", streaming=args.streaming, **corpus_kwargs)
-    holdout_texts = {}
-    for name in HOLDOUTS:
-        spec = getattr(args, f"holdout_{name}")
-        texts = load_corpus(spec, f"holdout_{name}", **corpus_kwargs)
-        if texts is not None:
-            holdout_texts[name] = texts
+    train_texts, holdout_texts = load_corpora(args)
     tokenizer = _prepare_tokenizer(args, accelerator, train_texts)
     if source_config is not None:
         check_tokenizer_fits(tokenizer, source_config.vocab_size, f"init_from {args.init_from!r}")
     vocab_size = len(tokenizer)
 
     train_blocks = pack_corpus(train_texts, tokenizer, args.block_size, f"dataset {args.dataset!r}")
-    eval_loaders = {}
-    eval_batch = args.eval_batch_size or args.batch_size
-    for name, texts in holdout_texts.items():
-        blocks = pack_corpus(
-            texts, tokenizer, args.block_size, f"holdout_{name}", max_blocks=args.eval_blocks
-        )
-        eval_loaders[name] = DataLoader(blocks, batch_size=eval_batch)
+    eval_loaders = make_eval_loaders(holdout_texts, tokenizer, args)
 
     set_seed(args.seed)  # the weights depend on the seed only, not on what the data steps drew
     model = build_model(args, tokenizer)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    is_duo = isinstance(model, DuoLlamaForCausalLM)
+        # transformers v5 deprecates gradient_checkpointing_enable for activation_checkpointing_enable.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
+    if hooks.adapt is not None:
+        model = hooks.adapt(model)
+    is_duo = is_duo_model(model)
     if is_duo and accelerator.num_processes > 1:
         # Each process draws its own routes (same config seed, offset by the process index).
         config = model.config
@@ -727,18 +887,9 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             config.route_probs, config.route_seed + accelerator.process_index
         )
 
-    train_loader = _make_train_loader(train_blocks, args)
+    train_loader = make_train_loader(train_blocks, args)
     optimizer = build_optimizer(model, args)
-    if args.max_steps is not None:
-        total_steps = args.max_steps
-    else:
-        batches = len(train_loader) // accelerator.num_processes
-        total_steps = args.num_epochs * math.ceil(batches / args.gradient_accumulation_steps)
-        if total_steps == 0:
-            raise ValueError(
-                f"dataset {args.dataset!r} has {len(train_blocks)} blocks, fewer than one batch of "
-                f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or add data."
-            )
+    total_steps = total_training_steps(args, train_loader, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, args, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
@@ -758,7 +909,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     flops = flops_per_token(unwrapped_config, None if is_duo else {BIG: 1.0}, seq_len=args.block_size)
     accelerator.init_trackers(
         args.run_name,
-        config=_tracker_config(
+        config=tracker_config(
             args,
             {
                 "vocab_size_model": vocab_size,
@@ -786,95 +937,83 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     log_losses: list[float] = []
     log_tokens, log_time = 0, time.perf_counter()
     model.train()
-    while state.global_step < total_steps:
-        train_loader.set_epoch(state.epoch)
-        batches = (
-            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-            if state.batches_in_epoch
-            else train_loader
-        )
-        for batch in batches:
-            with accelerator.accumulate(model):
-                ids = batch["input_ids"]
-                loss = model(input_ids=ids, labels=ids).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            window_loss += loss.detach().float()
-            window_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            state.global_step += 1
-            step_tokens = tokens_per_micro_batch * window_batches
-            state.tokens_seen += step_tokens
-            step_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
-            window_loss.zero_()
-            window_batches = 0
-            losses[state.global_step] = step_loss
-            log_losses.append(step_loss)
-            log_tokens += step_tokens
-            elapsed = time.perf_counter() - log_time
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{log_tokens / max(elapsed, 1e-9):,.0f}")
-
-            metrics: dict[str, float] = {}
-            last = state.global_step >= total_steps
-            if state.global_step % args.log_every == 0 or last:
-                metrics.update(
-                    {
-                        "train/loss": sum(log_losses) / len(log_losses),
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/tokens_per_second": log_tokens / max(elapsed, 1e-9),
-                        "train/tokens": state.tokens_seen,
-                        "train/epoch": state.epoch,
-                    }
-                )
-                log_losses, log_tokens, log_time = [], 0, time.perf_counter()
-            if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
-                eval_metrics = evaluate_perplexity(model, eval_loaders, accelerator, route_modes, eval_seed)
-                metrics.update(eval_metrics)
-                log_time = time.perf_counter()  # evaluation time is not training throughput
-            if metrics:
-                accelerator.log(metrics, step=state.global_step)
-            if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
-                save_checkpoint(
-                    accelerator,
-                    checkpoints_dir,
-                    state.global_step,
-                    {**state.state_dict(), "args": dataclasses.asdict(args)},
-                    args.checkpoints_to_keep,
-                )
-                log_time = time.perf_counter()
-            if step_callback is not None:
-                step_callback(state, {"train/step_loss": step_loss, **metrics})
-            if last:
-                break
-        else:  # the epoch ran out
-            state.epoch += 1
-            state.batches_in_epoch = 0
+    for batch in training_batches(train_loader, accelerator, state, total_steps, args):
+        with accelerator.accumulate(model):
+            loss = training_step(
+                accelerator, model, batch, optimizer, scheduler, trainable, args.max_grad_norm
+            )
+        window_loss += loss.detach().float()
+        window_batches += 1
+        if not accelerator.sync_gradients:
             continue
-        break
+
+        state.global_step += 1
+        step_tokens = tokens_per_micro_batch * window_batches
+        state.tokens_seen += step_tokens
+        step_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
+        window_loss.zero_()
+        window_batches = 0
+        losses[state.global_step] = step_loss
+        log_losses.append(step_loss)
+        log_tokens += step_tokens
+        elapsed = time.perf_counter() - log_time
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{log_tokens / max(elapsed, 1e-9):,.0f}")
+
+        metrics: dict[str, float] = {}
+        last = state.global_step >= total_steps
+        if state.global_step % args.log_every == 0 or last:
+            metrics.update(
+                {
+                    "train/loss": sum(log_losses) / len(log_losses),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_second": log_tokens / max(elapsed, 1e-9),
+                    "train/tokens": state.tokens_seen,
+                    "train/epoch": state.epoch,
+                }
+            )
+            log_losses, log_tokens, log_time = [], 0, time.perf_counter()
+        if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
+            eval_metrics = evaluate_perplexity(model, eval_loaders, accelerator, route_modes, eval_seed)
+            metrics.update(eval_metrics)
+            log_time = time.perf_counter()  # evaluation time is not training throughput
+        if metrics:
+            accelerator.log(metrics, step=state.global_step)
+        if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+            save_checkpoint(
+                accelerator,
+                checkpoints_dir,
+                state.global_step,
+                {**state.state_dict(), "args": dataclasses.asdict(args)},
+                args.checkpoints_to_keep,
+            )
+            log_time = time.perf_counter()
+        if step_callback is not None:
+            step_callback(state, {"train/step_loss": step_loss, **metrics})
+        if last:
+            break
     progress.close()
 
-    _save_final(args, accelerator, model, tokenizer, state, eval_metrics)
+    save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export)
     return TrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, eval_metrics)
 
 
-def _save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict) -> None:
-    """``save_pretrained`` the model and tokenizer into ``output_dir``, plus the arguments and metrics."""
+def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None) -> None:
+    """``save_pretrained`` the model (``export(model)`` if given) and tokenizer into ``output_dir``, plus the
+    arguments and metrics."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    if export is None:
+        state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
+    else:  # the exported model is a plain module (export hooks do not run under FSDP)
+        unwrapped = export(unwrapped)
+        state_dict = unwrapped.state_dict()
     unwrapped.save_pretrained(
         output_dir,
         is_main_process=accelerator.is_main_process,
         save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
+        state_dict=state_dict,
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)

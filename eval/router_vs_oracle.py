@@ -1,0 +1,11 @@
+"""Held-out perplexity against realised budget: conventional router, oracle-supervised router, fixed, oracle.
+
+    python eval/router_vs_oracle.py --model runs/duo-tiny --output-dir runs/router-vs-oracle
+
+All flags: ``python eval/router_vs_oracle.py --help``. The work is done by `duo_llm_hf.router_comparison`.
+"""
+
+from duo_llm_hf.router_comparison import main
+
+if __name__ == "__main__":
+    main()
