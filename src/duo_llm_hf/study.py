@@ -300,7 +300,8 @@ def run_study(out: str | os.PathLike, preset: str = "default", progress: bool = 
     stages = Stages(out, config, progress)
     model_dir = train_stage(stages)
     # SKIP needs no weights: a model trained on small/big can be evaluated with skipping (the paper's Fig. 2d).
-    model = AutoModelForCausalLM.from_pretrained(model_dir, route_options=["small", "big", "skip"]).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, route_options=["small", "big", "skip"])
+    model.to(_device()).eval()
     n = model.config.num_hidden_layers
 
     oracle, skip, causal = {}, {}, {}
@@ -340,7 +341,9 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
     config = stages.config
     n = config.num_layers
     results: dict[str, dict[int, dict]] = {kind: {} for kind in config.router_kinds}
-    loaders = {h: DataLoader([{"input_ids": row} for row in ids], batch_size=8) for h, ids in blocks.items()}
+    loaders = {
+        h: DataLoader([{"input_ids": row} for row in ids.to(_device())], batch_size=8) for h, ids in blocks.items()
+    }
     for kind in config.router_kinds:
         for k in config.router_budgets:
             folder = stages.out / "routers" / f"{kind}-k{k}"
@@ -363,7 +366,7 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
                 **config.router,
             )
             stages.run(f"router ({kind}, {k} BIG layers)", folder, lambda args=args: _train_router_record(args))
-            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            model = AutoModelForCausalLM.from_pretrained(folder).to(_device()).eval()
             evaluation = evaluate_router(model, loaders)
             results[kind][k] = {
                 h: {"ppl": e["ppl"], "realised": e["realised"]["overall"], "usage": e["usage"]}
@@ -371,6 +374,10 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
                 if h in blocks
             }
     return results
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _train_router_record(args) -> dict:
