@@ -48,15 +48,35 @@ COMMANDS: dict[str, Command] = {
         "Stage 1: train a Duo model (random routing), a frozen-big model or the FLOP-matched dense baseline.",
         "training/train_duo.py",
     ),
+    "finetune": Command(
+        "duo_llm_hf.finetuning:main",
+        "Appendix A: finetune a pretrained OPT (Hub or local) as a Duo model: frozen weights, small FFNs, LoRA.",
+        "training/finetune_duo_opt.py",
+    ),
     "eval": Command(
         "duo_llm_hf.cli:eval_command",
         "Benchmarks with lm-evaluation-harness (--model duo, any routing mode; the harness's own flags).",
         "lm_eval --model duo (through duo-lm-eval)",
     ),
+    "oracle": Command(
+        "duo_llm_hf.oracle_run:main",
+        "Stage 2: the oracle over every route (or budgets): oracle, fixed, best-of-K, usage, token difficulty.",
+        "eval/oracle_study.py",
+    ),
+    "ablation": Command(
+        "duo_llm_hf.ablation:main",
+        "Fig. 8: Duo at p_big 0..1 against FLOP-matched dense models, and from scratch against frozen-big.",
+        "eval/ablation.py",
+    ),
     "study": Command(
         "duo_llm_hf.study:main",
         "The main job: the paper's study end to end (train, oracle, routers, token difficulty) with a report.",
         "duo-llm study --out DIR",
+    ),
+    "card": Command(
+        "duo_llm_hf.model_card:main",
+        "Write the Hub model card (README.md) of a saved checkpoint, filled in with the run's figures.",
+        "python -m duo_llm_hf.model_card",
     ),
 }
 

@@ -32,6 +32,10 @@ class DuoLlamaConfig(LlamaConfig):
         router_temperature (`float`, defaults to 1.0):
             Softmax temperature tau of the routers, `P = softmax(logits / tau)`; annealed down during router
             training. Evaluation routes by the argmax, which tau does not change.
+        ffn_dispatch (`str`, defaults to `"fast"`):
+            Implementation of the routed FFN's dispatch: `fast` (grouped, one sort per layer) or `reference`
+            (the straightforward gather/run/scatter per module). Both give the same outputs; change it at run
+            time with `duo_llm_hf.routing.set_ffn_dispatch(model, mode)`.
 
     ```python
     >>> from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
@@ -51,6 +55,7 @@ class DuoLlamaConfig(LlamaConfig):
     route_seed: int = 0
     use_router: bool = False
     router_temperature: float = 1.0
+    ffn_dispatch: str = "fast"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -35,6 +35,9 @@ class DuoOPTConfig(OPTConfig):
             `routing_mode="learned"`; a model that has routers keeps them (and their weights) in every mode.
         router_temperature (`float`, defaults to 1.0):
             Softmax temperature tau of the routers, `P = softmax(logits / tau)`.
+        ffn_dispatch (`str`, defaults to `"fast"`):
+            Implementation of the routed FFN's dispatch: `fast` or `reference` (same outputs; see
+            `DuoLlamaConfig`).
 
     OPT's `layerdrop` must be 0: a Duo layer always runs its attention, and dropping FFNs is what the `skip`
     route does.
@@ -58,6 +61,7 @@ class DuoOPTConfig(OPTConfig):
     route_seed: int = 0
     use_router: bool = False
     router_temperature: float = 1.0
+    ffn_dispatch: str = "fast"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -19,7 +19,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .losses import mean_loss, token_losses
 from .router import DuoRouter, router_parameters
-from .routing import DuoFFN, RouteSampler, allowed_codes, check_routes, validate_route_fields
+from .routing import (
+    DispatchPlan,
+    DuoFFN,
+    RouteSampler,
+    allowed_codes,
+    check_routes,
+    dispatch_plans,
+    validate_route_fields,
+)
 
 # The config fields a Duo model adds to its dense architecture's config.
 DUO_CONFIG_FIELDS = (
@@ -31,6 +39,7 @@ DUO_CONFIG_FIELDS = (
     "route_seed",
     "use_router",
     "router_temperature",
+    "ffn_dispatch",
 )
 # Keys of the parts a dense model does not have: the small FFNs and the routers.
 DUO_ONLY_KEYS = (".mlp.small.", ".mlp.router.")
@@ -70,7 +79,7 @@ def make_duo_ffn(config, big: torch.nn.Module, small: torch.nn.Module) -> DuoFFN
     router = None
     if config.use_router:
         router = DuoRouter(config.hidden_size, allowed_codes(config), config.router_temperature)
-    return DuoFFN(big=big, small=small, router=router)
+    return DuoFFN(big=big, small=small, router=router, dispatch_mode=getattr(config, "ffn_dispatch", "fast"))
 
 
 class DuoDecoderLayerMixin:
@@ -85,6 +94,7 @@ class DuoDecoderLayerMixin:
         hidden_states: torch.Tensor,
         route: torch.LongTensor | None,
         past_key_values: Cache | None = None,
+        route_plan: DispatchPlan | None = None,
         output_router_probs: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor | None]:
@@ -94,12 +104,13 @@ class DuoDecoderLayerMixin:
         With `output_router_probs` and a given route, a layer with a router still returns what its router says
         about the FFN input of that route (teacher forcing, as when a router learns the oracle's choices).
         `kwargs` are the layer keyword arguments made by the model's `embed` (attention mask, positions).
+        `route_plan` is the route's grouping for the fast dispatch, when the model made it for all layers.
         """
         residual, ffn_input = self.attend(hidden_states, past_key_values=past_key_values, **kwargs)
         if route is None:
             ffn_output, route, router_probs = self.mlp.forward_learned(ffn_input)
         else:
-            (ffn_output, route), router_probs = self.mlp(ffn_input, route), None
+            (ffn_output, route), router_probs = self.mlp(ffn_input, route, route_plan), None
             if output_router_probs and self.mlp.router is not None:
                 router_probs = self.mlp.router(ffn_input)[0]
         return self.merge(residual, ffn_output), route, router_probs
@@ -175,6 +186,9 @@ class DuoModelMixin:
             output_hidden_states = self.config.output_hidden_states
         all_hidden_states = [] if output_hidden_states else None
 
+        # The fast dispatch groups the rows of every layer by choice once per forward (one host sync).
+        fast = getattr(self.config, "ffn_dispatch", "fast") == "fast"
+        plans = dispatch_plans(routes) if routes is not None and fast else None
         routes_taken, router_probs = [], []
         for layer_idx, decoder_layer in enumerate(self.layers):
             if all_hidden_states is not None:
@@ -183,6 +197,7 @@ class DuoModelMixin:
                 hidden_states,
                 None if routes is None else routes[..., layer_idx],
                 past_key_values=past_key_values,
+                route_plan=None if plans is None else plans[layer_idx],
                 **layer_kwargs,
                 **kwargs,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ CHOICE_CODES = {name: code for code, name in enumerate(CHOICE_NAMES)}
 # One letter per choice, for patterns printed in reports: "sBB-" = small, big, big, skip.
 CHOICE_LETTERS = ("s", "B", "-")
 ROUTING_MODES = ("random", "fixed", "explicit", "learned")
+# Implementations of DuoFFN.dispatch: the grouped fast path and the straightforward one it is checked against.
+DISPATCH_MODES = ("fast", "reference")
 
 
 def choice_code(choice: int | str, field: str = "choice") -> int:
@@ -112,6 +115,10 @@ def validate_route_fields(config) -> None:
     seed = config.route_seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"route_seed: {seed!r} is not allowed; it must be a non-negative integer.")
+
+    dispatch = getattr(config, "ffn_dispatch", "fast")
+    if dispatch not in DISPATCH_MODES:
+        raise ValueError(f"ffn_dispatch: {dispatch!r} is not allowed; use one of {list(DISPATCH_MODES)}.")
 
     _validate_router_fields(config)
 
@@ -254,17 +261,77 @@ class RouteSampler:
         self.generator.set_state(state["rng_state"])
 
 
+@dataclass(frozen=True)
+class DispatchPlan:
+    """The rows of one layer grouped by choice: what the fast dispatch needs to gather, run and scatter.
+
+    ``order`` lists the row indices sorted by choice code (SMALL rows, then BIG, then SKIP; stable);
+    ``counts`` the number of rows of each code as Python ints, so slicing ``order`` needs no host-device
+    synchronisation.
+    """
+
+    order: torch.LongTensor
+    counts: tuple[int, int, int]
+
+    @classmethod
+    def from_route(cls, route: torch.Tensor) -> DispatchPlan:
+        """The plan of one layer's route (any shape; rows in ``reshape(-1)`` order)."""
+        return dispatch_plans(route.reshape(-1, 1))[0]
+
+
+def dispatch_plans(routes: torch.Tensor) -> list[DispatchPlan]:
+    """One `DispatchPlan` per layer of a route tensor ``[..., num_layers]``.
+
+    One sort and one transfer of the counts to the host for all layers, instead of one ``nonzero`` per module
+    and layer: on CUDA each of those synchronises the host with the device.
+    """
+    n_layers = routes.shape[-1]
+    per_layer = routes.reshape(-1, n_layers).t().long()
+    n_codes = len(CHOICE_NAMES)
+    order = torch.argsort(per_layer, dim=1, stable=True)
+    offsets = torch.arange(n_layers, device=routes.device).unsqueeze(1) * n_codes
+    counts = torch.bincount((per_layer + offsets).reshape(-1), minlength=n_layers * n_codes)
+    counts = counts.view(n_layers, n_codes).tolist()
+    return [DispatchPlan(order[layer], tuple(counts[layer])) for layer in range(n_layers)]
+
+
+def set_ffn_dispatch(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every `DuoFFN` of ``model`` (and ``config.ffn_dispatch``) to ``"fast"`` or ``"reference"``."""
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"ffn_dispatch: {mode!r} is not allowed; use one of {list(DISPATCH_MODES)}.")
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "ffn_dispatch"):
+        config.ffn_dispatch = mode
+    for module in model.modules():
+        if isinstance(module, DuoFFN):
+            module.dispatch_mode = mode
+    return model
+
+
 class DuoFFN(nn.Module):
     """A routed FFN: a big and a small module side by side; each token runs only the module it is routed to.
 
     Tokens routed to ``SKIP`` run neither, so the FFN adds nothing for them. Dispatch gathers the tokens of each
     module, runs the module on those rows only, and scatters the result back: compute falls with the route.
+
+    ``dispatch_mode`` picks the implementation: ``"fast"`` (one sorted gather of the rows, each module on a
+    contiguous slice, in-place scatter into one output buffer, no per-module ``nonzero``; a layer whose rows
+    all take one choice runs that module on every row without gathering) or ``"reference"`` (the
+    straightforward gather/run/scatter per module, kept to check the fast path against). Both give the same
+    outputs.
     """
 
-    def __init__(self, big: nn.Module, small: nn.Module, router: nn.Module | None = None):
+    def __init__(
+        self, big: nn.Module, small: nn.Module, router: nn.Module | None = None, dispatch_mode: str = "fast"
+    ):
         super().__init__()
+        if dispatch_mode not in DISPATCH_MODES:
+            raise ValueError(
+                f"dispatch_mode: {dispatch_mode!r} is not a dispatch mode; use one of {list(DISPATCH_MODES)}."
+            )
         self.big = big
         self.small = small
+        self.dispatch_mode = dispatch_mode
         # A learned router (router.DuoRouter): maps the FFN input to (probabilities [..., 3], argmax route).
         self.router = router
 
@@ -278,18 +345,22 @@ class DuoFFN(nn.Module):
         return torch.zeros_like(hidden_states) if module is None else module(hidden_states)
 
     def forward(
-        self, hidden_states: torch.Tensor, route: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        route: torch.Tensor | None = None,
+        plan: DispatchPlan | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the routed FFN; return its output and the route taken.
 
         ``hidden_states``: ``[..., hidden]``; ``route``: the choice code of each row, shape
         ``hidden_states.shape[:-1]``. A ``None`` route is learned routing: the router decides (see
-        `forward_learned`, which also returns the router probabilities).
+        `forward_learned`, which also returns the router probabilities). ``plan``: the route's `DispatchPlan`
+        when the caller made it already (one for all layers).
         """
         if route is None:
             output, route, _ = self.forward_learned(hidden_states)
             return output, route
-        return self.dispatch(hidden_states, route), route
+        return self.dispatch(hidden_states, route, plan), route
 
     def forward_learned(
         self, hidden_states: torch.Tensor
@@ -319,8 +390,36 @@ class DuoFFN(nn.Module):
                 out = out + probs[..., choice : choice + 1].to(hidden_states.dtype) * module(hidden_states)
         return out
 
-    def dispatch(self, hidden_states: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    def dispatch(
+        self, hidden_states: torch.Tensor, route: torch.Tensor, plan: DispatchPlan | None = None
+    ) -> torch.Tensor:
         """Gather the rows of each choice, run its module on them only, scatter the outputs (SKIP rows stay 0)."""
+        if self.dispatch_mode == "reference":
+            return self.dispatch_reference(hidden_states, route)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if plan is None:
+            plan = DispatchPlan.from_route(route)
+        n_small, n_big, n_skip = plan.counts
+        if sum(plan.counts) != flat.shape[0]:
+            raise ValueError(
+                f"dispatch: the plan covers {sum(plan.counts)} rows but hidden_states has {flat.shape[0]}; "
+                "make the plan from this layer's route."
+            )
+        for choice, count in enumerate(plan.counts):
+            if count == flat.shape[0]:
+                return self.run_choice(hidden_states, choice)
+        # SMALL rows come first in the plan's order, then BIG; SKIP rows (last) are never gathered.
+        rows = plan.order[: n_small + n_big]
+        gathered = flat.index_select(0, rows)
+        out = torch.zeros_like(flat) if n_skip else torch.empty_like(flat)
+        for module, start, count in ((self.small, 0, n_small), (self.big, n_small, n_big)):
+            if count:
+                module_out = module(gathered[start : start + count])
+                out.index_copy_(0, rows[start : start + count], module_out.to(out.dtype))
+        return out.view_as(hidden_states)
+
+    def dispatch_reference(self, hidden_states: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """The straightforward dispatch: for each module, find its rows, gather, run, scatter."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         flat_route = route.reshape(-1)
         out = torch.zeros_like(flat)

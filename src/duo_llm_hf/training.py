@@ -2,14 +2,15 @@
 
 The paper's stage 1 trains a Duo model from scratch while every token in every layer goes to the big or the
 small FFN at random (p_big = 0.5). Two comparisons are trained by the same loop: *frozen-big* (start from a
-trained dense Llama, or the big path of a Duo model, freeze it and train only the small FFNs; the paper's
-Fig. 8c) and the *dense baseline* (a plain `LlamaForCausalLM` whose FFN inner size matches the Duo model's
-FLOPs at the given p_big; Fig. 8a/b).
+trained dense Llama or OPT, or the big path of a Duo model, freeze it and train only the small FFNs; the
+paper's Fig. 8c, and its Appendix A recipe in `finetuning`) and the *dense baseline* (a plain
+`LlamaForCausalLM` whose FFN inner size matches the Duo model's FLOPs at the given p_big; Fig. 8a/b).
 
 The pieces are public so that later scripts (the router trainer, the ablations, the study) reuse them:
 `TrainArguments` / `build_arg_parser`, `build_model`, `build_optimizer`, `build_scheduler`,
 `evaluate_perplexity`, the checkpoint helpers in `checkpointing`, and `train` itself, which
-``training/train_duo.py`` and the ``duo-llm train`` command call.
+``training/train_duo.py`` and the ``duo-llm train`` command call; `ModelHooks` lets a recipe change the model
+it trains and saves.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,10 +33,19 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, HfArgumentParser, LlamaConfig, LlamaForCausalLM, get_scheduler
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    get_scheduler,
+)
 
 from .checkpointing import RouteSamplerState, TrainState, resolve_resume, save_checkpoint
 from .configuration_duo_llama import DuoLlamaConfig
+from .configuration_duo_opt import DuoOPTConfig
 from .data import (
     BUILTIN,
     EpochSampler,
@@ -43,9 +54,11 @@ from .data import (
     pack_corpus,
     parse_corpus_spec,
 )
+from .duo_modeling_utils import DuoCausalLMMixin
 from .flops import dense_intermediate_size, flops_per_token
 from .losses import token_losses
 from .modeling_duo_llama import DuoLlamaForCausalLM
+from .modeling_duo_opt import DuoOPTForCausalLM
 from .routing import BIG, CHOICE_CODES, RouteSampler
 from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from .tracking import make_trackers
@@ -57,6 +70,15 @@ EVAL_ROUTES = ("random", "big", "small", "skip")
 # Holdout sets evaluated separately, as the paper holds out C4 (English) and Python code.
 HOLDOUTS = ("english", "code")
 SMALL_MODULE_KEY = ".mlp.small."
+# frozen-big sources by model_type: the Duo class each becomes (a Duo source gives its big path, to_dense()).
+FROZEN_BIG_SOURCES = {
+    "llama": DuoLlamaForCausalLM,
+    DuoLlamaConfig.model_type: DuoLlamaForCausalLM,
+    "opt": DuoOPTForCausalLM,
+    DuoOPTConfig.model_type: DuoOPTForCausalLM,
+}
+# A Hub model id, "name" or "org/name" (what `from_pretrained` downloads when no such local folder exists).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Arguments that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_CHANGES = frozenset(
     {
@@ -140,7 +162,10 @@ class TrainArguments:
     # Model
     init_from: str | None = field(
         default=None,
-        metadata={"help": "frozen-big: a dense Llama folder or a Duo model folder (its big path)."},
+        metadata={
+            "help": "frozen-big: a dense Llama or OPT model, or a Duo model (its big path); a local folder or a "
+            "Hub name (e.g. facebook/opt-1.3b)."
+        },
     )
     hidden_size: int = field(default=256, metadata={"help": "Hidden size."})
     num_layers: int = field(default=8, metadata={"help": "Decoder layers."})
@@ -286,9 +311,10 @@ class TrainArguments:
             )
         if self.mode != "frozen-big" and self.init_from:
             raise ValueError(f"--init-from is for mode 'frozen-big' only (this run's mode is {self.mode!r}).")
-        if self.init_from and not Path(self.init_from).expanduser().is_dir():
+        if self.init_from and not (Path(self.init_from).expanduser().is_dir() or is_hub_id(self.init_from)):
             raise FileNotFoundError(
-                f"init_from: {self.init_from!r} is not a model folder (written by save_pretrained)."
+                f"init_from: {self.init_from!r} is not a model folder (written by save_pretrained) nor a Hub "
+                "model name."
             )
         if self.tokenizer is not None and not Path(self.tokenizer).expanduser().is_dir():
             raise FileNotFoundError(f"tokenizer: {self.tokenizer!r} is not a tokenizer folder.")
@@ -326,6 +352,20 @@ class TrainResult:
     tokens_seen: int
     losses: dict[int, float]
     eval_metrics: dict[str, float]
+
+
+@dataclass
+class ModelHooks:
+    """What a recipe built on `train` changes about its model (LoRA finetuning uses both hooks).
+
+    ``adapt(model)`` gets the built model (frozen as the mode says) before the optimizer is made and returns the
+    model to train; whatever then requires grad is trained, and checkpoints hold that model. ``export(model)``
+    gets the trained model (unwrapped from DDP) before the final ``save_pretrained`` and returns the model to
+    save. A hook that is None changes nothing.
+    """
+
+    adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    export: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
 
 def build_arg_parser(**kwargs) -> HfArgumentParser:
@@ -403,21 +443,29 @@ def dense_baseline_config(config: DuoLlamaConfig) -> LlamaConfig:
     return dense_config_like(config, dense_intermediate_size(config, config.route_probs))
 
 
+def is_hub_id(name: str | Path) -> bool:
+    """Whether ``name`` is a Hub model id ("name" or "org/name") and no local folder of that name exists."""
+    return not Path(name).expanduser().exists() and bool(_HUB_ID.match(str(name)))
+
+
 def inspect_init_source(path: str | Path, block_size: int):
-    """Read a frozen-big source's config (no weights); check it is Llama-shaped and long enough."""
+    """Read a frozen-big source's config (no weights); check it is a supported model and long enough.
+
+    ``path`` is a local folder or a Hub name (whose config is downloaded, or read from the Hub cache).
+    """
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
+    if not is_hub_id(path) and not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"init_from: {str(path)!r} has no config.json; give a folder written by save_pretrained."
         )
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(str(path) if is_hub_id(path) else folder)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"init_from: {str(path)!r} has a config that cannot be read ({err}).") from err
-    if config.model_type not in ("llama", DuoLlamaConfig.model_type):
+    if config.model_type not in FROZEN_BIG_SOURCES:
         raise ValueError(
-            f"init_from: {str(path)!r} is a {config.model_type!r} model; frozen-big needs a Llama-shaped "
-            f"model (model_type 'llama': LlamaForCausalLM, or a '{DuoLlamaConfig.model_type}' Duo model)."
+            f"init_from: {str(path)!r} is a {config.model_type!r} model; frozen-big needs a Llama-shaped model or "
+            f"an OPT model (model_type one of {sorted(FROZEN_BIG_SOURCES)})."
         )
     if block_size > config.max_position_embeddings:
         raise ValueError(
@@ -438,13 +486,12 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
         if args.mode == "dense":
             return LlamaForCausalLM(dense_baseline_config(config))
         return DuoLlamaForCausalLM(config)
-    source = AutoConfig.from_pretrained(args.init_from)
-    if source.model_type == "llama":
-        dense = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
-    else:  # a Duo model: its big path, with fresh small modules below
-        dense = DuoLlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to_dense()
+    duo_class = FROZEN_BIG_SOURCES[AutoConfig.from_pretrained(args.init_from).model_type]
+    dense = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    if is_duo_model(dense):  # a Duo model: its big path, with fresh small modules below
+        dense = dense.to_dense()
     options = ["small", "big"] + (["skip"] if args.p_skip > 0 else [])
-    model = DuoLlamaForCausalLM.from_dense(
+    model = duo_class.from_dense(
         dense,
         small_intermediate_size=args.small_intermediate_size,
         route_options=options,
@@ -456,7 +503,12 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
     return model
 
 
-def freeze_all_but_small(model: DuoLlamaForCausalLM) -> int:
+def is_duo_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a Duo causal LM (DuoLlama, DuoOPT), as opposed to a dense one."""
+    return isinstance(model, DuoCausalLMMixin)
+
+
+def freeze_all_but_small(model: torch.nn.Module) -> int:
     """Freeze every parameter except the small FFNs; return the number of trainable parameters."""
     trainable = 0
     for name, param in model.named_parameters():
@@ -560,7 +612,7 @@ def evaluate_perplexity(
     run see the same routes and are comparable. Keys: ``eval/<set>/<mode>/loss`` and ``.../ppl``.
     """
     unwrapped = accelerator.unwrap_model(model)
-    is_duo = isinstance(unwrapped.config, DuoLlamaConfig)
+    is_duo = is_duo_model(unwrapped)
     modes = route_modes if is_duo else ["dense"]
     was_training = model.training
     model.eval()
@@ -671,6 +723,9 @@ def training_batches(
 def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_texts):
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
+    if args.mode == "frozen-big" and is_hub_id(args.init_from):
+        with accelerator.main_process_first():  # one download, then the Hub cache
+            return AutoTokenizer.from_pretrained(args.init_from)
     if args.mode == "frozen-big":
         if not has_tokenizer(args.init_from):
             raise FileNotFoundError(
@@ -722,11 +777,15 @@ def make_train_loader(blocks, args) -> DataLoader:
 
     ``args`` needs ``batch_size``, ``seed`` and ``shuffle_buffer``.
     """
+    # Each new iterator of a DataLoader draws a seed from its generator; with the global one, a resumed run
+    # would draw it after restoring the RNG state and so shift the dropout masks (OPT has dropout) that the
+    # uninterrupted run saw. A generator of its own keeps resumed runs exact.
+    generator = torch.Generator().manual_seed(args.seed)
     if hasattr(blocks, "__len__"):
         sampler = EpochSampler(len(blocks), seed=args.seed)
-        return DataLoader(blocks, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+        return DataLoader(blocks, batch_size=args.batch_size, sampler=sampler, drop_last=True, generator=generator)
     shuffled = blocks.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
-    return DataLoader(shuffled, batch_size=args.batch_size, drop_last=True)
+    return DataLoader(shuffled, batch_size=args.batch_size, drop_last=True, generator=generator)
 
 
 def tracker_config(args, extra: dict) -> dict:
@@ -743,13 +802,19 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+_reset_accelerate_state = reset_accelerate_state  # the name ablation.py imports
+
+
 def train(
-    args: TrainArguments, step_callback: Callable[[TrainState, dict], None] | None = None
+    args: TrainArguments,
+    step_callback: Callable[[TrainState, dict], None] | None = None,
+    hooks: ModelHooks | None = None,
 ) -> TrainResult:
     """Run stage 1 training (or a frozen-big / dense baseline run) as ``args`` say; see `TrainArguments`.
 
     Every check on the inputs runs before any training time is spent. ``step_callback(state, metrics)`` is
-    called after each optimizer step (and its logging, evaluation and checkpoint) on every process.
+    called after each optimizer step (and its logging, evaluation and checkpoint) on every process. ``hooks``
+    let a recipe change the model to train and the model to save (`ModelHooks`; e.g. `finetuning` adds LoRA).
     """
     args.validate()
     output_dir = Path(args.output_dir)
@@ -780,6 +845,7 @@ def train(
             checkpoints_dir,
             step_callback,
             source_config if args.mode == "frozen-big" else None,
+            hooks or ModelHooks(),
         )
     finally:
         accelerator.end_training()
@@ -788,7 +854,7 @@ def train(
             datasets.enable_progress_bars()
 
 
-def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config) -> TrainResult:
+def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks) -> TrainResult:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -814,7 +880,9 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
         # transformers v5 deprecates gradient_checkpointing_enable for activation_checkpointing_enable.
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
-    is_duo = isinstance(model, DuoLlamaForCausalLM)
+    if hooks.adapt is not None:
+        model = hooks.adapt(model)
+    is_duo = is_duo_model(model)
     if is_duo and accelerator.num_processes > 1:
         # Each process draws its own routes (same config seed, offset by the process index).
         config = model.config
@@ -929,20 +997,26 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             break
     progress.close()
 
-    save_final(args, accelerator, model, tokenizer, state, eval_metrics)
+    save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export)
     return TrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, eval_metrics)
 
 
-def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict) -> None:
-    """``save_pretrained`` the model and tokenizer into ``output_dir``, plus the arguments and metrics."""
+def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None) -> None:
+    """``save_pretrained`` the model (``export(model)`` if given) and tokenizer into ``output_dir``, plus the
+    arguments and metrics."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    if export is None:
+        state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
+    else:  # the exported model is a plain module (export hooks do not run under FSDP)
+        unwrapped = export(unwrapped)
+        state_dict = unwrapped.state_dict()
     unwrapped.save_pretrained(
         output_dir,
         is_main_process=accelerator.is_main_process,
         save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
+        state_dict=state_dict,
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)

@@ -1,0 +1,13 @@
+"""The paper's Fig. 8 ablations: Duo against dense models of equal FLOPs, from scratch against frozen-big.
+
+    python eval/ablation.py --preset cpu --out runs/ablation_cpu          # ~20 min on 2 CPU cores, offline
+    python eval/ablation.py --preset tiny --out /tmp/ablation_tiny        # seconds: a smoke test
+    accelerate launch --config_file training/configs/ddp.yaml eval/ablation.py --preset paper --out runs/fig8
+
+All flags: ``python eval/ablation.py --help``. The work is done by `duo_llm_hf.ablation`.
+"""
+
+from duo_llm_hf.ablation import main
+
+if __name__ == "__main__":
+    main()
