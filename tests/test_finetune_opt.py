@@ -24,6 +24,9 @@ from duo_llm_hf.cli import COMMANDS
 from duo_llm_hf.finetuning import AttentionLoRA, FinetuneArguments, estimate_memory, finetune, parse_finetune_args
 from duo_llm_hf.oracle import pattern_losses
 from duo_llm_hf.route_spaces import RouteSpace
+from duo_llm_hf.router import ROUTER_SETTINGS
+from duo_llm_hf.router_training import RouterTrainArguments, train_router
+from duo_llm_hf.routing import CHOICE_CODES
 from duo_llm_hf.tokenization import train_bpe_tokenizer
 from duo_llm_hf.training import build_model, freeze_all_but_small
 
@@ -32,8 +35,10 @@ LAYERS = 2
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (module scope: the module
+    # fixtures below train too).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -197,10 +202,19 @@ def test_lora_run_resumes_exactly(tmp_path, source):
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, source):
+    """The output folder of a short run of the Appendix A recipe: small / big routing at p_big 0.5, LoRA."""
+    folder, _, _ = source
+    args = tiny_args(tmp_path_factory.mktemp("finetuned"), folder, max_steps=2, lora=True, lora_r=2)
+    finetune(args)
+    return args.output_dir
+
+
+@pytest.fixture(scope="module")
+def finetuned_with_skip(tmp_path_factory, source):
     """The output folder of a short LoRA finetuning run that also trained the skip route (p_skip > 0)."""
     folder, _, _ = source
     args = tiny_args(
-        tmp_path_factory.mktemp("finetuned"), folder, max_steps=2, lora=True, lora_r=2, p_big=0.4, p_skip=0.2
+        tmp_path_factory.mktemp("finetuned_skip"), folder, max_steps=2, lora=True, lora_r=2, p_big=0.4, p_skip=0.2
     )
     finetune(args)
     return args.output_dir
@@ -238,8 +252,8 @@ def test_finetuned_model_loads_with_trust_remote_code(tmp_path, finetuned):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
 
 
-def test_oracle_prefix_tree_equals_naive_forwards_on_the_finetuned_model(finetuned):
-    model = AutoModelForCausalLM.from_pretrained(finetuned).eval()
+def test_oracle_prefix_tree_equals_naive_forwards_on_the_finetuned_model(finetuned_with_skip):
+    model = AutoModelForCausalLM.from_pretrained(finetuned_with_skip).eval()
     assert model.config.route_options == ["small", "big", "skip"]
     space = RouteSpace.from_config(model.config, ["all"])
     assert space.size == 3**LAYERS
@@ -252,6 +266,47 @@ def test_oracle_prefix_tree_equals_naive_forwards_on_the_finetuned_model(finetun
         assert torch.allclose(table, naive, rtol=0, atol=1e-6)
         oracle = model(ids, labels=labels, routing="oracle")
     assert torch.equal(oracle.token_losses, table.amin(0))
+
+
+@pytest.mark.parametrize("setting", sorted(ROUTER_SETTINGS))
+def test_routers_train_on_the_finetuned_model_in_each_appendix_a_setting(tmp_path, finetuned, setting):
+    args = RouterTrainArguments(
+        model=finetuned,
+        output_dir=str(tmp_path / setting),
+        setting=setting,
+        builtin_max_chars=3000,
+        block_size=16,
+        batch_size=4,
+        max_steps=3,
+        eval_blocks=2,
+        checkpoint_every=0,
+        report_to="none",
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    report = train_router(args).report
+    preset = ROUTER_SETTINGS[setting]
+    assert report["route_options"] == preset["route_options"] and report["budget"] == preset["budget"]
+    for entry in report["holdouts"].values():  # only the setting's choices are taken, at hard (argmax) routing
+        overall = entry["realised"]["overall"]
+        assert sum(overall.values()) == pytest.approx(1.0)
+        assert all(
+            overall.get(name, 0.0) == 0.0 for name in ("small", "big", "skip") if name not in preset["route_options"]
+        )
+
+    routed = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
+    assert type(routed) is DuoOPTForCausalLM and routed.config.routing_mode == "learned"
+    assert routed.config.route_options == preset["route_options"]
+    # The routers train on top: every weight of the finetuned model is unchanged.
+    duo_state = AutoModelForCausalLM.from_pretrained(finetuned).state_dict()
+    routed_state = routed.state_dict()
+    assert {k for k in routed_state if ".mlp.router." not in k} == set(duo_state)
+    assert all(torch.equal(routed_state[k], v) for k, v in duo_state.items())
+    ids, _ = ids_and_routes()
+    with torch.no_grad():
+        routes = routed(ids).routes
+    allowed = [CHOICE_CODES[name] for name in preset["route_options"]]
+    assert torch.isin(routes, torch.tensor(allowed)).all()
 
 
 def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source):

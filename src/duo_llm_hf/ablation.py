@@ -43,7 +43,6 @@ says), the holdout evaluation is sharded, the harness uses its data parallelism,
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -71,10 +70,10 @@ from .training import (
     HOLDOUTS,
     RESUMABLE_CHANGES,
     TrainArguments,
-    _reset_accelerate_state,
     dense_baseline_config,
     duo_config_from_args,
     evaluate_perplexity,
+    reset_accelerate_state,
     train,
 )
 
@@ -692,27 +691,6 @@ def prepare_tokenizer(plan: AblationPlan):
     return tokenizer
 
 
-@contextlib.contextmanager
-def keep_process_group():
-    """Keep the process group of a multi-process launch alive across `train` calls.
-
-    `train` ends with ``accelerator.end_training()``, which destroys the process group (torch.distributed); the
-    ablation trains several runs and then evaluates in the same launch. Accelerate skips that destroy for
-    fork-launched processes (``FORK_LAUNCHED``, read by every `PartialState()`; it changes nothing else off
-    TPUs), so the variable is set for the duration.
-    """
-    before = os.environ.get("FORK_LAUNCHED")
-    os.environ["FORK_LAUNCHED"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("FORK_LAUNCHED", None)
-        else:
-            os.environ["FORK_LAUNCHED"] = before
-        process_state()  # re-reads the variable
-
-
 RUN_INFO = "ablation_run.json"  # in each run folder: training time, and the model it started from
 
 
@@ -742,8 +720,7 @@ def train_runs(plan: AblationPlan) -> tuple[list[str], list[str]]:
         )  # fmt: skip
         start = time.perf_counter()
         checkpoints = list_checkpoints(plan.run_dir(run) / "checkpoints")
-        with keep_process_group():
-            train(dataclasses.replace(run.args, resume_from="latest" if checkpoints else None))
+        train(dataclasses.replace(run.args, resume_from="latest" if checkpoints else None))
         info = {"train_seconds": time.perf_counter() - start, "init_from": source}
         if process_state().is_main_process:
             _write_atomic(plan.run_dir(run) / RUN_INFO, json.dumps(info, indent=2))
@@ -933,7 +910,7 @@ def evaluate_runs(plan: AblationPlan, tokenizer) -> dict[str, dict[str, dict]]:
             records[run.name] = {_setting_key(p): cached[p] for p in points}
     finally:
         # The harness and this evaluation set Accelerate's process-wide state; later runs start clean.
-        _reset_accelerate_state()
+        reset_accelerate_state()
     return records
 
 

@@ -74,6 +74,7 @@ from .training import (
     build_optimizer,
     build_scheduler,
     check_resume_arguments,
+    finish_trackers,
     load_corpora,
     make_eval_loaders,
     make_train_loader,
@@ -703,7 +704,7 @@ def train_router(
         plan = RoutePlan(options, targets, oracle_budget)
         return _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback)
     finally:
-        accelerator.end_training()
+        finish_trackers(accelerator)
         reset_accelerate_state()
         if bars_were_on:
             datasets.enable_progress_bars()

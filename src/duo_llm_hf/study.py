@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from .oracle_results import OracleResult, atomic_write_text
 from .oracle_run import run_oracle_study, study_space
@@ -36,6 +37,7 @@ from .oracle_run import run_oracle_study, study_space
 logger = logging.getLogger(__name__)
 
 HOLDOUTS = ("english", "code")
+ROUTER_SHORT = {"conventional": "router", "oracle": "oracle-sup."}
 DONE_FILE = "stage_done.json"
 
 
@@ -241,7 +243,7 @@ def holdout_blocks(model_dir: Path, config: StudyConfig, name: str, num_blocks: 
         raise ValueError(
             f"holdout {name!r} has only {len(blocks)} blocks of {train['block_size']} tokens; asked for {num_blocks}."
         )
-    return torch.tensor(blocks["input_ids"][:num_blocks], dtype=torch.long)
+    return torch.as_tensor(blocks["input_ids"][:num_blocks]).long()
 
 
 def oracle_stage(
@@ -319,17 +321,63 @@ def run_study(out: str | os.PathLike, preset: str = "default", progress: bool = 
                 num_blocks=config.causal_blocks,
             )
 
-    routers = router_stages(stages, model_dir, oracle)
+    blocks = {h: result.tensors["input_ids"] for h, result in oracle.items()}
+    routers = router_stages(stages, model_dir, blocks)
     metrics = collect_metrics(config, model, stages, oracle, skip, causal, routers, n)
     write_report(out, metrics, oracle, routers, model_dir)
     return metrics
 
 
-def router_stages(stages: Stages, model_dir: Path, oracle: dict[str, OracleResult]) -> dict:
-    """Stage 3: train each router kind at each budget and evaluate it on the holdouts."""
-    if not stages.config.router_kinds:
-        return {}
-    raise NotImplementedError("router stages: waiting for router_training")
+def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongTensor]) -> dict:
+    """Stage 3: train each router kind at each budget, then evaluate it with hard routing on the oracle's blocks.
+
+    Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage"}`` (usage: ``[3, layers, positions]``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .router_training import RouterTrainArguments, evaluate_router
+
+    config = stages.config
+    n = config.num_layers
+    results: dict[str, dict[int, dict]] = {kind: {} for kind in config.router_kinds}
+    loaders = {h: DataLoader([{"input_ids": row} for row in ids], batch_size=8) for h, ids in blocks.items()}
+    for kind in config.router_kinds:
+        for k in config.router_budgets:
+            folder = stages.out / "routers" / f"{kind}-k{k}"
+            oracle = kind == "oracle"
+            args = RouterTrainArguments(
+                model=str(model_dir),
+                output_dir=str(folder),
+                route_options="small,big",
+                budget=repr(k / n),
+                supervision=kind,
+                oracle_budget=f"big={k}" if oracle else None,
+                # Oracle supervision fits P = softmax(logits) to the oracle's choices: no annealing needed.
+                temperature_schedule="constant" if oracle else "exponential",
+                block_size=config.train["block_size"],
+                builtin_max_chars=config.train.get("builtin_max_chars"),
+                report_to="jsonl",
+                checkpoint_every=0,
+                seed=config.seed,
+                progress=stages.progress,
+                **config.router,
+            )
+            stages.run(f"router ({kind}, {k} BIG layers)", folder, lambda args=args: _train_router_record(args))
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            evaluation = evaluate_router(model, loaders)
+            results[kind][k] = {
+                h: {"ppl": e["ppl"], "realised": e["realised"]["overall"], "usage": e["usage"]}
+                for h, e in evaluation.items()
+                if h in blocks
+            }
+    return results
+
+
+def _train_router_record(args) -> dict:
+    from .router_training import train_router
+
+    result = train_router(args)
+    return {"global_step": result.global_step}
 
 
 def _check_same_settings(out: Path, config: StudyConfig) -> None:
@@ -354,7 +402,8 @@ def summary_table(metrics: dict) -> str:
     lines = []
     for holdout, m in metrics["oracle"].items():
         kinds = list(metrics["routers"])
-        header = f"{'k':>3} {'oracle':>9} {best_of:>12} {'fixed':>9}" + "".join(f" {k[:12]:>12}" for k in kinds)
+        names = "".join(f" {ROUTER_SHORT[k]:>12}" for k in kinds)
+        header = f"{'k':>3} {'oracle':>9} {best_of:>12} {'fixed':>9}{names}"
         lines += [f"{holdout} holdout: perplexity by number of BIG layers", header]
         for k, v in m["by_budget"].items():
             routers = "".join(

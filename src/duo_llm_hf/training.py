@@ -794,6 +794,13 @@ def tracker_config(args, extra: dict) -> dict:
     return {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in values.items()}
 
 
+def finish_trackers(accelerator: Accelerator) -> None:
+    """End a run's trackers. Unlike ``accelerator.end_training()`` this keeps the process group: the study and the
+    ablation train several runs (and evaluate) in one multi-process launch."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def reset_accelerate_state() -> None:
     """Clear Accelerate's process-wide state at the end of a run (the process group stays up)."""
     # Accelerate keeps process-wide singletons; a later run in the same process (tests, the study) may use
@@ -801,8 +808,6 @@ def reset_accelerate_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
 
-
-_reset_accelerate_state = reset_accelerate_state  # the name ablation.py imports
 
 
 def train(
@@ -848,7 +853,7 @@ def train(
             hooks or ModelHooks(),
         )
     finally:
-        accelerator.end_training()
+        finish_trackers(accelerator)
         reset_accelerate_state()
         if bars_were_on:
             datasets.enable_progress_bars()

@@ -1,0 +1,90 @@
+"""The main job end to end: ``duo-llm study --preset tiny`` (a 6-layer model, seconds per stage)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from duo_llm_hf.cli import main as cli_main
+from duo_llm_hf.study import PRESETS, run_study, study_config
+from duo_llm_hf.study_report import fmt
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    assert cli_main(["study", "--out", str(out), "--preset", "tiny", "--no-progress"]) == 0
+    return out
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def test_every_output_exists(study):
+    for name in ("report.md", "report.html", "metrics.json"):
+        assert (study / name).stat().st_size > 0
+    figures = {p.name for p in (study / "figures").iterdir()}
+    for holdout in ("english", "code"):
+        for stem in ("ppl_vs_budget", "methods", "schedules", "oracle_usage", "conventional_usage", "oracle_usage"):
+            assert f"{stem}_{holdout}.png" in figures
+        assert f"token_difficulty_{holdout}.png" in figures and f"token_difficulty_{holdout}.html" in figures
+    html = (study / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 10  # self-contained
+
+
+def test_report_numbers_are_those_of_metrics_json(study):
+    metrics = json.loads((study / "metrics.json").read_text())
+    report = (study / "report.md").read_text()
+    n = metrics["model"]["layers"]
+    for oracle in metrics["oracle"].values():
+        for k, entry in oracle["by_budget"].items():
+            row = f"| {k} | {entry['patterns']} | {fmt(entry['oracle'])} |"
+            assert row in report, row
+        for value in oracle["schedules"].values():
+            assert fmt(value) in report
+    for by_k in metrics["routers"].values():
+        for per_holdout in by_k.values():
+            for entry in per_holdout.values():
+                assert fmt(entry["ppl"]) in report
+    for finding in metrics["findings"]:
+        assert finding["statement"] in report
+        for value in _numbers(finding["numbers"]):
+            assert fmt(value) in report
+    assert len(metrics["findings"]) == 7 and n == 6
+
+
+def test_findings_follow_from_the_numbers(study):
+    metrics = json.loads((study / "metrics.json").read_text())
+    english = metrics["oracle"]["english"]
+    one = next(f for f in metrics["findings"] if f["id"] == "one_big_layer_beats_all_big")
+    assert one["reproduced"] == (english["by_budget"]["1"]["oracle"] < english["all_big"])
+    # The oracle takes the per-token minimum over a superset of the fixed pattern and the K random ones.
+    for entry in english["by_budget"].values():
+        assert entry["oracle"] <= entry["best_of_20"] + 1e-9 and entry["oracle"] <= entry["fixed"] + 1e-9
+
+
+def test_rerun_reuses_finished_stages(study, capsys):
+    before = (study / "metrics.json").read_text()
+    run_study(study, "tiny", progress=False)
+    assert "[duo-llm study]" not in capsys.readouterr().out  # no stage ran again
+    assert json.loads((study / "metrics.json").read_text())["oracle"] == json.loads(before)["oracle"]
+
+
+def test_changed_settings_are_refused(study):
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(study, "tiny", progress=False, best_of_k=5)
+
+
+def test_presets_and_bad_settings():
+    assert {"tiny", "default", "paper"} <= set(PRESETS)
+    assert PRESETS["paper"].train["hidden_size"] == 2560 and PRESETS["default"].num_layers == 12
+    with pytest.raises(ValueError, match="not a study preset"):
+        study_config("huge")
+    with pytest.raises(ValueError, match="not a study setting"):
+        study_config("tiny", epochs=3)
