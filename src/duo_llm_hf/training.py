@@ -809,7 +809,6 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-
 def train(
     args: TrainArguments,
     step_callback: Callable[[TrainState, dict], None] | None = None,
