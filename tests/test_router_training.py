@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP contention.
+    # Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (module scope: it also covers
+    # the module's fixtures, which train models too).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -327,6 +328,30 @@ def test_router_vs_oracle_table(tmp_path, stage1, monkeypatch):
     again = compare_routers(args)
     assert json.loads(json.dumps(again)) == json.loads((Path(args.output_dir) / "router_vs_oracle.json").read_text())
     assert again["routers"] == results["routers"] and again["sets"] == results["sets"]
+
+
+def test_duo_opt_model_with_the_big_skip_setting(tmp_path, tokenizer):
+    from duo_llm_hf import DuoOPTConfig, DuoOPTForCausalLM
+
+    torch.manual_seed(0)
+    config = DuoOPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path / "opt"
+    DuoOPTForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    args = tiny_args(tmp_path, str(folder), budget=None, setting="big50-skip50", max_steps=2, holdout_code="none")
+    report = train_router(args).report
+    assert report["route_options"] == ["big", "skip"] and report["budget"] == {"big": 0.5}
+    assert report["holdouts"]["english"]["realised"]["overall"]["small"] == 0.0
+    model = AutoModelForCausalLM.from_pretrained(args.output_dir)
+    assert type(model) is DuoOPTForCausalLM and [r.choices for r in routers(model)] == [(1, 2)] * LAYERS
 
 
 def test_parser_and_budget_flags():
