@@ -63,6 +63,11 @@ COMMANDS: dict[str, Command] = {
         "Stage 2: the oracle over every route (or budgets): oracle, fixed, best-of-K, usage, token difficulty.",
         "eval/oracle_study.py",
     ),
+    "train-router": Command(
+        "duo_llm_hf.router_training:main",
+        "Stage 3: train routers on a frozen Duo model (CE + alpha * budget loss, or supervised by the oracle).",
+        "training/train_router.py",
+    ),
     "ablation": Command(
         "duo_llm_hf.ablation:main",
         "Fig. 8: Duo at p_big 0..1 against FLOP-matched dense models, and from scratch against frozen-big.",
