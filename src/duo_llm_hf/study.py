@@ -63,6 +63,8 @@ class StudyConfig:
     router_budgets: tuple[int, ...] = (4, 6, 8)
     router_kinds: tuple[str, ...] = ("conventional", "oracle")
     router: dict = field(default_factory=dict)
+    # Overrides of `router` for the oracle-supervised router, which runs the oracle on every training batch.
+    oracle_router: dict = field(default_factory=dict)
     seed: int = 0
 
     @property
@@ -129,6 +131,7 @@ PRESETS: dict[str, StudyConfig] = {
         causal_budget=2,
         causal_blocks=2,
         router={"max_steps": 120, "batch_size": 16, "eval_blocks": 16},
+        oracle_router={"max_steps": 30, "batch_size": 8},
     ),
     # The paper's model (12 layers, hidden 2560, big 10240 / small 640) on Hub corpora; for many GPUs
     # (``accelerate launch -m duo_llm_hf.cli study --preset paper``).
@@ -173,7 +176,7 @@ def study_config(preset: str = "default", **overrides) -> StudyConfig:
             raise ValueError(
                 f"{key!r} is not a study setting; settings: {[f.name for f in dataclasses.fields(config)]}."
             )
-        if key in ("train", "router"):
+        if key in ("train", "router", "oracle_router"):
             value = {**getattr(config, key), **value}
         setattr(config, key, value)
     return config
@@ -363,7 +366,7 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
                 checkpoint_every=0,
                 seed=config.seed,
                 progress=stages.progress,
-                **config.router,
+                **{**config.router, **(config.oracle_router if oracle else {})},
             )
             stages.run(f"router ({kind}, {k} BIG layers)", folder, lambda args=args: _train_router_record(args))
             model = AutoModelForCausalLM.from_pretrained(folder).to(_device()).eval()
