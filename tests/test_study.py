@@ -31,7 +31,15 @@ def test_every_output_exists(study):
         assert (study / name).stat().st_size > 0
     figures = {p.name for p in (study / "figures").iterdir()}
     for holdout in ("english", "code"):
-        for stem in ("ppl_vs_budget", "methods", "schedules", "oracle_usage", "conventional_usage", "oracle_usage"):
+        stems = (
+            "ppl_vs_budget",
+            "methods",
+            "schedules",
+            "oracle_usage",
+            "router_conventional_usage",
+            "router_oracle_usage",
+        )
+        for stem in stems:
             assert f"{stem}_{holdout}.png" in figures
         assert f"token_difficulty_{holdout}.png" in figures and f"token_difficulty_{holdout}.html" in figures
     html = (study / "report.html").read_text()

@@ -300,8 +300,10 @@ def write_figures(out: Path, metrics: dict, oracle: dict[str, OracleResult], rou
         )
         for kind, by_k in routers.items():
             panels = {f"{ROUTER_LABELS[kind]} k={k}": entry[holdout]["usage"] for k, entry in by_k.items()}
-            paths[f"{kind}_usage_{holdout}"] = analysis.plot_usage_heatmaps(
-                panels, figures / f"{kind}_usage_{holdout}.png", f"{ROUTER_LABELS[kind]}: BIG usage ({holdout}; Fig. 3)"
+            paths[f"router_{kind}_usage_{holdout}"] = analysis.plot_usage_heatmaps(
+                panels,
+                figures / f"router_{kind}_usage_{holdout}.png",
+                f"{ROUTER_LABELS[kind]}: BIG usage ({holdout}; Fig. 3)",
             )
         paths.update(_difficulty_figures(figures, holdout, oracle[holdout], model_dir))
     return paths
@@ -385,7 +387,7 @@ def report_blocks(metrics: dict, figures: dict) -> list[tuple]:
             ("img", figures[f"oracle_usage_{holdout}"], "oracle usage heatmaps"),
         ]
         for kind in metrics["routers"]:
-            blocks.append(("img", figures[f"{kind}_usage_{holdout}"], f"{ROUTER_LABELS[kind]} usage heatmaps"))
+            blocks.append(("img", figures[f"router_{kind}_usage_{holdout}"], f"{ROUTER_LABELS[kind]} usage heatmaps"))
     blocks += _router_blocks(metrics) + _skip_blocks(metrics) + _causal_blocks(metrics)
     blocks += [
         ("h", 2, "Token difficulty (Fig. 5 and 6)"),
