@@ -137,3 +137,16 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_checkpoint_if_due(accelerator, checkpoints_dir: str | Path, state: TrainState, args) -> bool:
+    """Save a checkpoint (the run's state and arguments) when ``args.checkpoint_every`` says this step is due.
+
+    ``args`` is the run's arguments dataclass (``checkpoint_every``, ``checkpoints_to_keep``). Returns whether it
+    saved.
+    """
+    if not (args.checkpoint_every and state.global_step % args.checkpoint_every == 0):
+        return False
+    extra = {**state.state_dict(), "args": asdict(args)}
+    save_checkpoint(accelerator, checkpoints_dir, state.global_step, extra, args.checkpoints_to_keep)
+    return True

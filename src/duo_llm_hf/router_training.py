@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
 
-from .checkpointing import TrainState, resolve_resume, save_checkpoint
+from .checkpointing import TrainState, resolve_resume, save_checkpoint_if_due
 from .configuration_duo_llama import DuoLlamaConfig
 from .configuration_duo_opt import DuoOPTConfig
 from .data import pack_corpus, parse_corpus_spec
@@ -888,14 +888,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
             log_time = time.perf_counter()  # evaluation time is not training throughput
         if metrics:
             accelerator.log(metrics, step=state.global_step)
-        if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
-            save_checkpoint(
-                accelerator,
-                checkpoints_dir,
-                state.global_step,
-                {**state.state_dict(), "args": dataclasses.asdict(args)},
-                args.checkpoints_to_keep,
-            )
+        if save_checkpoint_if_due(accelerator, checkpoints_dir, state, args):
             log_time = time.perf_counter()
         if step_callback is not None:
             step_callback(state, {"train/step_loss": losses[state.global_step], **metrics})

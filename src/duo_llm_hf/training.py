@@ -43,7 +43,7 @@ from transformers import (
     get_scheduler,
 )
 
-from .checkpointing import RouteSamplerState, TrainState, resolve_resume, save_checkpoint
+from .checkpointing import RouteSamplerState, TrainState, resolve_resume, save_checkpoint_if_due
 from .configuration_duo_llama import DuoLlamaConfig
 from .configuration_duo_opt import DuoOPTConfig
 from .data import (
@@ -986,14 +986,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             log_time = time.perf_counter()  # evaluation time is not training throughput
         if metrics:
             accelerator.log(metrics, step=state.global_step)
-        if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
-            save_checkpoint(
-                accelerator,
-                checkpoints_dir,
-                state.global_step,
-                {**state.state_dict(), "args": dataclasses.asdict(args)},
-                args.checkpoints_to_keep,
-            )
+        if save_checkpoint_if_due(accelerator, checkpoints_dir, state, args):
             log_time = time.perf_counter()
         if step_callback is not None:
             step_callback(state, {"train/step_loss": step_loss, **metrics})
