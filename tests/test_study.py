@@ -96,3 +96,37 @@ def test_presets_and_bad_settings():
         study_config("huge")
     with pytest.raises(ValueError, match="not a study setting"):
         study_config("tiny", epochs=3)
+
+
+def test_study_of_a_given_duo_opt_model(tmp_path):
+    """The stages after training read only the interface DuoLlama and DuoOPT share: a DuoOPT folder is studied too."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from duo_llm_hf import DuoOPTForCausalLM
+    from duo_llm_hf.data import builtin_corpus, iter_texts
+    from duo_llm_hf.tokenization import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(iter_texts(builtin_corpus("train", max_chars=60_000)), vocab_size=300)
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=6,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            word_embed_proj_dim=16,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    duo = DuoOPTForCausalLM.from_dense(opt, small_intermediate_size=2)
+    duo.save_pretrained(tmp_path / "duo_opt")
+    tokenizer.save_pretrained(tmp_path / "duo_opt")
+    metrics = run_study(tmp_path / "study", "tiny", progress=False, model=str(tmp_path / "duo_opt"))
+    assert metrics["model"]["type"] == "duo_opt" and metrics["model"]["layers"] == 6
+    assert not (tmp_path / "study" / "model").exists()  # no stage 1
+    assert set(metrics["routers"]) == {"conventional", "oracle"} and (tmp_path / "study" / "report.md").exists()

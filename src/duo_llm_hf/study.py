@@ -46,6 +46,8 @@ class StudyConfig:
     """Sizes of every stage of a study. Presets: `PRESETS`; any field can be overridden."""
 
     preset: str
+    # A trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) to study instead of training one in stage 1.
+    model: str | None = None
     # Stage 1 (fields of training.TrainArguments).
     train: dict = field(default_factory=dict)
     # Stage 2.
@@ -301,7 +303,7 @@ def run_study(out: str | os.PathLike, preset: str = "default", progress: bool = 
     config = study_config(preset, **overrides)
     _check_same_settings(out, config)
     stages = Stages(out, config, progress)
-    model_dir = train_stage(stages)
+    model_dir = Path(config.model) if config.model else train_stage(stages)
     # SKIP needs no weights: a model trained on small/big can be evaluated with skipping (the paper's Fig. 2d).
     model = AutoModelForCausalLM.from_pretrained(model_dir, route_options=["small", "big", "skip"])
     model.to(_device()).eval()
@@ -326,13 +328,13 @@ def run_study(out: str | os.PathLike, preset: str = "default", progress: bool = 
             )
 
     blocks = {h: result.tensors["input_ids"] for h, result in oracle.items()}
-    routers = router_stages(stages, model_dir, blocks)
+    routers = router_stages(stages, model_dir, blocks, n)
     metrics = collect_metrics(config, model, stages, oracle, skip, causal, routers, n)
     write_report(out, metrics, oracle, routers, model_dir)
     return metrics
 
 
-def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongTensor]) -> dict:
+def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongTensor], n: int) -> dict:
     """Stage 3: train each router kind at each budget, then evaluate it with hard routing on the oracle's blocks.
 
     Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage"}`` (usage: ``[3, layers, positions]``).
@@ -342,7 +344,6 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
     from .router_training import RouterTrainArguments, evaluate_router
 
     config = stages.config
-    n = config.num_layers
     results: dict[str, dict[int, dict]] = {kind: {} for kind in config.router_kinds}
     loaders = {
         h: DataLoader([{"input_ids": row} for row in ids.to(_device())], batch_size=8) for h, ids in blocks.items()
@@ -395,13 +396,14 @@ def _check_same_settings(out: Path, config: StudyConfig) -> None:
     path = out / "study_settings.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved != settings:
-            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+        # A setting missing from a file written before it existed had its default value.
+        defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig) if f.default is not dataclasses.MISSING}
+        changed = sorted(k for k in settings if saved.get(k, defaults.get(k)) != settings[k])
+        if changed:
             raise ValueError(
                 f"{out} holds a study run with other settings ({', '.join(changed)} differ); finished stages "
                 "would not match. Use another --out, or delete the folder to start over."
             )
-        return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
@@ -438,6 +440,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="Folder of the study (stages, report, figures).")
     parser.add_argument("--preset", default="default", choices=list(PRESETS), help="Sizes of every stage.")
+    parser.add_argument(
+        "--model",
+        help="Study this trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) instead of training one.",
+    )
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     return parser
 
@@ -445,7 +451,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``duo-llm study``."""
     args = build_arg_parser().parse_args(argv)
-    metrics = run_study(args.out, args.preset, progress=not args.no_progress)
+    metrics = run_study(args.out, args.preset, progress=not args.no_progress, model=args.model)
     print()
     print(summary_table(metrics))
     print(f"\nReport: {Path(args.out) / 'report.md'} (and report.html); metrics: {Path(args.out) / 'metrics.json'}")

@@ -25,12 +25,14 @@ ROUTER_LABELS = {"conventional": "router", "oracle": "oracle-supervised router"}
 
 def collect_metrics(config, model, stages, oracle, skip, causal, routers, n_layers: int) -> dict:
     """Everything the report states, as plain numbers."""
-    train_record = json.loads((stages.out / "model" / "stage_done.json").read_text())
+    train_record = _training_record(stages.out, config)
     metrics = {
         "preset": config.preset,
         "settings": json.loads(json.dumps(dataclasses.asdict(config))),
         "model": {
             "layers": n_layers,
+            "type": model.config.model_type,
+            "source": config.model or "stage 1 of this study",
             "hidden_size": model.config.hidden_size,
             "big_inner_size": model.config.intermediate_size,
             "small_inner_size": model.config.small_intermediate_size,
@@ -52,6 +54,17 @@ def collect_metrics(config, model, stages, oracle, skip, causal, routers, n_laye
     metrics["findings"] = findings(metrics)
     metrics["seconds"] = stage_seconds(stages.out)
     return metrics
+
+
+def _training_record(out: Path, config) -> dict:
+    """Steps, tokens and last evaluation of stage 1: the study's own run, or what a given model folder recorded."""
+    marker = Path(config.model) / "train_results.json" if config.model else out / "model" / "stage_done.json"
+    record = json.loads(marker.read_text()) if marker.exists() else {}
+    return {
+        "global_step": record.get("global_step", 0),
+        "tokens_seen": record.get("tokens_seen", 0),
+        "eval": record.get("eval", {k: v for k, v in record.items() if k.startswith("eval/")}),
+    }
 
 
 def oracle_metrics(result: OracleResult, n_layers: int, config) -> dict:
@@ -337,10 +350,12 @@ def report_blocks(metrics: dict, figures: dict) -> list[tuple]:
         ("h", 1, f"Duo-LLM study (preset {metrics['preset']})"),
         (
             "p",
-            f"A {n}-layer Duo model (hidden {model['hidden_size']}, big FFN {model['big_inner_size']}, small FFN "
-            f"{model['small_inner_size']}, {fmt(model['parameters'])} parameters) trained with random routing for "
-            f"{fmt(model['training_steps'])} steps ({fmt(model['training_tokens'])} tokens), then the oracle, "
-            "routers and token difficulty on the English and code holdouts. Every number below is in metrics.json.",
+            f"A {n}-layer Duo model ({model['type']}; hidden {model['hidden_size']}, "
+            f"big FFN {model['big_inner_size']}, small FFN {model['small_inner_size']}, "
+            f"{fmt(model['parameters'])} parameters; from {model['source']}) "
+            f"trained with random routing for {fmt(model['training_steps'])} steps "
+            f"({fmt(model['training_tokens'])} tokens), then the oracle, routers and token difficulty on the English "
+            "and code holdouts. Every number below is in metrics.json.",
         ),
         ("h", 2, "Findings of the paper"),
         (
