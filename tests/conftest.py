@@ -13,7 +13,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # trust_remote_code copies modeling files here: keep them out of the user's cache (set before transformers loads).
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="duo-hf-modules-"))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Every model in the suite is tiny: thread hand-offs cost more than the work (and oversubscribe a shared CPU).
+torch.set_num_threads(1)
 
 
 def tiny_llama_kwargs(**overrides) -> dict:

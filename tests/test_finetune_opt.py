@@ -35,15 +35,6 @@ LAYERS = 2
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (module scope: the module
-    # fixtures below train too).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):

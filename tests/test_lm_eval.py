@@ -37,14 +37,6 @@ TASKS = ["arc_easy_local", "hellaswag_local"]
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():

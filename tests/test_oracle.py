@@ -14,14 +14,6 @@ from duo_llm_hf.route_spaces import RouteSpace, index_to_pattern, parse_budget, 
 N_LAYERS, VOCAB = 4, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: thread hand-offs would cost more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -34,15 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (module scope: it also covers
-    # the module's fixtures, which train models too).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
