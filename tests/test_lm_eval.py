@@ -234,20 +234,6 @@ def test_duo_is_registered_lazily_and_refuses_dense_models(tokenizer):
         DuoLM(pretrained=dense, tokenizer=tokenizer)
 
 
-def test_package_imports_without_lm_eval(monkeypatch):
-    """lm-eval is optional: with it missing, `import duo_llm_hf` registers nothing and does not fail."""
-    import importlib
-
-    from lm_eval.api.registry import model_registry
-
-    import duo_llm_hf
-
-    monkeypatch.setattr(model_registry, "register", lambda *a, **k: pytest.fail("registered without lm-eval"))
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what a missing package looks like to importlib
-    importlib.reload(duo_llm_hf)
-    assert duo_llm_hf.BIG == BIG
-
-
 def test_local_tasks_reuse_the_official_definitions():
     official_dir = Path(lm_eval.__file__).parent / "tasks"
     official = {
@@ -336,13 +322,38 @@ def test_lm_eval_cli_model_hf_trust_remote_code(duo_model, tokenizer, task_manag
     assert max_difference(loglikelihoods(hf), loglikelihoods(expected)) < 1e-4
 
 
-def test_duo_lm_eval_command_line(duo_model, tokenizer, tmp_path, monkeypatch):
-    """`duo-lm-eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25` (the harness's CLI)."""
+def test_lm_eval_command_model_duo(duo_model, tokenizer, task_manager, tmp_path):
+    """The harness's own `lm_eval` executable, in a fresh process that imports nothing of ours itself:
+    `--model duo --model_args pretrained=DIR,routing=fixed,pattern=Bs` scores like `DuoLM` in this process."""
+    lm_eval_command = Path(sys.executable).with_name("lm_eval")
+    assert lm_eval_command.is_file(), f"{lm_eval_command} missing: install lm-eval in this environment"
+    folder = tmp_path / "tiny-duo"
+    duo_model.set_routing("fixed", fixed_pattern="sB")  # the saved default, which the model argument overrides
+    duo_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    lm = DuoLM(pretrained=str(folder), routing="fixed", pattern="Bs", device="cpu", batch_size=8)
+    expected = evaluate(lm, task_manager)
+
+    argv = cli_args("duo", f"pretrained={folder},routing=fixed,pattern=Bs", tmp_path / "out")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(lm_eval_command), *argv[1:]], capture_output=True, text=True, timeout=300, env=env)
+    assert "no model for this name found" not in done.stderr, (
+        "`duo` is not registered: the duo_llm_hf_lm_eval.pth hook is missing; reinstall with `pip install -e .`"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_outputs(tmp_path / "out")
+    assert results["config"]["duo_routing"]["fixed_pattern"] == "Bs"
+    assert scores(results) == scores(expected)
+    assert max_difference(loglikelihoods(results), loglikelihoods(expected)) < 1e-4
+
+
+def test_duo_llm_eval_command(duo_model, tokenizer, tmp_path, monkeypatch):
+    """`duo-llm eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25` (the harness's CLI)."""
     import functools
 
     import lm_eval.tasks
 
-    from duo_llm_hf.lm_eval_model import main
+    from duo_llm_hf.cli import main
 
     folder = tmp_path / "tiny-duo"
     duo_model.save_pretrained(folder)
@@ -350,8 +361,7 @@ def test_duo_lm_eval_command_line(duo_model, tokenizer, tmp_path, monkeypatch):
     local_only = functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", local_only)
     model_args = f"pretrained={folder},routing=random,p_big=0.25"
-    monkeypatch.setattr(sys, "argv", cli_args("duo", model_args, tmp_path / "out"))
-    main()
+    assert main(["eval", *cli_args("duo", model_args, tmp_path / "out")[1:]]) == 0
     results = read_outputs(tmp_path / "out")
     assert results["config"]["duo_routing"]["route_probs"] == {"small": 0.75, "big": 0.25}
     assert len(loglikelihoods(results)) == 12

@@ -2,14 +2,14 @@
 
 Importing the package registers `duo_llama` and `duo_opt` with `AutoConfig` / `AutoModel` /
 `AutoModelForCausalLM`, and marks the classes for `register_for_auto_class`, so a folder written by
-`save_pretrained` also loads with `trust_remote_code=True` where this package is not installed. Where
-lm-evaluation-harness is installed, it also registers the `duo` lm-eval model (lazily: `duo_llm_hf.lm_eval_model`
-is imported when the harness builds it).
+`save_pretrained` also loads with `trust_remote_code=True` where this package is not installed. It also makes
+sure the `duo` lm-eval model is registered once lm-evaluation-harness loads its models (`_duo_llm_hf_lm_eval`;
+the installed `.pth` file does the same at interpreter start, so the plain `lm_eval` command knows `duo` too).
 """
 
-import importlib.util
-
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import _duo_llm_hf_lm_eval  # noqa: F401  (the lm-eval hook, for processes that skipped the .pth)
 
 from .configuration_duo_llama import DuoLlamaConfig
 from .configuration_duo_opt import DuoOPTConfig
@@ -57,20 +57,6 @@ DuoOPTConfig.register_for_auto_class()
 DuoOPTModel.register_for_auto_class("AutoModel")
 DuoOPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-
-def _register_lm_eval_model() -> None:
-    """Make `--model duo` known to lm-eval, without importing the harness's model code (or needing lm-eval)."""
-    if importlib.util.find_spec("lm_eval") is None:
-        return
-    # The harness fills its registry with its own models only when it is empty at lookup; fill it first.
-    import lm_eval.models  # noqa: F401
-    from lm_eval.api.registry import model_registry
-
-    if "duo" not in model_registry:
-        model_registry.register("duo", target="duo_llm_hf.lm_eval_model:DuoLM")
-
-
-_register_lm_eval_model()
 
 __version__ = "0.1.0"
 

@@ -35,11 +35,13 @@ def train_command(argv: list[str]) -> None:
 
 
 def eval_command(argv: list[str]) -> None:
-    """``duo-llm eval``: the lm-evaluation-harness command line with the ``duo`` model registered."""
-    from .lm_eval_model import main as lm_eval_main
+    """``duo-llm eval``: the lm-evaluation-harness command line (``lm_eval``, same flags) run from this package, for
+    environments where the ``.pth`` hook that registers ``duo`` at interpreter start does not run (``python -S``,
+    a source checkout on ``PYTHONPATH``)."""
+    from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["duo-llm eval", *argv]  # the harness parses sys.argv itself
-    lm_eval_main()
+    cli_evaluate()
 
 
 COMMANDS: dict[str, Command] = {
@@ -56,7 +58,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(
         "duo_llm_hf.cli:eval_command",
         "Benchmarks with lm-evaluation-harness (--model duo, any routing mode; the harness's own flags).",
-        "lm_eval --model duo (through duo-lm-eval)",
+        "lm_eval --model duo",
     ),
     "oracle": Command(
         "duo_llm_hf.oracle_run:main",

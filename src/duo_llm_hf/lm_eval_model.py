@@ -3,16 +3,16 @@
 `DuoLM` is the harness's `HFLM` with one addition: the routing of the Duo model is set from model arguments, so
 that one saved model is scored under any routing mode::
 
-    duo-lm-eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25 --tasks arc_easy,hellaswag
-    duo-lm-eval --model duo --model_args pretrained=DIR,routing=fixed,pattern=sBsB --tasks arc_easy
-    duo-lm-eval --model duo --model_args pretrained=DIR,routing=small --tasks hellaswag     # all-small
-    duo-lm-eval --model duo --model_args pretrained=DIR,routing=learned --tasks hellaswag   # the trained router
+    lm_eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25 --tasks arc_easy,hellaswag
+    lm_eval --model duo --model_args pretrained=DIR,routing=fixed,pattern=sBsB --tasks arc_easy
+    lm_eval --model duo --model_args pretrained=DIR,routing=small --tasks hellaswag     # all-small
+    lm_eval --model duo --model_args pretrained=DIR,routing=learned --tasks hellaswag   # the trained router
 
-lm-eval 0.4 has no plugin entry points for models: a model is known to it once its class is registered in the
-process. `import duo_llm_hf` registers `duo` as a lazy placeholder (this module is imported only when the
-harness builds the model), and `duo-lm-eval` is the harness's own command line (`lm_eval`) run after that
-import. Plain `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` evaluates a saved folder
-under the routing stored in its config, with no import of this package.
+lm-eval 0.4 has no plugin entry points for models. `duo` reaches the harness's registry through the import hook
+in `_duo_llm_hf_lm_eval` (run at interpreter start by the `.pth` file installed with the package, and by `import
+duo_llm_hf`), as a lazy placeholder: this module is imported only when the harness builds a `duo` model. Plain
+`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` evaluates a saved folder under the routing
+stored in its config, with no import of this package.
 
 The harness's `arc_easy` and `hellaswag` tasks load their data from the Hub. `arc_easy_local` and
 `hellaswag_local` (YAMLs in `TASKS_DIR`) are the same tasks reading local jsonl files in the Hub schema:
@@ -191,13 +191,6 @@ def local_task_manager(data_dir: str | os.PathLike, **kwargs):
     return TaskManager(include_path=str(TASKS_DIR), metadata=metadata, **kwargs)
 
 
-def main() -> None:
-    """`duo-lm-eval`: the harness's command line (`lm_eval ...`, same arguments) with the `duo` model registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    cli_evaluate()
-
-
 __all__ = [
     "DuoLM",
     "FIXTURE_DATA_DIR",
@@ -205,6 +198,5 @@ __all__ = [
     "TASKS_DIR",
     "describe_routing",
     "local_task_manager",
-    "main",
     "routing_settings",
 ]
