@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +41,28 @@ BUDGETS = ["all", "classes", "2:1"]
 KWARGS = dict(batch_size=2, best_of_k=3, seed=1, progress=False)
 
 
-def assert_same(a: OracleResult, b: OracleResult):
+def assert_same(a: OracleResult, b: OracleResult, rounded: tuple[str, ...] = ()):
+    """Equal results; the tensors named in `rounded` only up to float rounding."""
     assert a.tensors.keys() == b.tensors.keys()
     for name in a.tensors:
-        assert torch.equal(a.tensors[name], b.tensors[name]), name
-    assert a.summary() == b.summary()
+        if name in rounded:
+            torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(a.tensors[name], b.tensors[name]), name
+    if rounded:
+        numbers, others = flat(a.summary()), flat(b.summary())
+        assert numbers.keys() == others.keys()
+        for key, value in numbers.items():
+            assert (value == pytest.approx(others[key], rel=1e-6)) if isinstance(value, float) else value == others[key]
+    else:
+        assert a.summary() == b.summary()
+
+
+def flat(tree, prefix: str = "") -> dict:
+    """A nested summary as one {"a/b/c": leaf} dict."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}/{key}").items()}
 
 
 def test_study_results_save_and_load(model, blocks, tmp_path):
@@ -86,6 +104,12 @@ def test_interrupted_run_resumes_to_the_same_result(model, blocks, tmp_path):
         run_oracle_study(model, blocks, space, tmp_path / "cut", **{**KWARGS, "best_of_k": 4})
 
 
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def test_two_processes_give_the_one_process_result(model, blocks, tmp_path):
     model.save_pretrained(tmp_path / "model")
     save_file({"input_ids": blocks}, tmp_path / "blocks.safetensors")
@@ -95,14 +119,15 @@ def test_two_processes_give_the_one_process_result(model, blocks, tmp_path):
         "--causal", "--no-progress",
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    # accelerate 1.x's launcher starts several CPU processes only through mpirun; torchrun is the portable way.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     done = subprocess.run(
         [*launch, str(ROOT / "eval" / "oracle_study.py"), *args, "--output-dir", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "searched by 2 process(es)" in done.stdout, done.stdout[-500:]
     # The same loaded weights as the launched processes: memory alignment can change how tiny GEMMs round.
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     space = study_space(loaded.config, ["all", "classes", "2:1"])
@@ -111,7 +136,9 @@ def test_two_processes_give_the_one_process_result(model, blocks, tmp_path):
         loaded, blocks, space, tmp_path / "one", causal=True, model_id=str(tmp_path / "model"), data_id=data_id,
         **KWARGS,
     )
-    assert_same(one, OracleResult.load(tmp_path / "two"))
+    # Each process walks only its share of the causal trees, in batches of other shapes than one process's: the
+    # causal oracle's losses may differ in the last float bits (its choices may not).
+    assert_same(one, OracleResult.load(tmp_path / "two"), rounded=("causal_loss",))
 
 
 def test_load_token_blocks(tmp_path):

@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .oracle import oracle_search, under_roots
 from .oracle_reducers import BatchReduction, RunningMin
 from .oracle_results import OracleResult, atomic_save_tensors, atomic_write_text, space_spec
+from .processes import process_state
 from .route_spaces import RouteSpace, uniform_classes
 from .routing import BIG
 
@@ -204,7 +204,7 @@ def run_oracle_study(
     e.g. to fit a job into a time slot. Returns the result on the main process once every batch is done, else
     None. Under ``accelerate launch`` every process must call it with the same arguments.
     """
-    state = PartialState()
+    state = process_state()
     world, rank, main = state.num_processes, state.process_index, state.is_main_process
     if world > 1 and _distributed() is None:
         raise RuntimeError("run_oracle_study: several processes but no torch.distributed group; use accelerate launch.")
@@ -325,6 +325,7 @@ losses (token difficulty) and the oracle's per-layer x per-position usage (saved
     python eval/oracle_study.py --model runs/duo --data holdout.txt --block-size 128 --num-blocks 32 \\
         --budget all --budget classes --budget 6:2 --best-of-k 100 --output-dir runs/oracle
     accelerate launch --num_processes 8 eval/oracle_study.py ...   # the pattern space split over 8 processes
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 eval/oracle_study.py ...   # 2 CPU processes
 
 Interrupted, the same command resumes where it stopped. Results: <output-dir>/oracle_results.safetensors and
 oracle_summary.json; load them with `duo_llm_hf.oracle_results.OracleResult.load(output_dir)`."""
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = build_arg_parser().parse_args(argv)
-    state = PartialState()
+    state = process_state()
     route_options = args.route_options.split(",") if args.route_options else None
     # SKIP needs no weights: a model trained on small/big can be searched with skipping.
     overrides = {"route_options": route_options} if route_options else {}
@@ -387,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(result.table())
         summary = result.summary()
         print(json.dumps({k: summary[k] for k in ("tokens_evaluated", "space")}, indent=2))
+        print(f"searched by {state.num_processes} process(es)")
         print(f"results: {args.output_dir}/oracle_results.safetensors, oracle_summary.json")
     elif state.is_main_process:
         print(f"stopped after {args.stop_after_batches} batches; rerun the same command to continue.")

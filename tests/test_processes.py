@@ -1,0 +1,61 @@
+"""Several CPU processes (torchrun + ACCELERATE_USE_CPU=1, see `duo_llm_hf.processes`): stage 1 training.
+
+The oracle study's two-process test is in test_oracle_study.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_cpu_processes(script: Path, args: list[str], n: int = 2) -> subprocess.CompletedProcess:
+    """Run `script args` in `n` CPU processes of one torch.distributed group; fails the test if the run fails."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port]
+    done = subprocess.run([*command, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_process_training_shares_the_work_and_resumes_exactly(tmp_path):
+    """Two processes train on twice the tokens per step, each drawing its own routes; a run resumed from the
+    step-3 checkpoint ends with the uninterrupted run's weights."""
+    def args(out: Path) -> list[str]:
+        return [
+            "--output-dir", str(out), "--builtin-max-chars", "3000", "--vocab-size", "300", "--hidden-size", "32",
+            "--num-layers", "2", "--num-heads", "4", "--block-size", "16", "--batch-size", "2", "--max-steps", "6",
+            "--eval-every", "0", "--checkpoint-every", "3", "--report-to", "none",
+            "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+        ]
+
+    script = ROOT / "training" / "train_duo.py"
+    launch_cpu_processes(script, args(tmp_path / "full"))
+    results = json.loads((tmp_path / "full" / "train_results.json").read_text())
+    assert results["global_step"] == 6 and results["tokens_seen"] == 6 * 2 * (2 * 16)
+
+    step_3 = tmp_path / "full" / "checkpoints" / "step_3"
+    samplers = [torch.load(step_3 / f"custom_checkpoint_{rank}.pkl", weights_only=False) for rank in (0, 1)]
+    assert json.dumps(samplers[0], default=str) != json.dumps(samplers[1], default=str)  # one route stream each
+
+    shutil.copytree(step_3, tmp_path / "resumed" / "checkpoints" / "step_3")
+    launch_cpu_processes(script, [*args(tmp_path / "resumed"), "--resume-from", "latest"])
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    at_step_3 = load_file(step_3 / "model.safetensors")
+    assert not all(torch.equal(at_step_3[k], full[k]) for k in full)  # the resumed run did train steps 4 to 6
