@@ -2,9 +2,9 @@
 
 A Duo model provides, per architecture, only `embed` (token and position embeddings plus the keyword arguments
 its layers take), decoder layers with `attend` / `mlp` (a `DuoFFN`) / `merge`, `finalize` (final norm and
-projection) and `lm_head`. The rest is here, once: the output classes, route resolution for the routing modes,
-the layer loop, the causal-LM loss and output assembly, `set_routing`, and the config and weight plumbing of
-`from_dense` / `to_dense`. Like `routing.py`, this file is copied next to a saved model for
+projection), `lm_head` and its dense counterpart with the key renames between the two. The rest is here, once: the
+output classes, route resolution for the routing modes, the layer loop, the causal-LM loss and output assembly,
+`set_routing`, and `from_dense` / `to_dense`. Like `routing.py`, this file is copied next to a saved model for
 ``trust_remote_code``, so it imports only torch and transformers.
 """
 
@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .duo_configuration_utils import DUO_CONFIG_FIELDS
 from .losses import mean_loss, token_losses
 from .router import DuoRouter, router_parameters
 from .routing import (
@@ -29,18 +31,6 @@ from .routing import (
     validate_route_fields,
 )
 
-# The config fields a Duo model adds to its dense architecture's config.
-DUO_CONFIG_FIELDS = (
-    "small_intermediate_size",
-    "route_options",
-    "routing_mode",
-    "route_probs",
-    "fixed_pattern",
-    "route_seed",
-    "use_router",
-    "router_temperature",
-    "ffn_dispatch",
-)
 # Keys of the parts a dense model does not have: the small FFNs and the routers.
 DUO_ONLY_KEYS = (".mlp.small.", ".mlp.router.")
 # Config keys that name a model class or a file, not the architecture: never copied between dense and Duo.
@@ -217,10 +207,19 @@ class DuoModelMixin:
 
 
 class DuoCausalLMMixin:
-    """The causal-LM forward (logits, loss, per-token losses, routes) and `set_routing` of a Duo model.
+    """The causal-LM forward (logits, loss, per-token losses, routes), `set_routing` and the conversion from and
+    to the dense architecture (`from_dense` / `to_dense`) of a Duo model.
 
-    The model class provides `config`, `model` (a Duo decoder stack with `route_sampler`) and `lm_head`.
+    The model class provides `config_class`, `config`, `model` (a Duo decoder stack with `route_sampler`),
+    `lm_head`, and for the conversion: `dense_class` (the transformers causal LM it converts, e.g.
+    `LlamaForCausalLM`), `_dense_to_duo_keys` / `_duo_to_dense_keys` (the state-dict key renames, applied in
+    order) and `_other_dense_hint` (what `from_dense` tells the caller who passed another architecture).
     """
+
+    dense_class: type[PreTrainedModel]
+    _dense_to_duo_keys: Mapping[str, str]
+    _duo_to_dense_keys: Mapping[str, str]
+    _other_dense_hint: str
 
     def forward(
         self,
@@ -339,6 +338,39 @@ class DuoCausalLMMixin:
     def router_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters of every layer's router (empty without routers)."""
         return list(router_parameters(self))
+
+    @classmethod
+    def from_dense(cls, dense: PreTrainedModel, small_intermediate_size: int | None = None, **duo_kwargs):
+        """Build a Duo model whose attention, norms, embeddings and big FFNs are `dense`'s weights.
+
+        `dense` is a `cls.dense_class` (see the model class for which checkpoints convert). The small FFNs (inner
+        size `small_intermediate_size`, by default the big FFN's // 16) are freshly initialised. `duo_kwargs` are
+        Duo config fields (`route_options`, `routing_mode`, ...). With every route on BIG the Duo logits equal
+        `dense`'s logits.
+        """
+        dense_type = cls.dense_class.config_class.model_type
+        model_type = getattr(getattr(dense, "config", None), "model_type", None)
+        if not isinstance(dense, cls.dense_class) or model_type != dense_type:
+            raise TypeError(
+                f"from_dense needs a transformers {cls.dense_class.__name__} (model_type {dense_type!r}), got "
+                f"{type(dense).__name__} (model_type {model_type!r}). {cls._other_dense_hint}; for a Duo model, "
+                "take its big path with to_dense() first."
+            )
+        config = cls.config_class(
+            **dense_config_fields(dense.config), small_intermediate_size=small_intermediate_size, **duo_kwargs
+        )
+        config._attn_implementation = dense.config._attn_implementation
+        duo = cls(config).to(dtype=dense.dtype, device=dense.device)
+        load_dense_into_duo(duo, rename_keys(dense.state_dict(), cls._dense_to_duo_keys))
+        return duo
+
+    def to_dense(self) -> PreTrainedModel:
+        """Export the all-big path as a plain `dense_class` model (the small FFNs and the routers are dropped)."""
+        config = self.dense_class.config_class(**dense_config_fields(self.config))
+        config._attn_implementation = self.config._attn_implementation
+        dense = self.dense_class(config).to(dtype=self.dtype, device=self.device)
+        dense.load_state_dict(rename_keys(big_path_state(self), self._duo_to_dense_keys), strict=True)
+        return dense
 
 
 def dense_config_fields(config) -> dict:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -29,16 +29,9 @@ from .duo_modeling_utils import (
     DuoDecoderLayerMixin,
     DuoModelMixin,
     DuoModelOutputWithPast,
-    big_path_state,
-    dense_config_fields,
-    load_dense_into_duo,
     make_duo_ffn,
-    rename_keys,
 )
 from .routing import RouteSampler, validate_route_fields
-
-# Keys of a dense Llama checkpoint that become the big path of a Duo model, and back.
-_DENSE_MLP, _BIG_MLP = ".mlp.", ".mlp.big."
 
 
 def small_mlp_config(config: DuoLlamaConfig) -> SimpleNamespace:
@@ -165,6 +158,12 @@ class DuoLlamaModel(DuoModelMixin, DuoLlamaPreTrainedModel):
 class DuoLlamaForCausalLM(DuoCausalLMMixin, DuoLlamaPreTrainedModel, GenerationMixin):
     """DuoLlama with a language-modelling head.
 
+    `DuoLlamaForCausalLM.from_dense(dense, small_intermediate_size=None, **duo_kwargs)` converts a transformers
+    `LlamaForCausalLM` (model_type `llama`: any Llama-family checkpoint that loads with
+    `LlamaForCausalLM.from_pretrained`): its attention, norms, embeddings and head are kept, each layer's MLP
+    becomes the big FFN, and the small FFNs (`intermediate_size // 16` by default) are freshly initialised.
+    `to_dense()` exports the all-big path back as a `LlamaForCausalLM`.
+
     ```python
     >>> import torch
     >>> from duo_llm_hf import BIG, SMALL, DuoLlamaConfig, DuoLlamaForCausalLM
@@ -180,6 +179,14 @@ class DuoLlamaForCausalLM(DuoCausalLMMixin, DuoLlamaPreTrainedModel, GenerationM
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # from_dense / to_dense: each layer's MLP of a dense Llama is the big FFN of the Duo layer.
+    dense_class = LlamaForCausalLM
+    _dense_to_duo_keys = {".mlp.": ".mlp.big."}
+    _duo_to_dense_keys = {".mlp.big.": ".mlp."}
+    _other_dense_hint = (
+        "Llama-family checkpoints that load with LlamaForCausalLM.from_pretrained convert; other architectures "
+        "do not (for OPT use DuoOPTForCausalLM.from_dense)"
+    )
 
     def __init__(self, config: DuoLlamaConfig):
         super().__init__(config)
@@ -187,40 +194,6 @@ class DuoLlamaForCausalLM(DuoCausalLMMixin, DuoLlamaPreTrainedModel, GenerationM
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_dense(
-        cls, dense: LlamaForCausalLM, small_intermediate_size: int | None = None, **duo_kwargs
-    ) -> DuoLlamaForCausalLM:
-        """Build a Duo model whose attention, norms, embeddings and big FFNs are `dense`'s weights.
-
-        The small FFNs are freshly initialised. `duo_kwargs` are Duo config fields (`route_options`,
-        `routing_mode`, ...). With every route on BIG the Duo logits equal `dense`'s logits.
-        """
-        model_type = getattr(getattr(dense, "config", None), "model_type", None)
-        if not isinstance(dense, LlamaForCausalLM) or model_type != "llama":
-            raise TypeError(
-                f"from_dense needs a transformers LlamaForCausalLM (model_type 'llama'), got "
-                f"{type(dense).__name__} (model_type {model_type!r}). Llama-family checkpoints that load "
-                "with LlamaForCausalLM.from_pretrained convert; other architectures do not (for OPT use "
-                "DuoOPTForCausalLM.from_dense); for a Duo model, take its big path with to_dense() first."
-            )
-        config = DuoLlamaConfig(
-            **dense_config_fields(dense.config), small_intermediate_size=small_intermediate_size, **duo_kwargs
-        )
-        config._attn_implementation = dense.config._attn_implementation
-        duo = cls(config).to(dtype=dense.dtype, device=dense.device)
-        load_dense_into_duo(duo, rename_keys(dense.state_dict(), {_DENSE_MLP: _BIG_MLP}))
-        return duo
-
-    def to_dense(self) -> LlamaForCausalLM:
-        """Export the all-big path as a plain `LlamaForCausalLM` (the small FFNs are dropped)."""
-        config = LlamaConfig(**dense_config_fields(self.config))
-        config._attn_implementation = self.config._attn_implementation
-        dense = LlamaForCausalLM(config).to(dtype=self.dtype, device=self.device)
-        state = big_path_state(self)
-        dense.load_state_dict(rename_keys(state, {_BIG_MLP: _DENSE_MLP}), strict=True)
-        return dense
 
 
 __all__ = [

@@ -25,18 +25,9 @@ from .duo_modeling_utils import (
     DuoDecoderLayerMixin,
     DuoModelMixin,
     DuoModelOutputWithPast,
-    big_path_state,
-    dense_config_fields,
-    load_dense_into_duo,
     make_duo_ffn,
-    rename_keys,
 )
 from .routing import RouteSampler, validate_route_fields
-
-# Key renames from an OPTForCausalLM checkpoint to a DuoOPT one (the decoder level is flattened into the
-# model, and the fc1/fc2 of each layer become its big FFN), and back.
-_FROM_DENSE = {"model.decoder.": "model.", ".fc1.": ".mlp.big.fc1.", ".fc2.": ".mlp.big.fc2."}
-_TO_DENSE = {"model.": "model.decoder.", ".mlp.big.": "."}
 
 
 class OPTFFN(nn.Module):
@@ -212,6 +203,12 @@ class DuoOPTModel(DuoModelMixin, DuoOPTPreTrainedModel):
 class DuoOPTForCausalLM(DuoCausalLMMixin, DuoOPTPreTrainedModel, GenerationMixin):
     """DuoOPT with a language-modelling head (tied to the token embeddings, as in OPT).
 
+    `DuoOPTForCausalLM.from_dense(dense, small_intermediate_size=None, **duo_kwargs)` converts a transformers
+    `OPTForCausalLM` (model_type `opt`), e.g. `OPTForCausalLM.from_pretrained("facebook/opt-1.3b")`: its
+    attention, norms, embeddings and projections are kept, each layer's fc1/fc2 become the big FFN, and the small
+    FFNs (`ffn_dim // 16` by default) are freshly initialised. `to_dense()` exports the all-big path back as an
+    `OPTForCausalLM`.
+
     ```python
     >>> import torch
     >>> from transformers import OPTConfig, OPTForCausalLM
@@ -227,6 +224,12 @@ class DuoOPTForCausalLM(DuoCausalLMMixin, DuoOPTPreTrainedModel, GenerationMixin
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # from_dense / to_dense: the decoder level of OPTForCausalLM is flattened into the model, and each layer's
+    # fc1/fc2 become the big FFN of the Duo layer.
+    dense_class = OPTForCausalLM
+    _dense_to_duo_keys = {"model.decoder.": "model.", ".fc1.": ".mlp.big.fc1.", ".fc2.": ".mlp.big.fc2."}
+    _duo_to_dense_keys = {"model.": "model.decoder.", ".mlp.big.": "."}
+    _other_dense_hint = "For Llama-family models use DuoLlamaForCausalLM.from_dense"
 
     def __init__(self, config: DuoOPTConfig):
         super().__init__(config)
@@ -234,42 +237,6 @@ class DuoOPTForCausalLM(DuoCausalLMMixin, DuoOPTPreTrainedModel, GenerationMixin
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_dense(
-        cls, dense: OPTForCausalLM, small_intermediate_size: int | None = None, **duo_kwargs
-    ) -> DuoOPTForCausalLM:
-        """Build a Duo model whose attention, norms, embeddings and big FFNs are `dense`'s weights.
-
-        `dense` is a transformers `OPTForCausalLM`, e.g.
-        `OPTForCausalLM.from_pretrained("facebook/opt-1.3b")`. Each layer's fc1/fc2 become its big FFN; the
-        small FFNs (inner size `small_intermediate_size`, by default `ffn_dim // 16`) are freshly initialised.
-        `duo_kwargs` are Duo config fields (`route_options`, `routing_mode`, ...). With every route on BIG the
-        Duo logits equal `dense`'s logits.
-        """
-        model_type = getattr(getattr(dense, "config", None), "model_type", None)
-        if not isinstance(dense, OPTForCausalLM) or model_type != "opt":
-            raise TypeError(
-                f"from_dense needs a transformers OPTForCausalLM (model_type 'opt'), got "
-                f"{type(dense).__name__} (model_type {model_type!r}); for Llama-family models use "
-                "DuoLlamaForCausalLM.from_dense, and for a Duo model take its big path with to_dense() first."
-            )
-        config = DuoOPTConfig(
-            **dense_config_fields(dense.config), small_intermediate_size=small_intermediate_size, **duo_kwargs
-        )
-        config._attn_implementation = dense.config._attn_implementation
-        duo = cls(config).to(dtype=dense.dtype, device=dense.device)
-        load_dense_into_duo(duo, rename_keys(dense.state_dict(), _FROM_DENSE))
-        return duo
-
-    def to_dense(self) -> OPTForCausalLM:
-        """Export the all-big path as a plain `OPTForCausalLM` (the small FFNs are dropped)."""
-        config = OPTConfig(**dense_config_fields(self.config))
-        config._attn_implementation = self.config._attn_implementation
-        dense = OPTForCausalLM(config).to(dtype=self.dtype, device=self.device)
-        state = big_path_state(self)
-        dense.load_state_dict(rename_keys(state, _TO_DENSE), strict=True)
-        return dense
 
 
 __all__ = [

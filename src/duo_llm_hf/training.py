@@ -54,7 +54,7 @@ from .data import (
     pack_corpus,
     parse_corpus_spec,
 )
-from .duo_modeling_utils import DuoCausalLMMixin
+from .duo_modeling_utils import DuoCausalLMMixin, dense_config_fields
 from .flops import dense_intermediate_size, flops_per_token
 from .losses import token_losses
 from .modeling_duo_llama import DuoLlamaForCausalLM
@@ -420,22 +420,7 @@ def special_token_ids(tokenizer) -> dict[str, int | None]:
 
 def dense_config_like(config: DuoLlamaConfig, intermediate_size: int) -> LlamaConfig:
     """A `LlamaConfig` with a Duo config's dimensions and the given FFN inner size."""
-    duo_only = {
-        "small_intermediate_size",
-        "route_options",
-        "routing_mode",
-        "route_probs",
-        "fixed_pattern",
-        "route_seed",
-        "model_type",
-        "architectures",
-        "auto_map",
-        "transformers_version",
-        "_name_or_path",
-    }
-    fields = {k: v for k, v in config.to_dict().items() if k not in duo_only}
-    fields["intermediate_size"] = intermediate_size
-    return LlamaConfig(**fields)
+    return LlamaConfig(**{**dense_config_fields(config), "intermediate_size": intermediate_size})
 
 
 def dense_baseline_config(config: DuoLlamaConfig) -> LlamaConfig:
