@@ -61,11 +61,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
 
 from .analysis import _pyplot
-from .checkpointing import list_checkpoints
+from .checkpointing import CHECKPOINTS_DIR, list_checkpoints
 from .configuration_duo_llama import DuoLlamaConfig
 from .data import TEXT_COLUMN, iter_texts, load_corpus, pack_corpus, parse_corpus_spec
 from .flops import flops_per_token
 from .tokenization import has_tokenizer, load_tokenizer, train_bpe_tokenizer
+from .train_loop import reset_accelerate_state
 from .training import (
     HOLDOUTS,
     RESUMABLE_CHANGES,
@@ -73,7 +74,6 @@ from .training import (
     dense_baseline_config,
     duo_config_from_args,
     evaluate_perplexity,
-    reset_accelerate_state,
     train,
 )
 
@@ -719,7 +719,7 @@ def train_runs(plan: AblationPlan) -> tuple[list[str], list[str]]:
             index, len(plan.runs), run.name, run.kind, run.p_big, run.args.max_steps, run.tokens,
         )  # fmt: skip
         start = time.perf_counter()
-        checkpoints = list_checkpoints(plan.run_dir(run) / "checkpoints")
+        checkpoints = list_checkpoints(plan.run_dir(run) / CHECKPOINTS_DIR)
         train(dataclasses.replace(run.args, resume_from="latest" if checkpoints else None))
         info = {"train_seconds": time.perf_counter() - start, "init_from": source}
         if process_state().is_main_process:

@@ -18,6 +18,7 @@ from accelerate.utils import gather_object
 
 from .routing import RouteSampler
 
+CHECKPOINTS_DIR = "checkpoints"  # a run's checkpoints, in its output_dir
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 LATEST = "latest"
@@ -65,6 +66,21 @@ class RouteSamplerState:
                 f"{self.accelerator.num_processes}; resume with the same number of processes."
             )
         self.get_sampler().load_state_dict(per_process[self.accelerator.process_index])
+
+
+def restore_train_state(accelerator: Accelerator, resume_dir: str | Path | None, *objects) -> TrainState:
+    """The run's `TrainState`, registered for checkpointing with ``objects``, all loaded from ``resume_dir`` if given.
+
+    ``objects`` are further states a checkpoint holds (e.g. a `RouteSamplerState`); the state comes first and they
+    follow in the order given, the order a checkpoint's files are read back in. Without ``resume_dir`` the run
+    starts at step 0.
+    """
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, *objects)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        accelerator.print(f"Resumed from {resume_dir} at step {state.global_step}")
+    return state
 
 
 def checkpoint_step(path: str | Path) -> int | None:

@@ -30,26 +30,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import datasets
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
 
-from .checkpointing import TrainState, resolve_resume, save_checkpoint_if_due
+from .checkpointing import CHECKPOINTS_DIR, TrainState, resolve_resume, restore_train_state, save_checkpoint_if_due
 from .configuration_duo_llama import DuoLlamaConfig
 from .configuration_duo_opt import DuoOPTConfig
-from .data import pack_corpus, parse_corpus_spec
+from .data import pack_corpus
 from .duo_modeling_utils import DUO_CONFIG_FIELDS
 from .flops import flops_per_token
 from .losses import IGNORE_INDEX, next_token_targets, token_losses
@@ -68,45 +65,25 @@ from .router import (
 )
 from .routing import BIG, CHOICE_NAMES, SKIP, choice_code, route_usage
 from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer
-from .tracking import make_trackers
+from .train_loop import StepMeter, accelerated_run, backward_and_step, tracker_config
 from .training import (
     TrainArguments,
     build_optimizer,
     build_scheduler,
+    check_data_fields,
+    check_integer_fields,
     check_resume_arguments,
-    finish_trackers,
     load_corpora,
     make_eval_loaders,
     make_train_loader,
-    reset_accelerate_state,
     save_final,
     total_training_steps,
-    tracker_config,
     training_batches,
 )
-
-logger = logging.getLogger(__name__)
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
 REPORT_FILE = "router_report.json"
 DEFAULT_BLOCK_SIZE = 256
-# Arguments that may change when a run is resumed: they do not change what the run computes.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "output_dir",
-        "resume_from",
-        "report_to",
-        "run_name",
-        "progress",
-        "log_every",
-        "eval_every",
-        "eval_blocks",
-        "eval_batch_size",
-        "checkpoint_every",
-        "checkpoints_to_keep",
-        "cache_dir",
-    }
-)
 
 
 def _stage1(name: str, **changes):
@@ -231,17 +208,12 @@ class RouterTrainArguments:
 
     def validate(self) -> None:
         """Check the arguments and the paths they name, before any work is done (see also `route_plan`)."""
-        for name in ("batch_size", "gradient_accumulation_steps", "eval_blocks", "log_every", "num_epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {value!r} must be a positive integer.")
-        for name in ("max_steps", "eval_batch_size", "block_size", "builtin_max_chars", "checkpoints_to_keep"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: {value!r} must be a positive integer (or left unset).")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 0.")
+        check_integer_fields(
+            self,
+            positive=("batch_size", "gradient_accumulation_steps", "eval_blocks", "log_every", "num_epochs"),
+            optional=("max_steps", "eval_batch_size", "block_size", "builtin_max_chars", "checkpoints_to_keep"),
+            non_negative=("eval_every", "checkpoint_every", "warmup_steps"),
+        )
         if self.supervision not in SUPERVISIONS:
             raise ValueError(f"supervision: {self.supervision!r} is not one of {list(SUPERVISIONS)}.")
         if self.supervision != "oracle":
@@ -285,14 +257,7 @@ class RouterTrainArguments:
                 f"model: {self.model!r} is not a model folder (it has no config.json); give the output folder of "
                 "training/train_duo.py or any folder a Duo model was saved to with save_pretrained."
             )
-        if self.tokenizer is not None and not Path(self.tokenizer).expanduser().is_dir():
-            raise FileNotFoundError(f"tokenizer: {self.tokenizer!r} is not a tokenizer folder.")
-        if self.streaming and self.max_steps is None:
-            raise ValueError("streaming: a streamed corpus has no known length; give --max-steps.")
-        if parse_corpus_spec(self.dataset, "train", "dataset").kind == "none":
-            raise ValueError("dataset: 'none' is not a training corpus.")
-        parse_corpus_spec(self.holdout_english, "holdout_english", "holdout_english")
-        parse_corpus_spec(self.holdout_code, "holdout_code", "holdout_code")
+        check_data_fields(self)
 
     def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
         """The router temperature schedule of a run of ``total_steps`` optimizer steps."""
@@ -684,30 +649,14 @@ def train_router(
     oracle_budget = None
     if args.supervision == "oracle":
         oracle_budget = oracle_budget_spec(args, options, targets, source_config.num_hidden_layers)
-    output_dir = Path(args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
+    checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
     resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
     if resume_dir is not None:
-        check_resume_arguments(args, resume_dir, RESUMABLE_CHANGES)
+        check_resume_arguments(args, resume_dir)
 
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=make_trackers(args.report_to, args.run_name, project.logging_dir) or None,
-        project_config=project,
-    )
-    bars_were_on = datasets.is_progress_bar_enabled()
-    if not args.progress:
-        datasets.disable_progress_bars()
-    try:
-        plan = RoutePlan(options, targets, oracle_budget)
+    plan = RoutePlan(options, targets, oracle_budget)
+    with accelerated_run(args, resume_dir) as accelerator:
         return _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback)
-    finally:
-        finish_trackers(accelerator)
-        reset_accelerate_state()
-        if bars_were_on:
-            datasets.enable_progress_bars()
 
 
 @dataclass(frozen=True)
@@ -721,10 +670,6 @@ class RoutePlan:
 
 def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback):
     output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    if resume_dir is None and args.resume_from == "latest" and accelerator.is_main_process:
-        logger.warning("resume_from='latest': no checkpoint in %s yet; starting from step 0.", checkpoints_dir)
     set_seed(args.seed)
 
     train_texts, holdout_texts = load_corpora(args)
@@ -754,11 +699,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
     unwrapped = accelerator.unwrap_model(model)
 
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        accelerator.print(f"Resumed from {resume_dir} at step {state.global_step}")
+    state = restore_train_state(accelerator, resume_dir)
     targets_named = {CHOICE_NAMES[code]: value for code, value in plan.targets.items()}
     accelerator.init_trackers(
         args.run_name,
@@ -774,7 +715,6 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
         ),
     )
 
-    tokens_per_micro_batch = args.batch_size * args.block_size * accelerator.num_processes
     losses: dict[int, float] = {}
     results: dict[str, dict] = {}
     progress = tqdm(
@@ -783,21 +723,21 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
         desc="train routers",
         disable=not (args.progress and accelerator.is_local_main_process),
     )
-    # Running sums over the micro-batches of a step: total loss, the main loss (the LM's CE, or the routers' CE
-    # towards the oracle), budget loss; and over a log window: the routers' hard (argmax) choice counts, their
+    # Averaged per step and per log window: the total loss, the main loss (the LM's CE, or the routers' CE towards
+    # the oracle) and the budget loss; summed over a log window: the routers' hard (argmax) choice counts, their
     # soft probabilities, and (oracle supervision) their agreement with the oracle.
-    window = torch.zeros(3, device=accelerator.device)
-    window_batches = 0
-    log_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    log_steps = 0
+    main_name = "train/router_ce" if args.supervision == "oracle" else "train/ce"
+    meter = StepMeter(
+        accelerator,
+        ["train/loss", main_name, "train/budget_loss"],
+        args.batch_size * args.block_size * accelerator.num_processes,
+    )
     hard_counts = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=accelerator.device)
     soft_sums = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=accelerator.device)
     agreement = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # hits, counted pairs
     train_realised: dict[str, float] = {}
     train_agreement = None
-    main_name = "train/router_ce" if args.supervision == "oracle" else "train/ce"
     calibrate = args.supervision == "oracle" and args.oracle_calibration_blocks > 0  # the final eval comes after
-    log_tokens, log_time = 0, time.perf_counter()
     model.train()
     for batch in training_batches(train_loader, accelerator, state, total_steps, args):
         temperature = schedule(state.global_step)
@@ -816,15 +756,9 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
                 main = out.loss
             budget = budget_loss(out.router_probs, plan.targets)
             loss = main + args.alpha * budget
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            backward_and_step(accelerator, loss, optimizer, scheduler, trainable, args.max_grad_norm)
+        meter.add(loss, main, budget)
         probs = out.router_probs.detach()
-        window += torch.stack([loss.detach(), main.detach(), budget.detach()]).float()
-        window_batches += 1
         hard_counts += torch.bincount(probs.argmax(-1).reshape(-1), minlength=len(CHOICE_NAMES)).double()
         soft_sums += probs.double().reshape(-1, len(CHOICE_NAMES)).sum(0)
         if args.supervision == "oracle":
@@ -833,37 +767,22 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
         if not accelerator.sync_gradients:
             continue
 
-        state.global_step += 1
-        step_tokens = tokens_per_micro_batch * window_batches
-        state.tokens_seen += step_tokens
-        step_values = accelerator.reduce(window / window_batches, "mean").double()
-        window.zero_()
-        window_batches = 0
-        losses[state.global_step] = step_values[0].item()
-        log_sums += step_values
-        log_steps += 1
-        log_tokens += step_tokens
+        step_values = meter.step(state)
+        step_loss = step_values["train/loss"]
+        losses[state.global_step] = step_loss
         progress.update(1)
-        progress.set_postfix(loss=f"{step_values[0].item():.3f}", budget=f"{step_values[2].item():.4f}")
+        progress.set_postfix(loss=f"{step_loss:.3f}", budget=f"{step_values['train/budget_loss']:.4f}")
 
         metrics: dict[str, float] = {}
         last = state.global_step >= total_steps
         if state.global_step % args.log_every == 0 or last:
-            elapsed = time.perf_counter() - log_time
-            mean = (log_sums / log_steps).tolist()
             hard = accelerator.reduce(hard_counts, "sum")
             soft = accelerator.reduce(soft_sums, "sum")
             train_realised = {n: (hard[c] / hard.sum().clamp_min(1)).item() for c, n in enumerate(CHOICE_NAMES)}
             metrics.update(
                 {
-                    "train/loss": mean[0],
-                    main_name: mean[1],
-                    "train/budget_loss": mean[2],
+                    **meter.log_metrics(state, scheduler),
                     "train/temperature": temperature,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_per_second": log_tokens / max(elapsed, 1e-9),
-                    "train/tokens": state.tokens_seen,
-                    "train/epoch": state.epoch,
                     **{f"train/realised/{n}": v for n, v in train_realised.items()},
                     **{
                         f"train/soft/{n}": (soft[c] / soft.sum().clamp_min(1e-12)).item()
@@ -875,23 +794,21 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
                 hits, pairs = accelerator.reduce(agreement, "sum").tolist()
                 train_agreement = hits / max(pairs, 1.0)
                 metrics["train/oracle_agreement"] = train_agreement
-            log_sums.zero_()
             hard_counts.zero_()
             soft_sums.zero_()
             agreement.zero_()
-            log_steps, log_tokens, log_time = 0, 0, time.perf_counter()
         if eval_loaders and (
             (args.eval_every and state.global_step % args.eval_every == 0) or (last and not calibrate)
         ):
             results = evaluate_router(model, eval_loaders, accelerator)
             metrics.update(eval_metrics(results))
-            log_time = time.perf_counter()  # evaluation time is not training throughput
+            meter.restart_clock()  # evaluation time is not training throughput
         if metrics:
             accelerator.log(metrics, step=state.global_step)
         if save_checkpoint_if_due(accelerator, checkpoints_dir, state, args):
-            log_time = time.perf_counter()
+            meter.restart_clock()
         if step_callback is not None:
-            step_callback(state, {"train/step_loss": losses[state.global_step], **metrics})
+            step_callback(state, {"train/step_loss": step_loss, **metrics})
         if last:
             break
     progress.close()

@@ -10,7 +10,8 @@ The pieces are public so that later scripts (the router trainer, the ablations, 
 `TrainArguments` / `build_arg_parser`, `build_model`, `build_optimizer`, `build_scheduler`,
 `evaluate_perplexity`, the checkpoint helpers in `checkpointing`, and `train` itself, which
 ``training/train_duo.py`` and the ``duo-llm train`` command call; `ModelHooks` lets a recipe change the model
-it trains and saves.
+it trains and saves. The steps its loop shares with the router training's (the run's Accelerator, the optimizer
+step, the running averages) are in `train_loop`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import json
 import logging
 import math
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,8 +29,7 @@ from typing import Literal
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -43,7 +42,14 @@ from transformers import (
     get_scheduler,
 )
 
-from .checkpointing import RouteSamplerState, TrainState, resolve_resume, save_checkpoint_if_due
+from .checkpointing import (
+    CHECKPOINTS_DIR,
+    RouteSamplerState,
+    TrainState,
+    resolve_resume,
+    restore_train_state,
+    save_checkpoint_if_due,
+)
 from .configuration_duo_llama import DuoLlamaConfig
 from .configuration_duo_opt import DuoOPTConfig
 from .data import (
@@ -61,7 +67,7 @@ from .modeling_duo_llama import DuoLlamaForCausalLM
 from .modeling_duo_opt import DuoOPTForCausalLM
 from .routing import BIG, CHOICE_CODES, RouteSampler
 from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer, train_bpe_tokenizer
-from .tracking import make_trackers
+from .train_loop import StepMeter, accelerated_run, backward_and_step, tracker_config
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +85,7 @@ FROZEN_BIG_SOURCES = {
 }
 # A Hub model id, "name" or "org/name" (what `from_pretrained` downloads when no such local folder exists).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Arguments that may change when a run is resumed: they do not change what the run computes.
+# Arguments that may change when a run (stage 1, or the routers') is resumed: they do not change what it computes.
 RESUMABLE_CHANGES = frozenset(
     {
         "output_dir",
@@ -264,11 +270,7 @@ class TrainArguments:
             "tokenizer_train_chars",
             "shuffle_buffer",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {value!r} must be a positive integer.")
-        for name in (
+        optional = (
             "max_steps",
             "eval_batch_size",
             "num_kv_heads",
@@ -277,13 +279,9 @@ class TrainArguments:
             "max_position_embeddings",
             "builtin_max_chars",
             "checkpoints_to_keep",
-        ):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: {value!r} must be a positive integer (or left unset).")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 0.")
+        )
+        non_negative = ("eval_every", "checkpoint_every", "warmup_steps")
+        check_integer_fields(self, positive=positive, optional=optional, non_negative=non_negative)
         if self.block_size < 2:
             raise ValueError(f"block_size: {self.block_size} must be at least 2 tokens.")
         if self.mode not in MODES:
@@ -316,21 +314,13 @@ class TrainArguments:
                 f"init_from: {self.init_from!r} is not a model folder (written by save_pretrained) nor a Hub "
                 "model name."
             )
-        if self.tokenizer is not None and not Path(self.tokenizer).expanduser().is_dir():
-            raise FileNotFoundError(f"tokenizer: {self.tokenizer!r} is not a tokenizer folder.")
-        if self.streaming and self.max_steps is None:
-            raise ValueError("streaming: a streamed corpus has no known length; give --max-steps.")
         positions = self.max_position_embeddings
         if positions is not None and self.block_size > positions:
             raise ValueError(
                 f"block_size {self.block_size} is longer than max_position_embeddings {positions}; use a "
                 "block size <= the model's positions."
             )
-        parse_corpus_spec(self.dataset, "train", "dataset")
-        if parse_corpus_spec(self.dataset, "train", "dataset").kind == "none":
-            raise ValueError("dataset: 'none' is not a training corpus.")
-        parse_corpus_spec(self.holdout_english, "holdout_english", "holdout_english")
-        parse_corpus_spec(self.holdout_code, "holdout_code", "holdout_code")
+        check_data_fields(self)
 
     def eval_route_list(self) -> list[str]:
         return [r.strip() for r in self.eval_routes.split(",") if r.strip()]
@@ -341,6 +331,42 @@ class TrainArguments:
         if self.p_skip > 0:
             probs["skip"] = self.p_skip
         return probs
+
+
+def check_integer_fields(
+    args, positive: Sequence[str] = (), optional: Sequence[str] = (), non_negative: Sequence[str] = ()
+) -> None:
+    """Raise a ValueError at the first field of ``args`` (a dataclass) that is not what its group asks for.
+
+    ``positive``: integers >= 1; ``optional``: integers >= 1 or None; ``non_negative``: numbers >= 0.
+    """
+    for name in positive:
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {value!r} must be a positive integer.")
+    for name in optional:
+        value = getattr(args, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: {value!r} must be a positive integer (or left unset).")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise ValueError(f"{name}: {getattr(args, name)!r} must be >= 0.")
+
+
+def check_data_fields(args) -> None:
+    """Check the data fields every training run has (`TrainArguments`' and the router training's).
+
+    The tokenizer folder, if given, exists; a streamed corpus comes with ``max_steps``; the corpus specs parse
+    (`data.parse_corpus_spec`) and the training corpus is not ``none``.
+    """
+    if args.tokenizer is not None and not Path(args.tokenizer).expanduser().is_dir():
+        raise FileNotFoundError(f"tokenizer: {args.tokenizer!r} is not a tokenizer folder.")
+    if args.streaming and args.max_steps is None:
+        raise ValueError("streaming: a streamed corpus has no known length; give --max-steps.")
+    if parse_corpus_spec(args.dataset, "train", "dataset").kind == "none":
+        raise ValueError("dataset: 'none' is not a training corpus.")
+    parse_corpus_spec(args.holdout_english, "holdout_english", "holdout_english")
+    parse_corpus_spec(args.holdout_code, "holdout_code", "holdout_code")
 
 
 @dataclass
@@ -560,12 +586,7 @@ def training_step(
     """
     ids = batch["input_ids"]
     loss = model(input_ids=ids, labels=ids).loss
-    accelerator.backward(loss)
-    if accelerator.sync_gradients and max_grad_norm > 0:
-        accelerator.clip_grad_norm_(trainable, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    backward_and_step(accelerator, loss, optimizer, scheduler, trainable, max_grad_norm)
     return loss
 
 
@@ -773,27 +794,6 @@ def make_train_loader(blocks, args) -> DataLoader:
     return DataLoader(shuffled, batch_size=args.batch_size, drop_last=True, generator=generator)
 
 
-def tracker_config(args, extra: dict) -> dict:
-    """The run configuration for the trackers: the arguments (a dataclass) and ``extra``, as plain values."""
-    values = {**dataclasses.asdict(args), **extra}
-    return {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in values.items()}
-
-
-def finish_trackers(accelerator: Accelerator) -> None:
-    """End a run's trackers. Unlike ``accelerator.end_training()`` this keeps the process group: the study and the
-    ablation train several runs (and evaluate) in one multi-process launch."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
-
-
-def reset_accelerate_state() -> None:
-    """Clear Accelerate's process-wide state at the end of a run (the process group stays up)."""
-    # Accelerate keeps process-wide singletons; a later run in the same process (tests, the study) may use
-    # other settings (precision, accumulation), so the run leaves them clean. The process group stays up.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
 def train(
     args: TrainArguments,
     step_callback: Callable[[TrainState, dict], None] | None = None,
@@ -806,51 +806,20 @@ def train(
     let a recipe change the model to train and the model to save (`ModelHooks`; e.g. `finetuning` adds LoRA).
     """
     args.validate()
-    output_dir = Path(args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
+    checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
     resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
     if resume_dir is not None:
         check_resume_arguments(args, resume_dir)
-    if args.mode == "frozen-big":
-        source_config = inspect_init_source(args.init_from, args.block_size)
+    source_config = inspect_init_source(args.init_from, args.block_size) if args.mode == "frozen-big" else None
 
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
     ddp = DistributedDataParallelKwargs(find_unused_parameters=may_leave_a_module_unused(args))
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        kwargs_handlers=[ddp],
-        log_with=make_trackers(args.report_to, args.run_name, project.logging_dir) or None,
-        project_config=project,
-    )
-    bars_were_on = datasets.is_progress_bar_enabled()
-    if not args.progress:
-        datasets.disable_progress_bars()
-    try:
+    with accelerated_run(args, resume_dir, kwargs_handlers=[ddp]) as accelerator:
         return _train(
-            args,
-            accelerator,
-            resume_dir,
-            checkpoints_dir,
-            step_callback,
-            source_config if args.mode == "frozen-big" else None,
-            hooks or ModelHooks(),
+            args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks or ModelHooks()
         )
-    finally:
-        finish_trackers(accelerator)
-        reset_accelerate_state()
-        if bars_were_on:
-            datasets.enable_progress_bars()
 
 
 def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks) -> TrainResult:
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    if resume_dir is None and args.resume_from == "latest" and accelerator.is_main_process:
-        logger.warning(
-            "resume_from='latest': no checkpoint in %s yet; starting from step 0.", checkpoints_dir
-        )
     set_seed(args.seed)
 
     # Corpora, then the tokenizer, then blocks: each step checks its input before the next costs anything.
@@ -886,18 +855,12 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
 
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if is_duo:
-        unwrapped = accelerator.unwrap_model(model)
-        accelerator.register_for_checkpointing(
-            RouteSamplerState(lambda: unwrapped.model.route_sampler, accelerator)
-        )
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        accelerator.print(f"Resumed from {resume_dir} at step {state.global_step}")
+    unwrapped = accelerator.unwrap_model(model)
+    # Each process's random routes are part of the run's state: a resumed run draws the routes it would have drawn.
+    samplers = [RouteSamplerState(lambda: unwrapped.model.route_sampler, accelerator)] if is_duo else []
+    state = restore_train_state(accelerator, resume_dir, *samplers)
 
-    unwrapped_config = accelerator.unwrap_model(model).config
+    unwrapped_config = unwrapped.config
     flops = flops_per_token(unwrapped_config, None if is_duo else {BIG: 1.0}, seq_len=args.block_size)
     accelerator.init_trackers(
         args.run_name,
@@ -913,7 +876,6 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     )
     route_modes = args.eval_route_list()
     eval_seed = unwrapped_config.route_seed if is_duo else 0
-    tokens_per_micro_batch = args.batch_size * args.block_size * accelerator.num_processes
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses: dict[int, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -924,55 +886,34 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
         desc="train",
         disable=not (args.progress and accelerator.is_local_main_process),
     )
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_batches = 0
-    log_losses: list[float] = []
-    log_tokens, log_time = 0, time.perf_counter()
+    meter = StepMeter(accelerator, ["train/loss"], args.batch_size * args.block_size * accelerator.num_processes)
     model.train()
     for batch in training_batches(train_loader, accelerator, state, total_steps, args):
         with accelerator.accumulate(model):
             loss = training_step(
                 accelerator, model, batch, optimizer, scheduler, trainable, args.max_grad_norm
             )
-        window_loss += loss.detach().float()
-        window_batches += 1
+        meter.add(loss)
         if not accelerator.sync_gradients:
             continue
 
-        state.global_step += 1
-        step_tokens = tokens_per_micro_batch * window_batches
-        state.tokens_seen += step_tokens
-        step_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
-        window_loss.zero_()
-        window_batches = 0
+        step_loss = meter.step(state)["train/loss"]
         losses[state.global_step] = step_loss
-        log_losses.append(step_loss)
-        log_tokens += step_tokens
-        elapsed = time.perf_counter() - log_time
         progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{log_tokens / max(elapsed, 1e-9):,.0f}")
+        progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{meter.tokens_per_second():,.0f}")
 
         metrics: dict[str, float] = {}
         last = state.global_step >= total_steps
         if state.global_step % args.log_every == 0 or last:
-            metrics.update(
-                {
-                    "train/loss": sum(log_losses) / len(log_losses),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_per_second": log_tokens / max(elapsed, 1e-9),
-                    "train/tokens": state.tokens_seen,
-                    "train/epoch": state.epoch,
-                }
-            )
-            log_losses, log_tokens, log_time = [], 0, time.perf_counter()
+            metrics.update(meter.log_metrics(state, scheduler))
         if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
             eval_metrics = evaluate_perplexity(model, eval_loaders, accelerator, route_modes, eval_seed)
             metrics.update(eval_metrics)
-            log_time = time.perf_counter()  # evaluation time is not training throughput
+            meter.restart_clock()  # evaluation time is not training throughput
         if metrics:
             accelerator.log(metrics, step=state.global_step)
         if save_checkpoint_if_due(accelerator, checkpoints_dir, state, args):
-            log_time = time.perf_counter()
+            meter.restart_clock()
         if step_callback is not None:
             step_callback(state, {"train/step_loss": step_loss, **metrics})
         if last:
@@ -980,7 +921,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     progress.close()
 
     save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export)
-    return TrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, eval_metrics)
+    return TrainResult(str(Path(args.output_dir)), state.global_step, state.tokens_seen, losses, eval_metrics)
 
 
 def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None) -> None:
