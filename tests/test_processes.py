@@ -44,7 +44,8 @@ def test_two_process_training_shares_the_work_and_resumes_exactly(tmp_path):
         ]
 
     script = ROOT / "training" / "train_duo.py"
-    launch_cpu_processes(script, args(tmp_path / "full"))
+    done = launch_cpu_processes(script, args(tmp_path / "full"))
+    assert done.stdout.count("Saved the model to") == 1  # the main process reports
     results = json.loads((tmp_path / "full" / "train_results.json").read_text())
     assert results["global_step"] == 6 and results["tokens_seen"] == 6 * 2 * (2 * 16)
 

@@ -6,16 +6,7 @@
 All flags: ``python training/train_duo.py --help``. The work is done by `duo_llm_hf.training`.
 """
 
-from duo_llm_hf.training import parse_train_args, train
-
-
-def main(argv: list[str] | None = None) -> None:
-    result = train(parse_train_args(argv))
-    print(
-        f"Saved the model to {result.output_dir} after {result.global_step} steps "
-        f"({result.tokens_seen:,} tokens)."
-    )
-
+from duo_llm_hf.training import main
 
 if __name__ == "__main__":
     main()

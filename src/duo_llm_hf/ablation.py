@@ -65,6 +65,7 @@ from .checkpointing import CHECKPOINTS_DIR, list_checkpoints
 from .configuration_duo_llama import DuoLlamaConfig
 from .data import TEXT_COLUMN, iter_texts, load_corpus, pack_corpus, parse_corpus_spec
 from .flops import flops_per_token
+from .processes import process_state
 from .tokenization import has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from .train_loop import reset_accelerate_state
 from .training import (
@@ -357,15 +358,6 @@ class AblationResult:
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments and the plan
-
-
-def process_state():
-    """Accelerate's `PartialState` of this launch (several CPU processes too, as ``accelerate launch --cpu``)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # PartialState() alone sees one process on a CPU-only machine; the Accelerator reads this variable.
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def build_arg_parser(**kwargs) -> HfArgumentParser:

@@ -26,14 +26,6 @@ class Command:
         return getattr(importlib.import_module(module), function)
 
 
-def train_command(argv: list[str]) -> None:
-    """``duo-llm train``: the flags of ``training/train_duo.py``."""
-    from .training import parse_train_args, train
-
-    result = train(parse_train_args(argv))
-    print(f"Saved the model to {result.output_dir} after {result.global_step} steps ({result.tokens_seen:,} tokens).")
-
-
 def eval_command(argv: list[str]) -> None:
     """``duo-llm eval``: the lm-evaluation-harness command line (``lm_eval``, same flags) run from this package, for
     environments where the ``.pth`` hook that registers ``duo`` at interpreter start does not run (``python -S``,
@@ -46,7 +38,7 @@ def eval_command(argv: list[str]) -> None:
 
 COMMANDS: dict[str, Command] = {
     "train": Command(
-        "duo_llm_hf.cli:train_command",
+        "duo_llm_hf.training:main",
         "Stage 1: train a Duo model (random routing), a frozen-big model or the FLOP-matched dense baseline.",
         "training/train_duo.py",
     ),

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -51,6 +51,7 @@ from .duo_modeling_utils import DUO_CONFIG_FIELDS
 from .flops import flops_per_token
 from .losses import IGNORE_INDEX, next_token_targets, token_losses
 from .oracle import oracle_routing
+from .processes import process_state
 from .route_spaces import RouteSpace
 from .router import (
     ROUTER_SETTINGS,
@@ -886,7 +887,7 @@ def router_report(
 def main(argv: list[str] | None = None) -> RouterTrainResult:
     """``training/train_router.py`` (and ``duo-llm train-router``): parse the flags, train, print the outcome."""
     result = train_router(parse_router_args(argv))
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return result
     print(f"Saved the model with routers to {result.output_dir} after {result.global_step} steps.")
     for name, entry in result.report["holdouts"].items():

@@ -65,6 +65,7 @@ from .flops import dense_intermediate_size, flops_per_token
 from .losses import token_losses
 from .modeling_duo_llama import DuoLlamaForCausalLM
 from .modeling_duo_opt import DuoOPTForCausalLM
+from .processes import process_state
 from .routing import BIG, CHOICE_CODES, RouteSampler
 from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from .train_loop import StepMeter, accelerated_run, backward_and_step, tracker_config
@@ -947,3 +948,12 @@ def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metr
         results = {"global_step": state.global_step, "tokens_seen": state.tokens_seen, **eval_metrics}
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """``training/train_duo.py`` (and ``duo-llm train``): parse the flags, train, print where the model went."""
+    result = train(parse_train_args(argv))
+    if process_state().is_main_process:
+        steps, tokens = result.global_step, result.tokens_seen
+        print(f"Saved the model to {result.output_dir} after {steps} steps ({tokens:,} tokens).")
+    return result
