@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny configs so the whole suite runs in minutes on 2 CPU cores."""
+"""The suite's environment and shared fixtures: tiny configs and models, so the whole suite runs in minutes on
+2 CPU cores, and the tiny runs' tokenizer. Plain builders are in helpers.py."""
 
 from __future__ import annotations
 
@@ -17,27 +18,11 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="duo-hf-module
 torch.set_num_threads(1)
 
 
-def tiny_llama_kwargs(**overrides) -> dict:
-    kwargs = dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    return kwargs
-
-
 @pytest.fixture
 def tiny_config():
     """Factory of tiny DuoLlamaConfigs: ``tiny_config(route_options=[...], ...)``."""
     from duo_llm_hf import DuoLlamaConfig
+    from tests.helpers import tiny_llama_kwargs
 
     def make(**overrides):
         overrides.setdefault("small_intermediate_size", 8)
@@ -56,3 +41,12 @@ def tiny_model(tiny_config):
         return DuoLlamaForCausalLM(tiny_config(**overrides)).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer():
+    """The tiny runs' tokenizer: a 300-token BPE trained on the first 3000 characters of the built-in corpus."""
+    from duo_llm_hf.data import builtin_corpus
+    from duo_llm_hf.tokenization import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(builtin_corpus("train", max_chars=3000)["text"], vocab_size=300)

@@ -18,7 +18,6 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
-    OPTConfig,
     OPTForCausalLM,
 )
 
@@ -33,31 +32,16 @@ from duo_llm_hf import (
     flops_per_token,
 )
 from duo_llm_hf.flops import ffn_flops
+from tests import helpers
+from tests.helpers import tiny_llama_kwargs
 
 VOCAB = 96
 PAD = 1
 
 
-def tiny_opt(do_layer_norm_before: bool = True, word_embed_proj_dim: int | None = None, seed: int = 0):
-    torch.manual_seed(seed)
-    config = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        ffn_dim=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        do_layer_norm_before=do_layer_norm_before,
-        word_embed_proj_dim=word_embed_proj_dim,
-        pad_token_id=PAD,
-    )
-    model = OPTForCausalLM(config).eval()
-    # LayerNorms start at the identity and biases at 0: perturb them so that every parameter is exercised.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layer_norm" in name or name.endswith(".bias"):
-                param.add_(0.1 * torch.randn_like(param))
-    return model
+def tiny_opt(**overrides) -> OPTForCausalLM:
+    """The suite's tiny OPT (`helpers.tiny_opt`: 3 layers, every weight exercised), padding with PAD."""
+    return helpers.tiny_opt(pad_token_id=PAD, **overrides)
 
 
 def tiny_duo(route_options=("small", "big", "skip"), **kwargs) -> DuoOPTForCausalLM:
@@ -88,7 +72,7 @@ def all_routes(choice: int, ids: torch.Tensor, n_layers: int = 3) -> torch.Tenso
     ids=["pre-norm", "post-norm+proj"],
 )
 def test_all_big_equals_source_opt(do_layer_norm_before, word_embed_proj_dim):
-    opt = tiny_opt(do_layer_norm_before, word_embed_proj_dim)
+    opt = tiny_opt(do_layer_norm_before=do_layer_norm_before, word_embed_proj_dim=word_embed_proj_dim)
     duo = DuoOPTForCausalLM.from_dense(opt).eval()
     assert (duo.model.project_in is not None) == (word_embed_proj_dim is not None)
     assert (duo.model.final_layer_norm is not None) == do_layer_norm_before
@@ -109,7 +93,7 @@ def test_all_big_equals_source_opt(do_layer_norm_before, word_embed_proj_dim):
 
 @pytest.mark.parametrize("do_layer_norm_before", [True, False])
 def test_to_dense_round_trip(do_layer_norm_before):
-    opt = tiny_opt(do_layer_norm_before, 24 if not do_layer_norm_before else None)
+    opt = tiny_opt(do_layer_norm_before=do_layer_norm_before, word_embed_proj_dim=None if do_layer_norm_before else 24)
     dense = DuoOPTForCausalLM.from_dense(opt).to_dense().eval()
     assert type(dense) is OPTForCausalLM and dense.config.ffn_dim == opt.config.ffn_dim
     ids, mask = batch()
@@ -132,9 +116,7 @@ def test_from_dense_config():
 def test_from_dense_rejects_other_models():
     with pytest.raises(TypeError, match="OPTForCausalLM"):
         DuoOPTForCausalLM.from_dense(tiny_duo())
-    llama = LlamaForCausalLM(
-        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB)
-    )
+    llama = LlamaForCausalLM(LlamaConfig(**tiny_llama_kwargs()))
     with pytest.raises(TypeError, match="DuoLlamaForCausalLM.from_dense"):
         DuoOPTForCausalLM.from_dense(llama)
     with pytest.raises(TypeError, match="DuoOPTForCausalLM.from_dense"):
@@ -425,25 +407,22 @@ def test_llama_family_from_dense():
     """A Llama-3-style config (GQA, head_dim, biases, llama3 rope scaling, untied head) converts exactly."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        attention_bias=True,
-        mlp_bias=True,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
+        **tiny_llama_kwargs(
+            intermediate_size=96,
+            num_hidden_layers=2,
+            head_dim=16,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
     )
     llama = LlamaForCausalLM(config).eval()
     duo = DuoLlamaForCausalLM.from_dense(llama, route_options=["small", "big"]).eval()

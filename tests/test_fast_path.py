@@ -5,6 +5,7 @@ import torch
 
 from duo_llm_hf import BIG, SKIP, SMALL, DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.routing import DispatchPlan, DuoFFN, dispatch_plans, set_ffn_dispatch
+from tests.helpers import tiny_llama_kwargs
 
 N_LAYERS = 3
 VOCAB = 128
@@ -14,15 +15,7 @@ TIGHT = {"atol": 1e-6, "rtol": 1e-5}
 def tiny_model(**duo_fields) -> DuoLlamaForCausalLM:
     torch.manual_seed(0)
     fields = {"route_options": ["small", "big", "skip"], **duo_fields}
-    config = DuoLlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        **fields,
-    )
+    config = DuoLlamaConfig(**tiny_llama_kwargs(vocab_size=VOCAB, num_hidden_layers=N_LAYERS, **fields))
     return DuoLlamaForCausalLM(config).eval()
 
 

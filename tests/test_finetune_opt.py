@@ -25,10 +25,10 @@ from duo_llm_hf.finetuning import AttentionLoRA, FinetuneArguments, estimate_mem
 from duo_llm_hf.oracle import pattern_losses
 from duo_llm_hf.route_spaces import RouteSpace
 from duo_llm_hf.router import ROUTER_SETTINGS
-from duo_llm_hf.router_training import RouterTrainArguments, train_router
+from duo_llm_hf.router_training import train_router
 from duo_llm_hf.routing import CHOICE_CODES
-from duo_llm_hf.tokenization import train_bpe_tokenizer
 from duo_llm_hf.training import build_model, freeze_all_but_small
+from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_opt, tiny_opt_kwargs, tiny_router_args
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
@@ -37,32 +37,18 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source(tmp_path_factory, builtin_tokenizer):
     """A tiny pre-norm OPT and its tokenizer, saved in one folder as a Hub OPT checkpoint is."""
-    from duo_llm_hf.data import builtin_corpus
-
-    tokenizer = train_bpe_tokenizer(builtin_corpus("train", max_chars=3000)["text"], vocab_size=300)
-    torch.manual_seed(0)
-    config = OPTConfig(
+    tokenizer = builtin_tokenizer
+    opt = tiny_opt(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        ffn_dim=128,
         num_hidden_layers=LAYERS,
-        num_attention_heads=4,
         max_position_embeddings=32,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    opt = OPTForCausalLM(config).eval()
-    with torch.no_grad():  # LayerNorms start at the identity and biases at 0: make every weight count
-        for name, param in opt.named_parameters():
-            if "layer_norm" in name or name.endswith(".bias"):
-                param.add_(0.1 * torch.randn_like(param))
-    folder = tmp_path_factory.mktemp("opt")
-    opt.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder), opt, tokenizer
+    return save_model_folder(tmp_path_factory.mktemp("opt"), opt, tokenizer), opt, tokenizer
 
 
 def tiny_args(tmp_path, folder, name="run", **overrides) -> FinetuneArguments:
@@ -261,20 +247,7 @@ def test_oracle_prefix_tree_equals_naive_forwards_on_the_finetuned_model(finetun
 
 @pytest.mark.parametrize("setting", sorted(ROUTER_SETTINGS))
 def test_routers_train_on_the_finetuned_model_in_each_appendix_a_setting(tmp_path, finetuned, setting):
-    args = RouterTrainArguments(
-        model=finetuned,
-        output_dir=str(tmp_path / setting),
-        setting=setting,
-        builtin_max_chars=3000,
-        block_size=16,
-        batch_size=4,
-        max_steps=3,
-        eval_blocks=2,
-        checkpoint_every=0,
-        report_to="none",
-        progress=False,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    args = tiny_router_args(tmp_path, finetuned, setting, budget=None, setting=setting, max_steps=3)
     report = train_router(args).report
     preset = ROUTER_SETTINGS[setting]
     assert report["route_options"] == preset["route_options"] and report["budget"] == preset["budget"]
@@ -304,23 +277,13 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source):
     folder, _, tokenizer = source
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=4).save_pretrained(gpt2)
-    short = tmp_path / "short"
-    OPTForCausalLM(
-        OPTConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=8,
-        )
-    ).save_pretrained(short)
-    tokenizer.save_pretrained(short)
+    short_opt = OPTForCausalLM(OPTConfig(**tiny_opt_kwargs(vocab_size=len(tokenizer), max_position_embeddings=8)))
+    short = save_model_folder(tmp_path / "short", short_opt, tokenizer)
     cases = [
         ({"init_from": None}, ValueError, "give the pretrained model"),
         ({"init_from": str(tmp_path / "absent")}, FileNotFoundError, "not a model folder"),
         ({"init_from": str(gpt2)}, ValueError, "'gpt2' model; frozen-big needs a Llama-shaped model or an OPT"),
-        ({"init_from": str(short)}, ValueError, "block_size 16 is longer than the max_position_embeddings 8"),
+        ({"init_from": short}, ValueError, "block_size 16 is longer than the max_position_embeddings 8"),
         ({"lora": True, "lora_r": 0}, ValueError, "lora_r: 0 must be a positive integer"),
         ({"lora": True, "lora_dropout": 1.0}, ValueError, r"lora_dropout: 1.0 must be in \[0, 1\)"),
         ({"lora": True, "lora_target_modules": " , "}, ValueError, "lora_target_modules: name at least one"),
@@ -382,14 +345,7 @@ def test_lora_defaults_to_the_attention_of_llama_family_models_too():
 
     from duo_llm_hf import DuoLlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = LlamaConfig(**tiny_llama_kwargs())
     duo = DuoLlamaForCausalLM.from_dense(LlamaForCausalLM(config))
     freeze_all_but_small(duo)
     adapted = AttentionLoRA(r=2).add(duo)

@@ -32,6 +32,7 @@ from duo_llm_hf.lm_eval_model import (  # noqa: E402
     local_task_manager,
     routing_settings,
 )
+from tests.helpers import save_model_folder  # noqa: E402
 
 TASKS = ["arc_easy_local", "hellaswag_local"]
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -297,8 +298,7 @@ def test_lm_eval_cli_model_hf_trust_remote_code(duo_model, tokenizer, task_manag
     where duo_llm_hf cannot be imported, scores exactly like `duo` under the routing stored in the config."""
     folder = tmp_path / "tiny-duo"
     duo_model.set_routing("fixed", fixed_pattern="sB")
-    duo_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_model_folder(folder, duo_model, tokenizer)
     expected = evaluate(DuoLM(pretrained=str(folder), device="cpu", batch_size=8), task_manager)
     assert expected["config"]["duo_routing"]["fixed_pattern"] == "sB"
 
@@ -329,8 +329,7 @@ def test_lm_eval_command_model_duo(duo_model, tokenizer, task_manager, tmp_path)
     assert lm_eval_command.is_file(), f"{lm_eval_command} missing: install lm-eval in this environment"
     folder = tmp_path / "tiny-duo"
     duo_model.set_routing("fixed", fixed_pattern="sB")  # the saved default, which the model argument overrides
-    duo_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_model_folder(folder, duo_model, tokenizer)
     lm = DuoLM(pretrained=str(folder), routing="fixed", pattern="Bs", device="cpu", batch_size=8)
     expected = evaluate(lm, task_manager)
 
@@ -356,8 +355,7 @@ def test_duo_llm_eval_command(duo_model, tokenizer, tmp_path, monkeypatch):
     from duo_llm_hf.cli import main
 
     folder = tmp_path / "tiny-duo"
-    duo_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_model_folder(folder, duo_model, tokenizer)
     local_only = functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", local_only)
     model_args = f"pretrained={folder},routing=random,p_big=0.25"

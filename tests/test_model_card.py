@@ -1,6 +1,7 @@
 """The model card is filled in from the saved folder and the run's figures, and never invents figures."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from huggingface_hub import ModelCard
 from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.cli import main as cli_main
 from duo_llm_hf.model_card import NOT_EVALUATED, build_model_card, main, write_model_card
+from tests.helpers import tiny_llama_kwargs
 
 LM_EVAL_OUTPUT = {  # the layout lm-evaluation-harness 0.4 writes
     "results": {
@@ -24,8 +26,7 @@ LM_EVAL_OUTPUT = {  # the layout lm-evaluation-harness 0.4 writes
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = DuoLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, route_options=["small", "big", "skip"])
+    config = DuoLlamaConfig(**tiny_llama_kwargs(num_hidden_layers=2, route_options=["small", "big", "skip"]))
     folder = tmp_path_factory.mktemp("duo-tiny")
     DuoLlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -97,10 +98,7 @@ def test_card_shows_the_run_figures(model_dir, tmp_path):
 
 def test_card_reads_run_files_and_json_paths(model_dir, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
-    for f in model_dir.iterdir():
-        if f.is_file() and f.name != "README.md":
-            (run / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(model_dir, run, ignore=shutil.ignore_patterns("README.md"))  # the model, not its card
     (run / "train_results.json").write_text(json.dumps({"global_step": 50, "tokens_seen": 102400}))
     (run / "training_args.json").write_text(json.dumps({"dataset": "tiny_corpus", "learning_rate": 0.001}))
     lm_eval_file = tmp_path / "results_2024.json"
@@ -142,10 +140,7 @@ def test_oracle_summary_layout(model_dir):
 
 def test_router_run_folder(model_dir, tmp_path):
     run = tmp_path / "router-run"
-    run.mkdir()
-    for f in model_dir.iterdir():
-        if f.is_file() and f.name != "README.md":
-            (run / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(model_dir, run, ignore=shutil.ignore_patterns("README.md"))
     (run / "train_results.json").write_text(json.dumps({"global_step": 300}))
     (run / "router_report.json").write_text(json.dumps({"realised_big": 0.31, "ppl": 27.2}))
     stage1 = tmp_path / "stage1_results.json"

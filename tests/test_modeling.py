@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from duo_llm_hf import BIG, SKIP, SMALL, DuoLlamaForCausalLM
-from tests.conftest import tiny_llama_kwargs
+from tests.helpers import tiny_llama_kwargs
 
 VOCAB = 96
 

@@ -17,7 +17,6 @@ from duo_llm_hf.router import routers
 from duo_llm_hf.router_comparison import ComparisonArguments, compare_routers, comparison_table
 from duo_llm_hf.router_training import (
     REPORT_FILE,
-    RouterTrainArguments,
     add_routers,
     evaluate_router,
     load_duo_model,
@@ -27,19 +26,13 @@ from duo_llm_hf.router_training import (
     router_agreement,
     train_router,
 )
-from duo_llm_hf.tokenization import load_tokenizer, train_bpe_tokenizer
-from duo_llm_hf.training import TrainArguments, load_corpora, make_eval_loaders, train
+from duo_llm_hf.tokenization import load_tokenizer
+from duo_llm_hf.training import load_corpora, make_eval_loaders, train
+from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_opt_kwargs, tiny_router_args, tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
 
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from duo_llm_hf.data import builtin_corpus
-
-    return train_bpe_tokenizer(builtin_corpus("train", max_chars=3000)["text"], vocab_size=300)
 
 
 def duo_folder(folder: Path, tokenizer, seed: int = 0, **overrides) -> str:
@@ -55,45 +48,24 @@ def duo_folder(folder: Path, tokenizer, seed: int = 0, **overrides) -> str:
         max_position_embeddings=32,
     )
     fields.update(overrides)
-    DuoLlamaForCausalLM(DuoLlamaConfig(**fields)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_model_folder(folder, DuoLlamaForCausalLM(DuoLlamaConfig(**fields)), tokenizer)
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, tokenizer):
-    return duo_folder(tmp_path_factory.mktemp("source"), tokenizer)
-
-
-def tiny_args(tmp_path, source, name="run", **overrides) -> RouterTrainArguments:
-    values = dict(
-        model=source,
-        output_dir=str(tmp_path / name),
-        budget="0.5",
-        builtin_max_chars=3000,
-        block_size=16,
-        batch_size=4,
-        max_steps=8,
-        eval_blocks=2,
-        checkpoint_every=0,
-        report_to="none",
-        progress=False,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    values.update(overrides)
-    return RouterTrainArguments(**values)
+def source(tmp_path_factory, builtin_tokenizer):
+    return duo_folder(tmp_path_factory.mktemp("source"), builtin_tokenizer)
 
 
 def duo_weights(state: dict) -> dict:
     return {k: v for k, v in state.items() if ".mlp.router." not in k}
 
 
-def test_routers_move_to_the_budget_and_the_duo_weights_stay(tmp_path, source, tokenizer):
-    args = tiny_args(tmp_path, source, max_steps=12, learning_rate=0.05, alpha=5.0)
+def test_routers_move_to_the_budget_and_the_duo_weights_stay(tmp_path, source, builtin_tokenizer):
+    args = tiny_router_args(tmp_path, source, max_steps=12, learning_rate=0.05, alpha=5.0)
     # The realised BIG fraction of the fresh routers (same seed) on the held-out blocks, before training.
     fresh = add_routers(load_duo_model(source), ["small", "big"], seed=args.seed)
     _, holdouts = load_corpora(args)
-    loaders = make_eval_loaders(holdouts, tokenizer, args)
+    loaders = make_eval_loaders(holdouts, builtin_tokenizer, args)
     before = evaluate_router(fresh, loaders)["all"]["realised"]["overall"]["big"]
     target = 0.9 if before < 0.5 else 0.1
     args.budget = str(target)
@@ -136,27 +108,28 @@ class Crash(Exception):
 
 def test_resume_gives_the_uninterrupted_run(tmp_path, source):
     common = dict(max_steps=8, gradient_accumulation_steps=2, checkpoint_every=3, checkpoints_to_keep=None)
-    full = train_router(tiny_args(tmp_path, source, "full", **common))
+    full = train_router(tiny_router_args(tmp_path, source, "full", **common))
 
     def crash_after_5(state, metrics):
         if state.global_step == 5:
             raise Crash("killed after step 5")
 
-    interrupted = tiny_args(tmp_path, source, "interrupted", **common)
+    interrupted = tiny_router_args(tmp_path, source, "interrupted", **common)
     with pytest.raises(Crash):
         train_router(interrupted, step_callback=crash_after_5)
     checkpoints = Path(interrupted.output_dir) / "checkpoints"
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step_3"]
 
-    resumed = train_router(tiny_args(tmp_path, source, "interrupted", resume_from="latest", **common))
+    resumed = train_router(tiny_router_args(tmp_path, source, "interrupted", resume_from="latest", **common))
     assert sorted(resumed.losses) == list(range(4, 9))
     assert resumed.losses == {step: full.losses[step] for step in range(4, 9)}
     assert resumed.report["holdouts"] == full.report["holdouts"]
     full_state, resumed_state = (load_file(str(Path(r.output_dir) / "model.safetensors")) for r in (full, resumed))
     assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
 
+    changed = {**common, "alpha": 2.0}
     with pytest.raises(ValueError, match=r"alpha: 1.0 -> 2.0"):
-        train_router(tiny_args(tmp_path, source, "interrupted", resume_from="latest", **{**common, "alpha": 2.0}))
+        train_router(tiny_router_args(tmp_path, source, "interrupted", resume_from="latest", **changed))
 
 
 def test_three_way_setting_through_the_script(tmp_path, source):
@@ -215,34 +188,22 @@ def test_teacher_forced_router_probs_match_learned_routing(source):
 def stage1(tmp_path_factory) -> str:
     """A briefly trained stage 1 model (2 layers), so that the oracle's choices depend on the text."""
     folder = tmp_path_factory.mktemp("stage1")
-    train(
-        TrainArguments(
-            output_dir=str(folder / "model"),
-            builtin_max_chars=3000,
-            vocab_size=300,
-            hidden_size=32,
-            num_layers=LAYERS,
-            num_heads=4,
-            intermediate_size=128,
-            block_size=16,
-            batch_size=4,
-            max_steps=30,
-            eval_every=0,
-            checkpoint_every=0,
-            warmup_steps=1,
-            learning_rate=1e-2,
-            report_to="none",
-            progress=False,
-            holdout_english="none",
-            holdout_code="none",
-            cache_dir=str(folder / "cache"),
-        )
+    args = tiny_train_args(
+        folder,
+        "model",
+        num_layers=LAYERS,
+        max_steps=30,
+        learning_rate=1e-2,
+        report_to="none",
+        holdout_english="none",
+        holdout_code="none",
     )
-    return str(folder / "model")
+    train(args)
+    return args.output_dir
 
 
 def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path, stage1):
-    args = tiny_args(
+    args = tiny_router_args(
         tmp_path,
         stage1,
         supervision="oracle",
@@ -321,23 +282,21 @@ def test_router_vs_oracle_table(tmp_path, stage1, monkeypatch):
     assert again["routers"] == results["routers"] and again["sets"] == results["sets"]
 
 
-def test_duo_opt_model_with_the_big_skip_setting(tmp_path, tokenizer):
+def test_duo_opt_model_with_the_big_skip_setting(tmp_path, builtin_tokenizer):
     from duo_llm_hf import DuoOPTConfig, DuoOPTForCausalLM
 
     torch.manual_seed(0)
     config = DuoOPTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        pad_token_id=tokenizer.pad_token_id,
+        **tiny_opt_kwargs(
+            vocab_size=len(builtin_tokenizer),
+            ffn_dim=64,
+            num_hidden_layers=LAYERS,
+            max_position_embeddings=32,
+            pad_token_id=builtin_tokenizer.pad_token_id,
+        )
     )
-    folder = tmp_path / "opt"
-    DuoOPTForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    args = tiny_args(tmp_path, str(folder), budget=None, setting="big50-skip50", max_steps=2, holdout_code="none")
+    folder = save_model_folder(tmp_path / "opt", DuoOPTForCausalLM(config), builtin_tokenizer)
+    args = tiny_router_args(tmp_path, folder, budget=None, setting="big50-skip50", max_steps=2, holdout_code="none")
     report = train_router(args).report
     assert report["route_options"] == ["big", "skip"] and report["budget"] == {"big": 0.5}
     assert report["holdouts"]["english"]["realised"]["overall"]["small"] == 0.0
@@ -352,14 +311,12 @@ def test_parser_and_budget_flags():
     assert parse_budget_flag("0.3") == 0.3
 
 
-def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, tokenizer):
+def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, builtin_tokenizer):
     empty = tmp_path / "empty"
     empty.mkdir()
     llama = tmp_path / "llama"
-    LlamaForCausalLM(
-        LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    ).save_pretrained(llama)
-    big_skip = duo_folder(tmp_path / "big_skip", tokenizer, route_options=["big", "skip"])
+    LlamaForCausalLM(LlamaConfig(**tiny_llama_kwargs(vocab_size=300))).save_pretrained(llama)
+    big_skip = duo_folder(tmp_path / "big_skip", builtin_tokenizer, route_options=["big", "skip"])
     no_tok = tmp_path / "no_tok"
     load_duo_model(source).save_pretrained(no_tok)
     cases = [
@@ -389,7 +346,7 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, tokenizer):
         ({"supervision": "oracle", "oracle_budget": "big=3"}, ValueError, "3 big layers is impossible"),
     ]
     for i, (overrides, error, message) in enumerate(cases):
-        args = tiny_args(tmp_path, source, f"bad{i}", **overrides)
+        args = tiny_router_args(tmp_path, source, f"bad{i}", **overrides)
         with pytest.raises(error, match=message):
             train_router(args)
         out = Path(args.output_dir)

@@ -17,7 +17,7 @@ from duo_llm_hf import (
     pattern_to_str,
     route_fractions,
 )
-from tests.conftest import tiny_llama_kwargs
+from tests.helpers import tiny_llama_kwargs
 
 
 def test_choice_codes_are_public_and_distinct():

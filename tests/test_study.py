@@ -9,6 +9,7 @@ import pytest
 from duo_llm_hf.cli import main as cli_main
 from duo_llm_hf.study import PRESETS, run_study, study_config
 from duo_llm_hf.study_report import fmt
+from tests.helpers import save_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +125,8 @@ def test_study_of_a_given_duo_opt_model(tmp_path):
         )
     )
     duo = DuoOPTForCausalLM.from_dense(opt, small_intermediate_size=2)
-    duo.save_pretrained(tmp_path / "duo_opt")
-    tokenizer.save_pretrained(tmp_path / "duo_opt")
-    metrics = run_study(tmp_path / "study", "tiny", progress=False, model=str(tmp_path / "duo_opt"))
+    folder = save_model_folder(tmp_path / "duo_opt", duo, tokenizer)
+    metrics = run_study(tmp_path / "study", "tiny", progress=False, model=folder)
     assert metrics["model"]["type"] == "duo_opt" and metrics["model"]["layers"] == 6
     assert not (tmp_path / "study" / "model").exists()  # no stage 1
     assert set(metrics["routers"]) == {"conventional", "oracle"} and (tmp_path / "study" / "report.md").exists()

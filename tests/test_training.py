@@ -13,44 +13,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 
 from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM, flops_per_token
 from duo_llm_hf.checkpointing import list_checkpoints, resolve_resume
-from duo_llm_hf.tokenization import train_bpe_tokenizer
 from duo_llm_hf.tracking import read_metrics
 from duo_llm_hf.training import (
-    TrainArguments,
     build_model,
     dense_baseline_config,
     duo_config_from_args,
     parse_train_args,
     train,
 )
+from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-
-def tiny_args(tmp_path, name="run", **overrides) -> TrainArguments:
-    values = dict(
-        output_dir=str(tmp_path / name),
-        builtin_max_chars=3000,
-        vocab_size=300,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=128,
-        block_size=16,
-        batch_size=4,
-        max_steps=8,
-        eval_every=0,
-        eval_blocks=2,
-        checkpoint_every=0,
-        warmup_steps=1,
-        learning_rate=3e-3,
-        report_to="jsonl",
-        progress=False,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    values.update(overrides)
-    return TrainArguments(**values)
 
 
 class Crash(Exception):
@@ -69,22 +43,8 @@ def weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def save_source(folder, model, tokenizer=None):
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from duo_llm_hf.data import builtin_corpus
-
-    return train_bpe_tokenizer(builtin_corpus("train", max_chars=3000)["text"], vocab_size=300)
-
-
 def test_loss_goes_down_and_metrics_are_logged(tmp_path):
-    args = tiny_args(tmp_path, max_steps=30, learning_rate=1e-2, eval_every=15, log_every=5)
+    args = tiny_train_args(tmp_path, max_steps=30, learning_rate=1e-2, eval_every=15, log_every=5)
     result = train(args)
     losses = [result.losses[s] for s in sorted(result.losses)]
     assert len(losses) == 30
@@ -113,15 +73,15 @@ def test_resume_after_kill_gives_the_uninterrupted_losses(tmp_path):
         checkpoint_every=4,
         checkpoints_to_keep=None,
     )
-    full = train(tiny_args(tmp_path, "full", **common))
+    full = train(tiny_train_args(tmp_path, "full", **common))
 
-    interrupted = tiny_args(tmp_path, "interrupted", **common)
+    interrupted = tiny_train_args(tmp_path, "interrupted", **common)
     with pytest.raises(Crash):
         train(interrupted, step_callback=crash_at(6))
     checkpoints = Path(interrupted.output_dir) / "checkpoints"
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step_4"]
 
-    resumed = train(tiny_args(tmp_path, "interrupted", resume_from="latest", **common))
+    resumed = train(tiny_train_args(tmp_path, "interrupted", resume_from="latest", **common))
     assert sorted(resumed.losses) == list(range(5, 13))
     assert resumed.losses == {step: full.losses[step] for step in range(5, 13)}
     assert resumed.tokens_seen == full.tokens_seen
@@ -133,12 +93,12 @@ def test_resume_after_kill_gives_the_uninterrupted_losses(tmp_path):
     assert all(torch.equal(full_weights[k], resumed_weights[k]) for k in full_weights)
 
     with pytest.raises(ValueError, match="learning_rate: 0.003 -> 0.001"):
-        train(tiny_args(tmp_path, "interrupted", resume_from="latest", **{**common, "learning_rate": 1e-3}))
+        train(tiny_train_args(tmp_path, "interrupted", resume_from="latest", **{**common, "learning_rate": 1e-3}))
 
 
 def test_crash_while_writing_a_checkpoint_leaves_no_complete_looking_one(tmp_path, monkeypatch):
     common = dict(max_steps=8, checkpoint_every=4, checkpoints_to_keep=None)
-    full = train(tiny_args(tmp_path, "full", **common))
+    full = train(tiny_train_args(tmp_path, "full", **common))
 
     original = Accelerator.save_state
 
@@ -148,7 +108,7 @@ def test_crash_while_writing_a_checkpoint_leaves_no_complete_looking_one(tmp_pat
             raise Crash("killed while writing a checkpoint")
 
     monkeypatch.setattr(Accelerator, "save_state", save_then_die)
-    args = tiny_args(tmp_path, "crashed", **common)
+    args = tiny_train_args(tmp_path, "crashed", **common)
     with pytest.raises(Crash):
         train(args)
     monkeypatch.setattr(Accelerator, "save_state", original)
@@ -158,31 +118,24 @@ def test_crash_while_writing_a_checkpoint_leaves_no_complete_looking_one(tmp_pat
     with pytest.raises(ValueError, match="unfinished checkpoint"):
         resolve_resume(str(checkpoints / ".tmp-step_8"), checkpoints)
 
-    resumed = train(tiny_args(tmp_path, "crashed", resume_from="latest", **common))
+    resumed = train(tiny_train_args(tmp_path, "crashed", resume_from="latest", **common))
     assert resumed.losses == {step: full.losses[step] for step in range(5, 9)}
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_4", "step_8"]  # the stale .tmp is gone
 
 
 @pytest.mark.parametrize("source_kind", ["llama", "duo"])
-def test_frozen_big_changes_no_frozen_parameter(tmp_path, tokenizer, source_kind):
+def test_frozen_big_changes_no_frozen_parameter(tmp_path, builtin_tokenizer, source_kind):
     torch.manual_seed(0)
-    dims = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-    )
+    dims = tiny_llama_kwargs(vocab_size=len(builtin_tokenizer))
     if source_kind == "llama":
         source = LlamaForCausalLM(LlamaConfig(**dims))
         big_path = source.state_dict()
     else:
         source = DuoLlamaForCausalLM(DuoLlamaConfig(**dims))
         big_path = source.to_dense().state_dict()
-    folder = save_source(tmp_path / "source", source, tokenizer)
+    folder = save_model_folder(tmp_path / "source", source, builtin_tokenizer)
 
-    args = tiny_args(tmp_path, mode="frozen-big", init_from=folder, max_steps=4, learning_rate=1e-2)
+    args = tiny_train_args(tmp_path, mode="frozen-big", init_from=folder, max_steps=4, learning_rate=1e-2)
     train(args)
     trained = DuoLlamaForCausalLM.from_pretrained(args.output_dir)
     state = trained.state_dict()
@@ -193,7 +146,7 @@ def test_frozen_big_changes_no_frozen_parameter(tmp_path, tokenizer, source_kind
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
-    initial = build_model(args, tokenizer).state_dict()
+    initial = build_model(args, builtin_tokenizer).state_dict()
     small_keys = [k for k in state if ".mlp.small." in k]
     assert small_keys and all(not torch.equal(state[k], initial[k]) for k in small_keys)
     if source_kind == "duo":  # the small modules start fresh, not from the source's
@@ -202,7 +155,7 @@ def test_frozen_big_changes_no_frozen_parameter(tmp_path, tokenizer, source_kind
 
 @pytest.mark.parametrize("p_big,p_skip", [(0.5, 0.0), (0.25, 0.25)])
 def test_dense_baseline_flops_match_the_duo_model(tmp_path, p_big, p_skip):
-    args = tiny_args(tmp_path, p_big=p_big, p_skip=p_skip, small_intermediate_size=8)
+    args = tiny_train_args(tmp_path, p_big=p_big, p_skip=p_skip, small_intermediate_size=8)
     duo = duo_config_from_args(args, vocab_size=300)
     dense = dense_baseline_config(duo)
     assert dense.model_type == "llama" and dense.hidden_size == duo.hidden_size
@@ -213,7 +166,7 @@ def test_dense_baseline_flops_match_the_duo_model(tmp_path, p_big, p_skip):
 
 
 def test_dense_baseline_trains_and_saves_a_llama(tmp_path):
-    args = tiny_args(tmp_path, mode="dense", max_steps=2, eval_every=1, small_intermediate_size=8)
+    args = tiny_train_args(tmp_path, mode="dense", max_steps=2, eval_every=1, small_intermediate_size=8)
     result = train(args)
     model = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert type(model) is LlamaForCausalLM and model.config.intermediate_size == (128 + 8) // 2
@@ -228,16 +181,15 @@ def _bad_inputs(tmp_path, tokenizer):
     empty.write_text(json.dumps({"text": "  "}) + "\n")
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text(json.dumps({"text": "hi"}) + "\n")
-    llama = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    short = save_source(
+    short = save_model_folder(
         tmp_path / "short",
-        LlamaForCausalLM(LlamaConfig(vocab_size=300, max_position_embeddings=8, **llama)),
+        LlamaForCausalLM(LlamaConfig(**tiny_llama_kwargs(vocab_size=300, max_position_embeddings=8))),
         tokenizer,
     )
-    small_vocab = save_source(
-        tmp_path / "small_vocab", LlamaForCausalLM(LlamaConfig(vocab_size=64, **llama)), tokenizer
+    small_vocab = save_model_folder(
+        tmp_path / "small_vocab", LlamaForCausalLM(LlamaConfig(**tiny_llama_kwargs(vocab_size=64))), tokenizer
     )
-    no_tok = save_source(tmp_path / "no_tok", LlamaForCausalLM(LlamaConfig(vocab_size=300, **llama)))
+    no_tok = save_model_folder(tmp_path / "no_tok", LlamaForCausalLM(LlamaConfig(**tiny_llama_kwargs(vocab_size=300))))
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=4).save_pretrained(gpt2)
     frozen = {"mode": "frozen-big"}
@@ -287,9 +239,9 @@ def _bad_inputs(tmp_path, tokenizer):
     ]
 
 
-def test_bad_inputs_stop_early_with_clear_errors(tmp_path, tokenizer):
-    for i, (overrides, error, message) in enumerate(_bad_inputs(tmp_path, tokenizer)):
-        args = tiny_args(tmp_path, f"bad{i}", **overrides)
+def test_bad_inputs_stop_early_with_clear_errors(tmp_path, builtin_tokenizer):
+    for i, (overrides, error, message) in enumerate(_bad_inputs(tmp_path, builtin_tokenizer)):
+        args = tiny_train_args(tmp_path, f"bad{i}", **overrides)
         with pytest.raises(error, match=message):
             train(args)
         out = Path(args.output_dir)
@@ -349,10 +301,10 @@ def test_streamed_local_corpus_trains_and_resumes_exactly(tmp_path):
     common = dict(
         dataset=str(corpus), streaming=True, shuffle_buffer=8, max_steps=14, checkpoint_every=5, log_every=1
     )
-    full = train(tiny_args(tmp_path, "full", **common))
+    full = train(tiny_train_args(tmp_path, "full", **common))
     with pytest.raises(Crash):
-        train(tiny_args(tmp_path, "cut", **common), step_callback=crash_at(12))
-    resumed = train(tiny_args(tmp_path, "cut", resume_from="latest", **common))
+        train(tiny_train_args(tmp_path, "cut", **common), step_callback=crash_at(12))
+    resumed = train(tiny_train_args(tmp_path, "cut", resume_from="latest", **common))
     assert resumed.losses == {step: full.losses[step] for step in range(11, 15)}
     assert "eval/code/random/ppl" in full.eval_metrics and resumed.eval_metrics == full.eval_metrics
     epochs = [

@@ -1,0 +1,115 @@
+"""Builders the test files share: tiny model configs and models, tiny runs' arguments, model folders.
+
+Fixtures live in conftest.py; these are plain functions, imported as ``from tests.helpers import ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+from duo_llm_hf.router_training import RouterTrainArguments
+from duo_llm_hf.training import TrainArguments
+
+
+def tiny_llama_kwargs(**overrides) -> dict:
+    """Fields of a tiny Llama-shaped config (LlamaConfig or DuoLlamaConfig): 3 layers of width 32, GQA."""
+    kwargs = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_opt_kwargs(**overrides) -> dict:
+    """Fields of a tiny OPT-shaped config (OPTConfig or DuoOPTConfig): 3 layers of width 32, ffn_dim 128."""
+    kwargs = dict(
+        vocab_size=96,
+        hidden_size=32,
+        ffn_dim=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
+    """A seeded tiny OPTForCausalLM (`tiny_opt_kwargs`) in eval mode, every weight away from its initial value.
+
+    LayerNorms start at the identity and biases at 0: they are perturbed so that a wrong conversion of any
+    parameter changes the outputs.
+    """
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(OPTConfig(**tiny_opt_kwargs(**overrides))).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name or name.endswith(".bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def save_model_folder(folder: str | Path, model, tokenizer=None) -> str:
+    """Save ``model`` (and ``tokenizer``, if given) in one folder, as a Hub checkpoint is; return the folder."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_train_args(tmp_path: Path, name: str = "run", **overrides) -> TrainArguments:
+    """A short stage 1 run of a 2-layer DuoLlama on the first 3000 characters of the built-in corpus."""
+    values = dict(
+        output_dir=str(tmp_path / name),
+        builtin_max_chars=3000,
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        block_size=16,
+        batch_size=4,
+        max_steps=8,
+        eval_every=0,
+        eval_blocks=2,
+        checkpoint_every=0,
+        warmup_steps=1,
+        learning_rate=3e-3,
+        report_to="jsonl",
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    values.update(overrides)
+    return TrainArguments(**values)
+
+
+def tiny_router_args(tmp_path: Path, model_dir: str, name: str = "run", **overrides) -> RouterTrainArguments:
+    """A short router training run on the Duo model folder ``model_dir``: 8 steps toward a BIG budget of 0.5."""
+    values = dict(
+        model=model_dir,
+        output_dir=str(tmp_path / name),
+        budget="0.5",
+        builtin_max_chars=3000,
+        block_size=16,
+        batch_size=4,
+        max_steps=8,
+        eval_blocks=2,
+        checkpoint_every=0,
+        report_to="none",
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    values.update(overrides)
+    return RouterTrainArguments(**values)
