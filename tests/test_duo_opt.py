@@ -33,7 +33,6 @@ from duo_llm_hf import (
 )
 from duo_llm_hf.flops import ffn_flops
 from tests import helpers
-from tests.helpers import tiny_llama_kwargs
 
 VOCAB = 96
 PAD = 1
@@ -116,7 +115,7 @@ def test_from_dense_config():
 def test_from_dense_rejects_other_models():
     with pytest.raises(TypeError, match="OPTForCausalLM"):
         DuoOPTForCausalLM.from_dense(tiny_duo())
-    llama = LlamaForCausalLM(LlamaConfig(**tiny_llama_kwargs()))
+    llama = LlamaForCausalLM(LlamaConfig(**helpers.tiny_llama_kwargs()))
     with pytest.raises(TypeError, match="DuoLlamaForCausalLM.from_dense"):
         DuoOPTForCausalLM.from_dense(llama)
     with pytest.raises(TypeError, match="DuoOPTForCausalLM.from_dense"):
@@ -407,7 +406,7 @@ def test_llama_family_from_dense():
     """A Llama-3-style config (GQA, head_dim, biases, llama3 rope scaling, untied head) converts exactly."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        **tiny_llama_kwargs(
+        **helpers.tiny_llama_kwargs(
             intermediate_size=96,
             num_hidden_layers=2,
             head_dim=16,
