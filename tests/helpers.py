@@ -113,3 +113,14 @@ def tiny_router_args(tmp_path: Path, model_dir: str, name: str = "run", **overri
     )
     values.update(overrides)
     return RouterTrainArguments(**values)
+
+
+def train_duo_argv(output_dir: Path, cache_dir: Path, **flags) -> list[str]:
+    """Command-line flags of ``training/train_duo.py`` for a tiny run; ``flags`` (``max_steps=6``) override them."""
+    values = dict(
+        output_dir=output_dir, builtin_max_chars=2000, vocab_size=300, hidden_size=32, num_layers=2, num_heads=4,
+        block_size=16, batch_size=2, max_steps=2, eval_every=0, report_to="none", cache_dir=cache_dir,
+    )
+    values.update(flags)
+    argv = [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
+    return [*argv, "--no-progress"]

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import train_duo_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,12 +38,7 @@ def test_two_process_training_shares_the_work_and_resumes_exactly(tmp_path):
     """Two processes train on twice the tokens per step, each drawing its own routes; a run resumed from the
     step-3 checkpoint ends with the uninterrupted run's weights."""
     def args(out: Path) -> list[str]:
-        return [
-            "--output-dir", str(out), "--builtin-max-chars", "3000", "--vocab-size", "300", "--hidden-size", "32",
-            "--num-layers", "2", "--num-heads", "4", "--block-size", "16", "--batch-size", "2", "--max-steps", "6",
-            "--eval-every", "0", "--checkpoint-every", "3", "--report-to", "none",
-            "--no-progress", "--cache-dir", str(tmp_path / "cache"),
-        ]
+        return train_duo_argv(out, tmp_path / "cache", builtin_max_chars=3000, max_steps=6, checkpoint_every=3)
 
     script = ROOT / "training" / "train_duo.py"
     done = launch_cpu_processes(script, args(tmp_path / "full"))

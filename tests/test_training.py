@@ -21,7 +21,7 @@ from duo_llm_hf.training import (
     parse_train_args,
     train,
 )
-from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_train_args
+from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_train_args, train_duo_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,37 +254,7 @@ def test_script_and_parser(tmp_path):
     assert (args.p_big, args.mode, args.progress) == (0.25, "dense", False)
     out = tmp_path / "cli"
     main = runpy.run_path(str(ROOT / "training" / "train_duo.py"))["main"]
-    main(
-        [
-            "--output-dir",
-            str(out),
-            "--builtin-max-chars",
-            "2000",
-            "--vocab-size",
-            "300",
-            "--hidden-size",
-            "32",
-            "--num-layers",
-            "2",
-            "--num-heads",
-            "4",
-            "--block-size",
-            "16",
-            "--batch-size",
-            "2",
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "0",
-            "--holdout-code",
-            "none",
-            "--report-to",
-            "none",
-            "--no-progress",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
-    )
+    main(train_duo_argv(out, tmp_path / "cache", holdout_code="none"))
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "train_results.json").read_text())["global_step"] == 2
 
