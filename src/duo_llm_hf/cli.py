@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duo-llm",
         description="Duo-LLM on Hugging Face: train Duo models, find oracle routes, train routers, analyse.",
-        epilog="Run 'duo-llm COMMAND --help' for the flags of a command.",
+        epilog=(
+            "Run 'duo-llm COMMAND --help' for the flags of a command. A user error prints one line and exits 2; "
+            "add --debug (or set DUO_LLM_DEBUG=1) to see its traceback."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -103,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         parser.print_help()
         return 0
-    result = COMMANDS[argv[0]].load()(argv[1:])
-    return result if isinstance(result, int) else 0
+    from .utils.errors import run_command
+
+    return run_command(f"duo-llm {argv[0]}", COMMANDS[argv[0]].load(), argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""User errors and how the command line shows them.
+
+A user's mistake (an argument out of its domain, a missing or unreadable file, a run folder that would be
+overwritten, a checkpoint that does not fit the run) raises `UsageError`. The command line prints it as one line,
+``duo-llm <command>: error: <message>``, and exits 2 (argparse's convention), without a traceback; ``--debug`` or
+``DUO_LLM_DEBUG=1`` shows the traceback. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+DEBUG_ENV = "DUO_LLM_DEBUG"
+DEBUG_FLAG = "--debug"
+USAGE_EXIT_CODE = 2
+
+
+class UsageError(ValueError):
+    """A user's mistake; the message says what was wrong and how to fix it.
+
+    A `ValueError`, so library callers that catch `ValueError` keep working.
+    """
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """Whether the user asked for tracebacks (``--debug`` among the arguments, or ``DUO_LLM_DEBUG=1``)."""
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def run_command(prog: str, function: Callable[[list[str]], object], argv: Sequence[str]) -> int:
+    """Run ``function(argv)`` (``--debug`` removed) as the command ``prog``; return its exit code.
+
+    A `UsageError` becomes one line on stderr and exit code 2 unless debugging was asked for.
+    """
+    debug = debug_requested(argv)
+    try:
+        result = function([arg for arg in argv if arg != DEBUG_FLAG])
+    except UsageError as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split())  # one line, however the message was wrapped
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    return result if isinstance(result, int) else 0
