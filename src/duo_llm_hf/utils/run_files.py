@@ -1,0 +1,75 @@
+"""What every run folder needs: refusing to overwrite a finished run, content hashes, and fingerprint checks.
+
+A *fingerprint* is a flat dict of every setting that changes a run's results (weights' and data's content hashes,
+dtype, route space, block size, seed, ...). A resumed run must have the same fingerprint as the run it continues;
+a mismatch is a `UsageError` naming each setting that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+OVERWRITE_FLAG = "--overwrite-output-dir"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_CHUNK = 1 << 20
+
+
+def refuse_overwrite(output_dir: str | Path, finished_files: Iterable[str], overwrite: bool, what: str = "run") -> None:
+    """Raise `UsageError` when ``output_dir`` already holds a finished ``what`` and ``overwrite`` was not asked.
+
+    A folder holds a finished run when any of ``finished_files`` (names relative to it) exists.
+    """
+    output_dir = Path(output_dir)
+    found = [name for name in finished_files if (output_dir / name).exists()]
+    if found and not overwrite:
+        raise UsageError(
+            f"{output_dir} already holds a finished {what} ({found[0]}); choose another output folder, or pass "
+            f"{OVERWRITE_FLAG} to replace it."
+        )
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (read in chunks, so large weight files never sit in memory whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_weights_hash(folder: str | Path) -> str:
+    """SHA-256 over the names and contents of a model folder's weight files (sorted, so the order is stable).
+
+    Two folders with the same weights hash the same; any changed byte of any weight file changes the hash.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise UsageError(f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); is it a saved model folder?")
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(file_hash(path).encode())
+    return digest.hexdigest()
+
+
+def fingerprint_differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``"key: was X, now Y"`` for every key whose value differs between two fingerprints (sorted by key)."""
+    keys = sorted(set(before) | set(now))
+    return [f"{k}: was {before.get(k)!r}, now {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+
+
+def check_fingerprint(before: Mapping[str, Any], now: Mapping[str, Any], folder: str | Path, what: str = "run") -> None:
+    """Raise `UsageError` naming every difference when a resumed ``what`` in ``folder`` would mix incompatible work."""
+    differences = fingerprint_differences(before, now)
+    if differences:
+        raise UsageError(
+            f"cannot resume the {what} in {folder}: its settings differ from this command's "
+            f"({'; '.join(differences)}). Use the original settings, another output folder, or {OVERWRITE_FLAG} "
+            "to start over."
+        )
