@@ -3,9 +3,13 @@
 `run_oracle_study` evaluates a route space on ``[N, T]`` token blocks, ``batch_size`` sequences at a time.
 
 - **Resumable**: after each batch the combined reductions go to ``<output_dir>/batches/batch_XXXXX.safetensors``
-  and the count of finished batches to ``oracle_state.json``, both written atomically (temp file, then
-  ``os.replace``). Restarted with the same arguments, a run continues after the last finished batch and gives the
-  identical result; with different arguments it refuses and says which ones differ.
+  and the finished batches, with each file's sha256, to ``oracle_state.json``, both written atomically (temp
+  file, then ``os.replace``). Restarted with the same settings, a run first checks every finished batch file
+  against its hash (a damaged or missing one is named in a warning and computed again), then does the remaining
+  batches and gives the identical result. The run's *fingerprint* holds every setting that changes its results
+  (the weights' and the token blocks' content hashes, dtype, architecture, route space, best-of-K, seed, causal,
+  batch size); a run with another fingerprint is refused, naming what differs. Settings that change only speed or
+  memory (``chunk_tokens``, the number of processes, the device) may change between sessions.
 - **Many processes**: under ``accelerate launch`` every process takes a share of the prefix tree
   (`RouteSpace.partition`: top-of-tree prefixes, balanced by leaf count) for every batch, and the reductions are
   combined exactly (`BatchReduction.combine`) before they are written, so N processes give the result of one.
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,15 +31,26 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .duo_modeling_utils import dense_config_fields
 from .oracle import oracle_search, under_roots
 from .oracle_reducers import BatchReduction, RunningMin
-from .oracle_results import OracleResult, atomic_save_tensors, atomic_write_text, space_spec
+from .oracle_results import RESULTS_FILE, SUMMARY_FILE, OracleResult, atomic_save_tensors, atomic_write_text, space_spec
 from .processes import process_state
 from .route_spaces import RouteSpace, uniform_classes
 from .routing import BIG
+from .utils.errors import UsageError
+from .utils.loading import allow_route_options, load_duo_model
+from .utils.run_files import OVERWRITE_FLAG, check_fingerprint, file_hash, refuse_overwrite
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "oracle_state.json"
 BATCH_DIR = "batches"
+# Version of oracle_state.json: 2 added the weights' hash, dtype and architecture to the fingerprint, and a hash
+# per batch file. Older run folders are refused (their fingerprint cannot prove they match).
+STATE_FORMAT = 2
+# Config fields that do not change a model's outputs (the routing fields are not in dense_config_fields).
+_NEUTRAL_CONFIG_KEYS = ("dtype", "use_cache", "output_hidden_states", "output_attentions", "return_dict")
 
 
 def study_space(config, budgets: Sequence | None = None, route_options: Sequence | None = None) -> RouteSpace:
@@ -196,13 +213,18 @@ def run_oracle_study(
     data_id: str = "",
     stop_after_batches: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> OracleResult | None:
     """Run the oracle over ``input_ids`` (``[N, T]`` blocks) for every budget of ``space``; save and return the result.
 
     Writes ``oracle_results.safetensors`` and ``oracle_summary.json`` to ``output_dir`` (see `OracleResult`).
-    ``stop_after_batches``: stop after that many batches in this call (the run continues when called again),
-    e.g. to fit a job into a time slot. Returns the result on the main process once every batch is done, else
-    None. Under ``accelerate launch`` every process must call it with the same arguments.
+    A run already in ``output_dir`` with the same fingerprint (`oracle_fingerprint`) is resumed, or, when it has
+    finished, its result is assembled again from its batch files; one with another fingerprint is refused
+    (`UsageError` naming what differs). ``overwrite``: delete the run's files in ``output_dir`` first and start
+    over. ``stop_after_batches``: stop after that many batches in this call (the run continues when called
+    again), e.g. to fit a job into a time slot. ``model_id`` and ``data_id`` are recorded in the summary only.
+    Returns the result on the main process once every batch is done, else None. Under ``accelerate launch``
+    every process must call it with the same arguments.
     """
     state = process_state()
     world, rank, main = state.num_processes, state.process_index, state.is_main_process
@@ -216,29 +238,26 @@ def run_oracle_study(
     uniform = [
         name for name, vector in uniform_classes(space.num_layers, space.choices).items() if _has_class(space, vector)
     ]
-    fingerprint = {
-        "model": model_id,
-        "data": data_id,
-        "input_sha256": hashlib.sha256(input_ids.cpu().numpy().tobytes()).hexdigest(),
-        "sequences": int(input_ids.shape[0]),
-        "seq_len": int(input_ids.shape[1]),
-        "space": space_spec(space),
-        "best_of_k": best_of_k,
-        "seed": seed,
-        "causal": causal,
-        "batch_size": batch_size,
-        "uniform": uniform,
-    }
+    fingerprint = oracle_fingerprint(
+        model, input_ids, space, best_of_k=best_of_k, seed=seed, causal=causal, batch_size=batch_size, uniform=uniform
+    )
     num_batches = -(-input_ids.shape[0] // batch_size)
-    done = _resume_point(output_dir, fingerprint, num_batches)
+    if overwrite and main:
+        _delete_run(output_dir)
+    state.wait_for_everyone()
+    hashes = _finished_batches(output_dir, fingerprint, num_batches, warn=main)
+    # Every process has read the batch files before the main process rewrites a damaged one.
+    state.wait_for_everyone()
+    todo = [b for b in range(num_batches) if b not in hashes]
     if main:
         (output_dir / BATCH_DIR).mkdir(parents=True, exist_ok=True)
     roots = space.partition(world)[rank] if world > 1 else None
     reduce = _gather_min(world) if world > 1 else None
     per_sequence = _work_per_sequence(space, roots, input_ids.shape[1], causal)
+    sequences_done = sum(min(batch_size, input_ids.shape[0] - b * batch_size) for b in hashes)
     bar = tqdm(
         total=per_sequence * input_ids.shape[0],
-        initial=per_sequence * min(done * batch_size, input_ids.shape[0]),
+        initial=per_sequence * sequences_done,
         unit="pattern-token",
         unit_scale=True,
         desc=f"oracle ({space.size:,} patterns)",
@@ -246,7 +265,7 @@ def run_oracle_study(
         dynamic_ncols=True,
     )
     device = next(model.parameters()).device
-    for ran, b in enumerate(range(done, num_batches)):
+    for ran, b in enumerate(todo):
         if stop_after_batches is not None and ran >= stop_after_batches:
             bar.close()
             return None
@@ -259,15 +278,13 @@ def run_oracle_study(
         if world > 1:
             reduction = _gather_reduction(reduction, world)
         if main:
-            _save_batch(output_dir, b, reduction, fingerprint, num_batches)
+            hashes[b] = _save_batch(output_dir, b, reduction)
+            _save_state(output_dir, fingerprint, num_batches, hashes)
         state.wait_for_everyone()
     bar.close()
     if not main:
         return None
-    batches = [
-        BatchReduction.from_tensors(load_file(output_dir / BATCH_DIR / f"batch_{b:05d}.safetensors"))
-        for b in range(num_batches)
-    ]
+    batches = [BatchReduction.from_tensors(load_file(_batch_path(output_dir, b))) for b in range(num_batches)]
     meta = {
         "model": model_id,
         "data": data_id,
@@ -283,35 +300,107 @@ def run_oracle_study(
     return result
 
 
+def oracle_fingerprint(model, input_ids: torch.Tensor, space: RouteSpace, **settings) -> dict:
+    """Every setting that changes an oracle run's results: the content hashes of the model's weights (as loaded,
+    so in their dtype) and of the token blocks, the dtype, the architecture, the blocks' shape, the route space,
+    and ``settings`` (best-of-K, seed, causal, batch size, uniform classes). Paths are left out: a moved model or
+    data file with the same content resumes. Settings that change only speed or memory (chunk size, processes,
+    device) are left out too."""
+    config = {k: v for k, v in dense_config_fields(model.config).items() if k not in _NEUTRAL_CONFIG_KEYS}
+    return {
+        "weights_sha256": weights_sha256(model),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "architecture_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "input_sha256": hashlib.sha256(input_ids.cpu().numpy().tobytes()).hexdigest(),
+        "sequences": int(input_ids.shape[0]),
+        "seq_len": int(input_ids.shape[1]),
+        "space": space_spec(space),
+        **settings,
+    }
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a model's state dict (sorted by name).
+
+    Hashes the weights as they are in memory, so a model loaded in another dtype, or changed after loading,
+    hashes differently; a model saved and loaded back in the same dtype hashes the same.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())  # bytes: numpy has no bfloat16
+    return digest.hexdigest()
+
+
 def _has_class(space: RouteSpace, vector) -> bool:
     return bool((space.counts == torch.tensor(vector)).all(-1).any())
 
 
-def _resume_point(output_dir: Path, fingerprint: dict, num_batches: int) -> int:
-    """Batches already done by an earlier run with the same arguments (0 for a fresh run); refuse other arguments."""
+def _batch_path(output_dir: Path, b: int) -> Path:
+    return output_dir / BATCH_DIR / f"batch_{b:05d}.safetensors"
+
+
+def _delete_run(output_dir: Path) -> None:
+    """Delete an oracle run's own files in ``output_dir`` (the state first: a kill midway leaves nothing to resume)."""
+    (output_dir / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(output_dir / BATCH_DIR, ignore_errors=True)
+    for name in (RESULTS_FILE, SUMMARY_FILE):
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def _finished_batches(output_dir: Path, fingerprint: dict, num_batches: int, warn: bool) -> dict[int, str]:
+    """The batches an earlier run with the same fingerprint finished, ``{batch: sha256}``, with intact files only.
+
+    A fresh folder has none. A run with another fingerprint, or from an older version (no hashes to check), is a
+    `UsageError`. A batch file that is missing or whose content does not match its recorded hash is left out,
+    so it is computed again, and named in a warning (``warn``: on this process).
+    """
     path = output_dir / STATE_FILE
     if not path.exists():
-        return 0
-    saved = json.loads(path.read_text())
-    before = saved.get("fingerprint", {})
-    if before != fingerprint:
-        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
-        details = "; ".join(f"{k}: was {before.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"{output_dir} holds an oracle run with other arguments ({details}). Rerun with the same arguments to "
-            "resume it, or use another --output-dir (or delete this one) to start a new run."
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(
+            f"{path} is not a readable oracle state ({err}); start over with {OVERWRITE_FLAG} or use another "
+            "--output-dir."
+        ) from err
+    if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+        raise UsageError(
+            f"{output_dir} holds an oracle run written by an older version of duo-llm-hf ({STATE_FILE} without "
+            f"format {STATE_FORMAT}), whose settings and batch files cannot be checked; start over with "
+            f"{OVERWRITE_FLAG} or use another --output-dir."
         )
-    done = int(saved["batches_done"])
-    missing = [b for b in range(done) if not (output_dir / BATCH_DIR / f"batch_{b:05d}.safetensors").exists()]
-    if missing:
-        raise ValueError(f"{path} says {done} batches are done, but batch files {missing} are missing.")
-    return min(done, num_batches)
+    check_fingerprint(saved["fingerprint"], fingerprint, output_dir, "oracle run")
+    finished = {}
+    for key, digest in saved["batch_sha256"].items():
+        b, file = int(key), _batch_path(output_dir, int(key))
+        if b >= num_batches:
+            continue
+        if file.is_file() and file_hash(file) == digest:
+            finished[b] = digest
+        elif warn:
+            problem = "is missing" if not file.is_file() else "is damaged (its sha256 differs from the one recorded)"
+            logger.warning("oracle run %s: batch file %s %s; computing batch %d again.", output_dir, file, problem, b)
+    return finished
 
 
-def _save_batch(output_dir: Path, b: int, reduction: BatchReduction, fingerprint: dict, num_batches: int) -> None:
-    path = output_dir / BATCH_DIR / f"batch_{b:05d}.safetensors"
+def _save_batch(output_dir: Path, b: int, reduction: BatchReduction) -> str:
+    """Write batch ``b``'s reductions (atomically); return the file's sha256."""
+    path = _batch_path(output_dir, b)
     atomic_save_tensors(reduction.tensors(), path)
-    state = {"fingerprint": fingerprint, "batches_done": b + 1, "num_batches": num_batches}
+    return file_hash(path)
+
+
+def _save_state(output_dir: Path, fingerprint: dict, num_batches: int, hashes: dict[int, str]) -> None:
+    state = {
+        "format": STATE_FORMAT,
+        "fingerprint": fingerprint,
+        "num_batches": num_batches,
+        "batches_done": len(hashes),
+        "batch_sha256": {str(b): hashes[b] for b in sorted(hashes)},
+    }
     atomic_write_text(output_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
@@ -327,8 +416,13 @@ losses (token difficulty) and the oracle's per-layer x per-position usage (saved
     accelerate launch --num_processes 8 eval/oracle_study.py ...   # the pattern space split over 8 processes
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 eval/oracle_study.py ...   # 2 CPU processes
 
-Interrupted, the same command resumes where it stopped. Results: <output-dir>/oracle_results.safetensors and
-oracle_summary.json; load them with `duo_llm_hf.oracle_results.OracleResult.load(output_dir)`."""
+Interrupted, the same command resumes where it stopped (finished batch files are checked first; a damaged one is
+named and computed again). A resumed run must have the same results-changing settings (weights, data, dtype,
+route space, budgets, block size, number of blocks, best-of-K, seed, causal, batch size); --chunk-tokens and the
+number of processes may change. A folder holding a finished run is refused unless --overwrite-output-dir.
+--route-options may add skip to a model trained on small/big (skip needs no weights): --route-options big,skip
+is the paper's BIG-or-SKIP setting. Results: <output-dir>/oracle_results.safetensors and oracle_summary.json;
+load them with `duo_llm_hf.oracle_results.OracleResult.load(output_dir)`."""
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -348,7 +442,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="budget (repeatable): all, a BIG count (4), counts per choice (big=6,skip=6), a BIG schedule over "
         "positions (6:2), or 'classes' for every count class. Default: all and classes.",
     )
-    p.add_argument("--route-options", help="comma-separated subset of the model's route_options, e.g. big,skip")
+    p.add_argument(
+        "--route-options",
+        help="comma-separated route options to search, from the model's route_options plus skip (which needs no "
+        "weights), e.g. big,skip",
+    )
     p.add_argument("--best-of-k", type=int, default=100, help="random patterns per budget for best-of-K (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the best-of-K draw")
     p.add_argument("--causal", action="store_true", help="also run the causally consistent oracle (one tree per token)")
@@ -358,6 +456,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--output-dir", required=True)
+    p.add_argument(
+        OVERWRITE_FLAG, action="store_true",
+        help="replace the oracle run in --output-dir (finished or not) instead of refusing or resuming it",
+    )
     p.add_argument("--stop-after-batches", type=int, help="stop after N batches (rerun the command to continue)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -365,14 +467,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the oracle study from the command line (``eval/oracle_study.py``, ``duo-llm oracle``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     args = build_arg_parser().parse_args(argv)
+    refuse_overwrite(args.output_dir, [RESULTS_FILE], args.overwrite_output_dir, "oracle run")
     state = process_state()
     route_options = args.route_options.split(",") if args.route_options else None
-    # SKIP needs no weights: a model trained on small/big can be searched with skipping.
-    overrides = {"route_options": route_options} if route_options else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **overrides)
+    model = load_duo_model(args.model, dtype=getattr(torch, args.dtype), what="--model")
+    if route_options:
+        # SKIP needs no weights: a model trained on small/big can be searched with skipping.
+        added = allow_route_options(model, route_options)
+        if added and state.is_main_process:
+            print(f"route options: searching {added} too, which the model was not trained with (no weights needed).")
     model.to(state.device).eval()
     is_text = not args.data[0].endswith((".safetensors", ".pt", ".pth"))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model) if is_text else None
@@ -383,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size, best_of_k=args.best_of_k, seed=args.seed, causal=args.causal,
         chunk_tokens=args.chunk_tokens, model_id=args.model, data_id=data_id,
         stop_after_batches=args.stop_after_batches, progress=not args.no_progress,
+        overwrite=args.overwrite_output_dir,
     )
     if result is not None:
         print(result.table())

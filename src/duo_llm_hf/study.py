@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from .oracle_results import OracleResult, atomic_write_text
 from .oracle_run import run_oracle_study, study_space
+from .utils.loading import allow_route_options, load_duo_model
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +296,6 @@ def oracle_stage(
 
 def run_study(out: str | os.PathLike, preset: str = "default", progress: bool = True, **overrides) -> dict:
     """Run (or resume) the study into ``out``; return the metrics written to ``metrics.json``."""
-    from transformers import AutoModelForCausalLM
-
     from .study_report import collect_metrics, write_report
 
     out = Path(out)
@@ -305,7 +304,8 @@ def run_study(out: str | os.PathLike, preset: str = "default", progress: bool = 
     stages = Stages(out, config, progress)
     model_dir = Path(config.model) if config.model else train_stage(stages)
     # SKIP needs no weights: a model trained on small/big can be evaluated with skipping (the paper's Fig. 2d).
-    model = AutoModelForCausalLM.from_pretrained(model_dir, route_options=["small", "big", "skip"])
+    model = load_duo_model(model_dir, what="--model" if config.model else "model")
+    allow_route_options(model, ["small", "big", "skip"])
     model.to(_device()).eval()
     n = model.config.num_hidden_layers
 
