@@ -339,8 +339,6 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
 
     Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage"}`` (usage: ``[3, layers, positions]``).
     """
-    from transformers import AutoModelForCausalLM
-
     from .router_training import RouterTrainArguments, evaluate_router
 
     config = stages.config
@@ -370,7 +368,7 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
                 **{**config.router, **(config.oracle_router if oracle else {})},
             )
             stages.run(f"router ({kind}, {k} BIG layers)", folder, lambda args=args: _train_router_record(args))
-            model = AutoModelForCausalLM.from_pretrained(folder).to(_device()).eval()
+            model = load_duo_model(folder).to(_device()).eval()
             evaluation = evaluate_router(model, loaders)
             results[kind][k] = {
                 h: {"ppl": e["ppl"], "realised": e["realised"]["overall"], "usage": e["usage"]}
