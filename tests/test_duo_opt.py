@@ -135,7 +135,7 @@ def test_layer_interface_matches_forward(do_layer_norm_before):
         out = duo(ids, attention_mask=mask, routes=routes)
         hidden, layer_kwargs = duo.model.embed(ids, attention_mask=mask)
         for i, layer in enumerate(duo.model.layers):
-            residual, ffn_input = layer.attend(hidden, past_key_values=None, **layer_kwargs)
+            residual, ffn_input = layer.attend(hidden, cache=None, **layer_kwargs)
             # every choice run on every token, then picked per token: a "run all and mask" reference
             candidates = torch.stack([layer.mlp.run_choice(ffn_input, c) for c in (SMALL, BIG, SKIP)])
             ffn_output = candidates.gather(0, routes[..., i][None, ..., None].expand(1, *ffn_input.shape))[0]
@@ -249,9 +249,9 @@ def test_generate_random_routing_uses_the_cache_and_the_sampler():
     tokens, attention, past, step_ids = ids, mask, None, ids
     with torch.no_grad():
         for _ in range(new):
-            out = duo(step_ids, attention_mask=attention, past_key_values=past, use_cache=True)
+            out = duo(step_ids, attention_mask=attention, cache=past, use_cache=True)
             assert out.routes.shape == (*step_ids.shape, 3)
-            past = out.past_key_values
+            past = out.cache
             step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, step_ids], dim=1)
             attention = torch.cat([attention, torch.ones_like(step_ids)], dim=1)

@@ -191,11 +191,11 @@ def test_cached_decoding_matches_full_forward_with_explicit_routes(tiny_model):
     routes = torch.randint(0, 3, (2, 9, 3), generator=torch.Generator().manual_seed(4))
     full = model(ids, routes=routes).logits
     prefill = model(ids[:, :6], routes=routes[:, :6], use_cache=True)
-    cache = prefill.past_key_values
+    cache = prefill.cache
     steps = [prefill.logits]
     for t in range(6, 9):
-        step = model(ids[:, t : t + 1], routes=routes[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
+        step = model(ids[:, t : t + 1], routes=routes[:, t : t + 1], cache=cache, use_cache=True)
+        cache = step.cache
         steps.append(step.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
