@@ -455,4 +455,5 @@ __all__ = [
     "load_dense_into_duo",
     "make_duo_ffn",
     "rename_keys",
+    "routes_of_call",
 ]
