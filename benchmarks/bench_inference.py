@@ -191,11 +191,11 @@ def timed_prefill(model, prompt) -> tuple[Timer, torch.Tensor]:
 def timed_decode(model, prompt, new_tokens: int) -> tuple[Timer, torch.Tensor]:
     """Prefill (not timed), then ``new_tokens`` greedy steps with the KV cache (timed); return the routes."""
     out = model(prompt, use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
     routes = []
     with Timer() as timer:
         for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, cache=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             routes.append(out.routes)
     return timer, torch.cat(routes, dim=1)

@@ -90,6 +90,36 @@ def test_all_big_equals_source_opt(do_layer_norm_before, word_embed_proj_dim):
     assert (small - expected).abs().max() > 1e-3
 
 
+def test_attentions_hidden_states_and_tuple_output_match_source_opt():
+    """output_attentions (eager), output_hidden_states and return_dict=False behave as in OPTForCausalLM."""
+    opt = tiny_opt()
+    opt.set_attn_implementation("eager")  # SDPA computes no attention weights
+    duo = DuoOPTForCausalLM.from_dense(opt).eval()
+    ids, mask = batch()
+    routes = all_routes(BIG, ids)
+    with torch.no_grad():
+        expected = opt(ids, attention_mask=mask, labels=ids, output_attentions=True, output_hidden_states=True)
+        outputs = dict(output_attentions=True, output_hidden_states=True)
+        got = duo(ids, attention_mask=mask, labels=ids, routes=routes, **outputs)
+        as_tuple = duo(ids, attention_mask=mask, labels=ids, routes=routes, return_dict=False)
+        opt_tuple = opt(ids, attention_mask=mask, labels=ids, return_dict=False)
+    # The same modules on the same shapes: only kernel rounding could differ (fp32, values of order 1; the logits
+    # of test_all_big_equals_source_opt agree within 1e-5).
+    close = dict(rtol=0, atol=1e-5)
+    assert len(got.attentions) == 3 and got.attentions[0].shape == (2, 4, 10, 10)  # [batch, heads, query, key]
+    for got_layer, expected_layer in zip(got.attentions, expected.attentions, strict=True):
+        torch.testing.assert_close(got_layer, expected_layer, **close)
+    assert len(got.hidden_states) == 4  # the embeddings, then each layer's output (the last after the final norm)
+    for got_layer, expected_layer in zip(got.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(got_layer, expected_layer, **close)
+    # A tuple of the set fields in order, as OPTForCausalLM's: loss, logits, then the Duo fields.
+    assert isinstance(as_tuple, tuple) and isinstance(opt_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], opt_tuple[0], **close)
+    torch.testing.assert_close(as_tuple[1], opt_tuple[1], **close)
+    assert type(as_tuple[2]) is type(opt_tuple[2])  # the cache (eval mode)
+    assert torch.equal(as_tuple[3], routes)  # then the Duo fields: routes, token_losses
+
+
 @pytest.mark.parametrize("do_layer_norm_before", [True, False])
 def test_to_dense_round_trip(do_layer_norm_before):
     opt = tiny_opt(do_layer_norm_before=do_layer_norm_before, word_embed_proj_dim=None if do_layer_norm_before else 24)
@@ -135,7 +165,7 @@ def test_layer_interface_matches_forward(do_layer_norm_before):
         out = duo(ids, attention_mask=mask, routes=routes)
         hidden, layer_kwargs = duo.model.embed(ids, attention_mask=mask)
         for i, layer in enumerate(duo.model.layers):
-            residual, ffn_input = layer.attend(hidden, past_key_values=None, **layer_kwargs)
+            residual, ffn_input = layer.attend(hidden, cache=None, **layer_kwargs)
             # every choice run on every token, then picked per token: a "run all and mask" reference
             candidates = torch.stack([layer.mlp.run_choice(ffn_input, c) for c in (SMALL, BIG, SKIP)])
             ffn_output = candidates.gather(0, routes[..., i][None, ..., None].expand(1, *ffn_input.shape))[0]
@@ -249,9 +279,9 @@ def test_generate_random_routing_uses_the_cache_and_the_sampler():
     tokens, attention, past, step_ids = ids, mask, None, ids
     with torch.no_grad():
         for _ in range(new):
-            out = duo(step_ids, attention_mask=attention, past_key_values=past, use_cache=True)
+            out = duo(step_ids, attention_mask=attention, cache=past, use_cache=True)
             assert out.routes.shape == (*step_ids.shape, 3)
-            past = out.past_key_values
+            past = out.cache
             step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, step_ids], dim=1)
             attention = torch.cat([attention, torch.ones_like(step_ids)], dim=1)

@@ -88,10 +88,10 @@ def test_prefill_and_cached_decoding_equal(case):
 
     def prefill_then_decode(m):
         out = m(prompt, routes=prompt_routes, use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
+        logits, cache = [out.logits], out.cache
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         for routes in step_routes:  # tokens of one step take different modules
-            out = m(token, routes=routes, past_key_values=cache, use_cache=True)
+            out = m(token, routes=routes, cache=cache, use_cache=True)
             logits.append(out.logits)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         return torch.cat(logits, dim=1)

@@ -6,17 +6,29 @@ projection), `lm_head` and its dense counterpart with the key renames between th
 output classes, route resolution for the routing modes, the layer loop, the causal-LM loss and output assembly,
 `set_routing`, and `from_dense` / `to_dense`. Like `routing.py`, this file is copied next to a saved model for
 ``trust_remote_code``, so it imports only torch and transformers.
+
+The model forwards follow transformers' own Llama: the KV cache is the `cache` argument and output field (the
+name `generate` passes; `past_key_values` still works with transformers' FutureWarning, as for
+`LlamaForCausalLM`), `output_hidden_states` / `output_attentions` are captured by transformers' output hooks
+(`capture_outputs`, `_can_record_outputs` of the model class) and `return_dict=False` returns a tuple.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import capture_outputs
 
 from .duo_configuration_utils import DUO_CONFIG_FIELDS
 from .losses import mean_loss, token_losses
@@ -30,6 +42,14 @@ from .routing import (
     dispatch_plans,
     validate_route_fields,
 )
+
+# transformers 5.24 renamed the KV cache argument of its attention modules from `past_key_values` to `cache`; an
+# older transformers would take our `cache=` as an unknown keyword and silently decode without the cache.
+if "cache" not in inspect.signature(create_causal_mask).parameters:
+    raise ImportError(
+        f"Duo models need transformers>=5.24 (the KV cache argument is named `cache`), found "
+        f"{transformers.__version__}; upgrade with: pip install 'transformers>=5.24,<6'."
+    )
 
 # Keys of the parts a dense model does not have: the small FFNs and the routers.
 DUO_ONLY_KEYS = (".mlp.small.", ".mlp.router.")
@@ -83,7 +103,7 @@ class DuoDecoderLayerMixin:
         self,
         hidden_states: torch.Tensor,
         route: torch.LongTensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         route_plan: DispatchPlan | None = None,
         output_router_probs: bool = False,
         **kwargs,
@@ -96,7 +116,7 @@ class DuoDecoderLayerMixin:
         `kwargs` are the layer keyword arguments made by the model's `embed` (attention mask, positions).
         `route_plan` is the route's grouping for the fast dispatch, when the model made it for all layers.
         """
-        residual, ffn_input = self.attend(hidden_states, past_key_values=past_key_values, **kwargs)
+        residual, ffn_input = self.attend(hidden_states, cache=cache, **kwargs)
         if route is None:
             ffn_output, route, router_probs = self.mlp.forward_learned(ffn_input)
         else:
@@ -110,7 +130,11 @@ class DuoModelMixin:
     """Route resolution and the layer loop of a Duo decoder stack.
 
     The model class provides `config`, `layers`, `route_sampler`, `embed(...) -> (hidden, layer_kwargs)` and
-    `finalize(hidden)`.
+    `finalize(hidden)`. With a KV cache, each call routes only its new tokens: random routing draws their routes
+    from the sampler (a cached decoding step draws one token's routes; `routes` of the output returns them, and a
+    full forward given those routes reproduces the cached run), fixed routing repeats the pattern, learned routing
+    lets each layer's router decide from the token's FFN input, and explicit routes are sliced at the cache
+    position (`routes_of_call`).
     """
 
     def resolve_routes(
@@ -120,14 +144,17 @@ class DuoModelMixin:
         batch_size: int,
         seq_len: int,
         device: torch.device,
+        past_seen: int = 0,
     ) -> torch.LongTensor | None:
-        """The route tensor for this call: the given `routes`, or one made by the routing mode.
+        """The route tensor for the `seq_len` tokens of this call (after `past_seen` cached ones): the given
+        `routes` (see `routes_of_call`), or one made by the routing mode.
 
         `None` for learned routing, where each layer's router decides from its FFN input.
         """
         config = self.config
         mode = routing or ("explicit" if routes is not None else config.routing_mode)
         if routes is not None:
+            routes = routes_of_call(routes, past_seen, seq_len)
             check_routes(routes, config, batch_size, seq_len)
             return routes.to(device=device, dtype=torch.long)
         shape = (batch_size, seq_len, config.num_hidden_layers)
@@ -151,42 +178,38 @@ class DuoModelMixin:
             f"routing={mode!r} is not a routing mode of {type(self).__name__}; use random, fixed or explicit."
         )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         routes: torch.LongTensor | None = None,
         routing: str | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> DuoModelOutputWithPast:
+        # Unlike transformers' Llama, no cache by default in training mode: a training step never decodes.
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        hidden_states, layer_kwargs = self.embed(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds
-        )
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        hidden_states, layer_kwargs = self.embed(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         batch_size, seq_len = hidden_states.shape[:2]
-        routes = self.resolve_routes(routes, routing, batch_size, seq_len, hidden_states.device)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        all_hidden_states = [] if output_hidden_states else None
+        routes = self.resolve_routes(routes, routing, batch_size, seq_len, hidden_states.device, past_seen)
 
         # The fast dispatch groups the rows of every layer by choice once per forward (one host sync).
         fast = getattr(self.config, "ffn_dispatch", "fast") == "fast"
         plans = dispatch_plans(routes) if routes is not None and fast else None
         routes_taken, router_probs = [], []
         for layer_idx, decoder_layer in enumerate(self.layers):
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
             hidden_states, route, probs = decoder_layer(
                 hidden_states,
                 None if routes is None else routes[..., layer_idx],
-                past_key_values=past_key_values,
+                cache=cache,
                 route_plan=None if plans is None else plans[layer_idx],
                 **layer_kwargs,
                 **kwargs,
@@ -194,16 +217,31 @@ class DuoModelMixin:
             routes_taken.append(route)
             router_probs.append(probs)
 
-        hidden_states = self.finalize(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
         return DuoModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            last_hidden_state=self.finalize(hidden_states),
+            cache=cache if use_cache else None,
             routes=torch.stack(routes_taken, dim=-1),
             router_probs=None if router_probs[0] is None else torch.stack(router_probs, dim=2),
         )
+
+
+def routes_of_call(routes: torch.Tensor, past_seen: int, seq_len: int) -> torch.Tensor:
+    """The routes of the `seq_len` tokens of a call that follow `past_seen` cached tokens.
+
+    `routes` covers either those tokens alone (`[batch, seq_len, layers]`) or the sequence from position 0 up to at
+    least the last of them (`[batch, >= past_seen + seq_len, layers]`): `generate(ids, routes=...)` passes the same
+    tensor, covering the prompt and every new token, at each step, and the model takes the step's slice. Positions
+    are columns of the (left-padded) token tensor, as in the sequence `generate` returns.
+    """
+    if not isinstance(routes, torch.Tensor) or routes.dim() != 3 or routes.shape[1] == seq_len:
+        return routes  # check_routes explains what is wrong with anything else
+    if routes.shape[1] < past_seen + seq_len:
+        raise ValueError(
+            f"routes: covers {routes.shape[1]} positions, but this call needs the routes of positions {past_seen} to "
+            f"{past_seen + seq_len - 1}; pass [batch, {seq_len}, layers] for its tokens, or routes from position 0 "
+            "that cover the whole sequence (for generate: the prompt length + max_new_tokens)."
+        )
+    return routes[:, past_seen : past_seen + seq_len]
 
 
 class DuoCausalLMMixin:
@@ -221,12 +259,14 @@ class DuoCausalLMMixin:
     _duo_to_dense_keys: Mapping[str, str]
     _other_dense_hint: str
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -239,7 +279,9 @@ class DuoCausalLMMixin:
         r"""
         routes (`torch.LongTensor` of shape `[batch, seq, layers]`, *optional*):
             Explicit choice codes (`SMALL`, `BIG`, `SKIP`) for every token and layer; must be allowed by
-            `config.route_options`. Overrides the routing mode.
+            `config.route_options`. Overrides the routing mode. With a `cache`, either the routes of this call's
+            tokens or routes from position 0 covering at least them (what `generate(ids, routes=...)` needs: the
+            prompt length + `max_new_tokens` positions); the model takes the slice at the cache position.
         routing (`str`, *optional*):
             Routing mode for this call (`random`, `fixed`, `explicit`, `learned`, `oracle`), instead of
             `config.routing_mode`. Under `learned`, training mode mixes the module outputs with the router
@@ -268,19 +310,14 @@ class DuoCausalLMMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             routes=routes,
             routing=routing,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         loss = per_token = None
         if labels is not None:
@@ -289,8 +326,9 @@ class DuoCausalLMMixin:
         return DuoCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             routes=outputs.routes,
             token_losses=per_token,
             router_probs=outputs.router_probs,
@@ -417,4 +455,5 @@ __all__ = [
     "load_dense_into_duo",
     "make_duo_ffn",
     "rename_keys",
+    "routes_of_call",
 ]

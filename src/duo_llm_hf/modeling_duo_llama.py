@@ -64,7 +64,7 @@ class DuoLlamaDecoderLayer(DuoDecoderLayerMixin, GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the attention block; return the residual stream after it and the (normalised) FFN input."""
@@ -73,7 +73,7 @@ class DuoLlamaDecoderLayer(DuoDecoderLayerMixin, GradientCheckpointingLayer):
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -90,11 +90,13 @@ class DuoLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DuoLlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # output_hidden_states / output_attentions: transformers' output hooks record the layer outputs (the initial
+    # hidden state is the embeddings, the last one the final norm's output) and the attention weights (eager).
+    _can_record_outputs = {"hidden_states": DuoLlamaDecoderLayer, "attentions": LlamaAttention}
     # A stage-1 checkpoint loaded with routing_mode="learned" has no router weights: they start fresh
     # (initialised like any linear layer), the expected start of router training, so not reported as missing.
     _keys_to_ignore_on_load_missing = [r"\.mlp\.router\."]
@@ -124,7 +126,7 @@ class DuoLlamaModel(DuoModelMixin, DuoLlamaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Token embeddings and the keyword arguments every layer's `attend` takes (mask, rotary embeddings)."""
@@ -133,13 +135,13 @@ class DuoLlamaModel(DuoModelMixin, DuoLlamaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)

@@ -74,7 +74,7 @@ class DuoOPTDecoderLayer(DuoDecoderLayerMixin, GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,7 @@ class DuoOPTDecoderLayer(DuoDecoderLayerMixin, GradientCheckpointingLayer):
             hidden_states = self.self_attn_layer_norm(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
             attention_mask=attention_mask,
             **kwargs,
@@ -110,11 +110,13 @@ class DuoOPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DuoOPTDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # output_hidden_states / output_attentions: transformers' output hooks record the layer outputs (the initial
+    # hidden state is the embeddings, the last one the final norm's output) and the attention weights (eager).
+    _can_record_outputs = {"hidden_states": DuoOPTDecoderLayer, "attentions": OPTAttention}
     # A stage-1 checkpoint loaded with routing_mode="learned" has no router weights: they start fresh
     # (initialised like any linear layer), the expected start of router training, so not reported as missing.
     _keys_to_ignore_on_load_missing = [r"\.mlp\.router\."]
@@ -158,7 +160,7 @@ class DuoOPTModel(DuoModelMixin, DuoOPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Token plus learned position embeddings, and the keyword arguments every layer's `attend` takes.
@@ -170,7 +172,7 @@ class DuoOPTModel(DuoModelMixin, DuoOPTPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
         batch_size, seq_len = inputs_embeds.shape[:2]
         position_mask = attention_mask
         if position_mask is None:
@@ -183,7 +185,7 @@ class DuoOPTModel(DuoModelMixin, DuoOPTPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
         )
         position_embeds = self.embed_positions(position_mask, past_seen, position_ids=position_ids)
         if self.project_in is not None:

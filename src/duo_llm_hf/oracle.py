@@ -190,7 +190,7 @@ class _PrefixTree:
         layer = self.layers[level]
         m, n, s, h = states.shape
         kwargs = {k: self._batched(v, m) for k, v in self.layer_kwargs.items()}
-        residual, ffn_input = layer.attend(states.reshape(m * n, s, h), past_key_values=self.past, **kwargs)
+        residual, ffn_input = layer.attend(states.reshape(m * n, s, h), cache=self.past, **kwargs)
         residual, ffn_input = residual.view(m, n, s, h), ffn_input.view(m, n, s, h)
         for code in self.choices:
             children = torch.cat([prefixes, torch.full((m, 1), code, dtype=torch.long)], dim=1)
@@ -346,7 +346,7 @@ def causal_oracle(
             running.update(0, loss, idx)
 
         step = input_ids[:, t : t + 1]
-        hidden, layer_kwargs = model.model.embed(step, past_key_values=cache)
+        hidden, layer_kwargs = model.model.embed(step, cache=cache)
         past = _SharedPrefixCache(cache, num_sequences) if t else None
         tree = _PrefixTree(
             model, choices, feasible, keep, chunk_tokens, t + 1, split_depth=space.split_depth, owned=owned,
@@ -358,7 +358,7 @@ def causal_oracle(
             loss, index = reduce(loss, index)
         losses[:, t], indices[:, t] = loss, index
         routes = index_to_pattern(index, choices, num_layers).to(input_ids.device)
-        model.model(input_ids=step, past_key_values=cache, use_cache=True, routes=routes[:, None, :])
+        model.model(input_ids=step, cache=cache, use_cache=True, routes=routes[:, None, :])
     return losses, indices
 
 
