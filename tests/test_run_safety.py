@@ -8,17 +8,20 @@ and skipped for the newest valid one; a diverged run stops with a one-line error
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from duo_llm_hf import cli
+from duo_llm_hf.ablation import run_is_finished
 from duo_llm_hf.checkpointing import CorruptCheckpointError, TrainingDiverged, UnsafeCheckpointError
 from duo_llm_hf.data import builtin_documents
 from duo_llm_hf.router_training import train_router
@@ -89,7 +92,7 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_run(base, corpu
 
 
 def test_a_custom_checkpoint_pickle_is_refused_even_when_listed_as_written(base, corpus, tmp_path):
-    """Accelerate unpickles custom_checkpoint_*.pkl with weights_only=False: never loaded, whatever the file list says."""
+    """Accelerate unpickles custom_checkpoint_*.pkl with weights_only=False: never loaded, whatever train_state says."""
     folder = copy_run(base, tmp_path)
     marker = tmp_path / "pwned"
     step = folder / "checkpoints" / "step_4"
@@ -193,6 +196,20 @@ def test_a_study_with_other_settings_needs_the_flag(tmp_path):
     _check_same_settings(tmp_path, StudyConfig("tiny", seed=1), overwrite=True)
     assert json.loads((tmp_path / "study_settings.json").read_text())["seed"] == 1
     assert not (tmp_path / "model").exists()
+
+
+def test_an_ablation_run_with_other_arguments_is_retrained_only_when_asked(tmp_path):
+    args = tiny_train_args(tmp_path, "run")
+    run = SimpleNamespace(name="duo", args=args)
+    folder = Path(args.output_dir)
+    folder.mkdir()
+    (folder / "train_results.json").write_text("{}")
+    (folder / "training_args.json").write_text(json.dumps({**dataclasses.asdict(args), "learning_rate": 1.0}))
+    with pytest.raises(UsageError, match=f"other arguments \\(learning_rate: 1.0 -> 0.003\\).*{OVERWRITE_FLAG}"):
+        run_is_finished(run)
+    assert run_is_finished(run, overwrite=True) is False  # retrained
+    (folder / "training_args.json").write_text(json.dumps(dataclasses.asdict(args)))
+    assert run_is_finished(run, overwrite=True) is True  # the same run is reused, flag or not
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ def folder_weights_hash(folder: str | Path) -> str:
     return files_hash(files)
 
 
+class FingerprintMismatch(UsageError):
+    """A run would resume work done with other settings (`check_fingerprint`)."""
+
+
 def fingerprint_differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """``"key: was X, now Y"`` for every key whose value differs between two fingerprints (sorted by key)."""
     keys = sorted(set(before) | set(now))
@@ -77,7 +81,7 @@ def check_fingerprint(before: Mapping[str, Any], now: Mapping[str, Any], folder:
     """Raise `UsageError` naming every difference when a resumed ``what`` in ``folder`` would mix incompatible work."""
     differences = fingerprint_differences(before, now)
     if differences:
-        raise UsageError(
+        raise FingerprintMismatch(
             f"cannot resume the {what} in {folder}: its settings differ from this command's "
             f"({'; '.join(differences)}). Use the original settings, another output folder, or {OVERWRITE_FLAG} "
             "to start over."
