@@ -21,12 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from duo_llm_hf import cli
-from duo_llm_hf.ablation import run_is_finished
+from duo_llm_hf.ablation import parse_ablation_args, run_is_finished
 from duo_llm_hf.checkpointing import CorruptCheckpointError, TrainingDiverged, UnsafeCheckpointError
 from duo_llm_hf.data import builtin_documents
-from duo_llm_hf.router_training import train_router
+from duo_llm_hf.finetuning import FinetuneArguments, finetune, parse_finetune_args
+from duo_llm_hf.router_training import parse_router_args, train_router
 from duo_llm_hf.study import StudyConfig, _check_same_settings
-from duo_llm_hf.training import train
+from duo_llm_hf.study import build_arg_parser as study_parser
+from duo_llm_hf.training import parse_train_args, train
 from duo_llm_hf.utils.errors import UsageError
 from duo_llm_hf.utils.run_files import OVERWRITE_FLAG, file_hash
 from tests.helpers import tiny_router_args, tiny_train_args, train_duo_argv
@@ -147,6 +149,22 @@ def test_a_finished_run_is_not_overwritten_without_the_flag(base, corpus, tmp_pa
     assert file_hash(folder / "model.safetensors") == before
     result = train(args_for(folder, corpus, max_steps=2, checkpoint_every=0, overwrite_output_dir=True))
     assert result.global_step == 2 and file_hash(folder / "model.safetensors") != before
+
+
+def test_finetune_does_not_overwrite_a_finished_run(base, tmp_path):
+    folder = copy_run(base, tmp_path)
+    args = FinetuneArguments(output_dir=str(folder), init_from=base[0].output_dir, report_to="none", progress=False)
+    with pytest.raises(UsageError, match=f"already holds a finished training run.*{OVERWRITE_FLAG}"):
+        finetune(args)
+
+
+def test_every_training_command_takes_the_overwrite_flag(tmp_path):
+    out = str(tmp_path / "out")
+    assert parse_train_args(["--output-dir", out, OVERWRITE_FLAG]).overwrite_output_dir
+    assert parse_router_args(["--model", out, "--output-dir", out, OVERWRITE_FLAG]).overwrite_output_dir
+    assert parse_finetune_args(["--init-from", out, "--output-dir", out, OVERWRITE_FLAG]).overwrite_output_dir
+    assert parse_ablation_args(["--out", out, OVERWRITE_FLAG]).overwrite_output_dir
+    assert study_parser().parse_args(["--out", out, OVERWRITE_FLAG]).overwrite_output_dir
 
 
 def test_an_earlier_runs_checkpoints_are_not_overwritten_without_the_flag(base, corpus, tmp_path):
