@@ -263,6 +263,27 @@ def test_resume_refuses_other_data_at_the_same_path_and_accepts_a_moved_corpus(b
     assert train(args_for(folder, changed, resume_from="latest", max_steps=5)).global_step == 5
 
 
+def test_resume_refuses_other_init_weights_and_tokenizer(base, corpus, tmp_path):
+    """Frozen-big starts from --init-from: its weights and tokenizer count by content."""
+    source = tmp_path / "source"
+    shutil.copytree(base[0].output_dir, source, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+
+    def frozen(**overrides):
+        values = dict(mode="frozen-big", init_from=str(source), dataset=str(corpus), max_steps=2, checkpoint_every=2)
+        return tiny_train_args(tmp_path, "frozen", **{**values, **overrides})
+
+    train(frozen())
+    tokenizer = json.loads((source / "tokenizer.json").read_text())
+    tokenizer["added_tokens"][0]["content"] = "<changed>"
+    (source / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(UsageError, match="init_from_tokenizer: was 'sha256:"):
+        train(frozen(resume_from="latest", max_steps=3))
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v * 2 for k, v in weights.items()}, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="init_from: was 'sha256:"):
+        train(frozen(resume_from="latest", max_steps=3))
+
+
 @pytest.fixture(scope="module")
 def router_base(tmp_path_factory, base):
     """A finished 2-step router run on the base model, with a checkpoint at step 2."""
