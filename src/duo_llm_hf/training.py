@@ -116,7 +116,7 @@ RESUMABLE_CHANGES = frozenset(
         "overwrite_output_dir",
     }
 )
-# A resumed run may run longer: the steps already done computed the same (see README, "Resume and extend").
+# A resumed run may run longer: the steps already done computed the same (README, "Resume, fingerprint, extend").
 EXTENDABLE = frozenset({"max_steps", "num_epochs"})
 # Paths that go into a run's fingerprint by their content (`content_fingerprint`), not by their name.
 CONTENT_PATHS = frozenset({"dataset", "holdout_english", "holdout_code", "init_from", "tokenizer", "model"})
