@@ -167,6 +167,14 @@ def test_every_training_command_takes_the_overwrite_flag(tmp_path):
     assert study_parser().parse_args(["--out", out, OVERWRITE_FLAG]).overwrite_output_dir
 
 
+def test_resuming_another_runs_checkpoint_into_a_finished_run_needs_the_flag(base, corpus, tmp_path):
+    folder = copy_run(base, tmp_path, "finished")
+    other = copy_run(base, tmp_path, "other")
+    (other / "train_results.json").write_text(json.dumps({"global_step": 4, "run_id": "another run"}))
+    with pytest.raises(UsageError, match="holds a finished training run other than the one .*step_4 continues"):
+        train(args_for(other, corpus, resume_from=str(folder / "checkpoints" / "step_4"), max_steps=5))
+
+
 def test_an_earlier_runs_checkpoints_are_not_overwritten_without_the_flag(base, corpus, tmp_path):
     folder = copy_run(base, tmp_path)
     (folder / "train_results.json").unlink()

@@ -836,7 +836,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
         accelerator.log(eval_metrics(results), step=state.global_step)
     report = router_report(args, unwrapped.config, plan, state, results, train_realised, train_agreement)
     report["oracle_calibration"] = calibration
-    save_final(args, accelerator, model, tokenizer, state, eval_metrics(results))
+    save_final(args, accelerator, model, tokenizer, state, eval_metrics(results), run_id=run["run_id"])
     if accelerator.is_main_process:
         (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     accelerator.wait_for_everyone()

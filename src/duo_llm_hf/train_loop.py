@@ -190,11 +190,19 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
 
     A fresh start (no ``resume_from``, or ``latest`` with no checkpoint yet) into an ``output_dir`` that holds a
     finished run or an earlier run's checkpoints is refused unless ``args.overwrite_output_dir``: it would replace
-    that run's model, or its checkpoints of the same steps.
+    that run's model, or its checkpoints of the same steps. So is resuming into an ``output_dir`` whose finished
+    run is another run than the checkpoint's (a resumed finished run may be extended).
     """
     output_dir = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from, output_dir / CHECKPOINTS_DIR)
     if resume_dir is not None:
+        finished = _finished_run_id(output_dir)
+        resumed = (read_checkpoint_state(resume_dir) or {}).get("run_id")
+        if finished is not None and finished != resumed and not args.overwrite_output_dir:
+            raise UsageError(
+                f"{output_dir} holds a finished {what} other than the one {resume_dir} continues; resume into "
+                f"another output folder, or pass {OVERWRITE_FLAG} to replace it."
+            )
         return resume_dir
     refuse_overwrite(output_dir, FINISHED_FILES, args.overwrite_output_dir, what)
     earlier = list_checkpoints(output_dir / CHECKPOINTS_DIR)
@@ -205,6 +213,14 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
             "checkpoints are kept)."
         )
     return None
+
+
+def _finished_run_id(output_dir: Path) -> str | None:
+    """The run id in a finished run's ``train_results.json`` ("" for a run that recorded none), None if unfinished."""
+    try:
+        return json.loads((output_dir / "train_results.json").read_text()).get("run_id") or ""
+    except FileNotFoundError:
+        return None
 
 
 def run_fingerprint(args, excluded: frozenset[str], **content) -> dict:

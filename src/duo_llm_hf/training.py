@@ -978,13 +978,16 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             break
     progress.close()
 
-    save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export)
+    save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export, run["run_id"])
     return TrainResult(str(Path(args.output_dir)), state.global_step, state.tokens_seen, losses, eval_metrics)
 
 
-def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None) -> None:
+def save_final(
+    args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None, run_id: str | None = None
+) -> None:
     """``save_pretrained`` the model (``export(model)`` if given) and tokenizer into ``output_dir``, plus the
-    arguments and metrics; never a model whose trained weights are not finite (`TrainingDiverged`)."""
+    arguments and metrics (with the run's id); never a model whose trained weights are not finite
+    (`TrainingDiverged`)."""
     output_dir = Path(args.output_dir)
     trained = [p for p in model.parameters() if p.requires_grad]
     check_finite_weights(accelerator, trained, state.global_step, output_dir / CHECKPOINTS_DIR)
@@ -1004,7 +1007,7 @@ def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metr
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
         (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        results = {"global_step": state.global_step, "tokens_seen": state.tokens_seen, **eval_metrics}
+        results = {"global_step": state.global_step, "tokens_seen": state.tokens_seen, "run_id": run_id, **eval_metrics}
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
 
