@@ -77,7 +77,14 @@ def args_for(folder: Path, corpus: Path, **overrides):
 # 1. No code from a checkpoint
 
 
-@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+# Every pickle Accelerate's load_state may read (the last four are files this trainer never writes).
+PICKLES = [
+    "custom_checkpoint_0.pkl", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+    "scaler.pt", "sampler.bin", "dl_state_dict.bin", "pytorch_model.bin",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PICKLES)
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
 def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_run(base, corpus, tmp_path, name, writer):
     folder = copy_run(base, tmp_path)
