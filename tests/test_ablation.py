@@ -155,7 +155,7 @@ def test_rerun_reuses_finished_runs_and_evaluations(tiny_run, tmp_path, capsys, 
         run_ablation(tiny(out, tokenizer=str(other)))
     # Nor is a frozen-big model whose dense source was retrained.
     shutil.rmtree(out / "runs" / "big_pretrain")
-    with pytest.raises(ValueError, match="retrained since; delete .*frozen_big"):
+    with pytest.raises(ValueError, match="retrained since; pass --overwrite-output-dir to train 'frozen_big"):
         run_ablation(tiny(out))
 
 

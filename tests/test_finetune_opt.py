@@ -173,7 +173,7 @@ def test_lora_run_resumes_exactly(tmp_path, source):
     full_weights = load_file(str(Path(full.output_dir) / "model.safetensors"))
     resumed_weights = load_file(str(Path(resumed.output_dir) / "model.safetensors"))
     assert all(torch.equal(full_weights[k], resumed_weights[k]) for k in full_weights)
-    with pytest.raises(ValueError, match="lora_r: 2 -> 4"):
+    with pytest.raises(ValueError, match="lora_r: was 2, now 4"):
         finetune(tiny_args(tmp_path, folder, "crashed", resume_from="latest", **{**common, "lora_r": 4}))
 
 

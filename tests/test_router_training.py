@@ -128,7 +128,7 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, source):
     assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
 
     changed = {**common, "alpha": 2.0}
-    with pytest.raises(ValueError, match=r"alpha: 1.0 -> 2.0"):
+    with pytest.raises(ValueError, match=r"alpha: was 1.0, now 2.0"):
         train_router(tiny_router_args(tmp_path, source, "interrupted", resume_from="latest", **changed))
 
 
@@ -340,7 +340,7 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, builtin_token
         ({"block_size": 64}, ValueError, "block_size 64 is longer than the max_position_embeddings 32"),
         ({"alpha": -1.0}, ValueError, "alpha: -1.0"),
         ({"temperature_end": 0.0}, ValueError, "temperatures must be > 0"),
-        ({"resume_from": str(tmp_path / "nowhere")}, FileNotFoundError, "not a checkpoint folder"),
+        ({"resume_from": str(tmp_path / "nowhere")}, ValueError, "not a checkpoint folder"),
         ({"oracle_budget": "1"}, ValueError, "need --supervision oracle"),
         ({"supervision": "oracle", "budget": "0.25"}, ValueError, r"0.5\} layers, not whole numbers"),
         ({"supervision": "oracle", "oracle_budget": "big=3"}, ValueError, "3 big layers is impossible"),

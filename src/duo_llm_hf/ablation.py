@@ -77,6 +77,8 @@ from .training import (
     evaluate_perplexity,
     train,
 )
+from .utils.errors import UsageError
+from .utils.run_files import OVERWRITE_FLAG, FingerprintMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +232,13 @@ class AblationArguments:
     eval_blocks: int | None = field(default=None, metadata={"help": "Blocks of each holdout evaluated."})
     seed: int = field(default=0, metadata={"help": "Seed of weights and data order of every run."})
     eval_seed: int = field(default=0, metadata={"help": "Seed of the random routes at evaluation."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Retrain the runs in --out that were trained with other arguments, another tokenizer or source "
+            "model (without it that is refused; finished runs with the same settings are always reused)."
+        },
+    )
     train_override: str | None = field(
         default=None,
         metadata={
@@ -630,8 +639,11 @@ def _comparable_args(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in ignored}
 
 
-def run_is_finished(run: PlannedRun) -> bool:
-    """Whether a run's folder holds its final model; raises if that model was trained with other arguments."""
+def run_is_finished(run: PlannedRun, overwrite: bool = False) -> bool:
+    """Whether a run's folder holds its final model.
+
+    A final model trained with other arguments is refused, or with ``overwrite`` counts as not finished (retrained).
+    """
     folder = Path(run.args.output_dir)
     results = _read_json(folder / "train_results.json")
     if results is None:
@@ -640,13 +652,13 @@ def run_is_finished(run: PlannedRun) -> bool:
     planned = _comparable_args(dataclasses.asdict(run.args))
     saved = _comparable_args(saved)
     changed = sorted(k for k in planned if saved.get(k) != planned[k])
-    if changed:
+    if changed and not overwrite:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {planned[k]!r}" for k in changed)
-        raise ValueError(
+        raise UsageError(
             f"{folder} holds a finished run '{run.name}' trained with other arguments ({detail}). Use a new --out "
-            "for other settings, or delete that run folder to retrain it."
+            f"for other settings, or pass {OVERWRITE_FLAG} to retrain it."
         )
-    return True
+    return not changed
 
 
 def prepare_tokenizer(plan: AblationPlan):
@@ -686,23 +698,33 @@ def prepare_tokenizer(plan: AblationPlan):
 RUN_INFO = "ablation_run.json"  # in each run folder: training time, and the model it started from
 
 
-def train_runs(plan: AblationPlan) -> tuple[list[str], list[str]]:
-    """Train every run not finished yet (resuming from its newest checkpoint); return (trained, reused)."""
+def _stale_reason(plan: AblationPlan, run: PlannedRun, source) -> str | None:
+    """Why a finished run no longer fits the plan (its source model retrained, another tokenizer), or None."""
+    recorded = (_read_json(plan.run_dir(run) / RUN_INFO) or {}).get("init_from")
+    if source is not None and recorded is not None and recorded != source:
+        return f"was trained from an earlier '{run.depends_on}' model, which has been retrained since"
+    if _read_json(plan.run_dir(run) / "tokenizer.json") != _read_json(plan.tokenizer_dir / "tokenizer.json"):
+        return f"was trained with another tokenizer than {plan.tokenizer_dir}"
+    return None
+
+
+def train_runs(plan: AblationPlan, overwrite: bool = False) -> tuple[list[str], list[str]]:
+    """Train every run not finished yet (resuming from its newest checkpoint); return (trained, reused).
+
+    A finished run that no longer fits the plan (other arguments, its source model retrained, another tokenizer) is
+    refused, or with ``overwrite`` retrained from scratch; so is an unfinished one whose checkpoints do not fit.
+    """
     trained, reused = [], []
     for index, run in enumerate(plan.runs, 1):
         source = _jsonable(_model_fingerprint(plan.run_dir(run.depends_on))) if run.depends_on else None
-        if run_is_finished(run):
-            recorded = (_read_json(plan.run_dir(run) / RUN_INFO) or {}).get("init_from")
-            if source is not None and recorded is not None and recorded != source:
-                raise ValueError(
-                    f"{plan.run_dir(run)} was trained from an earlier '{run.depends_on}' model, which has been "
-                    f"retrained since; delete {plan.run_dir(run)} to train '{run.name}' again from the new one."
-                )
-            if _read_json(plan.run_dir(run) / "tokenizer.json") != _read_json(plan.tokenizer_dir / "tokenizer.json"):
-                raise ValueError(
-                    f"{plan.run_dir(run)} was trained with another tokenizer than {plan.tokenizer_dir}; use a new "
-                    "--out for another tokenizer (runs compared in one table must share theirs)."
-                )
+        finished = run_is_finished(run, overwrite)
+        stale = _stale_reason(plan, run, source) if finished else None
+        if stale is not None and not overwrite:
+            raise UsageError(
+                f"{plan.run_dir(run)} {stale}; pass {OVERWRITE_FLAG} to train '{run.name}' again (runs compared in "
+                "one table must share their tokenizer and source models)."
+            )
+        if finished and stale is None:
             reused.append(run.name)
             logger.info("[%d/%d] %s: finished earlier, reused", index, len(plan.runs), run.name)
             continue
@@ -712,7 +734,13 @@ def train_runs(plan: AblationPlan) -> tuple[list[str], list[str]]:
         )  # fmt: skip
         start = time.perf_counter()
         checkpoints = list_checkpoints(plan.run_dir(run) / CHECKPOINTS_DIR)
-        train(dataclasses.replace(run.args, resume_from="latest" if checkpoints else None))
+        fresh = dataclasses.replace(run.args, resume_from=None, overwrite_output_dir=overwrite)
+        try:
+            train(dataclasses.replace(fresh, resume_from="latest") if checkpoints else fresh)
+        except FingerprintMismatch:
+            if not overwrite:
+                raise
+            train(fresh)  # the checkpoints are of an earlier plan: start over, as asked
         info = {"train_seconds": time.perf_counter() - start, "init_from": source}
         if process_state().is_main_process:
             _write_atomic(plan.run_dir(run) / RUN_INFO, json.dumps(info, indent=2))
@@ -1138,7 +1166,7 @@ def run_ablation(args: AblationArguments) -> AblationResult:
     try:
         plan.out.mkdir(parents=True, exist_ok=True)
         tokenizer = prepare_tokenizer(plan)
-        trained, reused = train_runs(plan)
+        trained, reused = train_runs(plan, args.overwrite_output_dir)
         records = evaluate_runs(plan, tokenizer)
         rows, counts = build_rows(plan, records)
         seconds = time.perf_counter() - start

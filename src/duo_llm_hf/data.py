@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -232,6 +233,28 @@ def local_data_files(path: str | Path) -> tuple[str, list[str]]:
     if len(builders) > 1:
         raise ValueError(f"corpus folder {str(path)!r} mixes file types {sorted(builders)}; use one type.")
     return builders.pop(), [str(p) for p in files]
+
+
+def corpus_content_hash(spec: str, default_split: str = "train", field: str = "dataset") -> str:
+    """What a corpus spec holds, as a string that changes when its text does (for a run's fingerprint).
+
+    A local file or folder: the SHA-256 of its data files' names and bytes (not its path, so a moved corpus still
+    matches). ``builtin``: the split and the SHA-256 of the built-in documents (they come from the interpreter's
+    standard library). A Hub dataset: its spec (name, config, split), since nothing is downloaded to hash it.
+    """
+    from .utils.run_files import files_hash
+
+    parsed = parse_corpus_spec(spec, default_split, field)
+    if parsed.kind == "local":
+        path = Path(parsed.location)
+        _, files = local_data_files(path)
+        return f"sha256:{files_hash(files, root=path if path.is_dir() else None)}"
+    if parsed.kind == BUILTIN:
+        digest = hashlib.sha256()
+        for doc in builtin_documents():
+            digest.update(json.dumps([doc["name"], doc["text"]]).encode())
+        return f"{parsed}:sha256:{digest.hexdigest()}"
+    return str(parsed)
 
 
 def load_corpus(

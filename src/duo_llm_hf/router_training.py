@@ -43,7 +43,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
 
-from .checkpointing import CHECKPOINTS_DIR, TrainState, resolve_resume, restore_train_state, save_checkpoint_if_due
+from .checkpointing import (
+    CHECKPOINTS_DIR,
+    TrainState,
+    check_finite_loss,
+    restore_train_state,
+    save_checkpoint_if_due,
+)
 from .configuration_duo_llama import DuoLlamaConfig
 from .configuration_duo_opt import DuoOPTConfig
 from .data import pack_corpus
@@ -66,20 +72,20 @@ from .router import (
 )
 from .routing import BIG, CHOICE_NAMES, SKIP, choice_code, route_usage
 from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer
-from .train_loop import StepMeter, accelerated_run, backward_and_step, tracker_config
+from .train_loop import StepMeter, accelerated_run, backward_and_step, run_identity, start_or_resume, tracker_config
 from .training import (
     TrainArguments,
     build_optimizer,
     build_scheduler,
     check_data_fields,
     check_integer_fields,
-    check_resume_arguments,
     load_corpora,
     make_eval_loaders,
     make_train_loader,
     save_final,
     total_training_steps,
     training_batches,
+    training_fingerprint,
 )
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
@@ -205,6 +211,7 @@ class RouterTrainArguments:
     checkpoint_every: int = _stage1("checkpoint_every")
     checkpoints_to_keep: int | None = _stage1("checkpoints_to_keep")
     resume_from: str | None = _stage1("resume_from")
+    overwrite_output_dir: bool = _stage1("overwrite_output_dir")
     progress: bool = _stage1("progress")
 
     def validate(self) -> None:
@@ -651,9 +658,7 @@ def train_router(
     if args.supervision == "oracle":
         oracle_budget = oracle_budget_spec(args, options, targets, source_config.num_hidden_layers)
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
-    resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
-    if resume_dir is not None:
-        check_resume_arguments(args, resume_dir)
+    resume_dir = start_or_resume(args, "router training run")
 
     plan = RoutePlan(options, targets, oracle_budget)
     with accelerated_run(args, resume_dir) as accelerator:
@@ -671,6 +676,7 @@ class RoutePlan:
 
 def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback):
     output_dir = Path(args.output_dir)
+    run = run_identity(resume_dir, training_fingerprint(args, accelerator), "router training run")
     set_seed(args.seed)
 
     train_texts, holdout_texts = load_corpora(args)
@@ -770,6 +776,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
 
         step_values = meter.step(state)
         step_loss = step_values["train/loss"]
+        check_finite_loss(step_loss, state.global_step, checkpoints_dir)
         losses[state.global_step] = step_loss
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", budget=f"{step_values['train/budget_loss']:.4f}")
@@ -806,7 +813,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
             meter.restart_clock()  # evaluation time is not training throughput
         if metrics:
             accelerator.log(metrics, step=state.global_step)
-        if save_checkpoint_if_due(accelerator, checkpoints_dir, state, args):
+        if save_checkpoint_if_due(accelerator, checkpoints_dir, state, args, run, trained=trainable):
             meter.restart_clock()
         if step_callback is not None:
             step_callback(state, {"train/step_loss": step_loss, **metrics})
@@ -829,7 +836,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
         accelerator.log(eval_metrics(results), step=state.global_step)
     report = router_report(args, unwrapped.config, plan, state, results, train_realised, train_agreement)
     report["oracle_calibration"] = calibration
-    save_final(args, accelerator, model, tokenizer, state, eval_metrics(results))
+    save_final(args, accelerator, model, tokenizer, state, eval_metrics(results), run_id=run["run_id"])
     if accelerator.is_main_process:
         (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     accelerator.wait_for_everyone()

@@ -233,8 +233,8 @@ class RouteSampler:
     """Seeded sampler of random routes from the config's ``route_probs``.
 
     It owns its generator, so routes are reproducible for a given seed whatever else draws random numbers, and
-    its ``state_dict`` can be checkpointed (``accelerator.register_for_checkpointing``) so a resumed run draws
-    the same routes.
+    its ``state_dict`` is checkpointed (as JSON, `checkpointing.RouteSamplerState`) so a resumed run draws the
+    same routes.
     """
 
     def __init__(self, probs: Mapping[str, float], seed: int = 0):

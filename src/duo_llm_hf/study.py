@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,13 +34,17 @@ from torch.utils.data import DataLoader
 
 from .oracle_results import OracleResult, atomic_write_text
 from .oracle_run import run_oracle_study, study_space
+from .utils.errors import UsageError
 from .utils.loading import allow_route_options, load_duo_model
+from .utils.run_files import OVERWRITE_FLAG
 
 logger = logging.getLogger(__name__)
 
 HOLDOUTS = ("english", "code")
 ROUTER_SHORT = {"conventional": "router", "oracle": "oracle-sup."}
 DONE_FILE = "stage_done.json"
+# The stages' folders in --out: what a study started over with other settings removes first.
+STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "routers")
 
 
 @dataclass
@@ -221,6 +226,10 @@ def train_stage(stages: Stages) -> Path:
     folder = stages.out / "model"
 
     def work() -> dict:
+        finished = _read_finished(folder)
+        if finished is not None:  # trained, then stopped before the stage was marked done
+            evaluation = {k: v for k, v in finished.items() if k.startswith("eval/")}
+            return {"global_step": finished["global_step"], "tokens_seen": finished["tokens_seen"], "eval": evaluation}
         resume = "latest" if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()) else None
         args = TrainArguments(
             output_dir=str(folder),
@@ -294,13 +303,19 @@ def oracle_stage(
 # The study
 
 
-def run_study(out: str | os.PathLike, preset: str = "default", progress: bool = True, **overrides) -> dict:
-    """Run (or resume) the study into ``out``; return the metrics written to ``metrics.json``."""
+def run_study(
+    out: str | os.PathLike, preset: str = "default", progress: bool = True, overwrite: bool = False, **overrides
+) -> dict:
+    """Run (or resume) the study into ``out``; return the metrics written to ``metrics.json``.
+
+    A re-run of the same study reuses its finished stages. ``out`` holding a study with other settings is refused,
+    unless ``overwrite``: then that study's stages are removed and this one starts over.
+    """
     from .study_report import collect_metrics, write_report
 
     out = Path(out)
     config = study_config(preset, **overrides)
-    _check_same_settings(out, config)
+    _check_same_settings(out, config, overwrite)
     stages = Stages(out, config, progress)
     model_dir = Path(config.model) if config.model else train_stage(stages)
     # SKIP needs no weights: a model trained on small/big can be evaluated with skipping (the paper's Fig. 2d).
@@ -385,11 +400,20 @@ def _device() -> torch.device:
 def _train_router_record(args) -> dict:
     from .router_training import train_router
 
+    finished = _read_finished(Path(args.output_dir))
+    if finished is not None:  # trained, then stopped before the stage was marked done
+        return {"global_step": finished["global_step"]}
     result = train_router(args)
     return {"global_step": result.global_step}
 
 
-def _check_same_settings(out: Path, config: StudyConfig) -> None:
+def _read_finished(folder: Path) -> dict | None:
+    """The ``train_results.json`` of a finished training run in ``folder`` (None if there is none)."""
+    path = folder / "train_results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False) -> None:
     settings = json.loads(json.dumps(dataclasses.asdict(config)))
     path = out / "study_settings.json"
     if path.exists():
@@ -397,11 +421,16 @@ def _check_same_settings(out: Path, config: StudyConfig) -> None:
         # A setting missing from a file written before it existed had its default value.
         defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig) if f.default is not dataclasses.MISSING}
         changed = sorted(k for k in settings if saved.get(k, defaults.get(k)) != settings[k])
-        if changed:
-            raise ValueError(
+        if changed and not overwrite:
+            raise UsageError(
                 f"{out} holds a study run with other settings ({', '.join(changed)} differ); finished stages "
-                "would not match. Use another --out, or delete the folder to start over."
+                f"would not match. Use another --out, or pass {OVERWRITE_FLAG} to start over there (removes that "
+                "study's stages)."
             )
+        if changed:
+            logger.warning("study: %s held a study with other settings (%s); starting over", out, ", ".join(changed))
+            for name in STAGE_FOLDERS:
+                shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
@@ -443,13 +472,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="Study this trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) instead of training one.",
     )
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    parser.add_argument(
+        OVERWRITE_FLAG,
+        action="store_true",
+        help="If --out holds a study with other settings, remove its stages and start over (else refused).",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """``duo-llm study``."""
     args = build_arg_parser().parse_args(argv)
-    metrics = run_study(args.out, args.preset, progress=not args.no_progress, model=args.model)
+    metrics = run_study(
+        args.out, args.preset, progress=not args.no_progress, overwrite=args.overwrite_output_dir, model=args.model
+    )
     print()
     print(summary_table(metrics))
     print(f"\nReport: {Path(args.out) / 'report.md'} (and report.html); metrics: {Path(args.out) / 'metrics.json'}")

@@ -4,14 +4,17 @@ Stage 1 (`training.train`) and the router training (`router_training.train_route
 accelerate's ``run_clm_no_trainer.py`` does: data, model, the loss of a micro-batch, what is logged and evaluated.
 The pieces here are the steps in which the two loops do the same thing: `accelerated_run` (the Accelerator with
 its trackers, and the clean-up after the run), `backward_and_step` (backward, clipping, optimizer and scheduler
-step inside ``accelerator.accumulate``) and `StepMeter` (the losses averaged over an optimizer step's micro-batches
-and over a log window, the step and token counts of the run's `TrainState`, the throughput). The checkpoint side
-(`TrainState`, `restore_train_state`, `save_checkpoint_if_due`) is in `checkpointing`.
+step inside ``accelerator.accumulate``), `StepMeter` (the losses averaged over an optimizer step's micro-batches
+and over a log window, the step and token counts of the run's `TrainState`, the throughput), the run's start
+(`start_or_resume`: never over a finished run unless asked; `run_identity`: a resumed run must have the fingerprint of
+the run it continues). The checkpoint side (`TrainState`, `restore_train_state`, `save_checkpoint_if_due`, and the
+divergence checks `check_finite_loss`, `check_finite_weights`) is in `checkpointing`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -24,8 +27,18 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 
-from .checkpointing import CHECKPOINTS_DIR, LATEST, TrainState
+from .checkpointing import (
+    CHECKPOINTS_DIR,
+    LATEST,
+    TrainState,
+    list_checkpoints,
+    new_run_id,
+    read_checkpoint_state,
+    resolve_resume,
+)
 from .tracking import make_trackers
+from .utils.errors import UsageError
+from .utils.run_files import OVERWRITE_FLAG, check_fingerprint, refuse_overwrite
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +181,77 @@ class StepMeter:
         self.log_start = time.perf_counter()
 
 
+# What a finished run leaves in its output_dir: save_pretrained's config.json first, train_results.json last.
+FINISHED_FILES = ("train_results.json", "config.json")
+
+
+def start_or_resume(args, what: str = "training run") -> Path | None:
+    """The validated checkpoint a run resumes from (`checkpointing.resolve_resume`), or None for a fresh start.
+
+    A fresh start (no ``resume_from``, or ``latest`` with no checkpoint yet) into an ``output_dir`` that holds a
+    finished run or an earlier run's checkpoints is refused unless ``args.overwrite_output_dir``: it would replace
+    that run's model, or its checkpoints of the same steps. So is resuming into an ``output_dir`` whose finished
+    run is another run than the checkpoint's (a resumed finished run may be extended).
+    """
+    output_dir = Path(args.output_dir)
+    resume_dir = resolve_resume(args.resume_from, output_dir / CHECKPOINTS_DIR)
+    if resume_dir is not None:
+        finished = _finished_run_id(output_dir)
+        resumed = (read_checkpoint_state(resume_dir) or {}).get("run_id")
+        if finished is not None and finished != resumed and not args.overwrite_output_dir:
+            raise UsageError(
+                f"{output_dir} holds a finished {what} other than the one {resume_dir} continues; resume into "
+                f"another output folder, or pass {OVERWRITE_FLAG} to replace it."
+            )
+        return resume_dir
+    refuse_overwrite(output_dir, FINISHED_FILES, args.overwrite_output_dir, what)
+    earlier = list_checkpoints(output_dir / CHECKPOINTS_DIR)
+    if earlier and not args.overwrite_output_dir:
+        raise UsageError(
+            f"{output_dir} holds checkpoints of an earlier {what} ({earlier[-1].name}); continue it with "
+            f"--resume-from latest, or pass {OVERWRITE_FLAG} to start a new run there (the earlier run's "
+            "checkpoints are kept)."
+        )
+    return None
+
+
+def _finished_run_id(output_dir: Path) -> str | None:
+    """The run id in a finished run's ``train_results.json`` ("" for a run that recorded none), None if unfinished."""
+    try:
+        return json.loads((output_dir / "train_results.json").read_text()).get("run_id") or ""
+    except FileNotFoundError:
+        return None
+
+
+def run_fingerprint(args, excluded: frozenset[str], **content) -> dict:
+    """A run's fingerprint: its arguments except ``excluded`` (what may change on resume, and paths), plus
+    ``content`` (content hashes standing in for the paths, the resolved precision, the process count)."""
+    values = {k: v for k, v in dataclasses.asdict(args).items() if k not in excluded}
+    return json.loads(json.dumps({**values, **content}))  # as a checkpoint's JSON gives it back (tuples -> lists)
+
+
+def run_identity(resume_dir: Path | None, fingerprint: dict, what: str = "training run") -> dict:
+    """The ``run_id`` and ``fingerprint`` a run writes into its checkpoints.
+
+    A resumed run keeps the id of the run it continues, after checking that its fingerprint is that run's
+    (`run_files.check_fingerprint`: a `UsageError` naming each setting that differs).
+    """
+    if resume_dir is None:
+        return {"run_id": new_run_id(), "fingerprint": fingerprint}
+    saved = read_checkpoint_state(resume_dir) or {}
+    check_fingerprint(saved.get("fingerprint", {}), fingerprint, resume_dir, what)
+    return {"run_id": saved["run_id"], "fingerprint": fingerprint}
+
+
 __all__ = [
+    "FINISHED_FILES",
     "StepMeter",
     "accelerated_run",
     "backward_and_step",
     "finish_trackers",
     "reset_accelerate_state",
+    "run_fingerprint",
+    "run_identity",
+    "start_or_resume",
     "tracker_config",
 ]

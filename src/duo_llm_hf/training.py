@@ -46,7 +46,8 @@ from .checkpointing import (
     CHECKPOINTS_DIR,
     RouteSamplerState,
     TrainState,
-    resolve_resume,
+    check_finite_loss,
+    check_finite_weights,
     restore_train_state,
     save_checkpoint_if_due,
 )
@@ -55,6 +56,7 @@ from .configuration_duo_opt import DuoOPTConfig
 from .data import (
     BUILTIN,
     EpochSampler,
+    corpus_content_hash,
     iter_texts,
     load_corpus,
     pack_corpus,
@@ -68,7 +70,16 @@ from .modeling_duo_opt import DuoOPTForCausalLM
 from .processes import process_state
 from .routing import BIG, CHOICE_CODES, RouteSampler
 from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer, train_bpe_tokenizer
-from .train_loop import StepMeter, accelerated_run, backward_and_step, tracker_config
+from .train_loop import (
+    StepMeter,
+    accelerated_run,
+    backward_and_step,
+    run_fingerprint,
+    run_identity,
+    start_or_resume,
+    tracker_config,
+)
+from .utils.run_files import files_hash, folder_weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +113,15 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint_every",
         "checkpoints_to_keep",
         "cache_dir",
+        "overwrite_output_dir",
     }
 )
+# A resumed run may run longer: the steps already done computed the same (README, "Resume, fingerprint, extend").
+EXTENDABLE = frozenset({"max_steps", "num_epochs"})
+# Paths that go into a run's fingerprint by their content (`content_fingerprint`), not by their name.
+CONTENT_PATHS = frozenset({"dataset", "holdout_english", "holdout_code", "init_from", "tokenizer", "model"})
+# A tokenizer's files (in a tokenizer or model folder), whose bytes define it.
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece")
 
 
 @dataclass
@@ -253,6 +271,13 @@ class TrainArguments:
     resume_from: str | None = field(
         default=None,
         metadata={"help": "Checkpoint folder to resume from, or 'latest' (newest in output_dir)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an output_dir that holds a finished run or an earlier run's checkpoints "
+            "(replaces the finished model; the earlier checkpoints are kept). Without it that is refused."
+        },
     )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
 
@@ -763,20 +788,50 @@ def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_tex
     return tokenizer
 
 
-def check_resume_arguments(args, checkpoint: Path, resumable: frozenset[str] = RESUMABLE_CHANGES) -> None:
-    """Refuse to resume ``checkpoint`` with arguments (a dataclass) that change what the run computes.
+def tokenizer_hash(folder: str | Path | None) -> str | None:
+    """SHA-256 of a folder's tokenizer files (None for no folder, the name for a Hub model id)."""
+    if folder is None or is_hub_id(folder):
+        return None if folder is None else str(folder)
+    folder = Path(folder).expanduser()
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(TOKENIZER_FILE_PREFIXES)]
+    return f"sha256:{files_hash(files)}" if files else None
 
-    Only the fields named in ``resumable`` may differ from the arguments saved in the checkpoint.
+
+def model_folder_hash(path: str | Path | None) -> str | None:
+    """The content of a model folder: its weights' SHA-256 (`run_files.folder_weights_hash`); a Hub id as it is."""
+    if path is None or is_hub_id(path):
+        return None if path is None else str(path)
+    return f"sha256:{folder_weights_hash(Path(path).expanduser())}"
+
+
+def content_fingerprint(args, accelerator: Accelerator) -> dict:
+    """What a run's paths hold, and the settings Accelerate resolves, for its fingerprint (`run_fingerprint`).
+
+    The corpora's contents (`data.corpus_content_hash`), the weights of the model it starts from (``init_from`` or
+    ``model``), the tokenizer's files, the resolved mixed precision and the number of processes.
     """
-    saved = json.loads((checkpoint / "train_state.json").read_text()).get("args", {})
-    current = dataclasses.asdict(args)
-    changed = sorted(k for k in current if k not in resumable and k in saved and saved[k] != current[k])
-    if changed:
-        detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(
-            f"resume_from {str(checkpoint)!r}: these arguments differ from the checkpointed run ({detail}); "
-            "resume with the same arguments, or start a new run."
-        )
+    content = {
+        "dataset": corpus_content_hash(args.dataset),
+        "holdout_english": corpus_content_hash(args.holdout_english, "holdout_english", "holdout_english"),
+        "holdout_code": corpus_content_hash(args.holdout_code, "holdout_code", "holdout_code"),
+        "tokenizer": tokenizer_hash(args.tokenizer),
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+    }
+    for name in ("init_from", "model"):
+        if hasattr(args, name):
+            content[name] = model_folder_hash(getattr(args, name))
+            content[f"{name}_tokenizer"] = tokenizer_hash(getattr(args, name))
+    return content
+
+
+def training_fingerprint(args, accelerator: Accelerator) -> dict:
+    """Every setting that changes what a run (stage 1, or the routers') computes, with its paths by content.
+
+    Left out: what may change on resume (`RESUMABLE_CHANGES`, and the run's length, `EXTENDABLE`).
+    """
+    excluded = RESUMABLE_CHANGES | EXTENDABLE | CONTENT_PATHS
+    return run_fingerprint(args, excluded, **content_fingerprint(args, accelerator))
 
 
 def make_train_loader(blocks, args) -> DataLoader:
@@ -808,9 +863,7 @@ def train(
     """
     args.validate()
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
-    resume_dir = resolve_resume(args.resume_from, checkpoints_dir)
-    if resume_dir is not None:
-        check_resume_arguments(args, resume_dir)
+    resume_dir = start_or_resume(args)
     source_config = inspect_init_source(args.init_from, args.block_size) if args.mode == "frozen-big" else None
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=may_leave_a_module_unused(args))
@@ -821,6 +874,7 @@ def train(
 
 
 def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks) -> TrainResult:
+    run = run_identity(resume_dir, training_fingerprint(args, accelerator))
     set_seed(args.seed)
 
     # Corpora, then the tokenizer, then blocks: each step checks its input before the next costs anything.
@@ -858,8 +912,10 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
 
     unwrapped = accelerator.unwrap_model(model)
     # Each process's random routes are part of the run's state: a resumed run draws the routes it would have drawn.
-    samplers = [RouteSamplerState(lambda: unwrapped.model.route_sampler, accelerator)] if is_duo else []
-    state = restore_train_state(accelerator, resume_dir, *samplers)
+    samplers = {}
+    if is_duo:
+        samplers["route_samplers"] = RouteSamplerState(lambda: unwrapped.model.route_sampler, accelerator)
+    state = restore_train_state(accelerator, resume_dir, samplers)
 
     unwrapped_config = unwrapped.config
     flops = flops_per_token(unwrapped_config, None if is_duo else {BIG: 1.0}, seq_len=args.block_size)
@@ -899,6 +955,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             continue
 
         step_loss = meter.step(state)["train/loss"]
+        check_finite_loss(step_loss, state.global_step, checkpoints_dir)
         losses[state.global_step] = step_loss
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{meter.tokens_per_second():,.0f}")
@@ -913,7 +970,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             meter.restart_clock()  # evaluation time is not training throughput
         if metrics:
             accelerator.log(metrics, step=state.global_step)
-        if save_checkpoint_if_due(accelerator, checkpoints_dir, state, args):
+        if save_checkpoint_if_due(accelerator, checkpoints_dir, state, args, run, samplers, trainable):
             meter.restart_clock()
         if step_callback is not None:
             step_callback(state, {"train/step_loss": step_loss, **metrics})
@@ -921,14 +978,19 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             break
     progress.close()
 
-    save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export)
+    save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export, run["run_id"])
     return TrainResult(str(Path(args.output_dir)), state.global_step, state.tokens_seen, losses, eval_metrics)
 
 
-def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None) -> None:
+def save_final(
+    args, accelerator, model, tokenizer, state: TrainState, eval_metrics: dict, export=None, run_id: str | None = None
+) -> None:
     """``save_pretrained`` the model (``export(model)`` if given) and tokenizer into ``output_dir``, plus the
-    arguments and metrics."""
+    arguments and metrics (with the run's id); never a model whose trained weights are not finite
+    (`TrainingDiverged`)."""
     output_dir = Path(args.output_dir)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    check_finite_weights(accelerator, trained, state.global_step, output_dir / CHECKPOINTS_DIR)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if export is None:
@@ -945,7 +1007,7 @@ def save_final(args, accelerator, model, tokenizer, state: TrainState, eval_metr
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
         (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        results = {"global_step": state.global_step, "tokens_seen": state.tokens_seen, **eval_metrics}
+        results = {"global_step": state.global_step, "tokens_seen": state.tokens_seen, "run_id": run_id, **eval_metrics}
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
 

@@ -42,20 +42,33 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def files_hash(files: Iterable[str | Path], root: str | Path | None = None) -> str:
+    """SHA-256 over the names (relative to ``root``, else the bare names) and contents of ``files``, sorted by name.
+
+    Any changed byte, renamed, added or removed file changes the hash; where the folder lies does not.
+    """
+    named = sorted((Path(f).relative_to(root).as_posix() if root else Path(f).name, Path(f)) for f in files)
+    digest = hashlib.sha256()
+    for name, path in named:
+        digest.update(name.encode())
+        digest.update(file_hash(path).encode())
+    return digest.hexdigest()
+
+
 def folder_weights_hash(folder: str | Path) -> str:
     """SHA-256 over the names and contents of a model folder's weight files (sorted, so the order is stable).
 
     Two folders with the same weights hash the same; any changed byte of any weight file changes the hash.
     """
     folder = Path(folder)
-    digest = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
     if not files:
         raise UsageError(f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); is it a saved model folder?")
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(file_hash(path).encode())
-    return digest.hexdigest()
+    return files_hash(files)
+
+
+class FingerprintMismatch(UsageError):
+    """A run would resume work done with other settings (`check_fingerprint`)."""
 
 
 def fingerprint_differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -68,7 +81,7 @@ def check_fingerprint(before: Mapping[str, Any], now: Mapping[str, Any], folder:
     """Raise `UsageError` naming every difference when a resumed ``what`` in ``folder`` would mix incompatible work."""
     differences = fingerprint_differences(before, now)
     if differences:
-        raise UsageError(
+        raise FingerprintMismatch(
             f"cannot resume the {what} in {folder}: its settings differ from this command's "
             f"({'; '.join(differences)}). Use the original settings, another output folder, or {OVERWRITE_FLAG} "
             "to start over."
