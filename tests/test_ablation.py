@@ -24,6 +24,7 @@ from duo_llm_hf.ablation import (  # noqa: E402
     run_ablation,
 )
 from duo_llm_hf.tokenization import train_bpe_tokenizer  # noqa: E402
+from duo_llm_hf.utils.errors import UsageError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ["duo", "dense_p0", "dense_p0.25", "dense_p0.5", "dense_p0.75", "dense_p1", "big_pretrain", "frozen_big"]
@@ -182,7 +183,7 @@ def _bad_inputs(tmp_path):
         ({"hidden_size": 0}, ValueError, "hidden_size: 0 must be a positive integer"),
         ({"dataset": str(tmp_path / "missing.txt")}, FileNotFoundError, "missing.txt' is not an existing file"),
         ({"tokenizer": str(tmp_path / "no_tok")}, FileNotFoundError, "tokenizer: .* is not a tokenizer folder"),
-        ({"out": str(a_file)}, NotADirectoryError, "is a file"),
+        ({"out": str(a_file)}, UsageError, "is a file"),
     ]
 
 

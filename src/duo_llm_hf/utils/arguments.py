@@ -83,7 +83,7 @@ def check_float_fields(
     for group, test, domain in (
         (positive, lambda v: v > 0, "a finite number > 0"),
         (non_negative, lambda v: v >= 0, "a finite number >= 0"),
-        (fractions, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        (fractions, lambda v: 0 <= v < 1, "in [0, 1)"),
     ):
         for name in group:
             value = getattr(args, name)
