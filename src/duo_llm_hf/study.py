@@ -33,6 +33,8 @@ from torch.utils.data import DataLoader
 
 from .oracle_results import OracleResult, atomic_write_text
 from .oracle_run import run_oracle_study, study_space
+from .utils.arguments import check_folder, check_output_dir
+from .utils.errors import ArgumentParser, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -432,7 +434,7 @@ def summary_table(metrics: dict) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="duo-llm study",
         description="The Duo-LLM study end to end: stage 1 training, the oracle (all budgets, fixed, best-of-100, "
         "skip, position budgets, causal), routers, token difficulty; report.md/.html, metrics.json, figures. "
@@ -448,9 +450,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the flags of ``duo-llm study`` before any work is done: ``--out`` is not a file, and ``--model``, if
+    given, is a Duo model folder (its config, no weights, is read) with its tokenizer; raise `UsageError`."""
+    from .router_training import inspect_duo_source
+    from .tokenization import has_tokenizer
+
+    check_output_dir(args, "out")
+    if args.model is not None:
+        folder = check_folder("--model", args.model, "Duo model folder")
+        inspect_duo_source(folder)
+        if not has_tokenizer(folder):
+            raise MissingFileError(f"--model: {args.model!r} holds no tokenizer; the study tokenizes its holdouts.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``duo-llm study``."""
     args = build_arg_parser().parse_args(argv)
+    validate_args(args)
     metrics = run_study(args.out, args.preset, progress=not args.no_progress, model=args.model)
     print()
     print(summary_table(metrics))
