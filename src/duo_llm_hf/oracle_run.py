@@ -440,6 +440,11 @@ def validate_args(args: argparse.Namespace) -> None:
         inspect_duo_source(model)  # a Duo model folder, before its weights are loaded
     elif model.exists():
         raise MissingFileError(f"--model: {args.model!r} is a file; give a Duo model folder (or a Hub name).")
+    else:
+        from .training import is_hub_id
+
+        if not is_hub_id(args.model):
+            raise MissingFileError(f"--model: {args.model!r} does not exist; give a Duo model folder (or a Hub name).")
 
 
 def _load_model(args: argparse.Namespace, route_options, device):

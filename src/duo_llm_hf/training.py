@@ -330,6 +330,8 @@ class TrainArguments:
                 f"init_from: {self.init_from!r} is not a model folder (written by save_pretrained) nor a Hub "
                 "model name."
             )
+        if self.mode == "frozen-big":
+            inspect_init_source(self.init_from, self.block_size)  # its config only: a supported model, long enough
         local_source = self.init_from and not is_hub_id(self.init_from)
         if local_source and self.tokenizer is None and not has_tokenizer(Path(self.init_from).expanduser()):
             raise MissingFileError(
