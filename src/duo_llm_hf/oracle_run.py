@@ -447,13 +447,16 @@ def validate_args(args: argparse.Namespace) -> None:
             raise MissingFileError(f"--model: {args.model!r} does not exist; give a Duo model folder (or a Hub name).")
 
 
-def _load_model(args: argparse.Namespace, route_options, device):
-    from transformers import AutoModelForCausalLM
+def _load_config(args: argparse.Namespace, route_options):
+    """The model's config (no weights), with ``route_options`` if given; a missing model is a `UsageError`."""
+    from transformers import AutoConfig
+
+    from .router_training import DUO_MODEL_TYPES
 
     # SKIP needs no weights: a model trained on small/big can be searched with skipping.
     overrides = {"route_options": route_options} if route_options else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **overrides)
+        config = AutoConfig.from_pretrained(args.model, **overrides)
     except OSError as err:
         if Path(args.model).expanduser().exists():
             raise
@@ -461,26 +464,29 @@ def _load_model(args: argparse.Namespace, route_options, device):
             f"--model: {args.model!r} is not a local folder, and no Hub model of that name could be loaded "
             f"({str(err).splitlines()[0]}); give a Duo model folder written by save_pretrained."
         ) from err
-    return model.to(device).eval()
+    if config.model_type not in DUO_MODEL_TYPES:
+        raise UsageError(f"--model: {args.model!r} is a {config.model_type!r} model; the oracle needs a Duo model.")
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the oracle study from the command line (``eval/oracle_study.py``, ``duo-llm oracle``)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = build_arg_parser().parse_args(argv)
     validate_args(args)
     state = process_state()
     route_options = [name.strip() for name in args.route_options.split(",")] if args.route_options else None
-    model = _load_model(args, route_options, state.device)
-    positions = model.config.max_position_embeddings
+    # Everything is checked against the model's config and the data before the weights are loaded.
+    config = _load_config(args, route_options)
+    positions = config.max_position_embeddings
     if args.block_size is not None and args.block_size > positions:
         raise UsageError(
             f"--block-size {args.block_size} is longer than the max_position_embeddings {positions} of model "
             f"{args.model!r}; use --block-size <= {positions}."
         )
     with user_values():  # --budget and --route-options against the model's layers and options
-        space = study_space(model.config, args.budget or ["all", "classes"], route_options)
+        space = study_space(config, args.budget or ["all", "classes"], route_options)
     is_text = Path(args.data[0]).suffix not in TENSOR_SUFFIXES
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model) if is_text else None
     blocks, data_id = load_token_blocks(args.data, tokenizer, args.block_size, args.num_blocks)
@@ -489,7 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--data {args.data[0]!r} holds blocks of {blocks.shape[1]} tokens, longer than the "
             f"max_position_embeddings {positions} of model {args.model!r}; re-tokenize into shorter blocks."
         )
-    check_token_ids(blocks, model.config.vocab_size, repr(args.data[0]))
+    check_token_ids(blocks, config.vocab_size, repr(args.data[0]))
+    model = AutoModelForCausalLM.from_pretrained(args.model, config=config, dtype=getattr(torch, args.dtype))
+    model.to(state.device).eval()
     result = run_oracle_study(
         model, blocks, space, args.output_dir,
         batch_size=args.batch_size, best_of_k=args.best_of_k, seed=args.seed, causal=args.causal,
