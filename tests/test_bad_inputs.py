@@ -348,3 +348,37 @@ def test_real_process_parse_error_is_one_line(tmp_path):
         "duo-llm train: error: argument --mode: invalid choice: 'x'"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--budgets", "0"], r"budgets: \[0\] must be BIG layer counts >= 1"),
+        (["--budgets", "3"], r"budgets \[3\]: BIG layers must lie in 1 .. 2"),
+        (["--router-steps", "0"], r"router_steps: 0 must be a positive integer"),
+        (["--learning-rate", "-1"], r"learning_rate: -1.0 must be a finite number > 0"),
+        (["--block-size", "1"], r"block_size: 1 must be at least 2 tokens"),
+        (["--model", "DENSE"], r"is a 'llama' model, not a Duo model"),
+    ],
+)
+def test_router_vs_oracle_script_bad_inputs(assets, tmp_path, capsys, flags, message):
+    """``eval/router_vs_oracle.py`` (not a duo-llm command) reports through the same `run_command`."""
+    from duo_llm_hf import router_comparison
+    from duo_llm_hf.utils.errors import run_command
+
+    out = tmp_path / "out"
+    flags = [assets.dense if flag == "DENSE" else flag for flag in flags]
+    argv = _merge(["--model", assets.duo, "--output_dir", str(out), "--no-progress"], tuple(flags))
+    assert run_command(router_comparison.PROG, router_comparison.main, argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.match(rf"{router_comparison.PROG}: error: .*{message}", lines[0]), lines
+    assert not out.exists()
+
+
+def test_unknown_command_is_one_line(capsys):
+    assert cli_main(["orcale", "--model", "x"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "duo-llm: error: unknown command 'orcale'; choose from train, finetune, eval, oracle, train-router, ablation, "
+        "study, card (see 'duo-llm --help')."
+    ]
