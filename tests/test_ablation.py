@@ -126,10 +126,11 @@ def test_rerun_reuses_finished_runs_and_evaluations(tiny_run, tmp_path, capsys, 
 
     # Through the script: nothing is trained or evaluated again.
     monkeypatch.setattr(sys, "argv", ["ablation.py", "--preset", "tiny", "--out", str(out), "--no-progress"])
-    again = runpy.run_path(str(ROOT / "eval" / "ablation.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as done:  # the script exits with the command's code
+        runpy.run_path(str(ROOT / "eval" / "ablation.py"), run_name="__main__")
+    assert done.value.code == 0
     assert "fixture smoke set" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in evals} == evals
-    del again
 
     # One run lost, one evaluation lost: only those are redone, with the same numbers (seeded, deterministic).
     shutil.rmtree(out / "runs" / "dense_p0.5")

@@ -22,7 +22,7 @@ from .errors import MissingFileError, UsageError, UsageErrors
 # What a seed may be: numpy's seeding (`accelerate.utils.set_seed`) takes 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
 # Bytes read from the start of a text file to tell text from binary data.
-SNIFF_BYTES = 1 << 16
+SNIFF_BYTES = 1 << 13
 
 
 class HfArgumentParser(UsageErrors, _HfArgumentParser):
@@ -124,7 +124,7 @@ def check_folder(field: str, path: str | Path, what: str = "folder") -> Path:
 
 
 def check_text_file(field: str, path: str | Path) -> None:
-    """``path`` starts as UTF-8 text (its first 64 KiB decode and hold no NUL byte): binary data would otherwise
+    """``path`` starts as UTF-8 text (its first 8 KiB decode and hold no NUL byte): binary data would otherwise
     fail deep inside tokenization or `datasets` with an error that does not name the file."""
     with open(path, "rb") as handle:
         head = handle.read(SNIFF_BYTES)
