@@ -8,6 +8,7 @@ All flags: ``python eval/ablation.py --help``. The work is done by `duo_llm_hf.a
 """
 
 from duo_llm_hf.ablation import main
+from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":
-    main()
+    script_main("duo-llm ablation", main)  # one-line errors, exit 2, as the command shows them

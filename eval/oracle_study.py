@@ -3,10 +3,9 @@
 The same command as ``duo-llm oracle``; the work is done by `duo_llm_hf.oracle_run`.
 """
 
-import sys
-
 import duo_llm_hf  # noqa: F401  (registers the Duo models with the Auto classes)
 from duo_llm_hf.oracle_run import main
+from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_main("duo-llm oracle", main)  # one-line errors, exit 2, as the command shows them

@@ -5,7 +5,8 @@
 All flags: ``python eval/router_vs_oracle.py --help``. The work is done by `duo_llm_hf.router_comparison`.
 """
 
-from duo_llm_hf.router_comparison import main
+from duo_llm_hf.router_comparison import PROG, main
+from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":
-    main()
+    script_main(PROG, main)

@@ -24,6 +24,7 @@ from duo_llm_hf.ablation import (  # noqa: E402
     run_ablation,
 )
 from duo_llm_hf.tokenization import train_bpe_tokenizer  # noqa: E402
+from duo_llm_hf.utils.errors import UsageError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ["duo", "dense_p0", "dense_p0.25", "dense_p0.5", "dense_p0.75", "dense_p1", "big_pretrain", "frozen_big"]
@@ -125,10 +126,11 @@ def test_rerun_reuses_finished_runs_and_evaluations(tiny_run, tmp_path, capsys, 
 
     # Through the script: nothing is trained or evaluated again.
     monkeypatch.setattr(sys, "argv", ["ablation.py", "--preset", "tiny", "--out", str(out), "--no-progress"])
-    again = runpy.run_path(str(ROOT / "eval" / "ablation.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as done:  # the script exits with the command's code
+        runpy.run_path(str(ROOT / "eval" / "ablation.py"), run_name="__main__")
+    assert done.value.code == 0
     assert "fixture smoke set" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in evals} == evals
-    del again
 
     # One run lost, one evaluation lost: only those are redone, with the same numbers (seeded, deterministic).
     shutil.rmtree(out / "runs" / "dense_p0.5")
@@ -182,7 +184,7 @@ def _bad_inputs(tmp_path):
         ({"hidden_size": 0}, ValueError, "hidden_size: 0 must be a positive integer"),
         ({"dataset": str(tmp_path / "missing.txt")}, FileNotFoundError, "missing.txt' is not an existing file"),
         ({"tokenizer": str(tmp_path / "no_tok")}, FileNotFoundError, "tokenizer: .* is not a tokenizer folder"),
-        ({"out": str(a_file)}, NotADirectoryError, "is a file"),
+        ({"out": str(a_file)}, UsageError, "is a file"),
     ]
 
 

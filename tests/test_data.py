@@ -68,6 +68,7 @@ def test_parse_corpus_spec(tmp_path):
     assert (hub.kind, hub.location, hub.config, hub.split) == ("hub", "allenai/c4", "en", "validation")
     assert parse_corpus_spec("hf:wikitext", "holdout_english").split == "validation"
     assert parse_corpus_spec("none").kind == "none"
+    (tmp_path / "a.txt").write_text("some text\n")
     assert parse_corpus_spec(str(tmp_path)).kind == "local"
     with pytest.raises(FileNotFoundError, match="missing.jsonl.*not an existing file"):
         parse_corpus_spec(str(tmp_path / "missing.jsonl"))

@@ -218,7 +218,7 @@ def test_big_or_skip_on_a_model_trained_on_small_and_big(files, tmp_path, capsys
     assert [CHOICE_NAMES[c] for c in result.space.choices] == ["big", "skip"]
     # The same search on the model with all three options, built in memory, gives the same tensors.
     model = trained_like()
-    allow_route_options(model, ["skip"])
+    allow_route_options(model.config, ["skip"])
     space = study_space(model.config, ["all", "classes"], ["big", "skip"])
     direct = run_oracle_study(
         model, result.tensors["input_ids"], space, tmp_path / "direct", batch_size=2, best_of_k=3, progress=False
@@ -232,7 +232,7 @@ def test_route_options_on_a_model_with_routers(tmp_path):
     model = add_routers(trained_like(), ["small", "big"], seed=0)
     model.save_pretrained(tmp_path / "model")
     loaded = load_duo_model(tmp_path / "model")
-    assert allow_route_options(loaded, ["big", "skip"]) == ["skip"]
+    assert allow_route_options(loaded.config, ["big", "skip"]) == ["skip"]
     assert loaded.config.route_options == ["small", "big", "skip"]
     assert loaded.config.route_probs == {"small": 0.5, "big": 0.5, "skip": 0.0}
     assert loaded.model.layers[0].mlp.router.out_features == 2

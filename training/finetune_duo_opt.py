@@ -12,6 +12,7 @@ are trained on the result with ``training/train_router.py``.
 """
 
 from duo_llm_hf.finetuning import main
+from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":
-    main()
+    script_main("duo-llm finetune", main)  # one-line errors, exit 2, as the command shows them

@@ -7,6 +7,7 @@ All flags: ``python training/train_duo.py --help``. The work is done by `duo_llm
 """
 
 from duo_llm_hf.training import main
+from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":
-    main()
+    script_main("duo-llm train", main)  # one-line errors, exit 2, as the command shows them

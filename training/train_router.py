@@ -8,6 +8,7 @@ All flags: ``python training/train_router.py --help``. The work is done by `duo_
 """
 
 from duo_llm_hf.router_training import main
+from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":
-    main()
+    script_main("duo-llm train-router", main)  # one-line errors, exit 2, as the command shows them

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
+from transformers import AutoConfig
 
 from .analysis import _pyplot
 from .checkpointing import CHECKPOINTS_DIR, list_checkpoints
@@ -77,7 +77,9 @@ from .training import (
     evaluate_perplexity,
     train,
 )
-from .utils.errors import UsageError
+from .utils.arguments import HfArgumentParser, check_integer_fields, check_output_dir
+from .utils.errors import MissingDependencyError, MissingFileError, UsageError
+from .utils.loading import load_complete_model
 from .utils.run_files import OVERWRITE_FLAG, FingerprintMismatch
 
 logger = logging.getLogger(__name__)
@@ -371,6 +373,7 @@ class AblationResult:
 
 def build_arg_parser(**kwargs) -> HfArgumentParser:
     """The command-line parser of `AblationArguments` (kwargs go to `argparse.ArgumentParser`)."""
+    kwargs.setdefault("prog", "duo-llm ablation")
     kwargs.setdefault(
         "description",
         "The paper's Fig. 8 ablations: Duo vs dense at equal FLOPs, scratch vs frozen-big. Flags shown with "
@@ -380,7 +383,8 @@ def build_arg_parser(**kwargs) -> HfArgumentParser:
 
 
 def parse_ablation_args(argv: Sequence[str] | None = None) -> AblationArguments:
-    (args,) = build_arg_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    """Parse command-line arguments into `AblationArguments` (a parse error is a `UsageError`)."""
+    (args,) = build_arg_parser().parse(argv)
     return args
 
 
@@ -392,12 +396,12 @@ def parse_p_bigs(text: str) -> list[float]:
         try:
             value = float(item)
         except ValueError:
-            raise ValueError(f"p_bigs: {item!r} is not a number; give probabilities like 0,0.25,0.5,0.75,1.") from None
+            raise UsageError(f"p_bigs: {item!r} is not a number; give probabilities like 0,0.25,0.5,0.75,1.") from None
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"p_bigs: {item} is not a probability in [0, 1].")
+            raise UsageError(f"p_bigs: {item} is not a probability in [0, 1].")
         values.append(value)
     if not values or len(set(values)) != len(values):
-        raise ValueError(f"p_bigs: {text!r} must list distinct probabilities, e.g. 0,0.25,0.5,0.75,1.")
+        raise UsageError(f"p_bigs: {text!r} must list distinct probabilities, e.g. 0,0.25,0.5,0.75,1.")
     return sorted(values)
 
 
@@ -415,13 +419,13 @@ def parse_train_override(text: str | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ValueError(
+            raise UsageError(
                 f"train_override: {item!r} is not KEY=VALUE; write e.g. weight_decay=0.05,warmup_steps=10."
             )
         if key not in types_:
-            raise ValueError(f"train_override: {key!r} is not a training argument (see training/train_duo.py --help).")
+            raise UsageError(f"train_override: {key!r} is not a training argument (see training/train_duo.py --help).")
         if key in CONTROLLED_TRAIN_FIELDS:
-            raise ValueError(
+            raise UsageError(
                 f"train_override: {key!r} is set by the ablation for each run; use the ablation's own flags "
                 "(--train-tokens, --train-p-big, --seed, --warmup-fraction, --holdout-*, --tokenizer)."
             )
@@ -447,13 +451,13 @@ def _convert(raw: str, annotation, key: str):
                 return raw
         except ValueError:
             continue
-    raise ValueError(f"train_override: {key}={raw!r} does not fit the field's type {annotation}.")
+    raise UsageError(f"train_override: {key}={raw!r} does not fit the field's type {annotation}.")
 
 
 def resolve_settings(args: AblationArguments) -> dict[str, Any]:
     """The preset's values with every flag the user set laid over them."""
     if args.preset not in PRESETS:
-        raise ValueError(f"preset: {args.preset!r} is not a preset; use one of {sorted(PRESETS)}.")
+        raise UsageError(f"preset: {args.preset!r} is not a preset; use one of {sorted(PRESETS)}.")
     settings = dict(PRESETS[args.preset])
     for key in settings:
         value = getattr(args, key, None)
@@ -482,31 +486,31 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
 
     ``num_processes`` (default: the processes of this launch) turns the token budget into optimizer steps.
     """
+    check_output_dir(args, "out")
+    check_integer_fields(args, seeds=("seed", "eval_seed"))
     settings = resolve_settings(args)
     settings.update(parse_train_override(settings["train_override"]))
     out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out: {str(out)!r} is a file; give a folder for the ablation's outputs.")
     p_bigs = parse_p_bigs(settings["p_bigs"])
     train_p_big = settings["train_p_big"]
     if not 0.0 < train_p_big < 1.0:
-        raise ValueError(
+        raise UsageError(
             f"train_p_big: {train_p_big!r} must be strictly between 0 and 1, or one of the FFNs is never trained."
         )
     fraction = settings["frozen_pretrain_fraction"]
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"frozen_pretrain_fraction: {fraction!r} must be strictly between 0 and 1 (paper: 2/3).")
+        raise UsageError(f"frozen_pretrain_fraction: {fraction!r} must be strictly between 0 and 1 (paper: 2/3).")
     warmup_fraction = settings["warmup_fraction"]
     if not 0.0 <= warmup_fraction < 1.0:
-        raise ValueError(f"warmup_fraction: {warmup_fraction!r} must be in [0, 1).")
+        raise UsageError(f"warmup_fraction: {warmup_fraction!r} must be in [0, 1).")
     for key in ("train_tokens", "lm_eval_batch_size"):
         if not isinstance(settings[key], int) or settings[key] < 1:
-            raise ValueError(f"{key}: {settings[key]!r} must be a positive integer.")
+            raise UsageError(f"{key}: {settings[key]!r} must be a positive integer.")
     for key in ("threads", "lm_eval_limit"):
         if settings[key] is not None and (not isinstance(settings[key], int) or settings[key] < 1):
-            raise ValueError(f"{key}: {settings[key]!r} must be a positive integer (or left unset).")
+            raise UsageError(f"{key}: {settings[key]!r} must be a positive integer (or left unset).")
     if settings["tokenizer"] is not None and not Path(settings["tokenizer"]).expanduser().is_dir():
-        raise FileNotFoundError(f"tokenizer: {settings['tokenizer']!r} is not a tokenizer folder.")
+        raise MissingFileError(f"tokenizer: {settings['tokenizer']!r} is not a tokenizer folder.")
     benchmarks = _benchmark_spec(settings)
 
     if num_processes is None:
@@ -517,7 +521,7 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
     steps = math.ceil(settings["train_tokens"] / tokens_per_step)
     pretrain_steps = round(fraction * steps)
     if steps < 2 or not 0 < pretrain_steps < steps:
-        raise ValueError(
+        raise UsageError(
             f"train_tokens: {settings['train_tokens']} tokens are {steps} optimizer step(s) of {tokens_per_step} "
             f"tokens; frozen-big needs a share of at least one step for each of its two stages. Raise --train-tokens."
         )
@@ -589,18 +593,18 @@ def _validate_run_args(args: TrainArguments) -> None:
 def _benchmark_spec(settings: dict[str, Any]) -> BenchmarkSpec:
     source, data_dir = settings["lm_eval_tasks"], settings["lm_eval_data"]
     if source not in BENCHMARK_SOURCES:
-        raise ValueError(f"lm_eval_tasks: {source!r} is not a benchmark source; use one of {list(BENCHMARK_SOURCES)}.")
+        raise UsageError(f"lm_eval_tasks: {source!r} is not a benchmark source; use one of {list(BENCHMARK_SOURCES)}.")
     if data_dir is not None and source != "local":
-        raise ValueError(
+        raise UsageError(
             f"lm_eval_data is only read with --lm-eval-tasks local (got --lm-eval-tasks {source}); drop one of them."
         )
     if source == "local":
         if data_dir is None:
-            raise ValueError("--lm-eval-tasks local needs --lm-eval-data DIR, the folder of the local benchmark copy.")
+            raise UsageError("--lm-eval-tasks local needs --lm-eval-data DIR, the folder of the local benchmark copy.")
         folder = Path(data_dir).expanduser()
         missing = [str(folder / f) for f in BENCHMARK_FILES.values() if not (folder / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"lm_eval_data: {data_dir!r} lacks {missing}; it must hold the Hub splits as jsonl "
                 "(see README 'Benchmarks with lm-evaluation-harness')."
             )
@@ -609,7 +613,7 @@ def _benchmark_spec(settings: dict[str, Any]) -> BenchmarkSpec:
         import importlib.util
 
         if importlib.util.find_spec("lm_eval") is None:
-            raise ImportError(
+            raise MissingDependencyError(
                 "The benchmarks need lm-evaluation-harness: pip install -e .[eval], or pass --lm-eval-tasks none."
             )
     return BenchmarkSpec(source, data_dir, settings["lm_eval_limit"], settings["lm_eval_batch_size"])
@@ -813,7 +817,7 @@ def _holdout_loaders(plan: AblationPlan, tokenizer, accelerator) -> dict:
 
 
 def _load_model(folder: Path, device):
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = load_complete_model(folder, torch.float32, "ablation run")
     return model.to(device).eval()
 
 

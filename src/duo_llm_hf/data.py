@@ -30,7 +30,11 @@ from pathlib import Path
 
 import datasets
 import torch
+from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import Sampler
+
+from .utils.arguments import check_text_file
+from .utils.errors import MissingFileError, UsageError
 
 BUILTIN = "builtin"
 NONE = "none"
@@ -39,6 +43,7 @@ BUILTIN_SPLITS = ("train", "holdout_english", "holdout_code")
 # Share of each source's characters that goes to its holdout split.
 BUILTIN_HOLDOUT_FRACTION = 0.1
 TEXT_COLUMN = "text"
+PARQUET_MAGIC = b"PAR1"
 
 # `datasets` builder for each file suffix of a local corpus.
 _BUILDERS = {
@@ -179,34 +184,43 @@ class CorpusSpec:
 
 
 def parse_corpus_spec(spec: str, default_split: str = "train", field: str = "dataset") -> CorpusSpec:
-    """Parse a corpus spec; local paths must exist (checked here, before any work is done).
+    """Parse a corpus spec; local paths must be readable corpora (checked here, before any work is done: the
+    files exist, have a known type, and start as text, or as Parquet for ``.parquet``).
 
     ``default_split`` is the built-in split that plain ``builtin`` means, and the Hub split used when the spec
     names none.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{field}: {spec!r} is not a corpus; use builtin, a file or folder, or hf:NAME.")
+        raise UsageError(f"{field}: {spec!r} is not a corpus; use builtin, a file or folder, or hf:NAME.")
     spec = spec.strip()
     if spec.lower() == NONE:
         return CorpusSpec(NONE)
     if spec == BUILTIN or spec.startswith(BUILTIN + ":"):
         split = spec[len(BUILTIN) + 1 :] or default_split
         if split not in BUILTIN_SPLITS:
-            raise ValueError(f"{field}: {spec!r} names no built-in split; use one of {list(BUILTIN_SPLITS)}.")
+            raise UsageError(f"{field}: {spec!r} names no built-in split; use one of {list(BUILTIN_SPLITS)}.")
         return CorpusSpec(BUILTIN, split)
     if spec.startswith(HUB_PREFIX):
         rest, _, split = spec[len(HUB_PREFIX) :].partition("@")
         name, _, config = rest.partition(":")
         if not name:
-            raise ValueError(f"{field}: {spec!r} has no dataset name; write hf:NAME[:CONFIG][@SPLIT].")
+            raise UsageError(f"{field}: {spec!r} has no dataset name; write hf:NAME[:CONFIG][@SPLIT].")
         hub_split = split or ("train" if default_split == "train" else "validation")
         return CorpusSpec("hub", name, config or None, hub_split)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{field}: {spec!r} is not an existing file or folder. Give a local corpus (.txt, .jsonl, .json, "
             ".csv, .parquet or a folder of them), 'builtin', or a Hub dataset as hf:NAME[:CONFIG][@SPLIT]."
         )
+    builder, files = local_data_files(path)
+    for file in files:
+        if builder == "parquet":
+            with open(file, "rb") as handle:
+                if handle.read(4) != PARQUET_MAGIC:
+                    raise UsageError(f"{field}: {file!r} is not a Parquet file (it lacks the PAR1 header).")
+        else:
+            check_text_file(field, file)
     return CorpusSpec("local", str(path))
 
 
@@ -222,16 +236,16 @@ def local_data_files(path: str | Path) -> tuple[str, list[str]]:
             if p.is_file() and p.suffix.lower() in _BUILDERS and not p.name.startswith(".")
         )
         if not files:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"corpus folder {str(path)!r} holds no data files; expected {sorted(_BUILDERS)} files."
             )
     builders = {_BUILDERS.get(p.suffix.lower()) for p in files}
     if None in builders:
-        raise ValueError(
+        raise UsageError(
             f"corpus file {str(files[0])!r} has an unknown type; use one of {sorted(_BUILDERS)}."
         )
     if len(builders) > 1:
-        raise ValueError(f"corpus folder {str(path)!r} mixes file types {sorted(builders)}; use one type.")
+        raise UsageError(f"corpus folder {str(path)!r} mixes file types {sorted(builders)}; use one type.")
     return builders.pop(), [str(p) for p in files]
 
 
@@ -283,9 +297,17 @@ def load_corpus(
     elif spec.kind == "local":
         builder, files = local_data_files(spec.location)
         kwargs = {"sample_by": sample_by} if builder == "text" else {}
-        dataset = datasets.load_dataset(
-            builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir, **kwargs
-        )
+        try:
+            dataset = datasets.load_dataset(
+                builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir, **kwargs
+            )
+        except (DatasetGenerationError, UnicodeDecodeError) as err:
+            # The user's file does not parse as its type says: name it and say what failed.
+            cause = err.__cause__ or err
+            raise UsageError(
+                f"corpus {str(spec)!r} cannot be read as {builder} data ({type(cause).__name__}: {cause}); "
+                f"check the file's format, or give it the suffix of its real type ({sorted(_BUILDERS)})."
+            ) from err
     else:
         dataset = datasets.load_dataset(
             spec.location, spec.config, split=spec.split, streaming=streaming, cache_dir=cache_dir
@@ -296,7 +318,7 @@ def load_corpus(
 def _text_only(dataset, text_column: str, name: str):
     columns = dataset.column_names
     if columns is not None and text_column not in columns:
-        raise ValueError(
+        raise UsageError(
             f"corpus {name!r} has no column {text_column!r}; its columns are {columns}. Pass --text-column."
         )
     dataset = dataset.select_columns([text_column])
@@ -304,7 +326,7 @@ def _text_only(dataset, text_column: str, name: str):
         dataset = dataset.rename_column(text_column, TEXT_COLUMN)
     dataset = dataset.filter(_has_text, input_columns=TEXT_COLUMN)
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise ValueError(f"corpus {name!r} is empty: it has no non-empty text in column {text_column!r}.")
+        raise UsageError(f"corpus {name!r} is empty: it has no non-empty text in column {text_column!r}.")
     return dataset
 
 
@@ -355,12 +377,12 @@ def pack_corpus(dataset, tokenizer, block_size: int, name: str = "corpus", max_b
         if max_blocks is not None:
             blocks = blocks.take(max_blocks)
         if next(iter(blocks), None) is None:
-            raise ValueError(
+            raise UsageError(
                 f"corpus {name!r} gives no complete block of {block_size} tokens; use a smaller --block-size."
             )
         return blocks.with_format("torch")
     if len(blocks) == 0:
-        raise ValueError(
+        raise UsageError(
             f"corpus {name!r} gives no complete block of {block_size} tokens (it has too little text); use a "
             "smaller --block-size or a larger corpus."
         )

@@ -31,6 +31,8 @@ from .checkpointing import TrainState
 from .configuration_duo_llama import DuoLlamaConfig
 from .configuration_duo_opt import DuoOPTConfig
 from .training import ModelHooks, TrainArguments, TrainResult, train
+from .utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields
+from .utils.errors import MissingDependencyError, UsageError
 
 # The attention projections that LoRA adapts by default, by Duo model_type.
 ATTENTION_PROJECTIONS = {
@@ -87,26 +89,22 @@ class FinetuneArguments(TrainArguments):
     )
 
     def validate(self) -> None:
-        """`TrainArguments.validate`, then the LoRA flags (and that peft is installed when LoRA is on)."""
+        """`TrainArguments.validate`, then the LoRA flags (and, when LoRA is on, that peft is installed)."""
         if not self.init_from:
-            raise ValueError(
+            raise UsageError(
                 "init_from: give the pretrained model, e.g. --init-from facebook/opt-1.3b (Hub) or a local folder."
             )
         super().validate()
+        check_integer_fields(self, positive=("lora_r",))
+        check_float_fields(self, positive=("lora_alpha",), fractions=("lora_dropout",))
+        if self.lora_target_modules is not None and not self.lora_target_list():
+            raise UsageError("lora_target_modules: name at least one module (or leave it out for the attention).")
         if not self.lora:
             return
-        if not isinstance(self.lora_r, int) or self.lora_r < 1:
-            raise ValueError(f"lora_r: {self.lora_r!r} must be a positive integer.")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha: {self.lora_alpha!r} must be positive.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1).")
-        if self.lora_target_modules is not None and not self.lora_target_list():
-            raise ValueError("lora_target_modules: name at least one module (or leave it out for the attention).")
         if importlib.util.find_spec("peft") is None:
-            raise ImportError("--lora needs peft: pip install 'duo-llm-hf[peft]' (or pip install peft).")
+            raise MissingDependencyError("--lora needs peft: pip install 'duo-llm-hf[peft]' (or pip install peft).")
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-            raise ValueError(
+            raise UsageError(
                 "--lora is not supported under FSDP (the adapters are merged on one full copy of the model); "
                 "use DDP or one process (a Duo OPT-1.3B fits one GPU)."
             )
@@ -249,8 +247,7 @@ def finetune(args: FinetuneArguments, step_callback: Callable[[TrainState, dict]
 
 def build_finetune_parser(**kwargs):
     """The command-line parser of `FinetuneArguments` (``--flag-name`` and ``--flag_name`` both work)."""
-    from transformers import HfArgumentParser
-
+    kwargs.setdefault("prog", "duo-llm finetune")
     kwargs.setdefault(
         "description",
         "Finetune a pretrained OPT as a Duo-LLM model (the paper's Appendix A): frozen pretrained weights, small "
@@ -260,8 +257,8 @@ def build_finetune_parser(**kwargs):
 
 
 def parse_finetune_args(argv: list[str] | None = None) -> FinetuneArguments:
-    """Parse command-line arguments into `FinetuneArguments`."""
-    (args,) = build_finetune_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    """Parse command-line arguments into `FinetuneArguments` (a parse error is a `UsageError`)."""
+    (args,) = build_finetune_parser().parse(argv)
     return args
 
 

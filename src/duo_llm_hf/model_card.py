@@ -29,7 +29,6 @@ Command line (what ``duo-llm card`` calls): ``python -m duo_llm_hf.model_card MO
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -43,6 +42,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .flops import choice_cost, flops_per_token
 from .routing import CHOICE_LETTERS, CHOICE_NAMES
+from .utils.arguments import label as flag_label
+from .utils.errors import ArgumentParser, MissingFileError, UsageError
 
 NOT_EVALUATED = "**Not evaluated**"
 CARD_TAGS = ("duo-llm", "routed-ffn", "adaptive-computation", "custom_code")
@@ -161,10 +162,13 @@ def read_config(model_dir: Path) -> dict:
     """The checkpoint's ``config.json`` as a dict (a clear error when the folder is not a saved model)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model_dir: {str(model_dir)!r} has no config.json; pass the folder that save_pretrained wrote."
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"model_dir: {str(path)!r} is not valid JSON ({err}); is this a saved model?") from err
 
 
 def collect_figures(model_dir: Path, metrics=None) -> dict:
@@ -223,7 +227,7 @@ def _classify(path: Path, data: Any) -> dict:
             return {section: data}
     if "train" in stem:
         return {"training": {"stage1": data}}
-    raise ValueError(
+    raise UsageError(
         f"metrics: cannot tell which card section {str(path)!r} is for; name it SECTION=FILE with SECTION in "
         f"{list(SECTIONS)}, or give a JSON whose top-level keys are sections."
     )
@@ -238,11 +242,11 @@ def _is_lm_eval_output(data: Any) -> bool:
 
 def _load_json(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"metrics: {str(path)!r} does not exist; give a JSON file of figures.")
+        raise MissingFileError(f"metrics: {str(path)!r} does not exist; give a JSON file of figures.")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"metrics: {str(path)!r} is not valid JSON ({err}).") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"metrics: {str(path)!r} is not valid JSON ({err}).") from err
 
 
 def _deep_update(base: dict, new: Mapping) -> dict:
@@ -444,7 +448,7 @@ def lm_eval_rows(lm_eval: Any) -> list[dict]:
     if not lm_eval:
         return []
     if not isinstance(lm_eval, Mapping):
-        raise ValueError("lm_eval: expected lm-evaluation-harness's results JSON or {task: {metric: value}}.")
+        raise UsageError("lm_eval: expected lm-evaluation-harness's results JSON or {task: {metric: value}}.")
     results = lm_eval.get("results", lm_eval)
     n_shot = lm_eval.get("n-shot", {})
     rows = []
@@ -559,7 +563,7 @@ def _example_pattern(config: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """``duo-llm card``: write the model card of a saved Duo checkpoint."""
-    parser = argparse.ArgumentParser(prog="duo-llm card", description=write_model_card.__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="duo-llm card", description=write_model_card.__doc__.split("\n")[0])
     parser.add_argument("model_dir", help="folder written by save_pretrained")
     parser.add_argument(
         "--metrics", nargs="*", default=[],
@@ -568,6 +572,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--repo-id", default=None, help="Hub repository id shown in the loading example")
     parser.add_argument("--model-name", default=None, help="title of the card (default: the folder name)")
     args = parser.parse_args(argv)
+    for name in ("repo_id", "model_name"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise UsageError(f"{flag_label(args, name)}: '' is empty; give a name or leave the flag out.")
+    read_config(Path(args.model_dir))  # the folder is a saved model, before any metrics file is read
     path = write_model_card(
         args.model_dir, args.metrics or None, repo_id=args.repo_id, model_name=args.model_name
     )
@@ -576,4 +584,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from .utils.errors import script_main
+
+    script_main("duo-llm card", main)

@@ -23,11 +23,13 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -37,14 +39,23 @@ from .oracle_reducers import BatchReduction, RunningMin
 from .oracle_results import RESULTS_FILE, SUMMARY_FILE, OracleResult, atomic_save_tensors, atomic_write_text, space_spec
 from .processes import process_state
 from .route_spaces import RouteSpace, uniform_classes
-from .routing import BIG
-from .utils.errors import UsageError
-from .utils.loading import allow_route_options, load_duo_model
+from .routing import BIG, CHOICE_NAMES
+from .utils.arguments import (
+    check_choices,
+    check_folder,
+    check_integer_fields,
+    check_output_dir,
+    check_text_file,
+    user_values,
+)
+from .utils.errors import ArgumentParser, MissingFileError, UsageError
+from .utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from .utils.run_files import OVERWRITE_FLAG, check_fingerprint, file_hash, refuse_overwrite
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "oracle_state.json"
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
 BATCH_DIR = "batches"
 # Version of oracle_state.json: 2 added the weights' hash, dtype and architecture to the fingerprint, and a hash
 # per batch file. Older run folders are refused (their fingerprint cannot prove they match).
@@ -74,19 +85,11 @@ def load_token_blocks(
     each file when the tokenizer has one), concatenated and cut into ``block_size`` blocks (the rest dropped).
     ``num_blocks`` keeps the first blocks.
     """
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not paths:
-        raise ValueError("load_token_blocks: no data file given.")
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data file {path} does not exist.")
-    suffix = Path(paths[0]).suffix
-    if suffix in (".safetensors", ".pt", ".pth"):
-        if len(paths) > 1:
-            raise ValueError(f"give one pre-tokenized tensor file, not {len(paths)} files.")
+    paths = check_data_files(paths)
+    if Path(paths[0]).suffix in TENSOR_SUFFIXES:
         blocks = _load_tensor_file(Path(paths[0]))
         if block_size is not None and block_size != blocks.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"{paths[0]} holds blocks of {blocks.shape[1]} tokens, but block_size={block_size} was asked; "
                 "drop --block-size or re-tokenize."
             )
@@ -94,35 +97,72 @@ def load_token_blocks(
         blocks = _tokenize_files(paths, tokenizer, block_size, num_blocks)
     if num_blocks is not None:
         if num_blocks > len(blocks):
-            raise ValueError(f"asked for {num_blocks} blocks, but the data holds only {len(blocks)}.")
+            raise UsageError(f"asked for {num_blocks} blocks, but the data holds only {len(blocks)}.")
         blocks = blocks[:num_blocks]
     digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
     names = ",".join(str(p) for p in paths)
     return blocks, f"{names} ({len(blocks)}x{blocks.shape[1]} tokens, sha256 {digest})"
 
 
+def check_data_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The ``--data`` files as a list, checked before any work: each is an existing file (not a folder); one
+    tensor file, or text files that start as UTF-8 text."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise UsageError("data: no data file given.")
+    for path in paths:
+        state = "is a folder" if Path(path).is_dir() else "does not exist"
+        if not Path(path).is_file():
+            raise MissingFileError(f"data: {str(path)!r} {state}; give text files, or one .safetensors/.pt file.")
+    tensors = [p for p in paths if Path(p).suffix in TENSOR_SUFFIXES]
+    if tensors and len(paths) > 1:
+        raise UsageError(f"data: give one pre-tokenized tensor file ({tensors[0]}) alone, not {len(paths)} files.")
+    for path in paths if not tensors else ():
+        check_text_file("data", path)
+    return [str(p) for p in paths]
+
+
+def check_token_ids(blocks: torch.Tensor, vocab_size: int, source: str) -> None:
+    """Raise a `UsageError` when a token id of ``blocks`` (from ``source``) lies outside ``0 .. vocab_size - 1``."""
+    if blocks.numel() and (blocks.min() < 0 or blocks.max() >= vocab_size):
+        bad = blocks[(blocks < 0) | (blocks >= vocab_size)][0].item()
+        raise UsageError(
+            f"data: {source} holds token id {bad}, outside the model's vocabulary 0 .. {vocab_size - 1}; "
+            "tokenize the data with the model's tokenizer."
+        )
+
+
 def _load_tensor_file(path: Path) -> torch.LongTensor:
-    if path.suffix == ".safetensors":
-        tensors = load_file(path)
-        if "input_ids" not in tensors:
-            raise ValueError(f"{path} has no tensor 'input_ids' (it has {sorted(tensors)}).")
-        blocks = tensors["input_ids"]
-    else:
-        blocks = torch.load(path, weights_only=True, map_location="cpu")
-        if isinstance(blocks, dict):
-            if "input_ids" not in blocks:
-                raise ValueError(f"{path} holds a dict without 'input_ids' (keys {sorted(blocks)}).")
-            blocks = blocks["input_ids"]
+    # Nothing is unpickled: safetensors, or torch.load with weights_only (plain tensors and containers only).
+    try:
+        if path.suffix == ".safetensors":
+            tensors = load_file(path)
+            if "input_ids" not in tensors:
+                raise UsageError(f"{path} has no tensor 'input_ids' (it has {sorted(tensors)}).")
+            blocks = tensors["input_ids"]
+        else:
+            blocks = torch.load(path, weights_only=True, map_location="cpu")
+            if isinstance(blocks, dict):
+                if "input_ids" not in blocks:
+                    raise UsageError(f"{path} holds a dict without 'input_ids' (keys {sorted(blocks)}).")
+                blocks = blocks["input_ids"]
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        kind = "safetensors" if path.suffix == ".safetensors" else "weights-only torch.save"
+        reason = str(err).splitlines()[0][:200]
+        raise UsageError(
+            f"data: {str(path)!r} is not a readable {kind} file of token ids ({type(err).__name__}: {reason}); "
+            "objects other than tensors are refused, nothing is unpickled."
+        ) from err
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype.is_floating_point:
-        raise ValueError(f"{path}: expected an integer tensor of token ids shaped [num_blocks, block_size].")
+        raise UsageError(f"{path}: expected an integer tensor of token ids shaped [num_blocks, block_size].")
     return blocks.long()
 
 
 def _tokenize_files(paths, tokenizer, block_size, num_blocks) -> torch.LongTensor:
     if tokenizer is None:
-        raise ValueError("text data needs a tokenizer (the model folder's, or --tokenizer).")
+        raise UsageError("text data needs a tokenizer (the model folder's, or --tokenizer).")
     if not block_size or block_size < 2:
-        raise ValueError(f"block_size={block_size!r}: text data is cut into blocks of at least 2 tokens.")
+        raise UsageError(f"block_size={block_size!r}: text data is cut into blocks of at least 2 tokens.")
     wanted = None if num_blocks is None else num_blocks * block_size
     ids: list[int] = []
     for path in paths:
@@ -146,7 +186,7 @@ def _tokenize_files(paths, tokenizer, block_size, num_blocks) -> torch.LongTenso
             break
     count = len(ids) // block_size
     if count == 0:
-        raise ValueError(f"the text gives {len(ids)} tokens, fewer than one block of {block_size}.")
+        raise UsageError(f"the text gives {len(ids)} tokens, fewer than one block of {block_size}.")
     return torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
 
 
@@ -427,7 +467,7 @@ load them with `duo_llm_hf.oracle_results.OracleResult.load(output_dir)`."""
 
 def build_arg_parser() -> argparse.ArgumentParser:
     """The command line of ``eval/oracle_study.py`` and ``duo-llm oracle``."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="duo-llm oracle",
         description=STUDY_USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -465,25 +505,73 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every flag of ``duo-llm oracle`` that needs no model, before any work is done; raise `UsageError`.
+
+    The checks that need the model's config (block size against its positions, token ids against its vocabulary,
+    budgets against its layers) follow in `main` once the config is read.
+    """
+    check_output_dir(args)
+    check_integer_fields(
+        args,
+        positive=("batch_size",),
+        optional=("num_blocks", "chunk_tokens", "stop_after_batches"),
+        non_negative=("best_of_k",),
+        seeds=("seed",),
+    )
+    if args.block_size is not None and args.block_size < 2:
+        raise UsageError(f"--block-size: {args.block_size} must be at least 2 tokens (one input and one target).")
+    for budget in args.budget or ():
+        if not budget.strip():
+            raise UsageError(
+                "--budget: '' is empty; give all, classes, a BIG count (4), counts per choice (big=6,skip=6) or a "
+                "BIG schedule over positions (6:2)."
+            )
+    if args.route_options is not None:
+        check_choices(args, "route_options", CHOICE_NAMES)
+    paths = check_data_files(args.data)
+    if Path(paths[0]).suffix not in TENSOR_SUFFIXES and args.block_size is None:
+        raise UsageError("--block-size: text data is cut into blocks; give the tokens per block, e.g. 128.")
+    if args.tokenizer is not None:
+        check_folder("--tokenizer", args.tokenizer, "tokenizer folder")
+
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the oracle study from the command line (``eval/oracle_study.py``, ``duo-llm oracle``)."""
     from transformers import AutoTokenizer
 
     args = build_arg_parser().parse_args(argv)
+    validate_args(args)
     refuse_overwrite(args.output_dir, [RESULTS_FILE], args.overwrite_output_dir, "oracle run")
     state = process_state()
-    route_options = args.route_options.split(",") if args.route_options else None
-    model = load_duo_model(args.model, dtype=getattr(torch, args.dtype), what="--model")
-    if route_options:
-        # SKIP needs no weights: a model trained on small/big can be searched with skipping.
-        added = allow_route_options(model, route_options)
-        if added and state.is_main_process:
-            print(f"route options: searching {added} too, which the model was not trained with (no weights needed).")
-    model.to(state.device).eval()
-    is_text = not args.data[0].endswith((".safetensors", ".pt", ".pth"))
+    route_options = [name.strip() for name in args.route_options.split(",")] if args.route_options else None
+    # Everything is checked against the model's config and the data before the weights are loaded.
+    config = inspect_duo_source(args.model, "--model")
+    added = allow_route_options(config, route_options) if route_options else []
+    positions = config.max_position_embeddings
+    if args.block_size is not None and args.block_size > positions:
+        raise UsageError(
+            f"--block-size {args.block_size} is longer than the max_position_embeddings {positions} of model "
+            f"{args.model!r}; use --block-size <= {positions}."
+        )
+    with user_values():  # --budget and --route-options against the model's layers and options
+        space = study_space(config, args.budget or ["all", "classes"], route_options)
+    is_text = Path(args.data[0]).suffix not in TENSOR_SUFFIXES
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model) if is_text else None
     blocks, data_id = load_token_blocks(args.data, tokenizer, args.block_size, args.num_blocks)
-    space = study_space(model.config, args.budget or ["all", "classes"], route_options)
+    if blocks.shape[1] > positions:
+        raise UsageError(
+            f"--data {args.data[0]!r} holds blocks of {blocks.shape[1]} tokens, longer than the "
+            f"max_position_embeddings {positions} of model {args.model!r}; re-tokenize into shorter blocks."
+        )
+    check_token_ids(blocks, config.vocab_size, repr(args.data[0]))
+    model = load_duo_model(args.model, dtype=getattr(torch, args.dtype), what="--model")
+    if route_options:
+        allow_route_options(model.config, route_options)  # SKIP needs no weights: searched on a small/big model too
+    if added and state.is_main_process:
+        print(f"route options: searching {added} too, which the model was not trained with (no weights needed).")
+    model.to(state.device).eval()
     result = run_oracle_study(
         model, blocks, space, args.output_dir,
         batch_size=args.batch_size, best_of_k=args.best_of_k, seed=args.seed, causal=args.causal,

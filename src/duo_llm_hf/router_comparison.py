@@ -24,21 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
 
 from .oracle_run import run_oracle_study, study_space
 from .router_training import (
     DEFAULT_BLOCK_SIZE,
     REPORT_FILE,
     RouterTrainArguments,
-    inspect_duo_source,
-    load_duo_model,
     train_router,
 )
 from .routing import BIG, CHOICE_NAMES, SMALL
 from .tokenization import load_tokenizer
 from .training import load_corpora, make_eval_loaders
+from .utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields, check_output_dir
+from .utils.errors import UsageError
+from .utils.loading import inspect_duo_source, load_duo_model
 
+PROG = "eval/router_vs_oracle.py"
 RESULT_FILE = "router_vs_oracle.json"
 TABLE_FILE = "router_vs_oracle.md"
 ROUTERS = {"conventional": "router (conventional)", "oracle": "router (oracle-supervised)"}
@@ -67,6 +68,23 @@ class ComparisonArguments:
     oracle_batch_size: int = field(default=8, metadata={"help": "Sequences per oracle batch (and checkpoint)."})
     seed: int = field(default=0, metadata={"help": "Seed of the routers' weights and data order."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def validate(self) -> None:
+        """Check every argument before any work is done (the budgets' upper bound needs the model's layers and is
+        checked by `compare_routers`); raise `UsageError`."""
+        check_output_dir(self)
+        check_integer_fields(
+            self,
+            positive=("router_steps", "batch_size", "eval_blocks", "oracle_batch_size"),
+            optional=("block_size", "builtin_max_chars"),
+            seeds=("seed",),
+        )
+        check_float_fields(self, positive=("learning_rate",), non_negative=("alpha",))
+        if self.block_size is not None and self.block_size < 2:
+            raise UsageError(f"block_size: {self.block_size} must be at least 2 tokens.")
+        if self.budgets is not None and (not self.budgets or any(k < 1 for k in self.budgets)):
+            raise UsageError(f"budgets: {self.budgets} must be BIG layer counts >= 1 (0 and all are references).")
+        inspect_duo_source(self.model)
 
 
 def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, supervision: str) -> RouterTrainArguments:
@@ -109,16 +127,17 @@ def _finished_report(run: RouterTrainArguments) -> dict | None:
 
 def compare_routers(args: ComparisonArguments) -> dict:
     """Run the comparison (see the module docstring); return the results that `comparison_table` prints."""
+    args.validate()
     config = inspect_duo_source(args.model)
     num_layers = config.num_hidden_layers
     if sorted(config.route_options) != sorted(CHOICE_NAMES[c] for c in (SMALL, BIG)):
-        raise ValueError(
+        raise UsageError(
             f"model {args.model!r} routes {config.route_options}; the comparison needs a model over small / big."
         )
     budgets = args.budgets or list(range(1, num_layers))
     bad = [k for k in budgets if not 0 < k < num_layers]
     if bad:
-        raise ValueError(f"budgets {bad}: BIG layers must lie in 1 .. {num_layers - 1} (0 and all are references).")
+        raise UsageError(f"budgets {bad}: BIG layers must lie in 1 .. {num_layers - 1} (0 and all are references).")
     positions = config.max_position_embeddings
     args = dataclasses.replace(args, block_size=args.block_size or min(DEFAULT_BLOCK_SIZE, positions))
     output_dir = Path(args.output_dir)
@@ -209,8 +228,8 @@ def comparison_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """``eval/router_vs_oracle.py``: parse the flags, run the comparison, print the table."""
-    parser = HfArgumentParser(ComparisonArguments, description=__doc__.split("\n\n")[0])
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    parser = HfArgumentParser(ComparisonArguments, prog=PROG, description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse(argv)
     results = compare_routers(args)
     print(comparison_table(results))
     print(f"Results: {Path(args.output_dir) / RESULT_FILE}, {Path(args.output_dir) / TABLE_FILE}")

@@ -41,7 +41,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
 
 from .checkpointing import (
     CHECKPOINTS_DIR,
@@ -50,8 +49,6 @@ from .checkpointing import (
     restore_train_state,
     save_checkpoint_if_due,
 )
-from .configuration_duo_llama import DuoLlamaConfig
-from .configuration_duo_opt import DuoOPTConfig
 from .data import pack_corpus
 from .duo_modeling_utils import DUO_CONFIG_FIELDS
 from .flops import flops_per_token
@@ -78,7 +75,7 @@ from .training import (
     build_optimizer,
     build_scheduler,
     check_data_fields,
-    check_integer_fields,
+    check_run_fields,
     load_corpora,
     make_eval_loaders,
     make_train_loader,
@@ -87,8 +84,10 @@ from .training import (
     training_batches,
     training_fingerprint,
 )
+from .utils.arguments import HfArgumentParser, check_integer_fields, check_output_dir, user_values
+from .utils.errors import MissingFileError, UsageError
+from .utils.loading import inspect_duo_source, load_duo_model
 
-DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
 REPORT_FILE = "router_report.json"
 DEFAULT_BLOCK_SIZE = 256
 
@@ -215,56 +214,61 @@ class RouterTrainArguments:
     progress: bool = _stage1("progress")
 
     def validate(self) -> None:
-        """Check the arguments and the paths they name, before any work is done (see also `route_plan`)."""
+        """Check every argument and the paths they name, before any work is done (see also `route_plan`); raise
+        `UsageError`."""
+        check_output_dir(self)
         check_integer_fields(
             self,
-            positive=("batch_size", "gradient_accumulation_steps", "eval_blocks", "log_every", "num_epochs"),
-            optional=("max_steps", "eval_batch_size", "block_size", "builtin_max_chars", "checkpoints_to_keep"),
-            non_negative=("eval_every", "checkpoint_every", "warmup_steps"),
-        )
+            positive=(
+                "batch_size", "gradient_accumulation_steps", "eval_blocks", "log_every", "num_epochs", "shuffle_buffer"
+            ),
+            optional=(
+                "max_steps", "eval_batch_size", "block_size", "builtin_max_chars", "checkpoints_to_keep",
+                "oracle_chunk_tokens",
+            ),
+            non_negative=("eval_every", "checkpoint_every", "warmup_steps", "oracle_calibration_blocks"),
+            seeds=("seed", "router_seed"),
+        )  # fmt: skip
+        check_run_fields(self)
         if self.supervision not in SUPERVISIONS:
-            raise ValueError(f"supervision: {self.supervision!r} is not one of {list(SUPERVISIONS)}.")
+            raise UsageError(f"supervision: {self.supervision!r} is not one of {list(SUPERVISIONS)}.")
         if self.supervision != "oracle":
             given = [f"--{n.replace('_', '-')}" for n in ORACLE_FIELDS if getattr(self, n) != _DEFAULTS[n]]
             if given:
-                raise ValueError(f"{given} set the oracle's targets; they need --supervision oracle.")
-        if self.oracle_calibration_blocks < 0:
-            raise ValueError(f"oracle_calibration_blocks: {self.oracle_calibration_blocks!r} must be >= 0.")
-        if self.oracle_chunk_tokens is not None and self.oracle_chunk_tokens < 1:
-            raise ValueError(f"oracle_chunk_tokens: {self.oracle_chunk_tokens!r} must be a positive integer.")
+                raise UsageError(f"{given} set the oracle's targets; they need --supervision oracle.")
         if self.temperature_steps is not None and self.temperature_steps < 0:
-            raise ValueError(f"temperature_steps: {self.temperature_steps!r} must be >= 0 (or left unset).")
+            raise UsageError(f"temperature_steps: {self.temperature_steps!r} must be >= 0 (or left unset).")
         if self.block_size is not None and self.block_size < 2:
-            raise ValueError(f"block_size: {self.block_size} must be at least 2 tokens.")
+            raise UsageError(f"block_size: {self.block_size} must be at least 2 tokens.")
         if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"alpha: {self.alpha!r} must be a finite number >= 0 (the budget loss weight).")
-        self.temperature_plan(1)  # checks the temperatures and the schedule kind
+            raise UsageError(f"alpha: {self.alpha!r} must be a finite number >= 0 (the budget loss weight).")
+        with user_values():
+            self.temperature_plan(1)  # checks the temperatures and the schedule kind
         if self.setting is not None:
             if self.setting not in ROUTER_SETTINGS:
-                raise ValueError(
+                raise UsageError(
                     f"setting: {self.setting!r} is not a router setting; use one of "
                     f"{sorted(ROUTER_SETTINGS)}, or --route-options with --budget."
                 )
             if self.route_options is not None or self.budget is not None:
-                raise ValueError(
+                raise UsageError(
                     f"setting {self.setting!r} fixes the route options and the budget; leave out --route-options "
                     "and --budget, or give those without --setting."
                 )
         elif self.budget is None:
-            raise ValueError(
+            raise UsageError(
                 f"budget: give a target, e.g. --budget 0.3 (the fraction of BIG) or --budget small=0.3,big=0.5,"
                 f"skip=0.2, or one of the paper's settings with --setting ({', '.join(sorted(ROUTER_SETTINGS))})."
             )
         else:
-            parse_budget(parse_budget_flag(self.budget))
+            with user_values():
+                parse_budget(parse_budget_flag(self.budget))
         if self.route_options is not None:
-            parse_route_options(self.route_options)
-        folder = Path(self.model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model: {self.model!r} is not a model folder (it has no config.json); give the output folder of "
-                "training/train_duo.py or any folder a Duo model was saved to with save_pretrained."
-            )
+            with user_values():
+                parse_route_options(self.route_options)
+        if self.oracle_budget is not None and not self.oracle_budget.strip():
+            raise UsageError("oracle_budget: '' is empty; give an exact budget such as 2 or big=6,skip=6.")
+        inspect_duo_source(self.model)
         check_data_fields(self)
 
     def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
@@ -291,13 +295,14 @@ class RouterTrainResult:
 
 def build_router_arg_parser(**kwargs) -> HfArgumentParser:
     """The command-line parser of `RouterTrainArguments` (``kwargs`` go to `argparse.ArgumentParser`)."""
+    kwargs.setdefault("prog", "duo-llm train-router")
     kwargs.setdefault("description", "Stage 3: train learned routers on a frozen Duo model with Accelerate.")
     return HfArgumentParser(RouterTrainArguments, **kwargs)
 
 
 def parse_router_args(argv: list[str] | None = None) -> RouterTrainArguments:
-    """Parse command-line arguments into `RouterTrainArguments`."""
-    (args,) = build_router_arg_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    """Parse command-line arguments into `RouterTrainArguments` (a parse error is a `UsageError`)."""
+    (args,) = build_router_arg_parser().parse(argv)
     return args
 
 
@@ -356,13 +361,14 @@ def route_plan(args: RouterTrainArguments, config) -> tuple[list[str], dict[int,
     routable = routable_choices(config)
     missing = [name for name in options if name not in routable]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{source} routes to {missing}, which model {args.model!r} cannot route: its route_options are "
             f"{list(config.route_options)} (skip is always possible); choose options within {routable}."
         )
     if len(options) < 2:
-        raise ValueError(f"{source}: a router needs at least two route options to choose between, got {options}.")
-    return options, parse_budget(budget, options)
+        raise UsageError(f"{source}: a router needs at least two route options to choose between, got {options}.")
+    with user_values():
+        return options, parse_budget(budget, options)
 
 
 def oracle_budget_spec(
@@ -380,45 +386,20 @@ def oracle_budget_spec(
         counts = {CHOICE_NAMES[code]: fraction * num_layers for code, fraction in targets.items()}
         uneven = {name: count for name, count in counts.items() if abs(count - round(count)) > 1e-6}
         if uneven:
-            raise ValueError(
+            raise UsageError(
                 f"budget { ({CHOICE_NAMES[c]: v for c, v in targets.items()}) } of {num_layers} layers is "
                 f"{uneven} layers, not whole numbers; the oracle needs exact counts: give --oracle-budget (e.g. "
                 f"{','.join(f'{n}={round(c)}' for n, c in counts.items())})."
             )
         spec = ",".join(f"{name}={round(count)}" for name, count in counts.items())
-    RouteSpace(num_layers, options, [spec])  # raises on a budget the options cannot meet
+    with user_values("oracle_budget: "):
+        RouteSpace(num_layers, options, [spec])  # raises on a budget the options cannot meet
     return spec
 
 
 # ----------------------------------------------------------------------------------------------------
 # Models
 
-
-def inspect_duo_source(path: str | Path):
-    """Read a Duo model folder's config (no weights); raise unless it is a DuoLlama or DuoOPT model."""
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model: {str(path)!r} is not a model folder (it has no config.json); give a Duo model folder written "
-            "by save_pretrained, e.g. the output folder of training/train_duo.py."
-        )
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"model: {str(path)!r} has a config that cannot be read ({err}).") from err
-    if config.model_type not in DUO_MODEL_TYPES:
-        raise ValueError(
-            f"model: {str(path)!r} is a {config.model_type!r} model, not a Duo model ({list(DUO_MODEL_TYPES)}); "
-            "routers need a Duo model: train one with training/train_duo.py or convert a dense one with "
-            "DuoLlamaForCausalLM.from_dense / DuoOPTForCausalLM.from_dense."
-        )
-    return config
-
-
-def load_duo_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a Duo model folder (DuoLlama or DuoOPT) with `AutoModelForCausalLM`, after `inspect_duo_source`."""
-    inspect_duo_source(path)
-    return AutoModelForCausalLM.from_pretrained(Path(path).expanduser(), dtype=dtype)
 
 
 def add_routers(model, route_options: Sequence[str | int], seed: int = 0, temperature: float = 1.0):
@@ -645,11 +626,11 @@ def train_router(
     called after each optimizer step (and its logging, evaluation and checkpoint) on every process.
     """
     args.validate()
-    source_config = inspect_duo_source(args.model)
+    source_config = inspect_duo_source(args.model)  # checked by validate; read again for the run
     options, targets = route_plan(args, source_config)
     positions = source_config.max_position_embeddings
     if args.block_size is not None and args.block_size > positions:
-        raise ValueError(
+        raise UsageError(
             f"block_size {args.block_size} is longer than the max_position_embeddings {positions} of model "
             f"{args.model!r}; use --block-size <= {positions}."
         )
@@ -682,7 +663,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
     train_texts, holdout_texts = load_corpora(args)
     tokenizer_dir = args.tokenizer or args.model
     if args.tokenizer is None and not has_tokenizer(args.model):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model {args.model!r} holds no tokenizer; pass --tokenizer with the tokenizer the model was trained with."
         )
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -913,8 +894,6 @@ __all__ = [
     "calibrate_routers",
     "eval_metrics",
     "evaluate_router",
-    "inspect_duo_source",
-    "load_duo_model",
     "main",
     "oracle_budget_spec",
     "oracle_router_loss",

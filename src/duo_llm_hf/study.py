@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader
 
 from .oracle_results import OracleResult, atomic_write_text
 from .oracle_run import run_oracle_study, study_space
-from .utils.errors import UsageError
-from .utils.loading import allow_route_options, load_duo_model
+from .utils.arguments import check_folder, check_output_dir
+from .utils.errors import ArgumentParser, MissingFileError, UsageError
+from .utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from .utils.run_files import OVERWRITE_FLAG
 
 logger = logging.getLogger(__name__)
@@ -320,7 +321,7 @@ def run_study(
     model_dir = Path(config.model) if config.model else train_stage(stages)
     # SKIP needs no weights: a model trained on small/big can be evaluated with skipping (the paper's Fig. 2d).
     model = load_duo_model(model_dir, what="--model" if config.model else "model")
-    allow_route_options(model, ["small", "big", "skip"])
+    allow_route_options(model.config, ["small", "big", "skip"])
     model.to(_device()).eval()
     n = model.config.num_hidden_layers
 
@@ -459,7 +460,7 @@ def summary_table(metrics: dict) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="duo-llm study",
         description="The Duo-LLM study end to end: stage 1 training, the oracle (all budgets, fixed, best-of-100, "
         "skip, position budgets, causal), routers, token difficulty; report.md/.html, metrics.json, figures. "
@@ -480,9 +481,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the flags of ``duo-llm study`` before any work is done: ``--out`` is not a file, and ``--model``, if
+    given, is a Duo model folder (its config, no weights, is read) with its tokenizer; raise `UsageError`."""
+    from .tokenization import has_tokenizer
+
+    check_output_dir(args, "out")
+    if args.model is not None:
+        folder = check_folder("--model", args.model, "Duo model folder")
+        inspect_duo_source(folder, "--model")
+        if not has_tokenizer(folder):
+            raise MissingFileError(f"--model: {args.model!r} holds no tokenizer; the study tokenizes its holdouts.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``duo-llm study``."""
     args = build_arg_parser().parse_args(argv)
+    validate_args(args)
     metrics = run_study(
         args.out, args.preset, progress=not args.no_progress, overwrite=args.overwrite_output_dir, model=args.model
     )

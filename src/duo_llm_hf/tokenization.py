@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .utils.errors import MissingFileError, UsageError
+
 END_OF_TEXT = "<|endoftext|>"
 # Byte-level BPE starts from the 256 byte symbols; the special token takes one more id.
 MIN_VOCAB_SIZE = 256 + 1
@@ -51,16 +53,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer folder (what ``AutoTokenizer.from_pretrained`` reads), with clear errors."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tokenizer: {str(path)!r} is not a folder; give a folder written by tokenizer.save_pretrained, "
             "or leave --tokenizer out to train a byte-level BPE tokenizer on the training corpus."
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
-        raise ValueError(f"tokenizer: {str(path)!r} holds no loadable tokenizer ({err}).") from err
+        raise UsageError(f"tokenizer: {str(path)!r} holds no loadable tokenizer ({err}).") from err
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise UsageError(
             f"tokenizer: {str(path)!r} has no EOS token; packing documents into blocks needs one."
         )
     return tokenizer
@@ -79,7 +81,7 @@ def check_tokenizer_fits(
 ) -> None:
     """Raise if the tokenizer makes ids the model's embedding lacks (``len(tokenizer) > vocab_size``)."""
     if len(tokenizer) > vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"The tokenizer has {len(tokenizer)} tokens but {model_name} has vocab_size {vocab_size}: its "
             "ids would index past the embedding. Use the tokenizer the model was trained with (or a smaller "
             "--vocab-size)."

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,11 +34,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
+    SchedulerType,
     get_scheduler,
 )
 
@@ -69,7 +68,7 @@ from .modeling_duo_llama import DuoLlamaForCausalLM
 from .modeling_duo_opt import DuoOPTForCausalLM
 from .processes import process_state
 from .routing import BIG, CHOICE_CODES, RouteSampler
-from .tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer, train_bpe_tokenizer
+from .tokenization import MIN_VOCAB_SIZE, check_tokenizer_fits, has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from .train_loop import (
     StepMeter,
     accelerated_run,
@@ -79,12 +78,23 @@ from .train_loop import (
     start_or_resume,
     tracker_config,
 )
+from .utils.arguments import (
+    HfArgumentParser,
+    check_choices,
+    check_float_fields,
+    check_folder,
+    check_integer_fields,
+    check_output_dir,
+)
+from .utils.errors import MissingFileError, UsageError
+from .utils.loading import load_complete_model
 from .utils.run_files import files_hash, folder_weights_hash
 
 logger = logging.getLogger(__name__)
 
 MODES = ("random", "frozen-big", "dense")
 EVAL_ROUTES = ("random", "big", "small", "skip")
+SCHEDULERS = [kind.value for kind in SchedulerType]  # what --lr-scheduler may name (transformers' get_scheduler)
 # Holdout sets evaluated separately, as the paper holds out C4 (English) and Python code.
 HOLDOUTS = ("english", "code")
 SMALL_MODULE_KEY = ".mlp.small."
@@ -282,7 +292,8 @@ class TrainArguments:
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
 
     def validate(self) -> None:
-        """Check the arguments and the paths they name, before any work is done."""
+        """Check every argument and the paths they name, before any work is done; raise `UsageError`."""
+        check_output_dir(self)
         positive = (
             "block_size",
             "batch_size",
@@ -307,45 +318,58 @@ class TrainArguments:
             "checkpoints_to_keep",
         )
         non_negative = ("eval_every", "checkpoint_every", "warmup_steps")
-        check_integer_fields(self, positive=positive, optional=optional, non_negative=non_negative)
+        check_integer_fields(
+            self, positive=positive, optional=optional, non_negative=non_negative, seeds=("seed", "route_seed")
+        )
         if self.block_size < 2:
-            raise ValueError(f"block_size: {self.block_size} must be at least 2 tokens.")
+            raise UsageError(f"block_size: {self.block_size} must be at least 2 tokens.")
         if self.mode not in MODES:
-            raise ValueError(f"mode: {self.mode!r} is not a training mode; use one of {list(MODES)}.")
+            raise UsageError(f"mode: {self.mode!r} is not a training mode; use one of {list(MODES)}.")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < MIN_VOCAB_SIZE:
+            raise UsageError(
+                f"vocab_size: {self.vocab_size!r} is too small; a byte-level BPE tokenizer needs at least "
+                f"{MIN_VOCAB_SIZE} tokens (256 bytes + the end-of-text token)."
+            )
+        if self.mode != "frozen-big":
+            check_model_shape(self)
         if not (
             0.0 <= self.p_big <= 1.0 and 0.0 <= self.p_skip <= 1.0 and self.p_big + self.p_skip <= 1.0 + 1e-9
         ):
-            raise ValueError(
+            raise UsageError(
                 f"p_big={self.p_big!r}, p_skip={self.p_skip!r}: each must be in [0, 1] and together at most "
                 "1 (the small FFN gets 1 - p_big - p_skip)."
             )
-        routes = self.eval_route_list()
-        bad = [r for r in routes if r not in EVAL_ROUTES]
-        if bad:
-            raise ValueError(
-                f"eval_routes: {bad} are not route modes; use a comma-separated subset of {EVAL_ROUTES}."
-            )
+        routes = check_choices(self, "eval_routes", EVAL_ROUTES)
         if "skip" in routes and self.p_skip == 0:
-            raise ValueError(
+            raise UsageError(
                 "eval_routes: 'skip' needs a model that allows skipping (train with --p-skip > 0)."
             )
         if self.mode == "frozen-big" and not self.init_from:
-            raise ValueError(
+            raise UsageError(
                 "mode 'frozen-big' needs --init-from: a dense Llama folder or a Duo model folder."
             )
         if self.mode != "frozen-big" and self.init_from:
-            raise ValueError(f"--init-from is for mode 'frozen-big' only (this run's mode is {self.mode!r}).")
+            raise UsageError(f"--init-from is for mode 'frozen-big' only (this run's mode is {self.mode!r}).")
         if self.init_from and not (Path(self.init_from).expanduser().is_dir() or is_hub_id(self.init_from)):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"init_from: {self.init_from!r} is not a model folder (written by save_pretrained) nor a Hub "
                 "model name."
             )
+        if self.mode == "frozen-big":
+            inspect_init_source(self.init_from, self.block_size)  # its config only: a supported model, long enough
+        local_source = self.init_from and not is_hub_id(self.init_from)
+        if local_source and self.tokenizer is None and not has_tokenizer(Path(self.init_from).expanduser()):
+            raise MissingFileError(
+                f"init_from {self.init_from!r} holds no tokenizer; pass --tokenizer with the tokenizer that "
+                "model was trained with (a new one would not match its embeddings)."
+            )
         positions = self.max_position_embeddings
         if positions is not None and self.block_size > positions:
-            raise ValueError(
+            raise UsageError(
                 f"block_size {self.block_size} is longer than max_position_embeddings {positions}; use a "
                 "block size <= the model's positions."
             )
+        check_run_fields(self)
         check_data_fields(self)
 
     def eval_route_list(self) -> list[str]:
@@ -359,38 +383,57 @@ class TrainArguments:
         return probs
 
 
-def check_integer_fields(
-    args, positive: Sequence[str] = (), optional: Sequence[str] = (), non_negative: Sequence[str] = ()
-) -> None:
-    """Raise a ValueError at the first field of ``args`` (a dataclass) that is not what its group asks for.
+def check_model_shape(args) -> None:
+    """The from-scratch model's shape fits together: heads divide the hidden size, key/value heads the heads, the
+    small FFN is not larger than the big one. ``args`` has `TrainArguments`' model fields."""
+    if args.hidden_size % args.num_heads:
+        raise UsageError(
+            f"hidden_size {args.hidden_size} is not a multiple of num_heads {args.num_heads}; every head needs the "
+            "same width."
+        )
+    kv_heads = args.num_kv_heads or args.num_heads
+    if args.num_heads % kv_heads:
+        raise UsageError(f"num_kv_heads {kv_heads} does not divide num_heads {args.num_heads}.")
+    big = args.intermediate_size or 4 * args.hidden_size
+    if args.small_intermediate_size is not None and args.small_intermediate_size > big:
+        raise UsageError(
+            f"small_intermediate_size {args.small_intermediate_size} is larger than the big FFN's "
+            f"intermediate_size {big}; the small FFN must be the smaller one."
+        )
 
-    ``positive``: integers >= 1; ``optional``: integers >= 1 or None; ``non_negative``: numbers >= 0.
-    """
-    for name in positive:
-        value = getattr(args, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: {value!r} must be a positive integer.")
-    for name in optional:
-        value = getattr(args, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}: {value!r} must be a positive integer (or left unset).")
-    for name in non_negative:
-        if getattr(args, name) < 0:
-            raise ValueError(f"{name}: {getattr(args, name)!r} must be >= 0.")
+
+def check_run_fields(args) -> None:
+    """Check the optimisation and naming fields every training run has (`TrainArguments`' and the router
+    training's): learning rate, weight decay, betas, clipping, the scheduler, and non-empty names."""
+    check_float_fields(
+        args,
+        positive=("learning_rate",),
+        non_negative=("weight_decay", "max_grad_norm"),
+        fractions=("adam_beta1", "adam_beta2"),
+    )
+    if args.lr_scheduler not in SCHEDULERS:
+        raise UsageError(f"lr_scheduler: {args.lr_scheduler!r} is not a scheduler; use one of {SCHEDULERS}.")
+    for name in ("run_name", "report_to", "text_column"):
+        if not getattr(args, name).strip():
+            raise UsageError(f"{name}: {getattr(args, name)!r} is empty; give a name (see --help).")
 
 
 def check_data_fields(args) -> None:
     """Check the data fields every training run has (`TrainArguments`' and the router training's).
 
-    The tokenizer folder, if given, exists; a streamed corpus comes with ``max_steps``; the corpus specs parse
-    (`data.parse_corpus_spec`) and the training corpus is not ``none``.
+    The tokenizer folder, if given, holds a tokenizer; the datasets cache is not a file; a streamed corpus comes
+    with ``max_steps``; the corpus specs parse (`data.parse_corpus_spec`) and the training corpus is not ``none``.
     """
-    if args.tokenizer is not None and not Path(args.tokenizer).expanduser().is_dir():
-        raise FileNotFoundError(f"tokenizer: {args.tokenizer!r} is not a tokenizer folder.")
+    if args.tokenizer is not None:
+        folder = check_folder("tokenizer", args.tokenizer, "tokenizer folder")
+        if not has_tokenizer(folder):
+            raise MissingFileError(f"tokenizer: {args.tokenizer!r} is not a tokenizer folder (no tokenizer files).")
+    if args.cache_dir is not None and Path(args.cache_dir).expanduser().is_file():
+        raise UsageError(f"cache_dir: {args.cache_dir!r} is a file; give a folder for the datasets cache.")
     if args.streaming and args.max_steps is None:
-        raise ValueError("streaming: a streamed corpus has no known length; give --max-steps.")
+        raise UsageError("streaming: a streamed corpus has no known length; give --max-steps.")
     if parse_corpus_spec(args.dataset, "train", "dataset").kind == "none":
-        raise ValueError("dataset: 'none' is not a training corpus.")
+        raise UsageError("dataset: 'none' is not a training corpus.")
     parse_corpus_spec(args.holdout_english, "holdout_english", "holdout_english")
     parse_corpus_spec(args.holdout_code, "holdout_code", "holdout_code")
 
@@ -425,6 +468,7 @@ def build_arg_parser(**kwargs) -> HfArgumentParser:
 
     ``kwargs`` go to `argparse.ArgumentParser` (e.g. ``add_help=False`` to use it as a parent parser).
     """
+    kwargs.setdefault("prog", "duo-llm train")
     kwargs.setdefault(
         "description", "Stage 1 training of a Duo-LLM model (or its dense baseline) with Accelerate."
     )
@@ -432,8 +476,8 @@ def build_arg_parser(**kwargs) -> HfArgumentParser:
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainArguments:
-    """Parse command-line arguments into `TrainArguments`."""
-    (args,) = build_arg_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    """Parse command-line arguments into `TrainArguments` (a parse error is a `UsageError`)."""
+    (args,) = build_arg_parser().parse(argv)
     return args
 
 
@@ -492,20 +536,20 @@ def inspect_init_source(path: str | Path, block_size: int):
     """
     folder = Path(path).expanduser()
     if not is_hub_id(path) and not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"init_from: {str(path)!r} has no config.json; give a folder written by save_pretrained."
         )
     try:
         config = AutoConfig.from_pretrained(str(path) if is_hub_id(path) else folder)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"init_from: {str(path)!r} has a config that cannot be read ({err}).") from err
+        raise UsageError(f"init_from: {str(path)!r} has a config that cannot be read ({err}).") from err
     if config.model_type not in FROZEN_BIG_SOURCES:
-        raise ValueError(
+        raise UsageError(
             f"init_from: {str(path)!r} is a {config.model_type!r} model; frozen-big needs a Llama-shaped model or "
             f"an OPT model (model_type one of {sorted(FROZEN_BIG_SOURCES)})."
         )
     if block_size > config.max_position_embeddings:
-        raise ValueError(
+        raise UsageError(
             f"block_size {block_size} is longer than the max_position_embeddings "
             f"{config.max_position_embeddings} "
             f"of init_from {str(path)!r}; use --block-size <= {config.max_position_embeddings}."
@@ -524,7 +568,7 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
             return LlamaForCausalLM(dense_baseline_config(config))
         return DuoLlamaForCausalLM(config)
     duo_class = FROZEN_BIG_SOURCES[AutoConfig.from_pretrained(args.init_from).model_type]
-    dense = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    dense = load_complete_model(args.init_from, torch.float32, "--init-from")
     if is_duo_model(dense):  # a Duo model: its big path, with fresh small modules below
         dense = dense.to_dense()
     options = ["small", "big"] + (["skip"] if args.p_skip > 0 else [])
@@ -715,7 +759,7 @@ def total_training_steps(args, train_loader: DataLoader, num_processes: int = 1)
     Raises when a map-style corpus gives fewer batches than there are processes.
     """
     if not args.streaming and len(train_loader) < num_processes:
-        raise ValueError(
+        raise UsageError(
             f"dataset {args.dataset!r} has {len(train_loader.dataset)} blocks, fewer than one batch of "
             f"{args.batch_size} x {num_processes} processes; lower --batch-size or add data."
         )
@@ -747,7 +791,7 @@ def training_batches(
             state.batches_in_epoch += 1
             yield batch
         if fresh_epoch and state.batches_in_epoch == 0:
-            raise ValueError(f"dataset {args.dataset!r} gave no batch of {args.batch_size} blocks.")
+            raise UsageError(f"dataset {args.dataset!r} gave no batch of {args.batch_size} blocks.")
         state.epoch += 1
         state.batches_in_epoch = 0
 
@@ -760,7 +804,7 @@ def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_tex
             return AutoTokenizer.from_pretrained(args.init_from)
     if args.mode == "frozen-big":
         if not has_tokenizer(args.init_from):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"init_from {args.init_from!r} holds no tokenizer; pass --tokenizer with the tokenizer that "
                 "model was trained with (a new one would not match its embeddings)."
             )
@@ -771,7 +815,7 @@ def _prepare_tokenizer(args: TrainArguments, accelerator: Accelerator, train_tex
         if has_tokenizer(folder):
             tokenizer = load_tokenizer(folder)
             if len(tokenizer) > args.vocab_size:
-                raise ValueError(
+                raise UsageError(
                     f"{folder} holds a tokenizer of {len(tokenizer)} tokens from an earlier run, more than "
                     f"--vocab-size {args.vocab_size}; use a new --output-dir or pass --tokenizer {folder}."
                 )

@@ -4,10 +4,15 @@ A user's mistake (an argument out of its domain, a missing or unreadable file, a
 overwritten, a checkpoint that does not fit the run) raises `UsageError`. The command line prints it as one line,
 ``duo-llm <command>: error: <message>``, and exits 2 (argparse's convention), without a traceback; ``--debug`` or
 ``DUO_LLM_DEBUG=1`` shows the traceback. Any other exception is a bug and keeps its traceback.
+
+The command-line parsers are `ArgumentParser`s (or `utils.arguments.HfArgumentParser`): their errors (an unknown
+flag, a value of the wrong type, an invalid choice, a missing required flag) are `UsageError`s too, so they print
+the same one line instead of argparse's usage block.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +27,26 @@ class UsageError(ValueError):
 
     A `ValueError`, so library callers that catch `ValueError` keep working.
     """
+
+
+class MissingFileError(UsageError, FileNotFoundError):
+    """A path the user gave does not exist or is not the file or folder it must be (also a `FileNotFoundError`)."""
+
+
+class MissingDependencyError(UsageError, ImportError):
+    """An option needs a package that is not installed (also an `ImportError`); the message says what to install."""
+
+
+class UsageErrors:
+    """Mixin for `argparse.ArgumentParser` classes: a parse error raises `UsageError` instead of printing the usage
+    block and exiting, so that `run_command` shows it as one line. ``--help`` is unchanged."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help').")
+
+
+class ArgumentParser(UsageErrors, argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors are `UsageError`s (see `UsageErrors`)."""
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
@@ -44,3 +69,9 @@ def run_command(prog: str, function: Callable[[list[str]], object], argv: Sequen
         print(f"{prog}: error: {message}", file=sys.stderr)
         return USAGE_EXIT_CODE
     return result if isinstance(result, int) else 0
+
+
+def script_main(prog: str, function: Callable[[list[str]], object]) -> None:
+    """The ``if __name__ == "__main__"`` of a script: run ``function`` on ``sys.argv[1:]`` as the command ``prog``
+    (`run_command`) and exit with its code, so a script reports errors as its ``duo-llm`` command does."""
+    sys.exit(run_command(prog, function, sys.argv[1:]))

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..configuration_duo_llama import DuoLlamaConfig
 from ..configuration_duo_opt import DuoOPTConfig
 from ..routing import CHOICE_NAMES, choice_code, validate_route_fields
-from .errors import UsageError
+from .errors import MissingFileError, UsageError
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
 # Choices a Duo model can take although its config does not list them: skip runs no FFN, so it needs no weights.
@@ -32,17 +32,19 @@ def _source(path: str | Path, what: str) -> str | Path:
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise UsageError(
+            raise MissingFileError(
                 f"{what}: {name!r} is not a model folder (it has no config.json); give a Duo model folder written "
                 "by save_pretrained, e.g. the output folder of `duo-llm train`."
             )
         return folder
     if folder.exists():
-        raise UsageError(f"{what}: {name!r} is a file, not a model folder; give the folder save_pretrained wrote.")
+        raise MissingFileError(
+            f"{what}: {name!r} is a file, not a model folder; give the folder save_pretrained wrote."
+        )
     from ..training import is_hub_id  # only here: a name that is no local path may be a Hub model
 
     if not is_hub_id(name):
-        raise UsageError(
+        raise MissingFileError(
             f"{what}: {name!r} does not exist; give a Duo model folder written by save_pretrained (e.g. the output "
             "folder of `duo-llm train`) or a Hub model name (org/name)."
         )
@@ -85,11 +87,21 @@ def load_duo_model(path: str | Path, dtype: torch.dtype = torch.float32, what: s
     """Load a Duo model (DuoLlama or DuoOPT) with `AutoModelForCausalLM`; every weight must come from the checkpoint.
 
     Raises `UsageError` for a missing folder, a folder that is no model or not a Duo model (`inspect_duo_source`),
-    missing weight files, and weights that do not match the config: keys missing (except the routers', which a
-    stage 1 model does not have) or unexpected, or of other shapes.
+    missing weight files, and weights that do not match the config (`load_complete_model`).
     """
-    config = inspect_duo_source(path, what)
+    inspect_duo_source(path, what)
+    return load_complete_model(path, dtype, what)
+
+
+def load_complete_model(path: str | Path, dtype: torch.dtype = torch.float32, what: str = "model"):
+    """`AutoModelForCausalLM.from_pretrained` that never leaves a weight randomly initialised.
+
+    Keys missing from the checkpoint (except those the model class may lack, such as a stage 1 Duo model's router
+    weights: `_keys_to_ignore_on_load_missing`), unexpected keys and weights of other shapes are a `UsageError`
+    naming them, as are missing weight files.
+    """
     source = _source(path, what)
+    config = AutoConfig.from_pretrained(source)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
     except OSError as err:
@@ -113,15 +125,15 @@ def load_duo_model(path: str | Path, dtype: torch.dtype = torch.float32, what: s
     return model
 
 
-def allow_route_options(model, route_options: Sequence[str | int]) -> list[str]:
-    """Let ``model`` take every choice of ``route_options`` in explicit routes (the oracle's route space).
+def allow_route_options(config, route_options: Sequence[str | int]) -> list[str]:
+    """Let a Duo model of ``config`` take every choice of ``route_options`` in explicit routes (the oracle's
+    route space); ``config`` is changed in place (a loaded model's ``model.config``, or a config read before).
 
     A choice the model's ``config.route_options`` lacks is added when it needs no weights (``skip``: the FFN adds
     nothing), so the BIG-or-SKIP oracle runs on a model trained on small/big (the paper's Fig. 2d); its
     ``route_probs`` give the added choice probability 0 and its routers keep their choices. A ``small`` or ``big``
     the model was not trained to route to is refused. Returns the added choices.
     """
-    config = model.config
     wanted = [CHOICE_NAMES[c] for c in sorted({choice_code(c, "route_options") for c in route_options})]
     added = [name for name in wanted if name not in config.route_options]
     untrained = [name for name in added if name not in WEIGHTLESS_CHOICES]

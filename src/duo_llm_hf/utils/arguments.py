@@ -1,0 +1,170 @@
+"""Checks of command-line arguments, shared by every command, and the dataclass argument parser.
+
+Each command checks all its arguments before it does any work (``validate()`` of its arguments dataclass, or the
+``validate_args`` of an argparse command) with these helpers; a value out of its domain raises `UsageError`,
+which the command line prints as one line (`utils.errors.run_command`). Messages name the argument as the user
+wrote it: ``--num-blocks`` for an argparse namespace, the field name (``num_blocks``, also a flag) for a dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import HfArgumentParser as _HfArgumentParser
+
+from .errors import MissingFileError, UsageError, UsageErrors
+
+# What a seed may be: numpy's seeding (`accelerate.utils.set_seed`) takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+# Bytes read from the start of a text file to tell text from binary data.
+SNIFF_BYTES = 1 << 13
+
+
+class HfArgumentParser(UsageErrors, _HfArgumentParser):
+    """transformers' `HfArgumentParser` whose errors are `UsageError`s, with `parse` for one or more dataclasses."""
+
+    def parse(self, argv: Sequence[str] | None = None) -> tuple:
+        """The dataclasses of ``argv``; an unknown flag is a `UsageError` (transformers raises a bare ValueError)."""
+        *outputs, remaining = self.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True
+        )
+        if remaining:
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        return tuple(outputs)
+
+
+def label(args, name: str) -> str:
+    """How the user wrote argument ``name``: ``--name-with-dashes`` on an argparse command, else the field name."""
+    return f"--{name.replace('_', '-')}" if isinstance(args, argparse.Namespace) else name
+
+
+def check_integer_fields(
+    args,
+    positive: Sequence[str] = (),
+    optional: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+    seeds: Sequence[str] = (),
+) -> None:
+    """Raise a `UsageError` at the first field of ``args`` (a dataclass or namespace) outside its group's domain.
+
+    ``positive``: integers >= 1; ``optional``: integers >= 1 or None; ``non_negative``: integers >= 0; ``seeds``:
+    integers in 0 .. 2**32 - 1, or None.
+    """
+    for name in positive:
+        value = getattr(args, name)
+        if not _is_int(value) or value < 1:
+            raise UsageError(f"{label(args, name)}: {value!r} must be a positive integer.")
+    for name in optional:
+        value = getattr(args, name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise UsageError(f"{label(args, name)}: {value!r} must be a positive integer (or left unset).")
+    for name in non_negative:
+        value = getattr(args, name)
+        if not _is_int(value) or value < 0:
+            raise UsageError(f"{label(args, name)}: {value!r} must be an integer >= 0.")
+    for name in seeds:
+        value = getattr(args, name)
+        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_SEED):
+            raise UsageError(f"{label(args, name)}: {value!r} is not a seed; use an integer in 0 .. {MAX_SEED}.")
+
+
+def check_float_fields(
+    args, positive: Sequence[str] = (), non_negative: Sequence[str] = (), fractions: Sequence[str] = ()
+) -> None:
+    """Raise a `UsageError` at the first field of ``args`` that is not a finite number in its group's domain.
+
+    ``positive``: > 0; ``non_negative``: >= 0; ``fractions``: in [0, 1).
+    """
+    for group, test, domain in (
+        (positive, lambda v: v > 0, "a finite number > 0"),
+        (non_negative, lambda v: v >= 0, "a finite number >= 0"),
+        (fractions, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ):
+        for name in group:
+            value = getattr(args, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not test(value):
+                raise UsageError(f"{label(args, name)}: {value!r} must be {domain}.")
+
+
+def check_choices(args, name: str, allowed: Iterable[str], text: str | None = None) -> list[str]:
+    """The comma-separated names of ``text`` (default: the field ``name``); each must be in ``allowed`` and one at
+    least be given."""
+    allowed = list(allowed)
+    text = getattr(args, name) if text is None else text
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    bad = [item for item in items if item not in allowed]
+    if not items or bad:
+        what = f"{bad} are not allowed" if bad else "names none"
+        raise UsageError(f"{label(args, name)}: {text!r} {what}; give a comma-separated subset of {allowed}.")
+    return items
+
+
+def check_output_dir(args, name: str = "output_dir") -> None:
+    """The output folder ``name`` is a non-empty path that is not an existing file."""
+    value = getattr(args, name)
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{label(args, name)}: {value!r} is not a folder name; give the folder to write to.")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{label(args, name)}: {value!r} is a file; give a folder to write to.")
+
+
+def check_folder(field: str, path: str | Path, what: str = "folder") -> Path:
+    """``path`` is an existing folder (``what`` says which kind, for the message); return it expanded."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        state = "it is a file" if folder.exists() else "it does not exist"
+        raise MissingFileError(f"{field}: {str(path)!r} is not a {what} ({state}).")
+    return folder
+
+
+def check_text_file(field: str, path: str | Path) -> None:
+    """``path`` starts as UTF-8 text (its first 8 KiB decode and hold no NUL byte): binary data would otherwise
+    fail deep inside tokenization or `datasets` with an error that does not name the file."""
+    with open(path, "rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"{field}: {str(path)!r} is not UTF-8 text (byte {err.start} is {head[err.start:err.start + 1]!r}); "
+            "give a text file (or, for the oracle, token blocks as .safetensors)."
+        ) from None
+    if "\x00" in text:
+        raise UsageError(f"{field}: {str(path)!r} holds NUL bytes, so it is binary data, not text; give a text file.")
+
+
+@contextmanager
+def user_values(prefix: str = "") -> Iterator[None]:
+    """Inside, a `ValueError` from a library check of values the user gave (a config built from flags, a budget
+    parsed from a flag) becomes a `UsageError` with ``prefix`` before its message. Only around such calls: a
+    ValueError elsewhere is a bug and keeps its traceback."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(f"{prefix}{err}") from err
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+__all__ = [
+    "HfArgumentParser",
+    "MAX_SEED",
+    "check_choices",
+    "check_float_fields",
+    "check_folder",
+    "check_integer_fields",
+    "check_output_dir",
+    "check_text_file",
+    "label",
+    "user_values",
+]
