@@ -235,7 +235,7 @@ CASES = [
      r"\['--oracle-budget'\] set the oracle's targets; they need --supervision oracle"),
     ("router-model-dense", lambda a, o: router(a, o, "--model", a.dense), r"is a 'llama' model, not a Duo model"),
     ("router-model-missing", lambda a, o: router(a, o, "--model", str(a.root / "no_model")),
-     r"model: '.*no_model' is not a model folder"),
+     r"model: '.*no_model' does not exist"),
     ("router-learning-rate-zero", lambda a, o: router(a, o, "--learning-rate", "0"), r"learning_rate: 0.0 must be"),
     ("router-shuffle-buffer-zero", lambda a, o: router(a, o, "--shuffle-buffer", "0"), r"shuffle_buffer: 0 must be"),
     # duo-llm finetune

@@ -320,7 +320,7 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, builtin_token
     no_tok = tmp_path / "no_tok"
     load_duo_model(source).save_pretrained(no_tok)
     cases = [
-        ({"model": str(tmp_path / "absent")}, FileNotFoundError, "not a model folder"),
+        ({"model": str(tmp_path / "absent")}, FileNotFoundError, "does not exist"),
         ({"model": str(empty)}, FileNotFoundError, "not a model folder"),
         ({"model": str(llama)}, ValueError, "is a 'llama' model, not a Duo model"),
         ({"model": str(no_tok)}, FileNotFoundError, "holds no tokenizer"),

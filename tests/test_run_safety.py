@@ -160,7 +160,9 @@ def test_a_finished_run_is_not_overwritten_without_the_flag(base, corpus, tmp_pa
 
 def test_finetune_does_not_overwrite_a_finished_run(base, tmp_path):
     folder = copy_run(base, tmp_path)
-    args = FinetuneArguments(output_dir=str(folder), init_from=base[0].output_dir, report_to="none", progress=False)
+    args = FinetuneArguments(
+        output_dir=str(folder), init_from=base[0].output_dir, report_to="none", progress=False, block_size=16
+    )
     with pytest.raises(UsageError, match=f"already holds a finished training run.*{OVERWRITE_FLAG}"):
         finetune(args)
 
