@@ -692,7 +692,7 @@ def prepare_tokenizer(plan: AblationPlan):
                 os.replace(tmp, folder)
         tokenizer = load_tokenizer(folder)
     if settings["tokenizer"] is None and len(tokenizer) > settings["vocab_size"]:
-        raise ValueError(
+        raise UsageError(
             f"{folder} holds a tokenizer of {len(tokenizer)} tokens, more than vocab_size {settings['vocab_size']}; "
             "use a new --out or pass --tokenizer."
         )

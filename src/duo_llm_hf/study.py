@@ -256,7 +256,7 @@ def holdout_blocks(model_dir: Path, config: StudyConfig, name: str, num_blocks: 
     texts = load_corpus(spec, f"holdout_{name}", builtin_max_chars=train.get("builtin_max_chars"))
     blocks = pack_corpus(texts, load_tokenizer(model_dir), train["block_size"], f"holdout_{name}", num_blocks)
     if len(blocks) < num_blocks:
-        raise ValueError(
+        raise UsageError(
             f"holdout {name!r} has only {len(blocks)} blocks of {train['block_size']} tokens; asked for {num_blocks}."
         )
     return torch.as_tensor(blocks["input_ids"][:num_blocks]).long()
