@@ -13,6 +13,37 @@ from transformers import OPTConfig, OPTForCausalLM
 from duo_llm_hf.router_training import RouterTrainArguments
 from duo_llm_hf.training import TrainArguments
 
+# Float32 results of the same math in another batch shape, order or process round differently under other CPU
+# kernels (ATEN_CPU_CAPABILITY=default, avx2, avx512 block and vectorise their sums differently): the last bits
+# change. The tiny models' losses and logits are of order 1 to 10 (one float32 ulp: 1e-7 to 1e-6) after sums of 32
+# to 64 products per layer; 1e-5 is 10 to 100 ulps, far below what a wrong route, weight or mask changes (1e-2 and
+# more in these tests).
+FLOAT_TOL = 1e-5
+
+
+def decided(losses: torch.Tensor, tol: float = FLOAT_TOL) -> torch.Tensor:
+    """Where the minimum over dim 0 of ``losses`` (the candidates) is decided: the best beats the second best by
+    more than ``tol``, so every rounding of the same losses picks it. Bool, shaped ``losses.shape[1:]``."""
+    if losses.shape[0] == 1:
+        return torch.ones(losses.shape[1:], dtype=torch.bool)
+    two = losses.topk(2, dim=0, largest=False).values
+    return two[1] - two[0] > tol
+
+
+def assert_same_choice(
+    losses: torch.Tensor, chosen: torch.Tensor, expected: torch.Tensor | None = None, tol: float = FLOAT_TOL
+) -> int:
+    """Decisions computed in another shape or order agree: ``chosen`` (positions along dim 0 of ``losses``,
+    shaped ``losses.shape[1:]``; ``inf`` marks forbidden candidates) is within ``tol`` of the best everywhere, and
+    equals ``expected`` (default: ``losses.argmin(0)``) wherever the choice is decided (``decided``).
+    Returns how many choices were decided, for the caller to check that the test compared something."""
+    picked = losses.gather(0, chosen.unsqueeze(0)).squeeze(0)
+    assert bool((picked <= losses.amin(0) + tol).all()), "a choice is worse than the best by more than tol"
+    sure = decided(losses, tol)
+    reference = losses.argmin(0) if expected is None else expected
+    assert torch.equal(chosen[sure], reference[sure]), "a decided choice differs"
+    return int(sure.sum())
+
 
 def tiny_llama_kwargs(**overrides) -> dict:
     """Fields of a tiny Llama-shaped config (LlamaConfig or DuoLlamaConfig): 3 layers of width 32, GQA."""
