@@ -10,7 +10,7 @@ from duo_llm_hf.oracle import causal_oracle, oracle_search, pattern_losses, tree
 from duo_llm_hf.oracle_reducers import BatchReduction
 from duo_llm_hf.oracle_results import OracleResult
 from duo_llm_hf.route_spaces import RouteSpace, index_to_pattern, parse_budget, pattern_index
-from tests.helpers import FLOAT_TOL, assert_same_choice, decided
+from tests.helpers import FLOAT_TOL, assert_same_choice, assert_same_search, budget_table, decided, to_ranks
 
 N_LAYERS, VOCAB = 4, 64
 
@@ -115,42 +115,6 @@ def test_choice_outside_route_options(model):
 def brute_min(values, indices):
     """Lowest (loss, index) by definition: Python's min over pairs."""
     return min(zip(values, indices))
-
-
-def budget_table(space, table, g, among=None):
-    """``table`` [P, N, T] with ``inf`` where budget ``g`` forbids the pattern at that position (or the pattern is not
-    in the bool mask ``among`` [P]): the candidates of the budget's per-token minimum."""
-    allowed = space.budgets[g].allowed(space.counts, table.shape[-1])[:, None, :]  # [P, 1, T]
-    if among is not None:
-        allowed = allowed & among[:, None, None]
-    return table.masked_fill(~allowed, float("inf"))
-
-
-def to_ranks(space, index):
-    """Pattern indices -> positions along the table's pattern dim."""
-    return space.ranks(index.flatten()).view(index.shape)
-
-
-def assert_same_search(space, table, whole, other, samples):
-    """Two oracle searches of one batch in other chunk shapes agree: losses up to float rounding, argmin patterns
-    wherever the table decides them (helpers.assert_same_choice); exact tie-breaks at the tokens without a target."""
-    assert whole.keys() == other.keys()
-    tokens = int(whole["token_mask"].sum())
-    for name in whole:
-        if name.endswith("_index"):
-            continue
-        # A sum over the tokens adds up one rounding error per token.
-        tol = FLOAT_TOL * tokens if name.endswith("_sum") else FLOAT_TOL
-        torch.testing.assert_close(whole[name], other[name], rtol=0, atol=tol, equal_nan=True, msg=name)
-    decisions = 0
-    for kind, among in (("oracle", None), ("best_of_k", samples)):
-        for g in range(len(space.budgets)):
-            candidates = budget_table(space, table, g, None if among is None else among[g])
-            expected, got = whole[f"{kind}_index"][g], other[f"{kind}_index"][g]
-            decisions += assert_same_choice(candidates, to_ranks(space, got), to_ranks(space, expected))
-            untargeted = ~whole["token_mask"]  # losses exactly 0 in any kernel: the tie-break decides
-            assert torch.equal(got[untargeted], expected[untargeted])
-    assert decisions > 0
 
 
 @pytest.mark.numerics
