@@ -72,6 +72,7 @@ def test_skip_leaves_residual_unchanged(tiny_model):
     assert torch.equal(out, torch.zeros_like(hidden)) and torch.equal(route, torch.full((1, 5), SKIP))
 
 
+@pytest.mark.numerics
 def test_mixed_routes_match_per_token_module_outputs(tiny_model):
     model = tiny_model(route_options=["small", "big", "skip"])
     ffn = model.model.layers[0].mlp
@@ -214,6 +215,7 @@ def test_batched_generation_with_left_padding(tiny_model):
     assert torch.equal(out[0, 5:], alone_a[0, 5:]) and torch.equal(out[1, 5:], alone_b[0, 3:])
 
 
+@pytest.mark.numerics
 def test_sdpa_and_eager_attention_agree(tiny_config):
     torch.manual_seed(0)
     sdpa = DuoLlamaForCausalLM(tiny_config(route_options=["small", "big", "skip"])).eval()
