@@ -1,27 +1,69 @@
 # `make test` and `make demo` work on a fresh machine: they create .venv when it is missing (and reuse it),
-# install torch first (CPU build by default; override TORCH_SPEC for another build), then the package.
+# install torch first (CPU build by default; override TORCH_SPEC for another build), then the package with the
+# exact versions in constraints.txt, the ones CI passed with. `make test-latest` runs the suite on the newest
+# releases the pyproject ranges allow; `make lock` writes those versions to constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+LATEST_VENV ?= .venv-latest
+# torch's pin lives in constraints.txt with the others. It is installed first and on its own so that a plain
+# requirement never pulls a multi-GB CUDA build on CPU machines; a TORCH_SPEC override (another version or build)
+# wins because the torch line is left out of the constraints the rest is installed with.
+TORCH_SPEC ?= $(shell grep -m1 '^torch==' constraints.txt)
+# test-latest keeps torch at TORCH_SPEC: a plain `torch` from PyPI is the CUDA build on Linux.
+LATEST_TORCH_SPEC ?= $(TORCH_SPEC)
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.duo-installed
+LATEST_STAMP := $(LATEST_VENV)/.duo-installed
+NO_TORCH_CONSTRAINTS := $(VENV)/constraints-without-torch.txt
+# numerics-marked tests (floats across shapes, orders, processes) rerun under every CPU kernel set PyTorch has
+CPU_CAPABILITIES ?= default avx2 avx512
 
-.PHONY: test demo lint install clean
+.PHONY: test test-numerics test-latest latest-venv lock demo lint install clean
 
 install: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml setup.py | $(BIN)/python
+$(STAMP): pyproject.toml setup.py constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	grep -v '^torch==' constraints.txt > $(NO_TORCH_CONSTRAINTS)
+	$(BIN)/python -m pip install -q -c $(NO_TORCH_CONSTRAINTS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c $(NO_TORCH_CONSTRAINTS) "$(TORCH_SPEC)" -e ".[test]"
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# One pytest run per kernel set; every run must pass and run tests (pytest exits 5 when none are collected).
+test-numerics: $(STAMP)
+	@for cap in $(CPU_CAPABILITIES); do \
+		echo "== ATEN_CPU_CAPABILITY=$$cap: pytest -m numerics"; \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m numerics -p no:cacheprovider $(PYTEST_ARGS) || exit $$?; \
+	done
+
+# Always a fresh resolve: the newest releases the pyproject ranges allow, no constraints (torch: LATEST_TORCH_SPEC).
+latest-venv:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q "$(LATEST_TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade "$(LATEST_TORCH_SPEC)" -e ".[test]"
+	touch $(LATEST_STAMP)
+
+# The early warning for the next transformers (or other) release.
+test-latest: latest-venv
+	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Writes the versions in $(LATEST_VENV) (the last `make test-latest`, or a fresh resolve when there is none) to
+# constraints.txt; commit it only after `make test-latest` and `make test` both pass.
+lock:
+	test -f $(LATEST_STAMP) || $(MAKE) latest-venv
+	{ echo "# Exact versions CI tested: make test and make demo install with them (pip install -c constraints.txt)."; \
+	  echo "# Written by 'make lock' from a fresh resolve of .[test]; see README, Testing."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^duo-llm-hf' \
+	    | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > constraints.txt
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,4 +75,4 @@ demo: $(STAMP)
 	$(BIN)/duo-llm study --out $(STUDY_OUT) --preset default
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

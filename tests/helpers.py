@@ -13,6 +13,91 @@ from transformers import OPTConfig, OPTForCausalLM
 from duo_llm_hf.router_training import RouterTrainArguments
 from duo_llm_hf.training import TrainArguments
 
+# Float32 results of the same math in another batch shape, order or process round differently under other CPU
+# kernels (ATEN_CPU_CAPABILITY=default, avx2, avx512 block and vectorise their sums differently): the last bits
+# change. The tiny models' losses and logits are of order 1 to 10 (one float32 ulp: 1e-7 to 1e-6) after sums of 32
+# to 64 products per layer; 1e-5 is 10 to 100 ulps, far below what a wrong route, weight or mask changes (1e-2 and
+# more in these tests).
+FLOAT_TOL = 1e-5
+
+
+def decided(losses: torch.Tensor, tol: float = FLOAT_TOL) -> torch.Tensor:
+    """Where the minimum over dim 0 of ``losses`` (the candidates) is decided: the best beats the second best by
+    more than ``tol``, so every rounding of the same losses picks it. Bool, shaped ``losses.shape[1:]``."""
+    if losses.shape[0] == 1:
+        return torch.ones(losses.shape[1:], dtype=torch.bool)
+    two = losses.topk(2, dim=0, largest=False).values
+    return two[1] - two[0] > tol
+
+
+def assert_same_choice(
+    losses: torch.Tensor, chosen: torch.Tensor, expected: torch.Tensor | None = None, tol: float = FLOAT_TOL
+) -> int:
+    """Decisions computed in another shape or order agree: ``chosen`` (positions along dim 0 of ``losses``,
+    shaped ``losses.shape[1:]``; ``inf`` marks forbidden candidates) is within ``tol`` of the best everywhere, and
+    equals ``expected`` (default: ``losses.argmin(0)``) wherever the choice is decided (``decided``).
+    Returns how many choices were decided, for the caller to check that the test compared something."""
+    picked = losses.gather(0, chosen.unsqueeze(0)).squeeze(0)
+    assert bool((picked <= losses.amin(0) + tol).all()), "a choice is worse than the best by more than tol"
+    sure = decided(losses, tol)
+    reference = losses.argmin(0) if expected is None else expected
+    assert torch.equal(chosen[sure], reference[sure]), "a decided choice differs"
+    return int(sure.sum())
+
+
+def budget_table(space, table: torch.Tensor, g: int, among: torch.Tensor | None = None) -> torch.Tensor:
+    """An oracle table ``[P, N, T]`` with ``inf`` where budget ``g`` of ``space`` forbids the pattern at that position
+    (or the pattern is not in the bool mask ``among`` ``[P]``): the candidates of the budget's per-token minimum."""
+    allowed = space.budgets[g].allowed(space.counts, table.shape[-1])[:, None, :]  # [P, 1, T]
+    if among is not None:
+        allowed = allowed & among[:, None, None]
+    return table.masked_fill(~allowed, float("inf"))
+
+
+def to_ranks(space, index: torch.Tensor) -> torch.Tensor:
+    """Pattern indices -> positions along an oracle table's pattern dim."""
+    return space.ranks(index.flatten()).view(index.shape)
+
+
+def assert_same_search(space, table: torch.Tensor, a: dict, b: dict, samples: torch.Tensor) -> None:
+    """Two oracle searches of the same sequences (``BatchReduction.tensors()`` or ``OracleResult.tensors``) computed
+    in other shapes, chunks or processes agree: losses up to float rounding; the oracle's and best-of-K's patterns
+    (best-of-K drew ``samples``) wherever ``table`` (``pattern_losses``) decides them, and exactly at tokens
+    without a target (all losses exactly 0: the tie-break decides); the causal oracle up to its first near tie."""
+    assert a.keys() == b.keys()
+    mask = a["token_mask"]
+    for name in a:
+        if name.startswith("causal_") or name.endswith("_index"):
+            continue
+        if not a[name].is_floating_point():
+            assert torch.equal(a[name], b[name]), name
+            continue
+        # A sum over the tokens adds up one rounding error per token.
+        tol = FLOAT_TOL * int(mask.sum()) if name.endswith("_sum") else FLOAT_TOL
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=tol, equal_nan=True, msg=name)
+    decisions = 0
+    for kind, among in (("oracle", None), ("best_of_k", samples)):
+        if f"{kind}_index" not in a:
+            continue
+        for g in range(len(space.budgets)):
+            candidates = budget_table(space, table, g, None if among is None else among[g])
+            expected, got = a[f"{kind}_index"][g], b[f"{kind}_index"][g]
+            decisions += assert_same_choice(candidates, to_ranks(space, got), to_ranks(space, expected))
+            assert torch.equal(got[~mask], expected[~mask]), kind
+    assert decisions > 0, "no choice is decided: the test compares nothing"
+    if "causal_index" in a:
+        assert_same_causal(a["causal_loss"], a["causal_index"], b["causal_loss"], b["causal_index"])
+
+
+def assert_same_causal(loss_a, index_a, loss_b, index_b, tol: float = FLOAT_TOL) -> None:
+    """Two causal oracles ``[..., N, T]`` agree token by token until their first different choice in a sequence,
+    which must be a near tie (the chosen losses within ``tol``); the later tokens see other earlier routes and are
+    not comparable."""
+    differs = index_a != index_b
+    after_first = (differs.long().cumsum(-1) - differs.long()) > 0  # positions after the first difference
+    torch.testing.assert_close(loss_a[~after_first], loss_b[~after_first], rtol=0, atol=tol)
+    assert torch.equal(index_a[~after_first & ~differs], index_b[~after_first & ~differs])
+
 
 def tiny_llama_kwargs(**overrides) -> dict:
     """Fields of a tiny Llama-shaped config (LlamaConfig or DuoLlamaConfig): 3 layers of width 32, GQA."""

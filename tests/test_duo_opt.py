@@ -70,6 +70,7 @@ def all_routes(choice: int, ids: torch.Tensor, n_layers: int = 3) -> torch.Tenso
     [(True, None), (False, 24)],
     ids=["pre-norm", "post-norm+proj"],
 )
+@pytest.mark.numerics
 def test_all_big_equals_source_opt(do_layer_norm_before, word_embed_proj_dim):
     opt = tiny_opt(do_layer_norm_before=do_layer_norm_before, word_embed_proj_dim=word_embed_proj_dim)
     duo = DuoOPTForCausalLM.from_dense(opt).eval()
@@ -82,8 +83,9 @@ def test_all_big_equals_source_opt(do_layer_norm_before, word_embed_proj_dim):
         # fixed routing on BIG is the same computation
         duo.set_routing("fixed", "BBB")
         fixed = duo(ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fixed, expected, rtol=0, atol=1e-5)
+    # The Duo layer runs the BIG FFN on the gathered tokens of its route: other shapes than OPT's, float rounding.
+    torch.testing.assert_close(got, expected, rtol=0, atol=helpers.FLOAT_TOL)
+    torch.testing.assert_close(fixed, expected, rtol=0, atol=helpers.FLOAT_TOL)
     # The small FFNs change the output: the test above is not passing by accident.
     with torch.no_grad():
         small = duo(ids, attention_mask=mask, routes=all_routes(SMALL, ids)).logits
@@ -155,6 +157,7 @@ def test_from_dense_rejects_other_models():
 # --- the layer interface the oracle uses ----------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("do_layer_norm_before", [True, False])
 def test_layer_interface_matches_forward(do_layer_norm_before):
     """embed -> attend / mlp / merge per layer -> finalize -> lm_head reproduces forward (mixed routes)."""
@@ -172,7 +175,8 @@ def test_layer_interface_matches_forward(do_layer_norm_before):
             hidden = layer.merge(residual, ffn_output)
         logits = duo.lm_head(duo.model.finalize(hidden))
     assert torch.equal(out.routes, routes)
-    torch.testing.assert_close(logits, out.logits, rtol=0, atol=1e-5)
+    # Every choice on every token against dispatch on each route's tokens: other shapes, float rounding.
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=helpers.FLOAT_TOL)
 
 
 def test_skip_adds_nothing_to_the_residual():
@@ -227,6 +231,7 @@ def test_random_routing_is_seeded_and_returned():
         replay = duo(ids, attention_mask=mask, routes=first.routes)
     assert first.routes.shape == (2, 10, 3) and set(first.routes.unique().tolist()) == {SMALL, BIG, SKIP}
     assert torch.equal(first.routes, again.routes)
+    # The same routes through the same code in the same shapes: the identical computation, bit for bit.
     torch.testing.assert_close(first.logits, again.logits, rtol=0, atol=0)
     torch.testing.assert_close(replay.logits, first.logits, rtol=0, atol=0)
 
@@ -351,6 +356,7 @@ def test_save_and_reload(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(reloaded) is DuoOPTForCausalLM
     with torch.no_grad():
+        # The same weights, code and shapes in one process: the identical computation, bit for bit.
         torch.testing.assert_close(
             reloaded(ids, attention_mask=mask, routes=routes).logits,
             duo(ids, attention_mask=mask, routes=routes).logits,
@@ -361,6 +367,7 @@ def test_save_and_reload(tmp_path):
         torch.testing.assert_close(reloaded(ids, attention_mask=mask).routes, duo(ids, attention_mask=mask).routes)
 
 
+@pytest.mark.numerics
 def test_trust_remote_code_without_the_package(tmp_path):
     duo = tiny_duo(do_layer_norm_before=False, word_embed_proj_dim=24)
     folder = tmp_path / "model"
@@ -404,7 +411,8 @@ def test_trust_remote_code_without_the_package(tmp_path):
     env.pop("PYTHONPATH", None)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+    # Another process with weights loaded at other addresses: memory alignment can change how tiny GEMMs round.
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=helpers.FLOAT_TOL)
 
 
 # --- FLOPs ----------------------------------------------------------------------------------------------
@@ -432,6 +440,7 @@ def test_flops_count_the_two_matrix_ffn():
 # --- Llama-family checkpoints through DuoLlama.from_dense -------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_llama_family_from_dense():
     """A Llama-3-style config (GQA, head_dim, biases, llama3 rope scaling, untied head) converts exactly."""
     torch.manual_seed(0)
@@ -460,7 +469,8 @@ def test_llama_family_from_dense():
     with torch.no_grad():
         expected = llama(ids, attention_mask=mask).logits
         got = duo(ids, attention_mask=mask, routes=torch.full((*ids.shape, 2), BIG)).logits
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        # BIG FFN on gathered tokens against the dense FFN: other shapes, float rounding.
+        torch.testing.assert_close(got, expected, rtol=0, atol=helpers.FLOAT_TOL)
         torch.testing.assert_close(duo.to_dense().eval()(ids, attention_mask=mask).logits, expected)
 
 

@@ -4,12 +4,16 @@ import pytest
 import torch
 
 from duo_llm_hf import BIG, SKIP, SMALL, DuoLlamaConfig, DuoLlamaForCausalLM
+from duo_llm_hf.oracle import pattern_losses
+from duo_llm_hf.route_spaces import RouteSpace, pattern_index
 from duo_llm_hf.routing import DispatchPlan, DuoFFN, dispatch_plans, set_ffn_dispatch
-from tests.helpers import tiny_llama_kwargs
+from tests.helpers import FLOAT_TOL, assert_same_choice, budget_table, decided, tiny_llama_kwargs
 
 N_LAYERS = 3
 VOCAB = 128
-TIGHT = {"atol": 1e-6, "rtol": 1e-5}
+# The fast dispatch groups rows by choice and runs each module once on its group: other shapes and orders than the
+# reference, so float rounding (helpers.FLOAT_TOL says why that size).
+TIGHT = {"atol": FLOAT_TOL, "rtol": 1e-5}
 
 
 def tiny_model(**duo_fields) -> DuoLlamaForCausalLM:
@@ -61,6 +65,7 @@ def test_dispatch_plans_group_rows_by_choice():
         assert single.counts == plan.counts and torch.equal(single.order, plan.order)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", sorted(ROUTE_CASES))
 def test_ffn_dispatch_fast_equals_reference(case):
     model = tiny_model()
@@ -133,28 +138,39 @@ def test_generate_equal(routing):
     torch.testing.assert_close(fast_logits, ref_logits, **TIGHT)
 
 
+@pytest.mark.numerics
 def test_learned_routing_equal():
     model = tiny_model()
     model.set_routing("learned")  # adds (untrained) routers; evaluation mode runs each token's argmax only
     prompt = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
         reference, fast = run_both(model, lambda m: m(prompt))
+    # Routers' argmax on inputs that differ by rounding: equal where decided, and every choice here is decided
+    # (a near tie would change the later tokens' inputs and the logits compared below).
+    assert bool(decided(-reference.router_probs.movedim(-1, 0)).all())
     assert torch.equal(fast.routes, reference.routes)
     assert all(fast.routes[..., layer].unique().numel() > 1 for layer in range(N_LAYERS))  # mixed layers
     torch.testing.assert_close(fast.logits, reference.logits, **TIGHT)
 
 
+@pytest.mark.numerics
 def test_oracle_routing_equal():
     model = tiny_model()
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
         reference, fast = run_both(model, lambda m: m(ids, labels=ids, routing="oracle", budget=1))
-    assert torch.equal(fast.routes, reference.routes)
+    # The oracle's patterns are argmins of losses that differ by rounding: equal wherever the losses decide them.
+    space = RouteSpace.from_config(model.config, [1])
+    _, table = pattern_losses(model, ids, space, labels=ids)
+    chosen = [space.ranks(pattern_index(o.routes, space.choices).flatten()).view(ids.shape) for o in (fast, reference)]
+    assert assert_same_choice(budget_table(space, table, 0), *chosen) > 0
     assert fast.routes.unique().numel() > 1  # tokens took different patterns: the dispatch had work to do
-    torch.testing.assert_close(fast.logits, reference.logits, **TIGHT)
+    same = (fast.routes == reference.routes).all(-1)  # each token's logits are under its own pattern only
+    torch.testing.assert_close(fast.logits[same], reference.logits[same], **TIGHT)
     torch.testing.assert_close(fast.token_losses, reference.token_losses, **TIGHT)
 
 
+@pytest.mark.numerics
 def test_gradients_equal():
     model = tiny_model()
     model.train()

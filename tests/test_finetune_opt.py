@@ -28,7 +28,7 @@ from duo_llm_hf.router import ROUTER_SETTINGS
 from duo_llm_hf.router_training import train_router
 from duo_llm_hf.routing import CHOICE_CODES
 from duo_llm_hf.training import build_model, freeze_all_but_small
-from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_opt, tiny_opt_kwargs, tiny_router_args
+from tests.helpers import FLOAT_TOL, save_model_folder, tiny_llama_kwargs, tiny_opt, tiny_opt_kwargs, tiny_router_args
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
@@ -84,6 +84,7 @@ def ids_and_routes(seed=1, vocab=300):
     return ids, torch.randint(0, 2, (2, 12, LAYERS), generator=g)
 
 
+@pytest.mark.numerics
 def test_finetune_changes_only_the_small_ffns(tmp_path, source):
     folder, opt, tokenizer = source
     args = tiny_args(tmp_path, folder, eval_every=2)
@@ -105,7 +106,8 @@ def test_finetune_changes_only_the_small_ffns(tmp_path, source):
     ids, _ = ids_and_routes()
     with torch.no_grad():
         all_big = duo(ids, routes=torch.full((*ids.shape, LAYERS), BIG)).logits
-        torch.testing.assert_close(all_big, opt(ids).logits, rtol=0, atol=0)
+        # The Duo layer runs the BIG FFN on the gathered tokens of its route: other shapes, float rounding.
+        torch.testing.assert_close(all_big, opt(ids).logits, rtol=0, atol=FLOAT_TOL)
     # ... and every small FFN was trained.
     trained = duo.state_dict()
     initial = initial_small_ffns(args, tokenizer)
@@ -116,6 +118,7 @@ def test_finetune_changes_only_the_small_ffns(tmp_path, source):
     assert AutoTokenizer.from_pretrained(args.output_dir).get_vocab() == tokenizer.get_vocab()
 
 
+@pytest.mark.numerics
 def test_finetune_with_lora_freezes_the_pretrained_weights_and_merges_exactly(tmp_path, source):
     folder, opt, tokenizer = source
     rank = 2
@@ -197,6 +200,7 @@ def finetuned_with_skip(tmp_path_factory, source):
     return args.output_dir
 
 
+@pytest.mark.numerics
 def test_finetuned_model_loads_with_trust_remote_code(tmp_path, finetuned):
     ids, routes = ids_and_routes()
     model = AutoModelForCausalLM.from_pretrained(finetuned).eval()
@@ -226,9 +230,11 @@ def test_finetuned_model_loads_with_trust_remote_code(tmp_path, finetuned):
     env.pop("PYTHONPATH", None)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+    # Another process with weights loaded at other addresses: memory alignment can change how tiny GEMMs round.
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=FLOAT_TOL)
 
 
+@pytest.mark.numerics
 def test_oracle_prefix_tree_equals_naive_forwards_on_the_finetuned_model(finetuned_with_skip):
     model = AutoModelForCausalLM.from_pretrained(finetuned_with_skip).eval()
     assert model.config.route_options == ["small", "big", "skip"]
@@ -240,9 +246,10 @@ def test_oracle_prefix_tree_equals_naive_forwards_on_the_finetuned_model(finetun
     patterns, table = pattern_losses(model, ids, space, labels=labels, chunk_tokens=10)
     with torch.no_grad():
         naive = torch.stack([model(ids, labels=labels, routes=p.expand(*ids.shape, -1)).token_losses for p in patterns])
-        assert torch.allclose(table, naive, rtol=0, atol=1e-6)
+        # Tree chunks, naive forwards and the routing mode's chunks batch other shapes: float rounding.
+        torch.testing.assert_close(table, naive, rtol=0, atol=FLOAT_TOL)
         oracle = model(ids, labels=labels, routing="oracle")
-    assert torch.equal(oracle.token_losses, table.amin(0))
+    torch.testing.assert_close(oracle.token_losses, table.amin(0), rtol=0, atol=FLOAT_TOL)
 
 
 @pytest.mark.parametrize("setting", sorted(ROUTER_SETTINGS))

@@ -32,7 +32,7 @@ from duo_llm_hf.lm_eval_model import (  # noqa: E402
     local_task_manager,
     routing_settings,
 )
-from tests.helpers import save_model_folder  # noqa: E402
+from tests.helpers import decided, save_model_folder  # noqa: E402
 
 TASKS = ["arc_easy_local", "hellaswag_local"]
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -102,6 +102,35 @@ def loglikelihoods(results: dict) -> dict:
     }
 
 
+# Loglikelihoods of the same continuations in other batch shapes or processes (the harness sorts and pads its
+# batches; Duo dispatch against dense FFNs): float32 sums over a few tokens of log-softmaxes of order 1 to 10, so
+# rounding of 1e-5 at most; 1e-4 leaves a margin of 10.
+LL_TOL = 1e-4
+
+
+def assert_same_scores(results: dict, reference: dict) -> None:
+    """Accuracies are decisions: per document, the argmax over its choices of the loglikelihood (acc) or of the
+    loglikelihood per character of the choice (acc_norm). Where the reference decides them (best beats second by
+    more than LL_TOL) the two runs pick the same choice; the scores differ by at most the share of undecided ones."""
+    got, expected = loglikelihoods(results), loglikelihoods(reference)
+    assert got.keys() == expected.keys()
+    for task in TASKS:
+        samples = reference["samples"][task]
+        undecided = {"acc": 0, "acc_norm": 0}
+        for sample in samples:
+            key = (task, sample["doc_id"])
+            lengths = torch.tensor([float(len(args[1])) for args in sample["arguments"]])
+            for metric, scale in (("acc", torch.ones_like(lengths)), ("acc_norm", lengths)):
+                ref, other = torch.tensor(expected[key]) / scale, torch.tensor(got[key]) / scale
+                if bool(decided(-ref, LL_TOL / float(scale.min()))):
+                    assert int(other.argmax()) == int(ref.argmax()), (key, metric)
+                else:
+                    undecided[metric] += 1
+        for metric, count in undecided.items():
+            difference = abs(scores(results)[task, metric] - scores(reference)[task, metric])
+            assert difference <= count / len(samples) + 1e-12, (task, metric)
+
+
 def max_difference(a: dict, b: dict) -> float:
     """Largest loglikelihood difference between two runs over the same documents."""
     assert a.keys() == b.keys()
@@ -131,6 +160,7 @@ def fixed_runs(duo_model, tokenizer, task_manager) -> dict:
     }
 
 
+@pytest.mark.numerics
 def test_routing_modes_change_scores_and_match_their_dense_paths(duo_model, tokenizer, task_manager, fixed_runs):
     """All-small and all-big through `duo` score differently, and each equals `hf` on its own dense path."""
     ids = tokenizer("Question: Which animal is a mammal?\nAnswer: a whale", return_tensors="pt").input_ids
@@ -144,9 +174,9 @@ def test_routing_modes_change_scores_and_match_their_dense_paths(duo_model, toke
         assert fixed_runs[routing]["config"]["duo_routing"]["fixed_pattern"] == letters
         dense = get_model("hf")(pretrained=dense_path(duo_model, choice), tokenizer=tokenizer, batch_size=8)
         reference = evaluate(dense, task_manager)
-        assert scores(fixed_runs[routing]) == scores(reference)
+        assert_same_scores(fixed_runs[routing], reference)
         assert len(loglikelihoods(reference)) == 12
-        assert max_difference(loglikelihoods(fixed_runs[routing]), loglikelihoods(reference)) < 1e-4
+        assert max_difference(loglikelihoods(fixed_runs[routing]), loglikelihoods(reference)) < LL_TOL
 
     small, big = loglikelihoods(fixed_runs["small"]), loglikelihoods(fixed_runs["big"])
     differing = [key for key in small if max(abs(a - b) for a, b in zip(small[key], big[key])) > 1e-3]
@@ -293,6 +323,7 @@ def read_outputs(out: Path) -> dict:
     return results
 
 
+@pytest.mark.numerics
 def test_lm_eval_cli_model_hf_trust_remote_code(duo_model, tokenizer, task_manager, tmp_path):
     """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` on a saved folder, in a process
     where duo_llm_hf cannot be imported, scores exactly like `duo` under the routing stored in the config."""
@@ -318,10 +349,11 @@ def test_lm_eval_cli_model_hf_trust_remote_code(duo_model, tokenizer, task_manag
     assert done.returncode == 0, done.stderr[-3000:]
     assert "REMOTE_CODE True" in done.stdout
     hf = read_outputs(tmp_path / "out")
-    assert scores(hf) == scores(expected)
-    assert max_difference(loglikelihoods(hf), loglikelihoods(expected)) < 1e-4
+    assert_same_scores(hf, expected)
+    assert max_difference(loglikelihoods(hf), loglikelihoods(expected)) < LL_TOL
 
 
+@pytest.mark.numerics
 def test_lm_eval_command_model_duo(duo_model, tokenizer, task_manager, tmp_path):
     """The harness's own `lm_eval` executable, in a fresh process that imports nothing of ours itself:
     `--model duo --model_args pretrained=DIR,routing=fixed,pattern=Bs` scores like `DuoLM` in this process."""
@@ -342,8 +374,8 @@ def test_lm_eval_command_model_duo(duo_model, tokenizer, task_manager, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = read_outputs(tmp_path / "out")
     assert results["config"]["duo_routing"]["fixed_pattern"] == "Bs"
-    assert scores(results) == scores(expected)
-    assert max_difference(loglikelihoods(results), loglikelihoods(expected)) < 1e-4
+    assert_same_scores(results, expected)
+    assert max_difference(loglikelihoods(results), loglikelihoods(expected)) < LL_TOL
 
 
 def test_duo_llm_eval_command(duo_model, tokenizer, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from duo_llm_hf import BIG, SKIP, SMALL, DuoLlamaForCausalLM
-from tests.helpers import tiny_llama_kwargs
+from tests.helpers import FLOAT_TOL, tiny_llama_kwargs
 
 VOCAB = 96
 
@@ -25,6 +25,7 @@ def full_routes(choice, batch=2, seq=12, layers=3):
     return torch.full((batch, seq, layers), choice, dtype=torch.long)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tie", [False, True])
 def test_all_big_equals_dense_llama(tie):
     torch.manual_seed(0)
@@ -33,9 +34,10 @@ def test_all_big_equals_dense_llama(tie):
     ids = ids_batch()
     expected = dense(ids).logits
     got = duo(ids, routes=full_routes(BIG)).logits
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # The Duo layer runs the BIG FFN on the gathered tokens of its route: other shapes, float rounding.
+    torch.testing.assert_close(got, expected, rtol=0, atol=FLOAT_TOL)
     back = duo.to_dense().eval()
-    torch.testing.assert_close(back(ids).logits, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(back(ids).logits, expected, rtol=0, atol=FLOAT_TOL)
 
 
 def test_attentions_hidden_states_and_tuple_output_match_dense_llama():
@@ -100,6 +102,7 @@ def test_skip_leaves_residual_unchanged(tiny_model):
     assert torch.equal(out, torch.zeros_like(hidden)) and torch.equal(route, torch.full((1, 5), SKIP))
 
 
+@pytest.mark.numerics
 def test_mixed_routes_match_per_token_module_outputs(tiny_model):
     model = tiny_model(route_options=["small", "big", "skip"])
     ffn = model.model.layers[0].mlp
@@ -178,6 +181,7 @@ def test_save_reload_identical_logits(tiny_model, tmp_path):
     assert reloaded.config.route_options == ["small", "big", "skip"]
 
 
+@pytest.mark.numerics
 def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
     model = tiny_model(routing_mode="fixed", fixed_pattern="BsB")
     model.save_pretrained(tmp_path / "duo")
@@ -241,6 +245,7 @@ def test_batched_generation_with_left_padding(tiny_model):
     assert torch.equal(out[0, 5:], alone_a[0, 5:]) and torch.equal(out[1, 5:], alone_b[0, 3:])
 
 
+@pytest.mark.numerics
 def test_sdpa_and_eager_attention_agree(tiny_config):
     torch.manual_seed(0)
     sdpa = DuoLlamaForCausalLM(tiny_config(route_options=["small", "big", "skip"])).eval()

@@ -54,6 +54,7 @@ def test_two_process_training_shares_the_work_and_resumes_exactly(tmp_path):
     launch_cpu_processes(script, [*args(tmp_path / "resumed"), "--resume-from", "latest"])
     full = load_file(tmp_path / "full" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    # Resumed: the same batches, routes and world size run the same computation, so bit for bit.
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     at_step_3 = load_file(step_3 / "model.safetensors")
     assert not all(torch.equal(at_step_3[k], full[k]) for k in full)  # the resumed run did train steps 4 to 6

@@ -90,6 +90,7 @@ def test_resume_after_kill_gives_the_uninterrupted_losses(tmp_path):
     ]
     assert max(epochs) >= 1  # the run crossed an epoch boundary after resuming
     full_weights, resumed_weights = weights(full.output_dir), weights(resumed.output_dir)
+    # Resumed: the same batches and routes run the same computation, so bit for bit.
     assert all(torch.equal(full_weights[k], resumed_weights[k]) for k in full_weights)
 
     with pytest.raises(ValueError, match="learning_rate: was 0.003, now 0.001"):
