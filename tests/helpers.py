@@ -209,3 +209,48 @@ def train_duo_argv(output_dir: Path, cache_dir: Path, **flags) -> list[str]:
     values.update(flags)
     argv = [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
     return [*argv, "--no-progress"]
+
+
+def assert_outputs_like_dense(duo, dense, routes, **inputs) -> None:
+    """All-BIG ``duo`` returns ``dense``'s attentions (eager), hidden states and ``return_dict=False`` tuple.
+
+    ``inputs`` are the forward's inputs besides ``labels`` (set to the input ids). Values are compared within
+    FLOAT_TOL: the Duo layer runs the same modules, on gathered rows when it dispatches.
+    """
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        expected = dense(**inputs, labels=ids, output_attentions=True, output_hidden_states=True)
+        got = duo(**inputs, labels=ids, routes=routes, output_attentions=True, output_hidden_states=True)
+        as_tuple = duo(**inputs, labels=ids, routes=routes, return_dict=False)
+        dense_tuple = dense(**inputs, labels=ids, return_dict=False)
+    close = dict(rtol=0, atol=FLOAT_TOL)
+    num_layers = duo.config.num_hidden_layers
+    assert len(got.attentions) == num_layers and got.attentions[0].dim() == 4  # [batch, heads, query, key]
+    for got_layer, expected_layer in zip(got.attentions, expected.attentions, strict=True):
+        torch.testing.assert_close(got_layer, expected_layer, **close)
+    assert len(got.hidden_states) == num_layers + 1  # the embeddings, then each layer's output
+    for got_layer, expected_layer in zip(got.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(got_layer, expected_layer, **close)
+    # A tuple of the set fields in order, as the dense model's: loss, logits, cache, then the Duo fields.
+    assert isinstance(as_tuple, tuple) and isinstance(dense_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], dense_tuple[0], **close)
+    torch.testing.assert_close(as_tuple[1], dense_tuple[1], **close)
+    assert type(as_tuple[2]) is type(dense_tuple[2])  # the cache (eval mode)
+    assert torch.equal(as_tuple[3], routes)  # then the Duo fields: routes, token_losses
+    assert len(as_tuple) == len(got.to_tuple()) - 2  # without the attentions and hidden states asked for above
+
+
+def assert_same_greedy(got, expected, prompt_len: int, atol: float = FLOAT_TOL) -> None:
+    """Two greedy ``generate`` runs (``return_dict_in_generate=True, output_logits=True``) of one model, computed
+    in other shapes, agree: per row, equal tokens and step logits within ``atol`` up to the first step where the
+    expected top two logits lie within ``2 * atol`` (rounding may pick either there; the rows part after it)."""
+    got_logits, expected_logits = torch.stack(got.logits, 1), torch.stack(expected.logits, 1)
+    top2 = expected_logits.topk(2, dim=-1).values
+    near_tie = (top2[..., 0] - top2[..., 1]) <= 2 * atol
+    for row in range(expected_logits.shape[0]):
+        steps = expected_logits.shape[1]
+        ties = near_tie[row].nonzero()
+        last = int(ties[0]) if len(ties) else steps  # steps before the first near tie are decided
+        torch.testing.assert_close(got_logits[row, :last], expected_logits[row, :last], rtol=0, atol=atol)
+        new = slice(prompt_len, prompt_len + last)
+        assert torch.equal(got.sequences[row, new], expected.sequences[row, new])

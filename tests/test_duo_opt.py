@@ -92,34 +92,14 @@ def test_all_big_equals_source_opt(do_layer_norm_before, word_embed_proj_dim):
     assert (small - expected).abs().max() > 1e-3
 
 
+@pytest.mark.numerics
 def test_attentions_hidden_states_and_tuple_output_match_source_opt():
     """output_attentions (eager), output_hidden_states and return_dict=False behave as in OPTForCausalLM."""
     opt = tiny_opt()
     opt.set_attn_implementation("eager")  # SDPA computes no attention weights
     duo = DuoOPTForCausalLM.from_dense(opt).eval()
     ids, mask = batch()
-    routes = all_routes(BIG, ids)
-    with torch.no_grad():
-        expected = opt(ids, attention_mask=mask, labels=ids, output_attentions=True, output_hidden_states=True)
-        outputs = dict(output_attentions=True, output_hidden_states=True)
-        got = duo(ids, attention_mask=mask, labels=ids, routes=routes, **outputs)
-        as_tuple = duo(ids, attention_mask=mask, labels=ids, routes=routes, return_dict=False)
-        opt_tuple = opt(ids, attention_mask=mask, labels=ids, return_dict=False)
-    # The same modules on the same shapes: only kernel rounding could differ (fp32, values of order 1; the logits
-    # of test_all_big_equals_source_opt agree within 1e-5).
-    close = dict(rtol=0, atol=1e-5)
-    assert len(got.attentions) == 3 and got.attentions[0].shape == (2, 4, 10, 10)  # [batch, heads, query, key]
-    for got_layer, expected_layer in zip(got.attentions, expected.attentions, strict=True):
-        torch.testing.assert_close(got_layer, expected_layer, **close)
-    assert len(got.hidden_states) == 4  # the embeddings, then each layer's output (the last after the final norm)
-    for got_layer, expected_layer in zip(got.hidden_states, expected.hidden_states, strict=True):
-        torch.testing.assert_close(got_layer, expected_layer, **close)
-    # A tuple of the set fields in order, as OPTForCausalLM's: loss, logits, then the Duo fields.
-    assert isinstance(as_tuple, tuple) and isinstance(opt_tuple, tuple)
-    torch.testing.assert_close(as_tuple[0], opt_tuple[0], **close)
-    torch.testing.assert_close(as_tuple[1], opt_tuple[1], **close)
-    assert type(as_tuple[2]) is type(opt_tuple[2])  # the cache (eval mode)
-    assert torch.equal(as_tuple[3], routes)  # then the Duo fields: routes, token_losses
+    helpers.assert_outputs_like_dense(duo, opt, all_routes(BIG, ids), input_ids=ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("do_layer_norm_before", [True, False])

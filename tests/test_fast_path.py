@@ -7,7 +7,7 @@ from duo_llm_hf import BIG, SKIP, SMALL, DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.oracle import pattern_losses
 from duo_llm_hf.route_spaces import RouteSpace, pattern_index
 from duo_llm_hf.routing import DispatchPlan, DuoFFN, dispatch_plans, set_ffn_dispatch
-from tests.helpers import FLOAT_TOL, assert_same_choice, budget_table, decided, tiny_llama_kwargs
+from tests.helpers import FLOAT_TOL, assert_same_choice, assert_same_greedy, budget_table, decided, tiny_llama_kwargs
 
 N_LAYERS = 3
 VOCAB = 128
@@ -81,6 +81,7 @@ def test_ffn_dispatch_fast_equals_reference(case):
         assert (expected[route == SKIP] == 0).all()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", sorted(ROUTE_CASES))
 def test_prefill_and_cached_decoding_equal(case):
     model = tiny_model()
@@ -106,6 +107,7 @@ def test_prefill_and_cached_decoding_equal(case):
     torch.testing.assert_close(fast, reference, **TIGHT)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "routing",
     [
@@ -123,10 +125,13 @@ def test_generate_equal(routing):
 
     def generate(m):
         m.set_routing(**routing)  # a fresh route sampler: both paths draw the same random routes
-        return m.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        return m.generate(
+            prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True
+        )
 
     reference, fast = run_both(model, generate)
-    assert torch.equal(fast, reference)
+    # The dispatches run the modules on rows grouped differently: logits within rounding, tokens where decided.
+    assert_same_greedy(fast, reference, prompt.shape[1], atol=TIGHT["atol"])
 
     def scores(m):
         m.set_routing(**routing)

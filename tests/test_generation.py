@@ -36,6 +36,7 @@ def tiny_opt() -> DuoOPTForCausalLM:
 MODELS = {"llama": tiny_llama, "opt": tiny_opt}
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("mode", ROUTING_MODES)
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -129,6 +130,7 @@ print("REMOTE-GENERATION-OK")
 """
 
 
+@pytest.mark.numerics
 def test_cached_generation_through_trust_remote_code(tmp_path):
     """The same checks on the code saved next to the models, in a fresh process without duo_llm_hf."""
     folders = []

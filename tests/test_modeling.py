@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from duo_llm_hf import BIG, SKIP, SMALL, DuoLlamaForCausalLM
+from tests import helpers
 from tests.helpers import FLOAT_TOL, tiny_llama_kwargs
 
 VOCAB = 96
@@ -40,34 +41,14 @@ def test_all_big_equals_dense_llama(tie):
     torch.testing.assert_close(back(ids).logits, expected, rtol=0, atol=FLOAT_TOL)
 
 
+@pytest.mark.numerics
 def test_attentions_hidden_states_and_tuple_output_match_dense_llama():
     """output_attentions (eager), output_hidden_states and return_dict=False behave as in LlamaForCausalLM."""
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**tiny_llama_kwargs())).eval()
     dense.set_attn_implementation("eager")  # SDPA computes no attention weights
     duo = DuoLlamaForCausalLM.from_dense(dense, small_intermediate_size=8).eval()
-    ids, routes = ids_batch(), full_routes(BIG)
-    with torch.no_grad():
-        expected = dense(ids, labels=ids, output_attentions=True, output_hidden_states=True)
-        got = duo(ids, labels=ids, routes=routes, output_attentions=True, output_hidden_states=True)
-        as_tuple = duo(ids, labels=ids, routes=routes, return_dict=False)
-        dense_tuple = dense(ids, labels=ids, return_dict=False)
-    # All-BIG runs the dense model's modules on the same shapes: only kernel rounding could differ (fp32, values
-    # of order 1), as in test_all_big_equals_dense_llama.
-    tight = dict(rtol=1e-6, atol=1e-6)
-    assert len(got.attentions) == 3 and got.attentions[0].shape == (2, 4, 12, 12)  # [batch, heads, query, key]
-    for got_layer, expected_layer in zip(got.attentions, expected.attentions, strict=True):
-        torch.testing.assert_close(got_layer, expected_layer, **tight)
-    assert len(got.hidden_states) == 4  # the embeddings, then each layer's output (the last after the final norm)
-    for got_layer, expected_layer in zip(got.hidden_states, expected.hidden_states, strict=True):
-        torch.testing.assert_close(got_layer, expected_layer, **tight)
-    # A tuple of the set fields in order, as LlamaForCausalLM's: loss, logits, then the Duo fields.
-    assert isinstance(as_tuple, tuple) and isinstance(dense_tuple, tuple)
-    torch.testing.assert_close(as_tuple[0], dense_tuple[0], **tight)
-    torch.testing.assert_close(as_tuple[1], dense_tuple[1], **tight)
-    assert type(as_tuple[2]) is type(dense_tuple[2])  # the cache (eval mode)
-    assert torch.equal(as_tuple[3], routes)  # then the Duo fields: routes, token_losses
-    assert len(as_tuple) == len(got.to_tuple()) - 2  # without the attentions and hidden states asked for above
+    helpers.assert_outputs_like_dense(duo, dense, full_routes(BIG), input_ids=ids_batch())
 
 
 def test_from_dense_rejects_non_llama(tiny_model):
