@@ -95,9 +95,10 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_run(base, corpu
     else:
         torch.save(_Evil(marker), target)
     for resume_from in ("latest", str(target.parent)):
-        with pytest.raises(UnsafeCheckpointError, match=name):
+        with pytest.raises(UnsafeCheckpointError, match=name) as refusal:
             train(args_for(folder, corpus, resume_from=resume_from, max_steps=6))
         assert not marker.exists()
+        assert "weights_only=False" not in str(refusal.value)  # torch's advice to load it anyway is not passed on
 
 
 def test_a_custom_checkpoint_pickle_is_refused_even_when_listed_as_written(base, corpus, tmp_path):
