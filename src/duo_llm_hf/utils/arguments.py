@@ -55,22 +55,16 @@ def check_integer_fields(
     ``positive``: integers >= 1; ``optional``: integers >= 1 or None; ``non_negative``: integers >= 0; ``seeds``:
     integers in 0 .. 2**32 - 1, or None.
     """
-    for name in positive:
-        value = getattr(args, name)
-        if not _is_int(value) or value < 1:
-            raise UsageError(f"{label(args, name)}: {value!r} must be a positive integer.")
-    for name in optional:
-        value = getattr(args, name)
-        if value is not None and (not _is_int(value) or value < 1):
-            raise UsageError(f"{label(args, name)}: {value!r} must be a positive integer (or left unset).")
-    for name in non_negative:
-        value = getattr(args, name)
-        if not _is_int(value) or value < 0:
-            raise UsageError(f"{label(args, name)}: {value!r} must be an integer >= 0.")
-    for name in seeds:
-        value = getattr(args, name)
-        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_SEED):
-            raise UsageError(f"{label(args, name)}: {value!r} is not a seed; use an integer in 0 .. {MAX_SEED}.")
+    for group, may_be_unset, test, domain in (
+        (positive, False, lambda v: v >= 1, "must be a positive integer"),
+        (optional, True, lambda v: v >= 1, "must be a positive integer (or left unset)"),
+        (non_negative, False, lambda v: v >= 0, "must be an integer >= 0"),
+        (seeds, True, lambda v: 0 <= v <= MAX_SEED, f"is not a seed; use an integer in 0 .. {MAX_SEED}"),
+    ):
+        for name in group:
+            value = getattr(args, name)
+            if not (value is None and may_be_unset) and not (_is_int(value) and test(value)):
+                raise UsageError(f"{label(args, name)}: {value!r} {domain}.")
 
 
 def check_float_fields(
