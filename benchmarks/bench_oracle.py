@@ -5,7 +5,7 @@ inner 32, 4 heads, vocab 512), 32 sequences of 128 tokens, fp32. The engine runs
 reductions (oracle, fixed, best-of-100 for the whole space and every BIG count, all-small / all-big losses). The
 naive loop is timed on a random sample of patterns (half before the engine, half after, so that a change in
 machine load hits both sides) and scaled to the whole space: its cost is linear in the number of patterns.
-Reported: measured speed-up, the FLOP-predicted speed-up (`duo_llm_hf.oracle.tree_flops`: attention + FFN + LM
+Reported: measured speed-up, the FLOP-predicted speed-up (`duo_llm_hf.oracle.engine.tree_flops`: attention + FFN + LM
 head, per pattern naively vs per tree node) and their ratio (target >= 0.8).
 
     PYTHONPATH=src python benchmarks/bench_oracle.py                      # the setting (minutes on CPU)
@@ -21,8 +21,8 @@ import time
 import torch
 
 from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
-from duo_llm_hf.oracle import oracle_search, tree_flops
-from duo_llm_hf.oracle_run import study_space
+from duo_llm_hf.oracle.engine import oracle_search, tree_flops
+from duo_llm_hf.oracle.run import study_space
 
 
 def parse_args() -> argparse.Namespace:

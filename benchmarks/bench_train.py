@@ -1,13 +1,13 @@
 """Training throughput of a Duo model at p_big against a dense LlamaForCausalLM of the same dimensions.
 
-Both models are built by `duo_llm_hf.training` and trained by its `training_step` (Accelerate, AdamW, gradient
+Both models are built by `duo_llm_hf.training.train` and trained by its `training_step` (Accelerate, AdamW, gradient
 clipping) on the same random token blocks; the Duo model draws fresh random routes every step (stage 1). The
 two are timed alternately, round after round (ABBA order), and the medians are compared, so that load from
 other processes on a shared machine hits both alike. Reported:
 
     FLOP efficiency = (t_dense / t_duo) / (FLOPs_dense / FLOPs_duo)
 
-where t is the median time of a training step and FLOPs the forward FLOPs per token of `duo_llm_hf.flops`
+where t is the median time of a training step and FLOPs the forward FLOPs per token of `duo_llm_hf.utils.flops`
 (training costs about 3x forward for both, so the ratio is the same). 1.0 means the Duo model turns every
 FLOP it saves into time saved.
 
@@ -39,7 +39,7 @@ from accelerate.state import AcceleratorState, GradientState
 from transformers import LlamaForCausalLM
 
 from duo_llm_hf import DuoLlamaForCausalLM, RouteSampler, flops_per_token
-from duo_llm_hf.training import (
+from duo_llm_hf.training.train import (
     TrainArguments,
     build_optimizer,
     build_scheduler,

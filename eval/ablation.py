@@ -4,10 +4,10 @@
     python eval/ablation.py --preset tiny --out /tmp/ablation_tiny        # seconds: a smoke test
     accelerate launch --config_file training/configs/ddp.yaml eval/ablation.py --preset paper --out runs/fig8
 
-All flags: ``python eval/ablation.py --help``. The work is done by `duo_llm_hf.ablation`.
+All flags: ``python eval/ablation.py --help``. The work is done by `duo_llm_hf.experiments.ablation`.
 """
 
-from duo_llm_hf.ablation import main
+from duo_llm_hf.experiments.ablation import main
 from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":

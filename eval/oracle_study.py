@@ -1,10 +1,10 @@
 """Stage 2 of Duo-LLM: the oracle study of a trained Duo model (``python eval/oracle_study.py --help``).
 
-The same command as ``duo-llm oracle``; the work is done by `duo_llm_hf.oracle_run`.
+The same command as ``duo-llm oracle``; the work is done by `duo_llm_hf.oracle.run`.
 """
 
 import duo_llm_hf  # noqa: F401  (registers the Duo models with the Auto classes)
-from duo_llm_hf.oracle_run import main
+from duo_llm_hf.oracle.run import main
 from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
     python eval/router_vs_oracle.py --model runs/duo-tiny --output-dir runs/router-vs-oracle
 
-All flags: ``python eval/router_vs_oracle.py --help``. The work is done by `duo_llm_hf.router_comparison`.
+All flags: ``python eval/router_vs_oracle.py --help``. The work is done by `duo_llm_hf.experiments.router_comparison`.
 """
 
-from duo_llm_hf.router_comparison import PROG, main
+from duo_llm_hf.experiments.router_comparison import PROG, main
 from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":

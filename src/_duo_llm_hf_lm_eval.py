@@ -6,7 +6,7 @@ therefore puts `duo_llm_hf_lm_eval.pth` in site-packages; Python runs its one li
 _duo_llm_hf_lm_eval`) at interpreter start, and this module adds an import hook that waits for the harness's
 model package, `lm_eval.models`. Right after that package has run (it fills the harness's model registry with
 lazy placeholders for its own models) the hook registers `duo` the same way, pointing at
-`duo_llm_hf.lm_eval_model:DuoLM`, which is imported only when the harness builds a `duo` model.
+`duo_llm_hf.integrations.lm_eval:DuoLM`, which is imported only when the harness builds a `duo` model.
 
 Hooking `lm_eval.models` rather than the registry module matters: the harness imports its models only when the
 registry is empty at lookup, so a `duo` entry made any earlier would hide `hf` and the others.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 MODEL_NAME = "duo"
-MODEL_TARGET = "duo_llm_hf.lm_eval_model:DuoLM"
+MODEL_TARGET = "duo_llm_hf.integrations.lm_eval:DuoLM"
 _HOOKED_MODULE = "lm_eval.models"
 
 

@@ -46,7 +46,7 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def builtin_tokenizer():
     """The tiny runs' tokenizer: a 300-token BPE trained on the first 3000 characters of the built-in corpus."""
-    from duo_llm_hf.data import builtin_corpus
-    from duo_llm_hf.tokenization import train_bpe_tokenizer
+    from duo_llm_hf.data.corpus import builtin_corpus
+    from duo_llm_hf.data.tokenization import train_bpe_tokenizer
 
     return train_bpe_tokenizer(builtin_corpus("train", max_chars=3000)["text"], vocab_size=300)

@@ -303,7 +303,7 @@ def test_debug_flag_and_environment_show_the_traceback(assets, tmp_path, monkeyp
 
 def test_unexpected_exceptions_keep_their_traceback(assets, tmp_path, monkeypatch):
     """A bug is not a user error: neither a RuntimeError nor a plain ValueError is turned into one line."""
-    import duo_llm_hf.oracle_run as oracle_run
+    import duo_llm_hf.oracle.run as oracle_run
 
     argv = oracle(assets, str(tmp_path / "out"))
     for error in (RuntimeError("a bug"), ValueError("a bug, not a user error")):
@@ -364,7 +364,7 @@ def test_real_process_parse_error_is_one_line(tmp_path):
 )
 def test_router_vs_oracle_script_bad_inputs(assets, tmp_path, capsys, flags, message):
     """``eval/router_vs_oracle.py`` (not a duo-llm command) reports through the same `run_command`."""
-    from duo_llm_hf import router_comparison
+    from duo_llm_hf.experiments import router_comparison
     from duo_llm_hf.utils.errors import run_command
 
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ import argparse
 
 from transformers import AutoConfig, OPTConfig
 
-from duo_llm_hf.finetuning import estimate_memory
+from duo_llm_hf.training.finetune import estimate_memory
 
 # The shape of facebook/opt-1.3b (its config.json), so that the estimate runs without a network.
 OPT_1_3B = dict(

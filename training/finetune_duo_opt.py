@@ -7,11 +7,11 @@ The OPT weights are frozen, a small FFN is added next to every layer's FFN and t
         --lora --block-size 1024 --batch-size 8 --max-steps 5000 --mixed-precision bf16
     python training/finetune_duo_opt.py --init-from path/to/opt --output-dir runs/duo-opt --max-steps 100
 
-All flags: ``python training/finetune_duo_opt.py --help``. The work is done by `duo_llm_hf.finetuning`; routers
+All flags: ``python training/finetune_duo_opt.py --help``. The work is done by `duo_llm_hf.training.finetune`; routers
 are trained on the result with ``training/train_router.py``.
 """
 
-from duo_llm_hf.finetuning import main
+from duo_llm_hf.training.finetune import main
 from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
     accelerate launch --config_file training/configs/cpu.yaml training/train_duo.py --output-dir runs/duo
     python training/train_duo.py --output-dir runs/duo --max-steps 200        # one process, no launcher
 
-All flags: ``python training/train_duo.py --help``. The work is done by `duo_llm_hf.training`.
+All flags: ``python training/train_duo.py --help``. The work is done by `duo_llm_hf.training.train`.
 """
 
-from duo_llm_hf.training import main
+from duo_llm_hf.training.train import main
 from duo_llm_hf.utils.errors import script_main
 
 if __name__ == "__main__":

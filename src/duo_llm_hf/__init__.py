@@ -11,18 +11,17 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import _duo_llm_hf_lm_eval  # noqa: F401  (the lm-eval hook, for processes that skipped the .pth)
 
-from .configuration_duo_llama import DuoLlamaConfig
-from .configuration_duo_opt import DuoOPTConfig
-from .flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
-from .losses import token_losses
-from .modeling_duo_llama import (
+from .models.configuration_duo_llama import DuoLlamaConfig
+from .models.configuration_duo_opt import DuoOPTConfig
+from .models.losses import token_losses
+from .models.modeling_duo_llama import (
     DuoCausalLMOutputWithPast,
     DuoLlamaForCausalLM,
     DuoLlamaModel,
     DuoLlamaPreTrainedModel,
 )
-from .modeling_duo_opt import DuoOPTForCausalLM, DuoOPTModel, DuoOPTPreTrainedModel
-from .router import (
+from .models.modeling_duo_opt import DuoOPTForCausalLM, DuoOPTModel, DuoOPTPreTrainedModel
+from .models.router import (
     ROUTER_SETTINGS,
     DuoRouter,
     TemperatureSchedule,
@@ -32,7 +31,7 @@ from .router import (
     router_parameters,
     set_router_temperature,
 )
-from .routing import (
+from .models.routes import (
     BIG,
     CHOICE_NAMES,
     SKIP,
@@ -43,6 +42,7 @@ from .routing import (
     pattern_to_str,
     route_fractions,
 )
+from .utils.flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
 
 AutoConfig.register(DuoLlamaConfig.model_type, DuoLlamaConfig, exist_ok=True)
 AutoModel.register(DuoLlamaConfig, DuoLlamaModel, exist_ok=True)

@@ -38,12 +38,12 @@ def eval_command(argv: list[str]) -> None:
 
 COMMANDS: dict[str, Command] = {
     "train": Command(
-        "duo_llm_hf.training:main",
+        "duo_llm_hf.training.train:main",
         "Stage 1: train a Duo model (random routing), a frozen-big model or the FLOP-matched dense baseline.",
         "training/train_duo.py",
     ),
     "finetune": Command(
-        "duo_llm_hf.finetuning:main",
+        "duo_llm_hf.training.finetune:main",
         "Appendix A: finetune a pretrained OPT (Hub or local) as a Duo model: frozen weights, small FFNs, LoRA.",
         "training/finetune_duo_opt.py",
     ),
@@ -53,29 +53,29 @@ COMMANDS: dict[str, Command] = {
         "lm_eval --model duo",
     ),
     "oracle": Command(
-        "duo_llm_hf.oracle_run:main",
+        "duo_llm_hf.oracle.run:main",
         "Stage 2: the oracle over every route (or budgets): oracle, fixed, best-of-K, usage, token difficulty.",
         "eval/oracle_study.py",
     ),
     "train-router": Command(
-        "duo_llm_hf.router_training:main",
+        "duo_llm_hf.training.routers:main",
         "Stage 3: train routers on a frozen Duo model (CE + alpha * budget loss, or supervised by the oracle).",
         "training/train_router.py",
     ),
     "ablation": Command(
-        "duo_llm_hf.ablation:main",
+        "duo_llm_hf.experiments.ablation:main",
         "Fig. 8: Duo at p_big 0..1 against FLOP-matched dense models, and from scratch against frozen-big.",
         "eval/ablation.py",
     ),
     "study": Command(
-        "duo_llm_hf.study:main",
+        "duo_llm_hf.experiments.study:main",
         "The main job: the paper's study end to end (train, oracle, routers, token difficulty) with a report.",
         "duo-llm study --out DIR",
     ),
     "card": Command(
-        "duo_llm_hf.model_card:main",
+        "duo_llm_hf.integrations.model_card:main",
         "Write the Hub model card (README.md) of a saved checkpoint, filled in with the run's figures.",
-        "python -m duo_llm_hf.model_card",
+        "python -m duo_llm_hf.integrations.model_card",
     ),
 }
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..configuration_duo_llama import DuoLlamaConfig
-from ..configuration_duo_opt import DuoOPTConfig
-from ..routing import CHOICE_NAMES, choice_code, validate_route_fields
+from ..models.configuration_duo_llama import DuoLlamaConfig
+from ..models.configuration_duo_opt import DuoOPTConfig
+from ..models.routes import CHOICE_NAMES, choice_code, validate_route_fields
 from .errors import MissingFileError, UsageError
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
@@ -41,7 +41,7 @@ def _source(path: str | Path, what: str) -> str | Path:
         raise MissingFileError(
             f"{what}: {name!r} is a file, not a model folder; give the folder save_pretrained wrote."
         )
-    from ..training import is_hub_id  # only here: a name that is no local path may be a Hub model
+    from ..training.train import is_hub_id  # only here: a name that is no local path may be a Hub model
 
     if not is_hub_id(name):
         raise MissingFileError(

@@ -1,0 +1,507 @@
+"""The main job: the paper's study end to end (``duo-llm study``), with a report and figures.
+
+Stages, each kept in its own folder of ``--out`` and reused by a re-run once finished (so an interrupted study
+resumes; the stage-1 training and the oracle runs also resume from inside a stage):
+
+1. ``model/``: stage 1, a 12-layer Duo model trained with random routing on the training corpus;
+2. ``oracle/<holdout>/``: the oracle over every pattern of SMALL/BIG (all budgets of BIG layers from one
+   enumeration), the fixed pattern, best-of-100 random patterns, the position-dependent budgets of Fig. 4c and
+   token difficulty, on the English and code holdouts; ``oracle_skip/<holdout>/``: the BIG-or-SKIP setting;
+   ``oracle_causal/<holdout>/``: the causally consistent oracle at one budget;
+3. ``routers/<kind>-k<k>/``: the conventional router and the oracle-supervised router at budgets 4, 6, 8 of 12,
+   evaluated on both holdouts;
+4. ``report.md``, ``report.html``, ``metrics.json`` and the figures in ``figures/``.
+
+Every number of the report is read from ``metrics.json``; the findings of the paper are checked against those
+numbers and reported as reproduced or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..oracle.results import OracleResult, atomic_write_text
+from ..oracle.run import run_oracle_study, study_space
+from ..utils.arguments import check_folder, check_output_dir
+from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
+from ..utils.run_files import OVERWRITE_FLAG
+
+logger = logging.getLogger(__name__)
+
+HOLDOUTS = ("english", "code")
+ROUTER_SHORT = {"conventional": "router", "oracle": "oracle-sup."}
+DONE_FILE = "stage_done.json"
+# The stages' folders in --out: what a study started over with other settings removes first.
+STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "routers")
+
+
+@dataclass
+class StudyConfig:
+    """Sizes of every stage of a study. Presets: `PRESETS`; any field can be overridden."""
+
+    preset: str
+    # A trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) to study instead of training one in stage 1.
+    model: str | None = None
+    # Stage 1 (fields of training.TrainArguments).
+    train: dict = field(default_factory=dict)
+    # Stage 2.
+    oracle_blocks: int = 16
+    oracle_batch_size: int = 8
+    best_of_k: int = 100
+    # Fig. 4c: BIG layers falling 6 -> 2 (and rising 2 -> 6) along the sequence against a constant 4.
+    schedules: tuple[str, ...] = ("6:2", "2:6")
+    constant_budget: int = 4
+    # In the BIG-or-SKIP space, 6 BIG layers means 6 skipped (the paper's Fig. 2d).
+    skip_budget: str = "big=6"
+    causal_budget: int | None = 6
+    causal_blocks: int = 4
+    # Stage 3.
+    router_budgets: tuple[int, ...] = (4, 6, 8)
+    router_kinds: tuple[str, ...] = ("conventional", "oracle")
+    router: dict = field(default_factory=dict)
+    # Overrides of `router` for the oracle-supervised router, which runs the oracle on every training batch.
+    oracle_router: dict = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.train.get("num_layers", 12))
+
+
+_DEFAULT_TRAIN = {
+    "dataset": "builtin",
+    "num_layers": 12,
+    "hidden_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 256,
+    "small_intermediate_size": 16,
+    "vocab_size": 1024,
+    "block_size": 64,
+    "batch_size": 16,
+    "max_steps": 900,
+    "warmup_steps": 50,
+    "learning_rate": 3e-3,
+    "eval_every": 300,
+    "eval_blocks": 32,
+    "checkpoint_every": 300,
+    "p_big": 0.5,
+}
+
+PRESETS: dict[str, StudyConfig] = {
+    # The test suite's: a few steps of a 12-layer model small enough for seconds per stage.
+    "tiny": StudyConfig(
+        preset="tiny",
+        train={
+            **_DEFAULT_TRAIN,
+            "num_layers": 6,
+            "hidden_size": 16,
+            "num_heads": 2,
+            "intermediate_size": 32,
+            "small_intermediate_size": 2,
+            "vocab_size": 300,
+            "block_size": 16,
+            "batch_size": 4,
+            "max_steps": 6,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "eval_blocks": 4,
+            "checkpoint_every": 3,
+            "builtin_max_chars": 60_000,
+            "tokenizer_train_chars": 60_000,
+        },
+        oracle_blocks=2,
+        oracle_batch_size=2,
+        best_of_k=20,
+        schedules=("3:1", "1:3"),
+        constant_budget=2,
+        skip_budget="big=3",
+        causal_budget=1,
+        causal_blocks=1,
+        router_budgets=(2, 3, 4),
+        router={"max_steps": 3, "batch_size": 4, "eval_blocks": 2},
+    ),
+    # The CPU study of `make demo`: a 12-layer model trained on the built-in corpus, about 15 minutes on 2 cores.
+    "default": StudyConfig(
+        preset="default",
+        train=dict(_DEFAULT_TRAIN),
+        causal_budget=2,
+        causal_blocks=2,
+        router={"max_steps": 120, "batch_size": 16, "eval_blocks": 16},
+        oracle_router={"max_steps": 30, "batch_size": 8},
+    ),
+    # The paper's model (12 layers, hidden 2560, big 10240 / small 640) on Hub corpora; for many GPUs
+    # (``accelerate launch -m duo_llm_hf.cli study --preset paper``).
+    "paper": StudyConfig(
+        preset="paper",
+        train={
+            **_DEFAULT_TRAIN,
+            "dataset": "hf:HuggingFaceFW/fineweb:sample-10BT@train",
+            "holdout_english": "hf:allenai/c4:en@validation",
+            "holdout_code": "hf:codeparrot/github-code-clean:Python-mit@train",
+            "streaming": True,
+            "hidden_size": 2560,
+            "num_heads": 20,
+            "intermediate_size": 10240,
+            "small_intermediate_size": 640,
+            "vocab_size": 32000,
+            "block_size": 1024,
+            "batch_size": 16,
+            "gradient_accumulation_steps": 8,
+            "max_steps": 100_000,
+            "warmup_steps": 2000,
+            "learning_rate": 3e-4,
+            "mixed_precision": "bf16",
+            "eval_every": 2000,
+            "checkpoint_every": 2000,
+        },
+        oracle_blocks=1024,
+        oracle_batch_size=4,
+        causal_blocks=64,
+        router={"max_steps": 20_000, "batch_size": 16, "eval_blocks": 256},
+    ),
+}
+
+
+def study_config(preset: str = "default", **overrides) -> StudyConfig:
+    """The preset's `StudyConfig` with ``overrides`` (``train`` / ``router`` dicts are merged, not replaced)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r} is not a study preset; choose from {list(PRESETS)}.")
+    config = dataclasses.replace(PRESETS[preset])
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(
+                f"{key!r} is not a study setting; settings: {[f.name for f in dataclasses.fields(config)]}."
+            )
+        if key in ("train", "router", "oracle_router"):
+            value = {**getattr(config, key), **value}
+        setattr(config, key, value)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages
+
+
+class Stages:
+    """Finished-stage bookkeeping under the study folder: a stage is done when its marker file exists."""
+
+    def __init__(self, out: Path, config: StudyConfig, progress: bool):
+        self.out = out
+        self.config = config
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, folder: Path, work: Callable[[], dict]) -> dict:
+        """Run ``work`` unless ``folder`` holds a finished result; return what it recorded."""
+        marker = folder / DONE_FILE
+        if marker.exists():
+            logger.info("study: %s already done, reusing %s", name, folder)
+            return json.loads(marker.read_text())
+        start = time.perf_counter()
+        print(f"[duo-llm study] {name} ...", flush=True)
+        record = work()
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
+        self.timings[name] = record["seconds"]
+        return record
+
+
+def train_stage(stages: Stages) -> Path:
+    """Stage 1: train the Duo model (resuming from its latest checkpoint when interrupted)."""
+    from ..training.train import TrainArguments, train
+
+    folder = stages.out / "model"
+
+    def work() -> dict:
+        finished = _read_finished(folder)
+        if finished is not None:  # trained, then stopped before the stage was marked done
+            evaluation = {k: v for k, v in finished.items() if k.startswith("eval/")}
+            return {"global_step": finished["global_step"], "tokens_seen": finished["tokens_seen"], "eval": evaluation}
+        resume = "latest" if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()) else None
+        args = TrainArguments(
+            output_dir=str(folder),
+            seed=stages.config.seed,
+            progress=stages.progress,
+            resume_from=resume,
+            **stages.config.train,
+        )
+        result = train(args)
+        return {"global_step": result.global_step, "tokens_seen": result.tokens_seen, "eval": result.eval_metrics}
+
+    stages.run("stage 1: training", folder, work)
+    return folder
+
+
+def holdout_blocks(model_dir: Path, config: StudyConfig, name: str, num_blocks: int) -> torch.LongTensor:
+    """``num_blocks`` token blocks of a holdout set, tokenized with the model's tokenizer."""
+    from ..data.corpus import load_corpus, pack_corpus
+    from ..data.tokenization import load_tokenizer
+
+    train = config.train
+    spec = train.get(f"holdout_{name}", "builtin")
+    texts = load_corpus(spec, f"holdout_{name}", builtin_max_chars=train.get("builtin_max_chars"))
+    blocks = pack_corpus(texts, load_tokenizer(model_dir), train["block_size"], f"holdout_{name}", num_blocks)
+    if len(blocks) < num_blocks:
+        raise UsageError(
+            f"holdout {name!r} has only {len(blocks)} blocks of {train['block_size']} tokens; asked for {num_blocks}."
+        )
+    return torch.as_tensor(blocks["input_ids"][:num_blocks]).long()
+
+
+def oracle_stage(
+    stages: Stages,
+    model,
+    model_dir: Path,
+    holdout: str,
+    setting: str,
+    budgets: list,
+    route_options=None,
+    causal: bool = False,
+    num_blocks: int | None = None,
+) -> OracleResult:
+    """One oracle run (one enumeration of the space, every budget reduced) on a holdout set."""
+    config = stages.config
+    folder = stages.out / setting / holdout
+    blocks = holdout_blocks(model_dir, config, holdout, num_blocks or config.oracle_blocks)
+
+    def work() -> dict:
+        space = study_space(model.config, budgets, route_options=route_options)
+        result = run_oracle_study(
+            model,
+            blocks,
+            space,
+            folder,
+            batch_size=config.oracle_batch_size,
+            best_of_k=0 if causal else config.best_of_k,
+            seed=config.seed,
+            causal=causal,
+            model_id=str(model_dir),
+            data_id=f"builtin holdout_{holdout}",
+            progress=stages.progress,
+        )
+        result.save(folder)
+        return {"space": space.describe(), "tokens": result.num_tokens}
+
+    stages.run(f"oracle ({setting}, {holdout})", folder, work)
+    return OracleResult.load(folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study
+
+
+def run_study(
+    out: str | os.PathLike, preset: str = "default", progress: bool = True, overwrite: bool = False, **overrides
+) -> dict:
+    """Run (or resume) the study into ``out``; return the metrics written to ``metrics.json``.
+
+    A re-run of the same study reuses its finished stages. ``out`` holding a study with other settings is refused,
+    unless ``overwrite``: then that study's stages are removed and this one starts over.
+    """
+    from .report import collect_metrics, write_report
+
+    out = Path(out)
+    config = study_config(preset, **overrides)
+    _check_same_settings(out, config, overwrite)
+    stages = Stages(out, config, progress)
+    model_dir = Path(config.model) if config.model else train_stage(stages)
+    # SKIP needs no weights: a model trained on small/big can be evaluated with skipping (the paper's Fig. 2d).
+    model = load_duo_model(model_dir, what="--model" if config.model else "model")
+    allow_route_options(model.config, ["small", "big", "skip"])
+    model.to(_device()).eval()
+    n = model.config.num_hidden_layers
+
+    oracle, skip, causal = {}, {}, {}
+    for holdout in HOLDOUTS:
+        budgets = ["all", "classes", *config.schedules]
+        oracle[holdout] = oracle_stage(stages, model, model_dir, holdout, "oracle", budgets, ["small", "big"])
+        skip[holdout] = oracle_stage(stages, model, model_dir, holdout, "oracle_skip", ["classes"], ["big", "skip"])
+        if config.causal_budget is not None:
+            causal[holdout] = oracle_stage(
+                stages,
+                model,
+                model_dir,
+                holdout,
+                "oracle_causal",
+                [config.causal_budget],
+                ["small", "big"],
+                causal=True,
+                num_blocks=config.causal_blocks,
+            )
+
+    blocks = {h: result.tensors["input_ids"] for h, result in oracle.items()}
+    routers = router_stages(stages, model_dir, blocks, n)
+    metrics = collect_metrics(config, model, stages, oracle, skip, causal, routers, n)
+    write_report(out, metrics, oracle, routers, model_dir)
+    return metrics
+
+
+def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongTensor], n: int) -> dict:
+    """Stage 3: train each router kind at each budget, then evaluate it with hard routing on the oracle's blocks.
+
+    Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage"}`` (usage: ``[3, layers, positions]``).
+    """
+    from ..training.routers import RouterTrainArguments, evaluate_router
+
+    config = stages.config
+    results: dict[str, dict[int, dict]] = {kind: {} for kind in config.router_kinds}
+    loaders = {
+        h: DataLoader([{"input_ids": row} for row in ids.to(_device())], batch_size=8) for h, ids in blocks.items()
+    }
+    for kind in config.router_kinds:
+        for k in config.router_budgets:
+            folder = stages.out / "routers" / f"{kind}-k{k}"
+            oracle = kind == "oracle"
+            args = RouterTrainArguments(
+                model=str(model_dir),
+                output_dir=str(folder),
+                route_options="small,big",
+                budget=repr(k / n),
+                supervision=kind,
+                oracle_budget=f"big={k}" if oracle else None,
+                # Oracle supervision fits P = softmax(logits) to the oracle's choices: no annealing needed.
+                temperature_schedule="constant" if oracle else "exponential",
+                block_size=config.train["block_size"],
+                builtin_max_chars=config.train.get("builtin_max_chars"),
+                report_to="jsonl",
+                checkpoint_every=0,
+                seed=config.seed,
+                progress=stages.progress,
+                **{**config.router, **(config.oracle_router if oracle else {})},
+            )
+            stages.run(f"router ({kind}, {k} BIG layers)", folder, lambda args=args: _train_router_record(args))
+            model = load_duo_model(folder).to(_device()).eval()
+            evaluation = evaluate_router(model, loaders)
+            results[kind][k] = {
+                h: {"ppl": e["ppl"], "realised": e["realised"]["overall"], "usage": e["usage"]}
+                for h, e in evaluation.items()
+                if h in blocks
+            }
+    return results
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _train_router_record(args) -> dict:
+    from ..training.routers import train_router
+
+    finished = _read_finished(Path(args.output_dir))
+    if finished is not None:  # trained, then stopped before the stage was marked done
+        return {"global_step": finished["global_step"]}
+    result = train_router(args)
+    return {"global_step": result.global_step}
+
+
+def _read_finished(folder: Path) -> dict | None:
+    """The ``train_results.json`` of a finished training run in ``folder`` (None if there is none)."""
+    path = folder / "train_results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False) -> None:
+    settings = json.loads(json.dumps(dataclasses.asdict(config)))
+    path = out / "study_settings.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        # A setting missing from a file written before it existed had its default value.
+        defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig) if f.default is not dataclasses.MISSING}
+        changed = sorted(k for k in settings if saved.get(k, defaults.get(k)) != settings[k])
+        if changed and not overwrite:
+            raise UsageError(
+                f"{out} holds a study run with other settings ({', '.join(changed)} differ); finished stages "
+                f"would not match. Use another --out, or pass {OVERWRITE_FLAG} to start over there (removes that "
+                "study's stages)."
+            )
+        if changed:
+            logger.warning("study: %s held a study with other settings (%s); starting over", out, ", ".join(changed))
+            for name in STAGE_FOLDERS:
+                shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def summary_table(metrics: dict) -> str:
+    """The closing terminal summary: perplexity per budget and method on each holdout, then the findings."""
+    best_of = f"best_of_{metrics['settings']['best_of_k']}"
+    lines = []
+    for holdout, m in metrics["oracle"].items():
+        kinds = list(metrics["routers"])
+        names = "".join(f" {ROUTER_SHORT[k]:>12}" for k in kinds)
+        header = f"{'k':>3} {'oracle':>9} {best_of:>12} {'fixed':>9}{names}"
+        lines += [f"{holdout} holdout: perplexity by number of BIG layers", header]
+        for k, v in m["by_budget"].items():
+            routers = "".join(
+                f" {metrics['routers'][kind][k][holdout]['ppl']:>12.3f}" if k in metrics["routers"][kind] else " " * 13
+                for kind in kinds
+            )
+            methods = f"{v['oracle']:>9.3f} {v.get(best_of, float('nan')):>12.3f} {v['fixed']:>9.3f}"
+            lines.append(f"{k:>3} {methods}{routers}")
+        lines.append("")
+    lines.append("Findings of the paper:")
+    for finding in metrics["findings"]:
+        lines.append(f"  [{'reproduced' if finding['reproduced'] else 'NOT reproduced'}] {finding['statement']}")
+    return "\n".join(lines)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="duo-llm study",
+        description="The Duo-LLM study end to end: stage 1 training, the oracle (all budgets, fixed, best-of-100, "
+        "skip, position budgets, causal), routers, token difficulty; report.md/.html, metrics.json, figures. "
+        "A re-run with the same --out reuses the finished stages.",
+    )
+    parser.add_argument("--out", required=True, help="Folder of the study (stages, report, figures).")
+    parser.add_argument("--preset", default="default", choices=list(PRESETS), help="Sizes of every stage.")
+    parser.add_argument(
+        "--model",
+        help="Study this trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) instead of training one.",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    parser.add_argument(
+        OVERWRITE_FLAG,
+        action="store_true",
+        help="If --out holds a study with other settings, remove its stages and start over (else refused).",
+    )
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the flags of ``duo-llm study`` before any work is done: ``--out`` is not a file, and ``--model``, if
+    given, is a Duo model folder (its config, no weights, is read) with its tokenizer; raise `UsageError`."""
+    from ..data.tokenization import has_tokenizer
+
+    check_output_dir(args, "out")
+    if args.model is not None:
+        folder = check_folder("--model", args.model, "Duo model folder")
+        inspect_duo_source(folder, "--model")
+        if not has_tokenizer(folder):
+            raise MissingFileError(f"--model: {args.model!r} holds no tokenizer; the study tokenizes its holdouts.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``duo-llm study``."""
+    args = build_arg_parser().parse_args(argv)
+    validate_args(args)
+    metrics = run_study(
+        args.out, args.preset, progress=not args.no_progress, overwrite=args.overwrite_output_dir, model=args.model
+    )
+    print()
+    print(summary_table(metrics))
+    print(f"\nReport: {Path(args.out) / 'report.md'} (and report.html); metrics: {Path(args.out) / 'metrics.json'}")
+    return 0

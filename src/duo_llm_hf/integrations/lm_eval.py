@@ -1,0 +1,202 @@
+"""lm-evaluation-harness integration: the `duo` model and the local-data benchmark tasks.
+
+`DuoLM` is the harness's `HFLM` with one addition: the routing of the Duo model is set from model arguments, so
+that one saved model is scored under any routing mode::
+
+    lm_eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25 --tasks arc_easy,hellaswag
+    lm_eval --model duo --model_args pretrained=DIR,routing=fixed,pattern=sBsB --tasks arc_easy
+    lm_eval --model duo --model_args pretrained=DIR,routing=small --tasks hellaswag     # all-small
+    lm_eval --model duo --model_args pretrained=DIR,routing=learned --tasks hellaswag   # the trained router
+
+lm-eval 0.4 has no plugin entry points for models. `duo` reaches the harness's registry through the import hook
+in `_duo_llm_hf_lm_eval` (run at interpreter start by the `.pth` file installed with the package, and by `import
+duo_llm_hf`), as a lazy placeholder: this module is imported only when the harness builds a `duo` model. Plain
+`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` evaluates a saved folder under the routing
+stored in its config, with no import of this package.
+
+The harness's `arc_easy` and `hellaswag` tasks load their data from the Hub. `arc_easy_local` and
+`hellaswag_local` (YAMLs in `TASKS_DIR`) are the same tasks reading local jsonl files in the Hub schema:
+`--include_path TASKS_DIR --metadata '{"data_dir": "/path"}'`, or `local_task_manager(data_dir)` in Python.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from ..models.routes import BIG, SKIP, SMALL, pattern_to_str
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+"""Folder of the `*_local` task YAMLs; pass it to `--include_path` / `TaskManager(include_path=...)`."""
+
+FIXTURE_DATA_DIR = TASKS_DIR / "fixtures"
+"""A handful of hand-written ARC-Easy and HellaSwag examples in the Hub schema, for tests and smoke runs only."""
+
+LOCAL_TASKS = {"arc_easy": "arc_easy_local", "hellaswag": "hellaswag_local"}
+"""Official task name -> the local-data task with the same definition."""
+
+# routing model argument -> (routing mode of the model, choice every token takes for the "all-X" modes)
+_ROUTINGS = {
+    "config": (None, None),
+    "random": ("random", None),
+    "fixed": ("fixed", None),
+    "learned": ("learned", None),
+    "small": ("fixed", SMALL),
+    "big": ("fixed", BIG),
+    "skip": ("fixed", SKIP),
+}
+
+
+def routing_settings(
+    config,
+    routing: str | None = None,
+    p_big: float | None = None,
+    p_small: float | None = None,
+    p_skip: float | None = None,
+    pattern: str | list | None = None,
+    route_seed: int | None = None,
+) -> dict[str, Any] | None:
+    """The `set_routing` arguments that the `duo` model arguments ask for (None: keep the config's routing).
+
+    `routing` is `config` (default), `random`, `fixed`, `learned` (the model's trained routers; refused for a
+    model without routers), or `small` / `big` / `skip` (every token on that choice in every layer; `all-small`
+    etc. are accepted too). With `random`, the given probabilities
+    (`p_big`, `p_small`, `p_skip`) set `route_probs`; a single allowed choice left unset gets the remainder,
+    and none given keeps the config's. `p_*` alone implies `random`, `pattern` alone implies `fixed`.
+    """
+    probs = {name: p for name, p in (("small", p_small), ("big", p_big), ("skip", p_skip)) if p is not None}
+    if routing is None:
+        routing = "random" if probs else "fixed" if pattern is not None else "config"
+    key = str(routing).lower().removeprefix("all-").removeprefix("all_")
+    if key not in _ROUTINGS:
+        raise ValueError(
+            f"routing={routing!r} is not a routing of the duo model; use one of {list(_ROUTINGS)} "
+            "(small/big/skip put every token on that choice; all-small etc. work too)."
+        )
+    mode, choice = _ROUTINGS[key]
+    if probs and mode != "random":
+        raise ValueError(f"p_small/p_big/p_skip {probs} only apply to routing=random, not routing={routing!r}.")
+    if pattern is not None and key != "fixed":
+        raise ValueError(f"pattern={pattern!r} only applies to routing=fixed, not routing={routing!r}.")
+    if mode is None:
+        return None
+    if mode == "learned" and not getattr(config, "use_router", False):
+        # set_routing("learned") would add freshly initialised routers: refuse rather than score untrained ones.
+        raise ValueError(
+            "routing=learned: this model has no routers (config.use_router is false); evaluate a model whose "
+            "routers were trained (stage 3), or pick another routing."
+        )
+    settings: dict[str, Any] = {"mode": mode}
+    if route_seed is not None:
+        settings["route_seed"] = int(route_seed)
+    if key == "fixed":
+        if pattern is None:
+            raise ValueError("routing=fixed needs pattern=..., one letter per layer: s (small), B (big), - (skip).")
+        if not isinstance(pattern, (str, list, tuple)):
+            raise ValueError(f"pattern={pattern!r}: give one letter per layer, s (small), B (big), - (skip): sBsB.")
+        settings["fixed_pattern"] = pattern
+    elif choice is not None:
+        settings["fixed_pattern"] = [choice] * config.num_hidden_layers
+    elif mode == "random" and probs:
+        settings["route_probs"] = _fill_route_probs(probs, list(config.route_options))
+    return settings
+
+
+def _fill_route_probs(probs: dict[str, float], options: list[str]) -> dict[str, float]:
+    """Complete the given probabilities over the allowed choices: one unset choice takes the remainder."""
+    for name, p in probs.items():
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 <= p <= 1:
+            raise ValueError(f"p_{name}={p!r} is not a probability; give a number in [0, 1].")
+    outside = sorted(set(probs) - set(options))
+    unset = [name for name in options if name not in probs]
+    if outside and any(probs[name] > 0 for name in outside):
+        raise ValueError(f"p_{outside[0]} is set but the model's route_options {options} do not allow {outside[0]!r}.")
+    probs = {name: float(p) for name, p in probs.items() if name in options}
+    if len(unset) == 1:
+        probs[unset[0]] = max(0.0, 1.0 - sum(probs.values()))
+    elif len(unset) > 1:
+        raise ValueError(
+            f"routing=random with route_options {options}: set the probabilities of {unset} too "
+            f"(p_{unset[0]}=..., they must sum to 1)."
+        )
+    return probs
+
+
+def describe_routing(config) -> dict[str, Any]:
+    """The routing a Duo config applies, for result files: mode, pattern letters, probabilities, seed."""
+    info: dict[str, Any] = {"routing_mode": config.routing_mode, "route_options": list(config.route_options)}
+    if config.routing_mode == "fixed":
+        info["fixed_pattern"] = pattern_to_str(config.fixed_pattern)
+    if config.routing_mode == "random":
+        info["route_probs"] = dict(config.route_probs)
+        info["route_seed"] = config.route_seed
+    return info
+
+
+@register_model("duo")
+class DuoLM(HFLM):
+    """`HFLM` for Duo models, with the routing chosen by model arguments.
+
+    Args:
+        pretrained: a saved Duo model folder or Hub name, or a loaded `DuoLlamaForCausalLM` (whose config the
+            routing arguments change in place).
+        routing, p_big, p_small, p_skip, pattern, route_seed: see `routing_settings`.
+        **kwargs: every `HFLM` argument (`tokenizer`, `batch_size`, `device`, `dtype`, ...).
+    """
+
+    def __init__(
+        self,
+        pretrained,
+        routing: str | None = None,
+        p_big: float | None = None,
+        p_small: float | None = None,
+        p_skip: float | None = None,
+        pattern: str | None = None,
+        route_seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        # duo_llama is not in transformers' causal-LM name table, which HFLM reads to pick its backend.
+        kwargs.setdefault("backend", "causal")
+        super().__init__(pretrained=pretrained, **kwargs)
+        model = self.model
+        duo_fields = ("route_options", "routing_mode")
+        if not hasattr(model, "set_routing") or not all(hasattr(model.config, f) for f in duo_fields):
+            raise TypeError(
+                f"--model duo evaluates Duo models; {type(model).__name__} (model_type "
+                f"{getattr(model.config, 'model_type', None)!r}) has no Duo routing. Use --model hf for it."
+            )
+        settings = routing_settings(model.config, routing, p_big, p_small, p_skip, pattern, route_seed)
+        if settings is not None:
+            model.set_routing(**settings)
+
+    @property
+    def routing(self) -> dict[str, Any]:
+        """The routing the model is evaluated under (see `describe_routing`)."""
+        return describe_routing(self.model.config)
+
+    def get_model_info(self) -> dict:
+        return {**super().get_model_info(), "duo_routing": self.routing}
+
+
+def local_task_manager(data_dir: str | os.PathLike, **kwargs):
+    """A `TaskManager` that knows the `*_local` tasks and reads their files from `data_dir`."""
+    from lm_eval.tasks import TaskManager
+
+    metadata = {**kwargs.pop("metadata", {}), "data_dir": str(Path(data_dir).expanduser().resolve())}
+    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata, **kwargs)
+
+
+__all__ = [
+    "DuoLM",
+    "FIXTURE_DATA_DIR",
+    "LOCAL_TASKS",
+    "TASKS_DIR",
+    "describe_routing",
+    "local_task_manager",
+    "routing_settings",
+]

@@ -1,0 +1,591 @@
+"""Long oracle runs: batches of sequences, a progress bar, resumable checkpoints, many processes.
+
+`run_oracle_study` evaluates a route space on ``[N, T]`` token blocks, ``batch_size`` sequences at a time.
+
+- **Resumable**: after each batch the combined reductions go to ``<output_dir>/batches/batch_XXXXX.safetensors``
+  and the finished batches, with each file's sha256, to ``oracle_state.json``, both written atomically (temp
+  file, then ``os.replace``). Restarted with the same settings, a run first checks every finished batch file
+  against its hash (a damaged or missing one is named in a warning and computed again), then does the remaining
+  batches and gives the identical result. The run's *fingerprint* holds every setting that changes its results
+  (the weights' and the token blocks' content hashes, dtype, architecture, route space, best-of-K, seed, causal,
+  batch size); a run with another fingerprint is refused, naming what differs. Settings that change only speed or
+  memory (``chunk_tokens``, the number of processes, the device) may change between sessions.
+- **Many processes**: under ``accelerate launch`` every process takes a share of the prefix tree
+  (`RouteSpace.partition`: top-of-tree prefixes, balanced by leaf count) for every batch, and the reductions are
+  combined exactly (`BatchReduction.combine`) before they are written, so N processes give the result of one.
+- **Progress**: a tqdm bar counts pattern-tokens (one pattern's loss at one token) with rate and time left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..models.modeling_duo import dense_config_fields
+from ..models.routes import BIG, CHOICE_NAMES
+from ..utils.arguments import (
+    check_choices,
+    check_folder,
+    check_integer_fields,
+    check_output_dir,
+    check_text_file,
+    user_values,
+)
+from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
+from ..utils.processes import process_state
+from ..utils.run_files import OVERWRITE_FLAG, check_fingerprint, file_hash, refuse_overwrite
+from .engine import oracle_search, under_roots
+from .reducers import BatchReduction, RunningMin
+from .results import RESULTS_FILE, SUMMARY_FILE, OracleResult, atomic_save_tensors, atomic_write_text, space_spec
+from .spaces import RouteSpace, uniform_classes
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "oracle_state.json"
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
+BATCH_DIR = "batches"
+# Version of oracle_state.json: 2 added the weights' hash, dtype and architecture to the fingerprint, and a hash
+# per batch file. Older run folders are refused (their fingerprint cannot prove they match).
+STATE_FORMAT = 2
+# Config fields that do not change a model's outputs (the routing fields are not in dense_config_fields).
+_NEUTRAL_CONFIG_KEYS = ("dtype", "use_cache", "output_hidden_states", "output_attentions", "return_dict")
+
+
+def study_space(config, budgets: Sequence | None = None, route_options: Sequence | None = None) -> RouteSpace:
+    """The route space of a study: the model's layers and ``route_options`` (or a subset), the given budgets, and
+    the all-small / all-big patterns (for token difficulty) even when no budget contains them."""
+    space = RouteSpace.from_config(config, budgets, route_options=route_options)
+    extra = uniform_classes(space.num_layers, space.choices).values()
+    return RouteSpace(space.num_layers, space.choices, space.budgets, extra_classes=list(extra))
+
+
+def load_token_blocks(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer=None,
+    block_size: int | None = None,
+    num_blocks: int | None = None,
+) -> tuple[torch.LongTensor, str]:
+    """Token blocks ``[N, T]`` for the oracle and an identifier of them (paths, shape, sha256 of the tokens).
+
+    ``paths``: one ``.safetensors`` file (tensor ``input_ids``) or ``.pt`` file (a tensor, or a dict with
+    ``input_ids``) holding pre-tokenized blocks; or text files, tokenized with ``tokenizer`` (an EOS token after
+    each file when the tokenizer has one), concatenated and cut into ``block_size`` blocks (the rest dropped).
+    ``num_blocks`` keeps the first blocks.
+    """
+    paths = check_data_files(paths)
+    if Path(paths[0]).suffix in TENSOR_SUFFIXES:
+        blocks = _load_tensor_file(Path(paths[0]))
+        if block_size is not None and block_size != blocks.shape[1]:
+            raise UsageError(
+                f"{paths[0]} holds blocks of {blocks.shape[1]} tokens, but block_size={block_size} was asked; "
+                "drop --block-size or re-tokenize."
+            )
+    else:
+        blocks = _tokenize_files(paths, tokenizer, block_size, num_blocks)
+    if num_blocks is not None:
+        if num_blocks > len(blocks):
+            raise UsageError(f"asked for {num_blocks} blocks, but the data holds only {len(blocks)}.")
+        blocks = blocks[:num_blocks]
+    digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
+    names = ",".join(str(p) for p in paths)
+    return blocks, f"{names} ({len(blocks)}x{blocks.shape[1]} tokens, sha256 {digest})"
+
+
+def check_data_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The ``--data`` files as a list, checked before any work: each is an existing file (not a folder); one
+    tensor file, or text files that start as UTF-8 text."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise UsageError("data: no data file given.")
+    for path in paths:
+        state = "is a folder" if Path(path).is_dir() else "does not exist"
+        if not Path(path).is_file():
+            raise MissingFileError(f"data: {str(path)!r} {state}; give text files, or one .safetensors/.pt file.")
+    tensors = [p for p in paths if Path(p).suffix in TENSOR_SUFFIXES]
+    if tensors and len(paths) > 1:
+        raise UsageError(f"data: give one pre-tokenized tensor file ({tensors[0]}) alone, not {len(paths)} files.")
+    for path in paths if not tensors else ():
+        check_text_file("data", path)
+    return [str(p) for p in paths]
+
+
+def check_token_ids(blocks: torch.Tensor, vocab_size: int, source: str) -> None:
+    """Raise a `UsageError` when a token id of ``blocks`` (from ``source``) lies outside ``0 .. vocab_size - 1``."""
+    if blocks.numel() and (blocks.min() < 0 or blocks.max() >= vocab_size):
+        bad = blocks[(blocks < 0) | (blocks >= vocab_size)][0].item()
+        raise UsageError(
+            f"data: {source} holds token id {bad}, outside the model's vocabulary 0 .. {vocab_size - 1}; "
+            "tokenize the data with the model's tokenizer."
+        )
+
+
+def _load_tensor_file(path: Path) -> torch.LongTensor:
+    # Nothing is unpickled: safetensors, or torch.load with weights_only (plain tensors and containers only).
+    try:
+        if path.suffix == ".safetensors":
+            tensors = load_file(path)
+            if "input_ids" not in tensors:
+                raise UsageError(f"{path} has no tensor 'input_ids' (it has {sorted(tensors)}).")
+            blocks = tensors["input_ids"]
+        else:
+            blocks = torch.load(path, weights_only=True, map_location="cpu")
+            if isinstance(blocks, dict):
+                if "input_ids" not in blocks:
+                    raise UsageError(f"{path} holds a dict without 'input_ids' (keys {sorted(blocks)}).")
+                blocks = blocks["input_ids"]
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        kind = "safetensors" if path.suffix == ".safetensors" else "weights-only torch.save"
+        reason = str(err).splitlines()[0][:200]
+        raise UsageError(
+            f"data: {str(path)!r} is not a readable {kind} file of token ids ({type(err).__name__}: {reason}); "
+            "objects other than tensors are refused, nothing is unpickled."
+        ) from err
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype.is_floating_point:
+        raise UsageError(f"{path}: expected an integer tensor of token ids shaped [num_blocks, block_size].")
+    return blocks.long()
+
+
+def _tokenize_files(paths, tokenizer, block_size, num_blocks) -> torch.LongTensor:
+    if tokenizer is None:
+        raise UsageError("text data needs a tokenizer (the model folder's, or --tokenizer).")
+    if not block_size or block_size < 2:
+        raise UsageError(f"block_size={block_size!r}: text data is cut into blocks of at least 2 tokens.")
+    wanted = None if num_blocks is None else num_blocks * block_size
+    ids: list[int] = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            # Tokenize whole lines in pieces, and stop reading once there are enough tokens.
+            piece: list[str] = []
+            size = 0
+            for line in f:
+                piece.append(line)
+                size += len(line)
+                if size >= 1 << 20:
+                    ids += tokenizer("".join(piece), add_special_tokens=False)["input_ids"]
+                    piece, size = [], 0
+                    if wanted is not None and len(ids) >= wanted:
+                        break
+            if piece:
+                ids += tokenizer("".join(piece), add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if wanted is not None and len(ids) >= wanted:
+            break
+    count = len(ids) // block_size
+    if count == 0:
+        raise UsageError(f"the text gives {len(ids)} tokens, fewer than one block of {block_size}.")
+    return torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
+
+
+def _distributed():
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _all_gather(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    if tensor.numel() == 0:  # nothing to exchange (e.g. no position-scheduled budget)
+        return [tensor] * world_size
+    dist = _distributed()
+    flag = tensor.dtype == torch.bool
+    send = (tensor.to(torch.uint8) if flag else tensor).contiguous()
+    parts = [torch.empty_like(send) for _ in range(world_size)]
+    dist.all_gather(parts, send)
+    return [p.bool() for p in parts] if flag else parts
+
+
+def _gather_reduction(reduction: BatchReduction, world_size: int) -> BatchReduction:
+    tensors = {k: v for k, v in vars(reduction).items() if v is not None}
+    gathered = {k: _all_gather(v, world_size) for k, v in tensors.items()}
+    return BatchReduction.combine([BatchReduction(**{k: v[r] for k, v in gathered.items()}) for r in range(world_size)])
+
+
+def _gather_min(world_size: int):
+    def reduce(loss: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        running = RunningMin(loss.shape, loss.device)
+        for part_loss, part_index in zip(_all_gather(loss, world_size), _all_gather(index, world_size)):
+            running.merge(part_loss, part_index)
+        return running.loss, running.index
+
+    return reduce
+
+
+def _work_per_sequence(space: RouteSpace, roots: torch.Tensor | None, seq_len: int, causal: bool) -> int:
+    """Pattern-tokens this process computes per sequence (for the progress bar)."""
+    mine = under_roots(space.patterns, roots, space.choices)
+    work = int(mine.sum()) * seq_len
+    if causal:
+        for g, budget in enumerate(space.budgets):
+            members = space.members[g] & mine
+            big = budget.big_at(seq_len)
+            if big is None:
+                work += int(members.sum()) * seq_len
+            else:
+                per_k = {k: int((members & (space.counts[:, BIG] == k)).sum()) for k in set(big.tolist())}
+                work += sum(per_k[k] for k in big.tolist())
+    return work
+
+
+def run_oracle_study(
+    model,
+    input_ids: torch.LongTensor,
+    space: RouteSpace,
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    best_of_k: int = 0,
+    seed: int = 0,
+    causal: bool = False,
+    chunk_tokens: int | None = None,
+    model_id: str = "",
+    data_id: str = "",
+    stop_after_batches: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> OracleResult | None:
+    """Run the oracle over ``input_ids`` (``[N, T]`` blocks) for every budget of ``space``; save and return the result.
+
+    Writes ``oracle_results.safetensors`` and ``oracle_summary.json`` to ``output_dir`` (see `OracleResult`).
+    A run already in ``output_dir`` with the same fingerprint (`oracle_fingerprint`) is resumed, or, when it has
+    finished, its result is assembled again from its batch files; one with another fingerprint is refused
+    (`UsageError` naming what differs). ``overwrite``: delete the run's files in ``output_dir`` first and start
+    over. ``stop_after_batches``: stop after that many batches in this call (the run continues when called
+    again), e.g. to fit a job into a time slot. ``model_id`` and ``data_id`` are recorded in the summary only.
+    Returns the result on the main process once every batch is done, else None. Under ``accelerate launch``
+    every process must call it with the same arguments.
+    """
+    state = process_state()
+    world, rank, main = state.num_processes, state.process_index, state.is_main_process
+    if world > 1 and _distributed() is None:
+        raise RuntimeError("run_oracle_study: several processes but no torch.distributed group; use accelerate launch.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: it must be at least one sequence.")
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be token blocks [num_sequences, seq_len], got shape {list(input_ids.shape)}.")
+    output_dir = Path(output_dir)
+    uniform = [
+        name for name, vector in uniform_classes(space.num_layers, space.choices).items() if _has_class(space, vector)
+    ]
+    fingerprint = oracle_fingerprint(
+        model, input_ids, space, best_of_k=best_of_k, seed=seed, causal=causal, batch_size=batch_size, uniform=uniform
+    )
+    num_batches = -(-input_ids.shape[0] // batch_size)
+    if overwrite and main:
+        _delete_run(output_dir)
+    state.wait_for_everyone()
+    hashes = _finished_batches(output_dir, fingerprint, num_batches, warn=main)
+    # Every process has read the batch files before the main process rewrites a damaged one.
+    state.wait_for_everyone()
+    todo = [b for b in range(num_batches) if b not in hashes]
+    if main:
+        (output_dir / BATCH_DIR).mkdir(parents=True, exist_ok=True)
+    roots = space.partition(world)[rank] if world > 1 else None
+    reduce = _gather_min(world) if world > 1 else None
+    per_sequence = _work_per_sequence(space, roots, input_ids.shape[1], causal)
+    sequences_done = sum(min(batch_size, input_ids.shape[0] - b * batch_size) for b in hashes)
+    bar = tqdm(
+        total=per_sequence * input_ids.shape[0],
+        initial=per_sequence * sequences_done,
+        unit="pattern-token",
+        unit_scale=True,
+        desc=f"oracle ({space.size:,} patterns)",
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
+    device = next(model.parameters()).device
+    for ran, b in enumerate(todo):
+        if stop_after_batches is not None and ran >= stop_after_batches:
+            bar.close()
+            return None
+        batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
+        bar.set_postfix_str(f"sequences {b * batch_size}/{input_ids.shape[0]}")
+        reduction = oracle_search(
+            model, batch, space, best_of_k=best_of_k, seed=seed, uniform=uniform, causal=causal,
+            chunk_tokens=chunk_tokens, roots=roots, reduce=reduce, on_progress=bar.update,
+        )
+        if world > 1:
+            reduction = _gather_reduction(reduction, world)
+        if main:
+            hashes[b] = _save_batch(output_dir, b, reduction)
+            _save_state(output_dir, fingerprint, num_batches, hashes)
+        state.wait_for_everyone()
+    bar.close()
+    if not main:
+        return None
+    batches = [BatchReduction.from_tensors(load_file(_batch_path(output_dir, b))) for b in range(num_batches)]
+    meta = {
+        "model": model_id,
+        "data": data_id,
+        "best_of_k": best_of_k,
+        "seed": seed,
+        "causal": causal,
+        "uniform": uniform,
+        "batch_size": batch_size,
+        "mode": "independent" + (" + causal" if causal else ""),
+    }
+    result = OracleResult.from_batches(space, batches, input_ids, meta)
+    result.save(output_dir)
+    return result
+
+
+def oracle_fingerprint(model, input_ids: torch.Tensor, space: RouteSpace, **settings) -> dict:
+    """Every setting that changes an oracle run's results: the content hashes of the model's weights (as loaded,
+    so in their dtype) and of the token blocks, the dtype, the architecture, the blocks' shape, the route space,
+    and ``settings`` (best-of-K, seed, causal, batch size, uniform classes). Paths are left out: a moved model or
+    data file with the same content resumes. Settings that change only speed or memory (chunk size, processes,
+    device) are left out too."""
+    config = {k: v for k, v in dense_config_fields(model.config).items() if k not in _NEUTRAL_CONFIG_KEYS}
+    return {
+        "weights_sha256": weights_sha256(model),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "architecture_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "input_sha256": hashlib.sha256(input_ids.cpu().numpy().tobytes()).hexdigest(),
+        "sequences": int(input_ids.shape[0]),
+        "seq_len": int(input_ids.shape[1]),
+        "space": space_spec(space),
+        **settings,
+    }
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a model's state dict (sorted by name).
+
+    Hashes the weights as they are in memory, so a model loaded in another dtype, or changed after loading,
+    hashes differently; a model saved and loaded back in the same dtype hashes the same.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())  # bytes: numpy has no bfloat16
+    return digest.hexdigest()
+
+
+def _has_class(space: RouteSpace, vector) -> bool:
+    return bool((space.counts == torch.tensor(vector)).all(-1).any())
+
+
+def _batch_path(output_dir: Path, b: int) -> Path:
+    return output_dir / BATCH_DIR / f"batch_{b:05d}.safetensors"
+
+
+def _delete_run(output_dir: Path) -> None:
+    """Delete an oracle run's own files in ``output_dir`` (the state first: a kill midway leaves nothing to resume)."""
+    (output_dir / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(output_dir / BATCH_DIR, ignore_errors=True)
+    for name in (RESULTS_FILE, SUMMARY_FILE):
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def _finished_batches(output_dir: Path, fingerprint: dict, num_batches: int, warn: bool) -> dict[int, str]:
+    """The batches an earlier run with the same fingerprint finished, ``{batch: sha256}``, with intact files only.
+
+    A fresh folder has none. A run with another fingerprint, or from an older version (no hashes to check), is a
+    `UsageError`. A batch file that is missing or whose content does not match its recorded hash is left out,
+    so it is computed again, and named in a warning (``warn``: on this process).
+    """
+    path = output_dir / STATE_FILE
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(
+            f"{path} is not a readable oracle state ({err}); start over with {OVERWRITE_FLAG} or use another "
+            "--output-dir."
+        ) from err
+    if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+        raise UsageError(
+            f"{output_dir} holds an oracle run written by an older version of duo-llm-hf ({STATE_FILE} without "
+            f"format {STATE_FORMAT}), whose settings and batch files cannot be checked; start over with "
+            f"{OVERWRITE_FLAG} or use another --output-dir."
+        )
+    check_fingerprint(saved["fingerprint"], fingerprint, output_dir, "oracle run")
+    finished = {}
+    for key, digest in saved["batch_sha256"].items():
+        b, file = int(key), _batch_path(output_dir, int(key))
+        if b >= num_batches:
+            continue
+        if file.is_file() and file_hash(file) == digest:
+            finished[b] = digest
+        elif warn:
+            problem = "is missing" if not file.is_file() else "is damaged (its sha256 differs from the one recorded)"
+            logger.warning("oracle run %s: batch file %s %s; computing batch %d again.", output_dir, file, problem, b)
+    return finished
+
+
+def _save_batch(output_dir: Path, b: int, reduction: BatchReduction) -> str:
+    """Write batch ``b``'s reductions (atomically); return the file's sha256."""
+    path = _batch_path(output_dir, b)
+    atomic_save_tensors(reduction.tensors(), path)
+    return file_hash(path)
+
+
+def _save_state(output_dir: Path, fingerprint: dict, num_batches: int, hashes: dict[int, str]) -> None:
+    state = {
+        "format": STATE_FORMAT,
+        "fingerprint": fingerprint,
+        "num_batches": num_batches,
+        "batches_done": len(hashes),
+        "batch_sha256": {str(b): hashes[b] for b in sorted(hashes)},
+    }
+    atomic_write_text(output_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+
+STUDY_USAGE = """Stage 2 of Duo-LLM: the oracle study of a trained Duo model.
+
+Evaluates every route pattern of the model (or those under budgets) on held-out token blocks, with the prefix-tree
+engine of `duo_llm_hf.oracle.engine`, and reports per budget: the oracle, the best fixed pattern, best-of-K random
+patterns (per token and as one pattern), optionally the causally consistent oracle, plus the all-small / all-big
+losses (token difficulty) and the oracle's per-layer x per-position usage (saved tensors).
+
+    python eval/oracle_study.py --model runs/duo --data holdout.txt --block-size 128 --num-blocks 32 \\
+        --budget all --budget classes --budget 6:2 --best-of-k 100 --output-dir runs/oracle
+    accelerate launch --num_processes 8 eval/oracle_study.py ...   # the pattern space split over 8 processes
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 eval/oracle_study.py ...   # 2 CPU processes
+
+Interrupted, the same command resumes where it stopped (finished batch files are checked first; a damaged one is
+named and computed again). A resumed run must have the same results-changing settings (weights, data, dtype,
+route space, budgets, block size, number of blocks, best-of-K, seed, causal, batch size); --chunk-tokens and the
+number of processes may change. A folder holding a finished run is refused unless --overwrite-output-dir.
+--route-options may add skip to a model trained on small/big (skip needs no weights): --route-options big,skip
+is the paper's BIG-or-SKIP setting. Results: <output-dir>/oracle_results.safetensors and oracle_summary.json;
+load them with `duo_llm_hf.oracle.results.OracleResult.load(output_dir)`."""
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line of ``eval/oracle_study.py`` and ``duo-llm oracle``."""
+    p = ArgumentParser(
+        prog="duo-llm oracle",
+        description=STUDY_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="folder (or Hub name) of a Duo causal LM")
+    p.add_argument("--data", required=True, nargs="+", help="text files, or one .safetensors/.pt file of token blocks")
+    p.add_argument("--tokenizer", help="tokenizer for text data (default: the model's)")
+    p.add_argument("--block-size", type=int, help="tokens per block when tokenizing text")
+    p.add_argument("--num-blocks", type=int, help="evaluate the first N blocks")
+    p.add_argument(
+        "--budget", action="append",
+        help="budget (repeatable): all, a BIG count (4), counts per choice (big=6,skip=6), a BIG schedule over "
+        "positions (6:2), or 'classes' for every count class. Default: all and classes.",
+    )
+    p.add_argument(
+        "--route-options",
+        help="comma-separated route options to search, from the model's route_options plus skip (which needs no "
+        "weights), e.g. big,skip",
+    )
+    p.add_argument("--best-of-k", type=int, default=100, help="random patterns per budget for best-of-K (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the best-of-K draw")
+    p.add_argument("--causal", action="store_true", help="also run the causally consistent oracle (one tree per token)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (and per checkpoint)")
+    p.add_argument(
+        "--chunk-tokens", type=int, help="tokens per forward batch, bounds memory (default 4096 on CPU, 65536 on GPU)"
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--output-dir", required=True)
+    p.add_argument(
+        OVERWRITE_FLAG, action="store_true",
+        help="replace the oracle run in --output-dir (finished or not) instead of refusing or resuming it",
+    )
+    p.add_argument("--stop-after-batches", type=int, help="stop after N batches (rerun the command to continue)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every flag of ``duo-llm oracle`` that needs no model, before any work is done; raise `UsageError`.
+
+    The checks that need the model's config (block size against its positions, token ids against its vocabulary,
+    budgets against its layers) follow in `main` once the config is read.
+    """
+    check_output_dir(args)
+    check_integer_fields(
+        args,
+        positive=("batch_size",),
+        optional=("num_blocks", "chunk_tokens", "stop_after_batches"),
+        non_negative=("best_of_k",),
+        seeds=("seed",),
+    )
+    if args.block_size is not None and args.block_size < 2:
+        raise UsageError(f"--block-size: {args.block_size} must be at least 2 tokens (one input and one target).")
+    for budget in args.budget or ():
+        if not budget.strip():
+            raise UsageError(
+                "--budget: '' is empty; give all, classes, a BIG count (4), counts per choice (big=6,skip=6) or a "
+                "BIG schedule over positions (6:2)."
+            )
+    if args.route_options is not None:
+        check_choices(args, "route_options", CHOICE_NAMES)
+    paths = check_data_files(args.data)
+    if Path(paths[0]).suffix not in TENSOR_SUFFIXES and args.block_size is None:
+        raise UsageError("--block-size: text data is cut into blocks; give the tokens per block, e.g. 128.")
+    if args.tokenizer is not None:
+        check_folder("--tokenizer", args.tokenizer, "tokenizer folder")
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the oracle study from the command line (``eval/oracle_study.py``, ``duo-llm oracle``)."""
+    from transformers import AutoTokenizer
+
+    args = build_arg_parser().parse_args(argv)
+    validate_args(args)
+    refuse_overwrite(args.output_dir, [RESULTS_FILE], args.overwrite_output_dir, "oracle run")
+    state = process_state()
+    route_options = [name.strip() for name in args.route_options.split(",")] if args.route_options else None
+    # Everything is checked against the model's config and the data before the weights are loaded.
+    config = inspect_duo_source(args.model, "--model")
+    added = allow_route_options(config, route_options) if route_options else []
+    positions = config.max_position_embeddings
+    if args.block_size is not None and args.block_size > positions:
+        raise UsageError(
+            f"--block-size {args.block_size} is longer than the max_position_embeddings {positions} of model "
+            f"{args.model!r}; use --block-size <= {positions}."
+        )
+    with user_values():  # --budget and --route-options against the model's layers and options
+        space = study_space(config, args.budget or ["all", "classes"], route_options)
+    is_text = Path(args.data[0]).suffix not in TENSOR_SUFFIXES
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model) if is_text else None
+    blocks, data_id = load_token_blocks(args.data, tokenizer, args.block_size, args.num_blocks)
+    if blocks.shape[1] > positions:
+        raise UsageError(
+            f"--data {args.data[0]!r} holds blocks of {blocks.shape[1]} tokens, longer than the "
+            f"max_position_embeddings {positions} of model {args.model!r}; re-tokenize into shorter blocks."
+        )
+    check_token_ids(blocks, config.vocab_size, repr(args.data[0]))
+    model = load_duo_model(args.model, dtype=getattr(torch, args.dtype), what="--model")
+    if route_options:
+        allow_route_options(model.config, route_options)  # SKIP needs no weights: searched on a small/big model too
+    if added and state.is_main_process:
+        print(f"route options: searching {added} too, which the model was not trained with (no weights needed).")
+    model.to(state.device).eval()
+    result = run_oracle_study(
+        model, blocks, space, args.output_dir,
+        batch_size=args.batch_size, best_of_k=args.best_of_k, seed=args.seed, causal=args.causal,
+        chunk_tokens=args.chunk_tokens, model_id=args.model, data_id=data_id,
+        stop_after_batches=args.stop_after_batches, progress=not args.no_progress,
+        overwrite=args.overwrite_output_dir,
+    )
+    if result is not None:
+        print(result.table())
+        summary = result.summary()
+        print(json.dumps({k: summary[k] for k in ("tokens_evaluated", "space")}, indent=2))
+        print(f"searched by {state.num_processes} process(es)")
+        print(f"results: {args.output_dir}/oracle_results.safetensors, oracle_summary.json")
+    elif state.is_main_process:
+        print(f"stopped after {args.stop_after_batches} batches; rerun the same command to continue.")
+    return 0
+

@@ -1,0 +1,454 @@
+"""Route spaces: the sets of patterns the oracle searches, and the budgets that carve them into classes.
+
+A *pattern* is one choice code per layer. Patterns over the allowed choices ``choices`` (codes in canonical
+order) are numbered in mixed radix, layer 0 the most significant digit and digit ``i`` the ``i``-th allowed
+choice: with ``choices = (SMALL, BIG)`` pattern ``sssB`` is index 1 and ``Bsss`` is index 8. The numbering is the
+order of a depth-first walk of the prefix tree, and every tie between patterns is broken towards the lowest index.
+
+A :class:`Budget` selects patterns by how many layers take each choice (the paper counts budgets in BIG layers),
+optionally depending on the token's position (the paper's Fig. 4c). A :class:`RouteSpace` holds the budgets of
+one oracle run; it enumerates the union of their patterns once, and the reducers report every budget from that
+single enumeration.
+
+This module is copied next to a saved model (the oracle routing mode imports it), so it imports only torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..models.routes import BIG, CHOICE_CODES, CHOICE_LETTERS, CHOICE_NAMES, allowed_codes, choice_code
+
+# Enumerating more patterns than this would not fit in memory, and evaluating them would never finish.
+MAX_PATTERNS = 1 << 24
+# The prefix tree is cut into at least this many units (subtrees) to share between processes.
+SPLIT_UNITS = 64
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Which patterns a token may take: exact counts of some choices, optionally a BIG count that varies with position.
+
+    ``counts``: ``((code, count), ...)``; a pattern belongs to the budget when, for each entry, exactly ``count``
+    of its layers take ``code``. Choices not listed are free; no entry at all means every pattern.
+    ``big_schedule``: breakpoints of the number of BIG layers along the sequence, e.g. ``(6, 2)``: 6 BIG layers
+    at the first position falling linearly to 2 at the last (the paper's Fig. 4c); at position ``t`` only patterns
+    with that many BIG layers are allowed. Positions are those of the evaluated block (0 .. seq_len - 1).
+    """
+
+    counts: tuple[tuple[int, int], ...] = ()
+    big_schedule: tuple[int, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name used in reports and result files: ``all``, ``big=4``, ``big=6,skip=6``, ``big=6:2``."""
+        parts = [f"{CHOICE_NAMES[code]}={count}" for code, count in self.counts]
+        if self.big_schedule is not None:
+            parts.append("big=" + ":".join(str(k) for k in self.big_schedule))
+        return ",".join(parts) or "all"
+
+    def matches(self, counts: torch.Tensor) -> torch.Tensor:
+        """Whether patterns with these choice counts (``[..., 3]``, indexed by code) can ever take this budget."""
+        ok = torch.ones(counts.shape[:-1], dtype=torch.bool, device=counts.device)
+        for code, count in self.counts:
+            ok &= counts[..., code] == count
+        if self.big_schedule is not None:
+            ok &= (counts[..., BIG] >= min(self.big_schedule)) & (counts[..., BIG] <= max(self.big_schedule))
+        return ok
+
+    def big_at(self, seq_len: int) -> torch.Tensor | None:
+        """The number of BIG layers required at each position (``[seq_len]``), or None when it does not vary."""
+        if self.big_schedule is None:
+            return None
+        points = torch.tensor(self.big_schedule, dtype=torch.float64)
+        where = torch.linspace(0, len(points) - 1, seq_len, dtype=torch.float64) if seq_len > 1 else torch.zeros(1)
+        low = where.floor().long().clamp_max(len(points) - 2) if len(points) > 1 else torch.zeros_like(where).long()
+        frac = where - low
+        value = points[low] * (1 - frac) + points[(low + 1).clamp_max(len(points) - 1)] * frac
+        # Round half up, so that the schedule does not depend on banker's rounding.
+        return torch.floor(value + 0.5).long()
+
+    def allowed(self, counts: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """``[m, seq_len]``: which of ``m`` patterns (choice counts ``[m, 3]``) the budget allows at each position."""
+        ok = self.matches(counts)[:, None].expand(-1, seq_len)
+        big = self.big_at(seq_len)
+        if big is None:
+            return ok
+        return ok & (counts[:, BIG, None] == big.to(counts.device)[None, :])
+
+
+def parse_budget(spec: Budget | int | str | Mapping | Sequence | None) -> Budget:
+    """Parse one budget.
+
+    Accepted forms: ``None`` or ``"all"`` (every pattern); ``4`` or ``"4"`` (exactly 4 BIG layers);
+    ``{"big": 6, "skip": 6}`` or ``"big=6,skip=6"`` (exact counts per choice); ``"6:2"``, ``"big=6:2"`` or
+    ``(6, 2)`` (BIG layers falling from 6 at the first position to 2 at the last); a :class:`Budget`.
+    """
+    if spec is None or isinstance(spec, Budget):
+        return spec or Budget()
+    if isinstance(spec, bool):
+        raise ValueError(f"budget: {spec!r} is not a budget; give a BIG count, counts per choice or 'all'.")
+    if isinstance(spec, int):
+        return Budget(counts=((BIG, spec),))
+    if isinstance(spec, Mapping):
+        return _counts_budget(spec, spec)
+    if isinstance(spec, (tuple, list)):
+        return _schedule_budget(spec, spec)
+    if not isinstance(spec, str):
+        raise ValueError(f"budget: {spec!r} is not a budget; give a BIG count, counts per choice or 'all'.")
+    text = spec.strip().lower()
+    if text in ("all", ""):
+        return Budget()
+    if text.lstrip("-").isdigit():
+        return Budget(counts=((BIG, int(text)),))
+    if "=" not in text:
+        return _schedule_budget(text.split(":"), spec)
+    counts, schedule = {}, None
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if ":" in value:
+            if choice_code(name, "budget") != BIG:
+                raise ValueError(f"budget: {spec!r}: only the BIG count can vary with position ('big=6:2').")
+            schedule = _schedule_budget(value.split(":"), spec).big_schedule
+        else:
+            counts[name] = _int(value, spec)
+    budget = _counts_budget(counts, spec)
+    return Budget(counts=budget.counts, big_schedule=schedule)
+
+
+def _int(value, spec) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"budget: {spec!r}: {value!r} is not a whole number of layers.") from None
+
+
+def _counts_budget(counts: Mapping, spec) -> Budget:
+    pairs = {}
+    for name, value in counts.items():
+        code = choice_code(name, "budget")
+        if code in pairs:
+            raise ValueError(f"budget: {spec!r} gives the count of {CHOICE_NAMES[code]} twice.")
+        pairs[code] = value if isinstance(value, int) and not isinstance(value, bool) else _int(value, spec)
+    return Budget(counts=tuple(sorted(pairs.items())))
+
+
+def _schedule_budget(points: Sequence, spec) -> Budget:
+    values = tuple(_int(v, spec) for v in points)
+    if len(values) < 2:
+        raise ValueError(f"budget: {spec!r}: a position schedule needs at least two BIG counts, e.g. '6:2'.")
+    return Budget(big_schedule=values)
+
+
+def class_budgets(num_layers: int, choices: Sequence[int]) -> list[Budget]:
+    """One budget per count class of the space: every split of ``num_layers`` among the allowed choices.
+
+    With two choices one of which is BIG the class is named by its BIG count (``big=0`` .. ``big=n``);
+    otherwise by the counts of every allowed choice (``small=3,big=4,skip=5``).
+    """
+    choices = tuple(sorted(choices))
+    budgets = []
+    for vector in _count_vectors(num_layers, choices):
+        if len(choices) == 2 and BIG in choices:
+            budgets.append(Budget(counts=((BIG, vector[BIG]),)))
+        else:
+            budgets.append(Budget(counts=tuple((code, vector[code]) for code in choices)))
+    return budgets
+
+
+def _count_vectors(num_layers: int, choices: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Every ``(n_small, n_big, n_skip)`` with counts only on ``choices`` summing to ``num_layers``."""
+    vectors = []
+
+    def fill(i: int, left: int, acc: list[int]) -> None:
+        if i == len(choices) - 1:
+            acc[choices[i]] = left
+            vectors.append(tuple(acc))
+            return
+        for n in range(left, -1, -1):
+            acc[choices[i]] = n
+            fill(i + 1, left - n, list(acc))
+
+    fill(0, num_layers, [0] * len(CHOICE_NAMES))
+    return sorted(vectors, key=lambda v: tuple(v[c] for c in choices[::-1]))
+
+
+def pattern_index(patterns: torch.Tensor, choices: Sequence[int]) -> torch.Tensor:
+    """Index of each pattern (``[..., layers]`` codes) in the mixed-radix numbering over ``choices``."""
+    lookup = torch.full((len(CHOICE_NAMES),), -1, dtype=torch.long, device=patterns.device)
+    lookup[list(choices)] = torch.arange(len(choices), device=patterns.device)
+    digits = lookup[patterns.long()]
+    if (digits < 0).any():
+        raise ValueError(f"pattern_index: the patterns use codes outside the space's choices {list(choices)}.")
+    weights = len(choices) ** torch.arange(patterns.shape[-1] - 1, -1, -1, device=patterns.device)
+    return (digits * weights).sum(-1)
+
+
+def index_to_pattern(index: torch.Tensor, choices: Sequence[int], num_layers: int) -> torch.Tensor:
+    """The patterns (``[..., num_layers]`` codes) of pattern indices over ``choices``; inverse of `pattern_index`."""
+    base = len(choices)
+    weights = base ** torch.arange(num_layers - 1, -1, -1, device=index.device)
+    digits = (index.long()[..., None] // weights) % base
+    return torch.tensor(list(choices), device=index.device)[digits]
+
+
+def choice_counts(patterns: torch.Tensor) -> torch.Tensor:
+    """How many layers of each pattern (``[..., layers]``) take each choice: ``[..., 3]`` indexed by code."""
+    return torch.nn.functional.one_hot(patterns.long(), len(CHOICE_NAMES)).sum(-2)
+
+
+class RouteSpace:
+    """The patterns an oracle run searches: the union of its budgets over the allowed choices.
+
+    Args:
+        num_layers: layers per pattern.
+        choices: the allowed choices (names or codes); a choice the model does not allow is an error when the
+            space is built with :meth:`from_config`.
+        budgets: budget specs (see :func:`parse_budget`); ``"classes"`` expands to every count class
+            (:func:`class_budgets`). Default: ``["all"]``.
+        extra_classes: count vectors (``(n_small, n_big, n_skip)``) enumerated in addition to the budgets (used to
+            evaluate the all-small and all-big patterns for token difficulty); they belong to no budget.
+
+    Attributes: ``patterns`` (``[P, layers]`` codes in index order), ``indices`` (``[P]``), ``counts`` (``[P, 3]``),
+    ``members`` (``[budgets, P]``: the patterns each budget can use), ``budgets``, ``choices``, ``num_layers``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        choices: Sequence[int | str],
+        budgets: Sequence | None = None,
+        extra_classes: Sequence[Sequence[int]] = (),
+    ):
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"route space: num_layers={num_layers!r}; a pattern needs at least one layer.")
+        if isinstance(choices, str) or not choices:
+            raise ValueError(f"route space: choices={choices!r}; give a non-empty list such as ['small', 'big'].")
+        self.num_layers = num_layers
+        self.choices = tuple(sorted({choice_code(c, "route space choices") for c in choices}))
+        if budgets is None:
+            specs = ["all"]
+        elif isinstance(budgets, (str, int, Mapping, Budget)):
+            specs = [budgets]
+        else:
+            specs = list(budgets)
+        parsed: list[Budget] = []
+        for spec in specs:
+            if isinstance(spec, str) and spec.strip().lower() == "classes":
+                parsed += class_budgets(num_layers, self.choices)
+            else:
+                parsed.append(parse_budget(spec))
+        if not parsed:
+            raise ValueError("route space: no budget given; use 'all', a BIG count, counts per choice or 'classes'.")
+        seen = set()
+        self.budgets = tuple(b for b in parsed if not (b in seen or seen.add(b)))
+        for budget in self.budgets:
+            self._check_budget(budget)
+
+        self.extra_classes = tuple(tuple(int(n) for n in v) for v in extra_classes)
+        vectors = torch.tensor(_count_vectors(num_layers, self.choices), dtype=torch.long)
+        wanted = torch.stack([b.matches(vectors) for b in self.budgets]).any(0)
+        for extra in self.extra_classes:
+            wanted |= (vectors == torch.tensor(list(extra), dtype=torch.long)).all(-1)
+        self.target_counts = vectors[wanted]
+        self.unconstrained = bool(wanted.all())
+        self._enumerate()
+        self.members = torch.stack([b.matches(self.counts) for b in self.budgets])
+        for budget, members in zip(self.budgets, self.members):
+            self._check_not_empty(budget, members)
+
+    @classmethod
+    def from_config(
+        cls, config, budgets: Sequence | None = None, route_options: Sequence[int | str] | None = None, **kwargs
+    ) -> RouteSpace:
+        """The route space of a Duo model: its layers, and its ``route_options`` (or a subset of them)."""
+        allowed = allowed_codes(config)
+        choices = allowed if route_options is None else [choice_code(c, "route_options") for c in route_options]
+        outside = sorted({CHOICE_NAMES[c] for c in choices} - {CHOICE_NAMES[c] for c in allowed})
+        if outside:
+            raise ValueError(
+                f"route space: {outside} is not in the model's route_options {config.route_options}; the model "
+                "was not trained to take that choice."
+            )
+        return cls(config.num_hidden_layers, choices, budgets, **kwargs)
+
+    def _check_budget(self, budget: Budget) -> None:
+        n, names = self.num_layers, [CHOICE_NAMES[c] for c in self.choices]
+        for code, count in budget.counts:
+            if code not in self.choices:
+                raise ValueError(
+                    f"budget {budget.label!r} counts {CHOICE_NAMES[code]} layers, but the route space allows only "
+                    f"{names}; add {CHOICE_NAMES[code]} to the route options or drop it from the budget."
+                )
+            if not 0 <= count <= n:
+                raise ValueError(
+                    f"budget {budget.label!r}: {count} {CHOICE_NAMES[code]} layers is impossible with "
+                    f"{n} layers; use 0..{n}."
+                )
+        fixed = sum(count for _, count in budget.counts)
+        if fixed > n:
+            raise ValueError(f"budget {budget.label!r} fixes {fixed} layers, but patterns have only {n} layers.")
+        if budget.big_schedule is not None:
+            if BIG not in self.choices:
+                raise ValueError(
+                    f"budget {budget.label!r} schedules BIG layers, but the route space allows only {names}."
+                )
+            if any(code == BIG for code, _ in budget.counts):
+                raise ValueError(f"budget {budget.label!r} gives the BIG count twice (a count and a schedule).")
+            bad = [k for k in budget.big_schedule if not 0 <= k <= n - fixed]
+            if bad:
+                raise ValueError(
+                    f"budget {budget.label!r}: BIG counts {bad} are impossible with {n} layers "
+                    f"({fixed} fixed by other counts); use 0..{n - fixed}."
+                )
+
+    def _check_not_empty(self, budget: Budget, members: torch.Tensor) -> None:
+        names = [CHOICE_NAMES[c] for c in self.choices]
+        if not members.any():
+            raise ValueError(
+                f"budget {budget.label!r} selects no pattern of {self.num_layers} layers over {names}: the "
+                "counts cannot be met (every layer must take one of the allowed choices)."
+            )
+        if budget.big_schedule is not None:
+            have = set(self.counts[members, BIG].tolist())
+            missing = sorted(set(range(min(budget.big_schedule), max(budget.big_schedule) + 1)) - have)
+            if missing:
+                raise ValueError(
+                    f"budget {budget.label!r}: no pattern over {names} has {missing} BIG layers together with "
+                    "the other counts of the budget."
+                )
+
+    def _enumerate(self) -> None:
+        """List the patterns of the space in index order, growing the prefix tree and pruning dead prefixes."""
+        prefixes = torch.zeros(1, 0, dtype=torch.long)
+        self.prefix_counts = [1]
+        codes = torch.tensor(self.choices, dtype=torch.long)
+        for depth in range(self.num_layers):
+            children = torch.cat(
+                [prefixes.repeat_interleave(len(codes), 0), codes.repeat(len(prefixes))[:, None]], dim=1
+            )
+            prefixes = children[self.feasible(children)]
+            if len(prefixes) > MAX_PATTERNS:
+                raise ValueError(
+                    f"route space: more than {MAX_PATTERNS:,} prefixes at depth {depth + 1}; this space is too "
+                    "large to enumerate. Add a budget or allow fewer choices."
+                )
+            self.prefix_counts.append(len(prefixes))
+        self.patterns = prefixes
+        self.indices = pattern_index(prefixes, self.choices)
+        self.counts = choice_counts(prefixes)
+
+    def feasible(self, prefixes: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Which prefixes (``[m, depth]`` codes) can still become a pattern of the space (or of ``targets``)."""
+        if targets is None and self.unconstrained:
+            return torch.ones(len(prefixes), dtype=torch.bool)
+        targets = self.target_counts if targets is None else targets
+        have = choice_counts(prefixes).to(targets.device)
+        return (have[:, None, :] <= targets[None, :, :]).all(-1).any(-1)
+
+    @property
+    def size(self) -> int:
+        """Number of patterns enumerated (the union of the budgets, plus any extra classes)."""
+        return len(self.indices)
+
+    def budget_sizes(self) -> list[int]:
+        """Number of patterns each budget can use (summed over its position classes for a schedule)."""
+        return self.members.sum(1).tolist()
+
+    def budget_index(self, budget) -> int:
+        """Position of a budget (spec or label) among the space's budgets."""
+        wanted = budget if isinstance(budget, str) and budget in self.labels else parse_budget(budget).label
+        if wanted not in self.labels:
+            raise KeyError(f"budget {wanted!r} is not in this route space; it has {list(self.labels)}.")
+        return self.labels.index(wanted)
+
+    @property
+    def labels(self) -> list[str]:
+        return [b.label for b in self.budgets]
+
+    def ranks(self, indices: torch.Tensor) -> torch.Tensor:
+        """Positions in ``patterns`` of the given pattern indices (which must belong to the space)."""
+        ranks = torch.searchsorted(self.indices, indices.cpu())
+        if (ranks >= self.size).any() or (self.indices[ranks.clamp_max(self.size - 1)] != indices.cpu()).any():
+            raise ValueError("route space: some pattern indices are not in this space.")
+        return ranks
+
+    @property
+    def split_depth(self) -> int:
+        """Depth where the prefix tree is cut into units to share between processes: the first with at least
+        `SPLIT_UNITS` prefixes (the leaves when there is none). A function of the space only, not of the number of
+        processes, so that the walk of every unit is the same however the units are shared."""
+        return next((d for d, n in enumerate(self.prefix_counts) if n >= SPLIT_UNITS), self.num_layers)
+
+    def partition(self, world_size: int) -> list[torch.Tensor]:
+        """Split the space between ``world_size`` processes by units (prefixes at `split_depth`), balancing their
+        leaf counts. Returns one ``[R, depth]`` tensor of prefixes (codes) per process; every pattern lies under
+        exactly one of them. The split is a pure function of the space and ``world_size``: every process computes
+        the same one. More processes than units leave some without work.
+        """
+        depth = self.split_depth
+        prefix_ids = pattern_index(self.patterns[:, :depth], self.choices) if depth else torch.zeros_like(self.indices)
+        unique, leaves = torch.unique_consecutive(prefix_ids, return_counts=True)
+        first = torch.cumsum(leaves, 0) - leaves
+        loads = [0] * world_size
+        owned: list[list[int]] = [[] for _ in range(world_size)]
+        # Largest subtrees first, each to the least-loaded process (lowest rank on ties): deterministic.
+        order = sorted(range(len(unique)), key=lambda i: (-int(leaves[i]), i))
+        for i in order:
+            rank = min(range(world_size), key=lambda r: (loads[r], r))
+            loads[rank] += int(leaves[i])
+            owned[rank].append(i)
+        return [self.patterns[first[sorted(o)], :depth] if o else self.patterns[:0, :depth] for o in owned]
+
+    def sample(self, k: int, seed: int) -> torch.Tensor:
+        """Best-of-K samples: ``[budgets, P]`` mask of ``k`` patterns drawn without replacement from each budget
+        (from each of its position classes for a schedule), with a seeded generator; all of them when fewer."""
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.zeros_like(self.members)
+        for g, budget in enumerate(self.budgets):
+            classes = [self.members[g]]
+            if budget.big_schedule is not None:
+                ks = range(min(budget.big_schedule), max(budget.big_schedule) + 1)
+                classes = [self.members[g] & (self.counts[:, BIG] == k) for k in ks]
+            for members in classes:
+                ranks = members.nonzero().squeeze(1)
+                pick = torch.randperm(len(ranks), generator=generator)[:k]
+                chosen[g, ranks[pick]] = True
+        return chosen
+
+    def describe(self) -> dict:
+        """JSON-ready description: layers, choices, budgets with their sizes, patterns enumerated."""
+        return {
+            "num_layers": self.num_layers,
+            "route_options": [CHOICE_NAMES[c] for c in self.choices],
+            "budgets": self.labels,
+            "budget_sizes": dict(zip(self.labels, self.budget_sizes())),
+            "patterns_enumerated": self.size,
+            "full_space_size": len(self.choices) ** self.num_layers,
+        }
+
+    def pattern_str(self, index: int) -> str:
+        """Letters of the pattern with this index (``sB-``)."""
+        codes = index_to_pattern(torch.tensor(index), self.choices, self.num_layers)
+        return "".join(CHOICE_LETTERS[c] for c in codes.tolist())
+
+    def __repr__(self) -> str:
+        names = [CHOICE_NAMES[c] for c in self.choices]
+        return f"RouteSpace(num_layers={self.num_layers}, choices={names}, budgets={self.labels}, size={self.size})"
+
+
+def uniform_classes(num_layers: int, choices: Sequence[int]) -> dict[str, tuple[int, int, int]]:
+    """Count vectors of the all-small and all-big patterns that ``choices`` allows (for token difficulty)."""
+    out = {}
+    for name in ("small", "big"):
+        code = CHOICE_CODES[name]
+        if code in choices:
+            vector = [0, 0, 0]
+            vector[code] = num_layers
+            out[name] = tuple(vector)
+    return out
+

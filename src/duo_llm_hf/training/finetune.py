@@ -1,0 +1,284 @@
+"""The paper's Appendix A recipe: a pretrained OPT becomes a Duo model and only its new parts are trained.
+
+`DuoOPTForCausalLM.from_dense` turns each layer's FFN into the big module and adds a small one (inner size
+``ffn_dim // 16``); every pretrained weight is frozen and the small FFNs are trained with random routing
+(``--p-big``, 0.5 as in stage 1). Optionally, LoRA adapters from `peft` on the attention projections let the
+shared attention adapt to both modules while its pretrained weights stay frozen. Routers are then trained on top
+of the result (``training/train_router.py``, the three settings of Appendix A). Llama-family checkpoints work the
+same way (`DuoLlamaForCausalLM.from_dense`).
+
+The run is `training.train` in its frozen-big mode (the same loop, data, evaluation, atomic checkpoints and
+resume); LoRA comes in through `ModelHooks`.
+
+LoRA and what is saved: the checkpoints under ``checkpoints/`` hold the adapters unmerged, so a run resumes
+exactly. The final model in ``output_dir`` has them merged into the attention weights (peft's
+``merge_and_unload``): it is a plain Duo checkpoint that loads with ``AutoModelForCausalLM`` (or
+``trust_remote_code``) without peft and that the router trainer, the oracle and lm-eval read as any Duo model.
+A separate adapter file would not stand alone here anyway: the small FFNs are new full weights, so the
+finetuned model is always saved whole.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.configuration_duo_llama import DuoLlamaConfig
+from ..models.configuration_duo_opt import DuoOPTConfig
+from ..utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields
+from ..utils.errors import MissingDependencyError, UsageError
+from .checkpointing import TrainState
+from .train import ModelHooks, TrainArguments, TrainResult, train
+
+# The attention projections that LoRA adapts by default, by Duo model_type.
+ATTENTION_PROJECTIONS = {
+    DuoOPTConfig.model_type: ("q_proj", "k_proj", "v_proj", "out_proj"),
+    DuoLlamaConfig.model_type: ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+
+
+def _hidden(name: str):
+    """A from-scratch flag of `TrainArguments` that a finetuning run takes from the checkpoint instead."""
+    default = TrainArguments.__dataclass_fields__[name].default
+    return field(default=default, init=False, repr=False)
+
+
+@dataclass
+class FinetuneArguments(TrainArguments):
+    """Arguments of the Appendix A finetuning run: `TrainArguments` in frozen-big mode, plus LoRA.
+
+    The model's shape and vocabulary come from the checkpoint and its tokenizer, so the from-scratch flags
+    (``--hidden-size``, ``--vocab-size``, ...) do not exist here.
+    """
+
+    mode: str = field(default="frozen-big", init=False)
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--model-name-or-path", "--model_name_or_path"],
+            "help": "The pretrained OPT model (or a Llama-family one): a Hub name such as facebook/opt-1.3b, or a "
+            "local folder written by save_pretrained. Its tokenizer is loaded from the same place.",
+        },
+    )
+    vocab_size: int = _hidden("vocab_size")
+    tokenizer_train_chars: int = _hidden("tokenizer_train_chars")
+    hidden_size: int = _hidden("hidden_size")
+    num_layers: int = _hidden("num_layers")
+    num_heads: int = _hidden("num_heads")
+    num_kv_heads: int | None = _hidden("num_kv_heads")
+    intermediate_size: int | None = _hidden("intermediate_size")
+    max_position_embeddings: int | None = _hidden("max_position_embeddings")
+    run_name: str = field(default="finetune_duo", metadata={"help": "Run name for the trackers."})
+    lora: bool = field(
+        default=False,
+        metadata={"help": "Also train LoRA adapters (peft) on the attention projections; merged on save."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names for LoRA (default: the attention projections, "
+            "q_proj,k_proj,v_proj,out_proj for OPT and q_proj,k_proj,v_proj,o_proj for Llama)."
+        },
+    )
+
+    def validate(self) -> None:
+        """`TrainArguments.validate`, then the LoRA flags (and, when LoRA is on, that peft is installed)."""
+        if not self.init_from:
+            raise UsageError(
+                "init_from: give the pretrained model, e.g. --init-from facebook/opt-1.3b (Hub) or a local folder."
+            )
+        super().validate()
+        check_integer_fields(self, positive=("lora_r",))
+        check_float_fields(self, positive=("lora_alpha",), fractions=("lora_dropout",))
+        if self.lora_target_modules is not None and not self.lora_target_list():
+            raise UsageError("lora_target_modules: name at least one module (or leave it out for the attention).")
+        if not self.lora:
+            return
+        if importlib.util.find_spec("peft") is None:
+            raise MissingDependencyError("--lora needs peft: pip install 'duo-llm-hf[peft]' (or pip install peft).")
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            raise UsageError(
+                "--lora is not supported under FSDP (the adapters are merged on one full copy of the model); "
+                "use DDP or one process (a Duo OPT-1.3B fits one GPU)."
+            )
+
+    def lora_target_list(self) -> list[str] | None:
+        """The LoRA target module names, or None for the architecture's attention projections."""
+        if self.lora_target_modules is None:
+            return None
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+
+class AttentionLoRA:
+    """LoRA adapters (peft) on a Duo model's attention: `add` before training, `merge` before saving.
+
+    `add` injects the adapters in place (``get_peft_model``) and returns the same model object, now with
+    trainable ``lora_A`` / ``lora_B`` matrices next to the frozen projections; what was trainable before (the
+    small FFNs) stays trainable. `merge` folds the adapters into the projection weights and removes them
+    (``merge_and_unload``), giving back a plain Duo model.
+    """
+
+    def __init__(
+        self, r: int = 16, alpha: float = 32.0, dropout: float = 0.05, target_modules: Sequence[str] | None = None
+    ):
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = list(target_modules) if target_modules is not None else None
+        self.peft_model = None
+
+    def targets(self, model: torch.nn.Module) -> list[str]:
+        """The module names adapted in ``model``: the given ones, or its attention projections."""
+        if self.target_modules is not None:
+            return self.target_modules
+        model_type = model.config.model_type
+        if model_type not in ATTENTION_PROJECTIONS:
+            raise ValueError(
+                f"LoRA: no default attention projections for model_type {model_type!r}; pass target_modules "
+                f"(--lora-target-modules). Known: {sorted(ATTENTION_PROJECTIONS)}."
+            )
+        return list(ATTENTION_PROJECTIONS[model_type])
+
+    def add(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        if self.peft_model is not None:
+            raise RuntimeError("AttentionLoRA.add: adapters were already added; use one AttentionLoRA per model.")
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        config = LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.targets(model), bias="none"
+        )
+        self.peft_model = get_peft_model(model, config)
+        model = self.peft_model.get_base_model()
+        # get_peft_model leaves only the adapters trainable; the small FFNs train too.
+        for name, param in model.named_parameters():
+            if name in trainable:
+                param.requires_grad_(True)
+        return model
+
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.peft_model is None or model is not self.peft_model.get_base_model():
+            raise ValueError("AttentionLoRA.merge: this model did not get its adapters from this AttentionLoRA.add.")
+        merged = self.peft_model.merge_and_unload()
+        self.peft_model = None
+        return merged
+
+    def hooks(self) -> ModelHooks:
+        """The `train` hooks: adapters added to the built model, merged into the saved one."""
+        return ModelHooks(adapt=self.add, export=self.merge)
+
+
+@dataclass
+class MemoryEstimate:
+    """Parameter counts of a finetuning run and the memory they take, in bytes (activations not included).
+
+    Weights are held in fp32 (the run loads the checkpoint in fp32; ``--mixed-precision bf16`` autocasts the
+    matmuls); each trainable parameter (small FFNs, LoRA) also has an fp32 gradient and two fp32 AdamW moments.
+    """
+
+    total_parameters: int
+    small_parameters: int
+    lora_parameters: int
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def trainable_parameters(self) -> int:
+        return self.small_parameters + self.lora_parameters
+
+    @property
+    def static_bytes(self) -> int:
+        """Weights + gradients + optimizer states: what the run holds before any activation."""
+        return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+
+
+def estimate_memory(
+    config,
+    lora_r: int | None = None,
+    lora_target_modules: Sequence[str] | None = None,
+    small_intermediate_size: int | None = None,
+) -> MemoryEstimate:
+    """Count the parameters of the Duo model a finetuning run makes from ``config`` (a dense or Duo config of a
+    supported architecture), and the memory of its weights, gradients and AdamW states.
+
+    The model is built on the meta device: no weights are allocated or downloaded. ``lora_r`` None: no LoRA.
+    ``total_parameters`` counts the Duo model without the adapters.
+    """
+    from ..models.modeling_duo import dense_config_fields
+    from .train import FROZEN_BIG_SOURCES
+
+    if config.model_type not in FROZEN_BIG_SOURCES:
+        raise ValueError(f"estimate_memory: {config.model_type!r} is not one of {sorted(FROZEN_BIG_SOURCES)}.")
+    duo_class = FROZEN_BIG_SOURCES[config.model_type]
+    duo_config = duo_class.config_class(**dense_config_fields(config), small_intermediate_size=small_intermediate_size)
+    with torch.device("meta"):
+        duo = duo_class(duo_config)
+    named = dict(duo.named_parameters())  # tied weights once
+    total = sum(p.numel() for p in named.values())
+    small = sum(p.numel() for name, p in named.items() if ".mlp.small." in name)
+    lora = 0
+    if lora_r is not None:
+        targets = AttentionLoRA(lora_r, target_modules=lora_target_modules).targets(duo)
+        for name, module in duo.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                lora += lora_r * (module.in_features + module.out_features)
+    trainable = small + lora
+    return MemoryEstimate(total, small, lora, 4 * (total + lora), 4 * trainable, 8 * trainable)
+
+
+def finetune(args: FinetuneArguments, step_callback: Callable[[TrainState, dict], None] | None = None) -> TrainResult:
+    """Run the Appendix A finetuning: ``args.init_from`` as a Duo model, frozen, small FFNs (and LoRA) trained.
+
+    Saves the finetuned Duo model and the source's tokenizer in ``args.output_dir``; see `FinetuneArguments`.
+    """
+    args.validate()
+    hooks = None
+    if args.lora:
+        lora = AttentionLoRA(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_list())
+        hooks = lora.hooks()
+    return train(args, step_callback, hooks)
+
+
+def build_finetune_parser(**kwargs):
+    """The command-line parser of `FinetuneArguments` (``--flag-name`` and ``--flag_name`` both work)."""
+    kwargs.setdefault("prog", "duo-llm finetune")
+    kwargs.setdefault(
+        "description",
+        "Finetune a pretrained OPT as a Duo-LLM model (the paper's Appendix A): frozen pretrained weights, small "
+        "FFNs trained with random routing, optional LoRA on the attention.",
+    )
+    return HfArgumentParser(FinetuneArguments, **kwargs)
+
+
+def parse_finetune_args(argv: list[str] | None = None) -> FinetuneArguments:
+    """Parse command-line arguments into `FinetuneArguments` (a parse error is a `UsageError`)."""
+    (args,) = build_finetune_parser().parse(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``training/finetune_duo_opt.py`` and ``duo-llm finetune``: parse the flags, run, say where the model is."""
+    result = finetune(parse_finetune_args(argv))
+    print(
+        f"Saved the finetuned Duo model to {result.output_dir} after {result.global_step} steps "
+        f"({result.tokens_seen:,} tokens)."
+    )
+
+
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "AttentionLoRA",
+    "FinetuneArguments",
+    "MemoryEstimate",
+    "build_finetune_parser",
+    "estimate_memory",
+    "finetune",
+    "main",
+    "parse_finetune_args",
+]
