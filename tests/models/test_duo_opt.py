@@ -355,8 +355,8 @@ def test_trust_remote_code_without_the_package(tmp_path):
     for name in (
         "modeling_duo_opt.py",
         "configuration_duo_opt.py",
-        "duo_modeling_utils.py",
-        "routing.py",
+        "modeling_duo.py",
+        "routes.py",
         "losses.py",
     ):
         assert (folder / name).exists(), name
