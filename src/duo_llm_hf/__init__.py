@@ -2,14 +2,11 @@
 
 Importing the package registers `duo_llama` and `duo_opt` with `AutoConfig` / `AutoModel` /
 `AutoModelForCausalLM`, and marks the classes for `register_for_auto_class`, so a folder written by
-`save_pretrained` also loads with `trust_remote_code=True` where this package is not installed. It also makes
-sure the `duo` lm-eval model is registered once lm-evaluation-harness loads its models (`_duo_llm_hf_lm_eval`;
-the installed `.pth` file does the same at interpreter start, so the plain `lm_eval` command knows `duo` too).
+`save_pretrained` also loads with `trust_remote_code=True` where this package is not installed (which is how the
+plain `lm_eval --model hf` command evaluates it; see `duo_llm_hf.integrations.lm_eval`).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-import _duo_llm_hf_lm_eval  # noqa: F401  (the lm-eval hook, for processes that skipped the .pth)
 
 from .models.configuration_duo_llama import DuoLlamaConfig
 from .models.configuration_duo_opt import DuoOPTConfig

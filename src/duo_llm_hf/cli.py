@@ -27,10 +27,12 @@ class Command:
 
 
 def eval_command(argv: list[str]) -> None:
-    """``duo-llm eval``: the lm-evaluation-harness command line (``lm_eval``, same flags) run from this package, for
-    environments where the ``.pth`` hook that registers ``duo`` at interpreter start does not run (``python -S``,
-    a source checkout on ``PYTHONPATH``)."""
+    """``duo-llm eval``: the lm-evaluation-harness command line (``lm_eval``, same flags) with the ``duo`` model
+    registered, which the harness's own ``lm_eval`` command does not know (it evaluates Duo folders as ``--model hf``
+    with ``trust_remote_code=True`` and the routing as config overrides)."""
     from lm_eval.__main__ import cli_evaluate
+
+    from .integrations import lm_eval  # noqa: F401  (registers `duo` with the harness)
 
     sys.argv = ["duo-llm eval", *argv]  # the harness parses sys.argv itself
     cli_evaluate()
@@ -50,7 +52,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(
         "duo_llm_hf.cli:eval_command",
         "Benchmarks with lm-evaluation-harness (--model duo, any routing mode; the harness's own flags).",
-        "lm_eval --model duo",
+        "lm_eval --model hf",
     ),
     "oracle": Command(
         "duo_llm_hf.oracle.run:main",

@@ -323,57 +323,104 @@ def read_outputs(out: Path) -> dict:
     return results
 
 
-@pytest.mark.numerics
-def test_lm_eval_cli_model_hf_trust_remote_code(duo_model, tokenizer, task_manager, tmp_path):
-    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` on a saved folder, in a process
-    where duo_llm_hf cannot be imported, scores exactly like `duo` under the routing stored in the config."""
-    folder = tmp_path / "tiny-duo"
-    duo_model.set_routing("fixed", fixed_pattern="sB")
-    save_model_folder(folder, duo_model, tokenizer)
-    expected = evaluate(DuoLM(pretrained=str(folder), device="cpu", batch_size=8), task_manager)
-    assert expected["config"]["duo_routing"]["fixed_pattern"] == "sB"
+def hf_model_args(folder: Path, **overrides) -> str:
+    """`--model hf` arguments of a saved Duo folder: remote code, the routing as config overrides. A JSON object
+    when an override is a dict (`route_probs`), as the harness accepts; `key=value,...` otherwise."""
+    args = {"pretrained": str(folder), "trust_remote_code": True, **overrides}
+    if any(isinstance(value, dict) for value in args.values()):
+        return json.dumps(args)
+    return ",".join(f"{key}={value}" for key, value in args.items())
 
-    argv = cli_args("hf", f"pretrained={folder},trust_remote_code=True", tmp_path / "out")
+
+CLI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli_without_the_package(runs: dict[str, str], tmp_path: Path) -> dict[str, dict]:
+    """Run the harness's command line (`cli_evaluate`, what `lm_eval` runs) as `--model hf` once per model
+    arguments, all in one fresh process where duo_llm_hf cannot be imported; run name -> its outputs."""
+    argvs = [cli_args("hf", model_args, tmp_path / "out" / name) for name, model_args in runs.items()]
     script = textwrap.dedent(f"""
         import sys
         sys.modules["duo_llm_hf"] = None  # the package must not be importable
         {SKIP_BUILTIN_TASKS}
-        sys.argv = {argv!r}
         from lm_eval.__main__ import cli_evaluate
-        cli_evaluate()
+        for argv in {argvs!r}:
+            sys.argv = argv
+            cli_evaluate()
         print("REMOTE_CODE", any(name.startswith("transformers_modules") for name in sys.modules))
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    env = {**os.environ, **CLI_ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "REMOTE_CODE True" in done.stdout
-    hf = read_outputs(tmp_path / "out")
-    assert_same_scores(hf, expected)
-    assert max_difference(loglikelihoods(hf), loglikelihoods(expected)) < LL_TOL
+    return {name: read_outputs(tmp_path / "out" / name) for name in runs}
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
-def test_lm_eval_command_model_duo(duo_model, tokenizer, task_manager, tmp_path):
-    """The harness's own `lm_eval` executable, in a fresh process that imports nothing of ours itself:
-    `--model duo --model_args pretrained=DIR,routing=fixed,pattern=Bs` scores like `DuoLM` in this process."""
+def test_lm_eval_cli_model_hf_reaches_every_routing(duo_model, tokenizer, task_manager, tmp_path):
+    """`--model hf` with `trust_remote_code=True` and the routing as config overrides in `--model_args`, in a
+    process where duo_llm_hf cannot be imported, scores like `duo` in this process under every routing: the
+    config's, fixed, all-small, random (probabilities and seed) and learned."""
+    import copy
+
+    folder = save_model_folder(tmp_path / "tiny-duo", copy.deepcopy(duo_model).set_routing("fixed", "sB"), tokenizer)
+    with_routers = copy.deepcopy(duo_model).set_routing("learned")  # fresh routers: every token its own route
+    with torch.no_grad():
+        for layer in with_routers.model.layers:
+            layer.mlp.router.weight.mul_(100)  # decisive router logits
+    with_routers.set_routing("random")  # a saved model keeps its routers in every mode
+    routers_folder = save_model_folder(tmp_path / "tiny-duo-routers", with_routers, tokenizer)
+
+    probs = {"small": 0.75, "big": 0.25}
+    runs = {  # name -> (--model hf overrides, the same routing as duo arguments)
+        "config": (folder, {}, {}),
+        "fixed": (folder, {"routing_mode": "fixed", "fixed_pattern": "Bs"}, {"routing": "fixed", "pattern": "Bs"}),
+        "all-small": (folder, {"routing_mode": "fixed", "fixed_pattern": "ss"}, {"routing": "small"}),
+        "random": (
+            folder,
+            {"routing_mode": "random", "route_probs": probs, "route_seed": 5},
+            {"routing": "random", "p_big": 0.25, "route_seed": 5},
+        ),
+        "learned": (routers_folder, {"routing_mode": "learned"}, {"routing": "learned"}),
+    }
+    hf = run_cli_without_the_package({name: hf_model_args(f, **hf_args) for name, (f, hf_args, _) in runs.items()},
+                                     tmp_path)
+    duo = {
+        name: evaluate(DuoLM(pretrained=f, device="cpu", batch_size=8, **duo_args), task_manager)
+        for name, (f, _, duo_args) in runs.items()
+    }
+    assert duo["random"]["config"]["duo_routing"]["route_probs"] == probs
+    for name in runs:
+        assert_same_scores(hf[name], duo[name])
+        assert max_difference(loglikelihoods(hf[name]), loglikelihoods(duo[name])) < LL_TOL, name
+    # the overrides took effect: each routing scores unlike the saved one (both folders hold the same FFNs)
+    for name in ("fixed", "all-small", "random", "learned"):
+        assert max_difference(loglikelihoods(hf[name]), loglikelihoods(hf["config"])) > 1e-2, name
+    assert max_difference(loglikelihoods(hf["learned"]), loglikelihoods(hf["all-small"])) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_lm_eval_command_model_hf(duo_model, tokenizer, task_manager, tmp_path):
+    """The harness's own `lm_eval` executable, in a fresh process that imports nothing of ours (no start-up hook):
+    `--model hf --model_args pretrained=DIR,trust_remote_code=True,routing_mode=fixed,fixed_pattern=Bs` scores
+    like `duo` with `routing=fixed,pattern=Bs` in this process."""
     lm_eval_command = Path(sys.executable).with_name("lm_eval")
     assert lm_eval_command.is_file(), f"{lm_eval_command} missing: install lm-eval in this environment"
     folder = tmp_path / "tiny-duo"
-    duo_model.set_routing("fixed", fixed_pattern="sB")  # the saved default, which the model argument overrides
+    duo_model.set_routing("fixed", fixed_pattern="sB")  # the saved default, which the override replaces
     save_model_folder(folder, duo_model, tokenizer)
     lm = DuoLM(pretrained=str(folder), routing="fixed", pattern="Bs", device="cpu", batch_size=8)
     expected = evaluate(lm, task_manager)
 
-    argv = cli_args("duo", f"pretrained={folder},routing=fixed,pattern=Bs", tmp_path / "out")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    model_args = hf_model_args(folder, routing_mode="fixed", fixed_pattern="Bs")
+    argv = cli_args("hf", model_args, tmp_path / "out")
+    env = {**os.environ, **CLI_ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")}
     done = subprocess.run([str(lm_eval_command), *argv[1:]], capture_output=True, text=True, timeout=300, env=env)
-    assert "no model for this name found" not in done.stderr, (
-        "`duo` is not registered: the duo_llm_hf_lm_eval.pth hook is missing; reinstall with `pip install -e .`"
-    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = read_outputs(tmp_path / "out")
-    assert results["config"]["duo_routing"]["fixed_pattern"] == "Bs"
+    assert results["config"]["model_args"]["fixed_pattern"] == "Bs"
     assert_same_scores(results, expected)
     assert max_difference(loglikelihoods(results), loglikelihoods(expected)) < LL_TOL
 

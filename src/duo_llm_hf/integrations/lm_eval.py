@@ -1,18 +1,19 @@
 """lm-evaluation-harness integration: the `duo` model and the local-data benchmark tasks.
 
-`DuoLM` is the harness's `HFLM` with one addition: the routing of the Duo model is set from model arguments, so
-that one saved model is scored under any routing mode::
+The harness's own `lm_eval` command evaluates a saved Duo folder as `--model hf` with `trust_remote_code=True`:
+every routing is a config override that `HFLM` hands to `from_pretrained`, and the model validates it as it is
+built (a JSON `--model_args` carries `route_probs`)::
 
-    lm_eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25 --tasks arc_easy,hellaswag
-    lm_eval --model duo --model_args pretrained=DIR,routing=fixed,pattern=sBsB --tasks arc_easy
-    lm_eval --model duo --model_args pretrained=DIR,routing=small --tasks hellaswag     # all-small
-    lm_eval --model duo --model_args pretrained=DIR,routing=learned --tasks hellaswag   # the trained router
+    lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,routing_mode=fixed,fixed_pattern=sBsB
+    lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,routing_mode=learned
+    lm_eval --model hf --model_args '{"pretrained": "DIR", "trust_remote_code": true, "routing_mode": "random",
+                                      "route_probs": {"small": 0.75, "big": 0.25}, "route_seed": 0}'
 
-lm-eval 0.4 has no plugin entry points for models. `duo` reaches the harness's registry through the import hook
-in `_duo_llm_hf_lm_eval` (run at interpreter start by the `.pth` file installed with the package, and by `import
-duo_llm_hf`), as a lazy placeholder: this module is imported only when the harness builds a `duo` model. Plain
-`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` evaluates a saved folder under the routing
-stored in its config, with no import of this package.
+`DuoLM` (`duo`, registered when this module is imported: in Python and in `duo-llm eval`) is the harness's `HFLM`
+with shorter routing arguments, checks and the routing in the results file::
+
+    duo-llm eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25 --tasks arc_easy,hellaswag
+    duo-llm eval --model duo --model_args pretrained=DIR,routing=small --tasks hellaswag     # all-small
 
 The harness's `arc_easy` and `hellaswag` tasks load their data from the Hub. `arc_easy_local` and
 `hellaswag_local` (YAMLs in `TASKS_DIR`) are the same tasks reading local jsonl files in the Hub schema:
