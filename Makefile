@@ -19,14 +19,14 @@ NO_TORCH_CONSTRAINTS := $(VENV)/constraints-without-torch.txt
 # numerics-marked tests (floats across shapes, orders, processes) rerun under every CPU kernel set PyTorch has
 CPU_CAPABILITIES ?= default avx2 avx512
 
-.PHONY: test test-numerics test-latest latest-venv lock demo lint install clean
+.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install clean
 
 install: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml setup.py constraints.txt | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	grep -v '^torch==' constraints.txt > $(NO_TORCH_CONSTRAINTS)
 	$(BIN)/python -m pip install -q -c $(NO_TORCH_CONSTRAINTS) "$(TORCH_SPEC)"
@@ -35,6 +35,10 @@ $(STAMP): pyproject.toml setup.py constraints.txt | $(BIN)/python
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The suite without the tests marked slow (subprocesses, training runs, end-to-end oracle and studies).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # One pytest run per kernel set; every run must pass and run tests (pytest exits 5 when none are collected).
 test-numerics: $(STAMP)
