@@ -322,6 +322,7 @@ def _run(argv: list[str], env: dict | None = None) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_real_process_prints_one_line_without_traceback(assets, tmp_path):
     """``duo-llm`` and a script, as a user runs them: one line on stderr, exit code 2; ``DUO_LLM_DEBUG=1`` shows
     the traceback."""
@@ -341,6 +342,7 @@ def test_real_process_prints_one_line_without_traceback(assets, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_real_process_parse_error_is_one_line(tmp_path):
     done = _run([sys.executable, "training/train_duo.py", "--output-dir", str(tmp_path / "out"), "--mode", "x"])
     assert done.returncode == 2, done.stderr

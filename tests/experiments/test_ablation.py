@@ -46,6 +46,7 @@ def rows_by(result, run: str) -> dict:
     return {row["p_big"]: row for row in result.rows if row["run"] == run}
 
 
+@pytest.mark.slow
 def test_tiny_preset_end_to_end_writes_table_and_plot(tiny_run):
     out, result = tiny_run
     assert result.trained == RUNS and result.reused == []
@@ -83,6 +84,7 @@ def test_tiny_preset_end_to_end_writes_table_and_plot(tiny_run):
     assert len(payload["rows"]) == len(result.rows) == 16
 
 
+@pytest.mark.slow
 def test_dense_flops_match_duo_flops_at_each_p_big(tiny_run):
     _, result = tiny_run
     duo = rows_by(result, "duo")
@@ -106,6 +108,7 @@ def test_dense_flops_match_duo_flops_at_each_p_big(tiny_run):
             assert model_flops(dense_config, None, block) == pytest.approx(model_flops(duo_config, p, block), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_equal_token_budgets_and_frozen_big_accounting(tiny_run):
     out, result = tiny_run
     plan = plan_ablation(tiny(out), num_processes=1)
@@ -119,6 +122,7 @@ def test_equal_token_budgets_and_frozen_big_accounting(tiny_run):
     assert frozen["mode"] == "frozen-big" and frozen["init_from"] == str(out / "runs" / "big_pretrain")
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_runs_and_evaluations(tiny_run, tmp_path, capsys, monkeypatch):
     out, first = tiny_run
     models = {run: (out / "runs" / run / "model.safetensors").stat().st_mtime_ns for run in RUNS}

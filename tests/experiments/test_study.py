@@ -27,6 +27,7 @@ def _numbers(value):
         yield value
 
 
+@pytest.mark.slow
 def test_every_output_exists(study):
     for name in ("report.md", "report.html", "metrics.json"):
         assert (study / name).stat().st_size > 0
@@ -47,6 +48,7 @@ def test_every_output_exists(study):
     assert html.count("data:image/png;base64,") >= 10  # self-contained
 
 
+@pytest.mark.slow
 def test_report_numbers_are_those_of_metrics_json(study):
     metrics = json.loads((study / "metrics.json").read_text())
     report = (study / "report.md").read_text()
@@ -68,6 +70,7 @@ def test_report_numbers_are_those_of_metrics_json(study):
     assert len(metrics["findings"]) == 7 and n == 6
 
 
+@pytest.mark.slow
 def test_findings_follow_from_the_numbers(study):
     metrics = json.loads((study / "metrics.json").read_text())
     english = metrics["oracle"]["english"]
@@ -78,6 +81,7 @@ def test_findings_follow_from_the_numbers(study):
         assert entry["oracle"] <= entry["best_of_20"] + 1e-9 and entry["oracle"] <= entry["fixed"] + 1e-9
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_stages(study, capsys):
     before = (study / "metrics.json").read_text()
     run_study(study, "tiny", progress=False)
@@ -85,6 +89,7 @@ def test_rerun_reuses_finished_stages(study, capsys):
     assert json.loads((study / "metrics.json").read_text())["oracle"] == json.loads(before)["oracle"]
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused(study):
     with pytest.raises(ValueError, match="other settings"):
         run_study(study, "tiny", progress=False, best_of_k=5)
@@ -99,6 +104,7 @@ def test_presets_and_bad_settings():
         study_config("tiny", epochs=3)
 
 
+@pytest.mark.slow
 def test_study_of_a_given_duo_opt_model(tmp_path):
     """The stages after training read only the interface DuoLlama and DuoOPT share: a DuoOPT folder is studied too."""
     import torch

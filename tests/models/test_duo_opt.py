@@ -348,6 +348,7 @@ def test_save_and_reload(tmp_path):
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_trust_remote_code_without_the_package(tmp_path):
     duo = tiny_duo(do_layer_norm_before=False, word_embed_proj_dim=24)
     folder = tmp_path / "model"

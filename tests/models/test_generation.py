@@ -131,6 +131,7 @@ print("REMOTE-GENERATION-OK")
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_cached_generation_through_trust_remote_code(tmp_path):
     """The same checks on the code saved next to the models, in a fresh process without duo_llm_hf."""
     folders = []

@@ -163,6 +163,7 @@ def test_save_reload_identical_logits(tiny_model, tmp_path):
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
     model = tiny_model(routing_mode="fixed", fixed_pattern="BsB")
     model.save_pretrained(tmp_path / "duo")

@@ -304,6 +304,7 @@ def test_stage1_checkpoint_loads_with_fresh_routers(tmp_path):
     assert fresh and all(torch.equal(v, model.state_dict()[k]) for k, v in stage1.state_dict().items())
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_routers_without_the_package(tmp_path):
     model = tiny_model(route_options=["small", "big", "skip"])
     model.save_pretrained(tmp_path / "model")

@@ -129,6 +129,7 @@ def free_port() -> str:
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_result(model, blocks, tmp_path):
     model.save_pretrained(tmp_path / "model")
     save_file({"input_ids": blocks}, tmp_path / "blocks.safetensors")

@@ -208,6 +208,7 @@ def finetuned_with_skip(tmp_path_factory, source):
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_finetuned_model_loads_with_trust_remote_code(tmp_path, finetuned):
     ids, routes = ids_and_routes()
     model = AutoModelForCausalLM.from_pretrained(finetuned).eval()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,6 +51,7 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_train_killed_then_rerun_equals_the_uninterrupted_run(tmp_path):
     # --resume-from latest starts afresh in an empty folder, so the first and the repeated command are the same.
     flags = dict(max_steps=30, checkpoint_every=5, resume_from="latest")
@@ -70,6 +72,7 @@ def batches_done(folder: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_oracle_killed_then_rerun_equals_the_uninterrupted_run(tmp_path, builtin_tokenizer):
     torch.manual_seed(0)
     config = DuoLlamaConfig(

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -34,6 +35,7 @@ def launch_cpu_processes(script: Path, args: list[str], n: int = 2) -> subproces
     return done
 
 
+@pytest.mark.slow
 def test_two_process_training_shares_the_work_and_resumes_exactly(tmp_path):
     """Two processes train on twice the tokens per step, each drawing its own routes; a run resumed from the
     step-3 checkpoint ends with the uninterrupted run's weights."""
