@@ -4,15 +4,14 @@ into the settings the plan is made from.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ...training.train import (
-    TrainArguments,
-)
+from ...training.train import TrainArguments
 from ...utils.arguments import HfArgumentParser
 from ...utils.errors import UsageError
 from ..presets import ablation_preset, preset_names
@@ -44,8 +43,51 @@ CONTROLLED_TRAIN_FIELDS = frozenset(
 )
 
 
-@dataclass
-class AblationArguments:
+# `TrainArguments` fields that are also flags of the ablation, unset by default: the preset gives their value.
+PRESET_TRAIN_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "small_intermediate_size",
+    "vocab_size",
+    "block_size",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "mixed_precision",
+    "dataset",
+    "holdout_english",
+    "holdout_code",
+    "builtin_max_chars",
+    "streaming",
+    "eval_blocks",
+)
+# `TrainArguments` fields that are flags of the ablation with their training default, for every run.
+SHARED_TRAIN_FIELDS = ("tokenizer", "seed", "overwrite_output_dir", "progress")
+
+
+def _train_fields(names: Sequence[str], unset: bool) -> list[tuple[str, Any, Any]]:
+    """`TrainArguments`' fields ``names`` (type, default and help), for the dataclass of the ablation's flags; with
+    ``unset``, optional and None by default."""
+    declared = {f.name: f for f in dataclasses.fields(TrainArguments)}
+    types = typing.get_type_hints(TrainArguments)
+    return [
+        (name, types[name] | None, field(default=None, metadata=declared[name].metadata))
+        if unset
+        else (name, types[name], field(default=declared[name].default, metadata=declared[name].metadata))
+        for name in names
+    ]
+
+
+TrainingFlags = dataclasses.make_dataclass(
+    "TrainingFlags", _train_fields(PRESET_TRAIN_FIELDS, unset=True) + _train_fields(SHARED_TRAIN_FIELDS, unset=False)
+)
+TrainingFlags.__doc__ = "The ablation's flags that are `TrainArguments` fields, declared there."
+
+
+@dataclass(kw_only=True)
+class AblationArguments(TrainingFlags):
     """Arguments of the ablation (each is also a flag, ``--name-with-dashes``). Unset values come from the preset."""
 
     out: str = field(metadata={"help": "Output folder: trained runs, evaluations, table and plots."})
@@ -67,48 +109,14 @@ class AblationArguments:
         metadata={"help": "Share of the token budget frozen-big spends pre-training the dense big model (paper: 2/3)."},
     )
     train_tokens: int | None = field(default=None, metadata={"help": "Token budget of each model."})
-    hidden_size: int | None = field(default=None, metadata={"help": "Hidden size."})
-    num_layers: int | None = field(default=None, metadata={"help": "Decoder layers."})
-    num_heads: int | None = field(default=None, metadata={"help": "Attention heads."})
-    intermediate_size: int | None = field(default=None, metadata={"help": "Big FFN inner size."})
-    small_intermediate_size: int | None = field(default=None, metadata={"help": "Small FFN inner size."})
-    vocab_size: int | None = field(default=None, metadata={"help": "Size of the BPE tokenizer trained here."})
-    block_size: int | None = field(default=None, metadata={"help": "Tokens per block (sequence length)."})
-    batch_size: int | None = field(default=None, metadata={"help": "Blocks per micro-batch and process."})
-    gradient_accumulation_steps: int | None = field(default=None, metadata={"help": "Micro-batches per step."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate."})
     warmup_fraction: float | None = field(default=None, metadata={"help": "Warm-up share of each run's steps."})
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
-        default=None, metadata={"help": "Training precision (default: the preset's, else accelerate's)."}
-    )
-    dataset: str | None = field(
-        default=None, metadata={"help": "Training corpus: builtin, a local file/folder, or hf:NAME[:CONFIG][@SPLIT]."}
-    )
-    holdout_english: str | None = field(default=None, metadata={"help": "English holdout corpus (or none)."})
-    holdout_code: str | None = field(default=None, metadata={"help": "Code holdout corpus (or none)."})
     holdout_english_column: str | None = field(
         default=None, metadata={"help": "Text column of the English holdout (default: the training one)."}
     )
     holdout_code_column: str | None = field(
         default=None, metadata={"help": "Text column of the code holdout (default: the training one)."}
     )
-    builtin_max_chars: int | None = field(
-        default=None, metadata={"help": "Cap each split of the built-in corpus at this many characters."}
-    )
-    streaming: bool | None = field(default=None, metadata={"help": "Stream the corpora (Hub scale)."})
-    tokenizer: str | None = field(
-        default=None, metadata={"help": "An existing tokenizer folder (default: train a BPE into OUT/tokenizer)."}
-    )
-    eval_blocks: int | None = field(default=None, metadata={"help": "Blocks of each holdout evaluated."})
-    seed: int = field(default=0, metadata={"help": "Seed of weights and data order of every run."})
     eval_seed: int = field(default=0, metadata={"help": "Seed of the random routes at evaluation."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Retrain the runs in --out that were trained with other arguments, another tokenizer or source "
-            "model (without it that is refused; finished runs with the same settings are always reused)."
-        },
-    )
     train_override: str | None = field(
         default=None,
         metadata={
@@ -129,7 +137,6 @@ class AblationArguments:
     lm_eval_limit: int | None = field(default=None, metadata={"help": "Score only the first N examples of each task."})
     lm_eval_batch_size: int | None = field(default=None, metadata={"help": "Batch size of the harness."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: the preset's)."})
-    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
 def build_arg_parser(**kwargs) -> HfArgumentParser:
@@ -171,48 +178,35 @@ def _field_types() -> dict[str, Any]:
 
 
 def parse_train_override(text: str | None) -> dict[str, Any]:
-    """``"weight_decay=0.05,lr_scheduler=linear"`` -> training fields, converted to their types and checked."""
+    """``"weight_decay=0.05,lr_scheduler=linear"`` -> training fields, parsed as `duo-llm train` parses its flags."""
     if not text:
         return {}
-    types_ = _field_types()
+    types = _field_types()
+    parser = HfArgumentParser(TrainArguments)
     overrides: dict[str, Any] = {}
     for item in text.split(","):
         key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key, raw = key.strip().replace("-", "_"), raw.strip()
         if not sep or not key:
             raise UsageError(
                 f"train_override: {item!r} is not KEY=VALUE; write e.g. weight_decay=0.05,warmup_steps=10."
             )
-        if key not in types_:
+        if key not in types:
             raise UsageError(f"train_override: {key!r} is not a training argument (see training/train_duo.py --help).")
         if key in CONTROLLED_TRAIN_FIELDS:
             raise UsageError(
                 f"train_override: {key!r} is set by the ablation for each run; use the ablation's own flags "
                 "(--train-tokens, --train-p-big, --seed, --warmup-fraction, --holdout-*, --tokenizer)."
             )
-        overrides[key] = _convert(raw.strip(), types_[key], key)
-    return overrides
-
-
-def _convert(raw: str, annotation, key: str):
-    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    if raw.lower() == "none" and type(None) in typing.get_args(annotation):
-        return None
-    for option in options:
-        try:
-            if option is bool:
-                if raw.lower() in ("true", "1", "yes"):
-                    return True
-                if raw.lower() in ("false", "0", "no"):
-                    return False
-                continue
-            if option in (int, float, str):
-                return option(raw)
-            if typing.get_origin(option) is Literal and raw in typing.get_args(option):
-                return raw
-        except ValueError:
+        if raw.lower() == "none" and type(None) in typing.get_args(types[key]):
+            overrides[key] = None
             continue
-    raise UsageError(f"train_override: {key}={raw!r} does not fit the field's type {annotation}.")
+        try:
+            (parsed,) = parser.parse(["--output_dir", "unused", f"--{key}", raw])
+        except UsageError:
+            raise UsageError(f"train_override: {key}={raw!r} does not fit the field's type {types[key]}.") from None
+        overrides[key] = getattr(parsed, key)
+    return overrides
 
 
 def resolve_settings(args: AblationArguments) -> dict[str, Any]:
