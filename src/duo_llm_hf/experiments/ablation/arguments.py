@@ -145,7 +145,7 @@ def build_arg_parser(**kwargs) -> HfArgumentParser:
     kwargs.setdefault(
         "description",
         "The paper's Fig. 8 ablations: Duo vs dense at equal FLOPs, scratch vs frozen-big. Flags shown with "
-        "default None take the preset's value (duo_llm_hf.experiments.ablation.PRESETS).",
+        "default None take the preset's value (the data files in duo_llm_hf/experiments/presets/).",
     )
     return HfArgumentParser(AblationArguments, **kwargs)
 
