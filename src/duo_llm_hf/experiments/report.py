@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import html
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from ..models.routes import BIG, SKIP
 from ..oracle.results import OracleResult, atomic_write_text
+from ..utils.tables import markdown_table
 from . import analysis
 
 ROUTER_LABELS = {"conventional": "router", "oracle": "oracle-supervised router"}
@@ -135,10 +135,10 @@ def difficulty_metrics(result: OracleResult, top: float = 0.1) -> dict:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (ties broken by position)."""
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+    """Spearman rank correlation; tied values share their average rank (NaN if either side is constant)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
 
 
 def layer_center(usage: torch.Tensor, choice: int = BIG) -> float:
@@ -497,6 +497,7 @@ def _numbers_text(numbers) -> str:
 
 
 def render_markdown(blocks: list[tuple], out: Path) -> str:
+    """``report.md``: the blocks as Markdown, the figures linked relative to ``out``."""
     lines = []
     for block in blocks:
         if block[0] == "h":
@@ -504,40 +505,32 @@ def render_markdown(blocks: list[tuple], out: Path) -> str:
         elif block[0] == "p":
             lines += [block[1], ""]
         elif block[0] == "table":
-            header, rows = block[1], block[2]
-            lines.append("| " + " | ".join(header) + " |")
-            lines.append("|" + "---|" * len(header))
-            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-            lines.append("")
+            lines += [markdown_table(block[1], block[2]), ""]
         elif block[0] == "img":
             lines += [f"![{block[2]}]({Path(block[1]).relative_to(out)})", ""]
     return "\n".join(lines)
 
 
-def render_html(blocks: list[tuple]) -> str:
-    """A self-contained page: the figures are embedded as data URIs."""
-    parts = []
-    for block in blocks:
-        if block[0] == "h":
-            parts.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
-        elif block[0] == "p":
-            parts.append(f"<p>{html.escape(block[1])}</p>")
-        elif block[0] == "table":
-            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in block[1])
-            body = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2]
-            )
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif block[0] == "img":
-            data = base64.b64encode(Path(block[1]).read_bytes()).decode()
-            parts.append(f'<img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">')
+def render_html(markdown: str, out: Path) -> str:
+    """``report.html``: ``report.md`` rendered by markdown-it, self-contained (the figures embedded as data URIs)."""
+    from markdown_it import MarkdownIt
+
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
+    link_image = renderer.renderer.rules["image"]
+
+    def embed_image(self, tokens, idx, options, env) -> str:
+        data = base64.b64encode((out / tokens[idx].attrGet("src")).read_bytes()).decode()
+        tokens[idx].attrSet("src", f"data:image/png;base64,{data}")
+        return link_image(tokens, idx, options, env)
+
+    renderer.add_render_rule("image", embed_image)
     style = (
         "body{font-family:sans-serif;max-width:70em;margin:auto}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}img{max-width:100%}"
     )
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>Duo-LLM study</title><style>{style}</style>"
-        f"</head><body>{''.join(parts)}</body></html>"
+        f"</head><body>{renderer.render(markdown)}</body></html>"
     )
 
 
@@ -545,5 +538,6 @@ def write_report(out: Path, metrics: dict, oracle: dict, routers: dict, model_di
     figures = write_figures(out, metrics, oracle, routers, model_dir)
     blocks = report_blocks(metrics, figures)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    atomic_write_text(out / "report.md", render_markdown(blocks, out))
-    atomic_write_text(out / "report.html", render_html(blocks))
+    markdown = render_markdown(blocks, out)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.html", render_html(markdown, out))

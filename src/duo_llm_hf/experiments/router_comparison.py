@@ -38,6 +38,7 @@ from ..training.train import load_corpora, make_eval_loaders
 from ..utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields, check_output_dir
 from ..utils.errors import UsageError
 from ..utils.loading import inspect_duo_source, load_duo_model
+from ..utils.tables import markdown_table
 
 PROG = "eval/router_vs_oracle.py"
 RESULT_FILE = "router_vs_oracle.json"
@@ -203,13 +204,11 @@ def comparison_table(results: dict) -> str:
     """A markdown table: per budget and method, the BIG fraction realised and the perplexity on each held-out set."""
     names = list(results["sets"])
     n = results["num_layers"]
-    head = "| BIG layers | method | " + " | ".join(f"BIG fraction ({s})" for s in names)
-    head += " | " + " | ".join(f"ppl {s}" for s in names) + " |"
-    lines = [head, "|---|---|" + "---:|" * (2 * len(names))]
+    header = ["BIG layers", "method", *(f"BIG fraction ({s})" for s in names), *(f"ppl {s}" for s in names)]
+    rows = []
 
     def row(k: str, method: str, fractions: list[float], ppls: list[float]) -> None:
-        cells = [f"{f:.3f}" for f in fractions] + [f"{p:.2f}" for p in ppls]
-        lines.append(f"| {k} | {method} | " + " | ".join(cells) + " |")
+        rows.append([k, method, *(f"{f:.3f}" for f in fractions), *(f"{p:.2f}" for p in ppls)])
 
     sets = results["sets"]
     row(f"0 of {n}", "all small", [0.0] * len(names), [sets[s]["small_all"] for s in names])
@@ -223,7 +222,7 @@ def comparison_table(results: dict) -> str:
             entry = results["routers"][supervision][key]
             row(f"{k} of {n}", label, [entry[s]["realised_big"] for s in names], [entry[s]["ppl"] for s in names])
     row(f"{n} of {n}", "all big", [1.0] * len(names), [sets[s]["big_all"] for s in names])
-    return "\n".join(lines)
+    return markdown_table(header, rows, align=["", ""] + ["right"] * (2 * len(names)))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -38,6 +38,7 @@ from ..utils.arguments import check_folder, check_output_dir
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from ..utils.run_files import OVERWRITE_FLAG
+from .presets import preset_names, study_preset
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "routers")
 
 @dataclass
 class StudyConfig:
-    """Sizes of every stage of a study. Presets: `PRESETS`; any field can be overridden."""
+    """Sizes of every stage of a study. Presets: `PRESETS` (data files, see `presets`); any field can be overridden."""
 
     preset: str
     # A trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) to study instead of training one in stage 1.
@@ -81,98 +82,19 @@ class StudyConfig:
         return int(self.train.get("num_layers", 12))
 
 
-_DEFAULT_TRAIN = {
-    "dataset": "builtin",
-    "num_layers": 12,
-    "hidden_size": 64,
-    "num_heads": 4,
-    "intermediate_size": 256,
-    "small_intermediate_size": 16,
-    "vocab_size": 1024,
-    "block_size": 64,
-    "batch_size": 16,
-    "max_steps": 900,
-    "warmup_steps": 50,
-    "learning_rate": 3e-3,
-    "eval_every": 300,
-    "eval_blocks": 32,
-    "checkpoint_every": 300,
-    "p_big": 0.5,
-}
+def load_study_preset(name: str) -> StudyConfig:
+    """Study preset ``name`` from its data file (`presets`), tuples where `StudyConfig` has tuples."""
+    values = study_preset(name)
+    for f in dataclasses.fields(StudyConfig):
+        if isinstance(values.get(f.name), list):
+            values[f.name] = tuple(values[f.name])
+    return StudyConfig(preset=name, **values)
 
-PRESETS: dict[str, StudyConfig] = {
-    # The test suite's: a few steps of a 12-layer model small enough for seconds per stage.
-    "tiny": StudyConfig(
-        preset="tiny",
-        train={
-            **_DEFAULT_TRAIN,
-            "num_layers": 6,
-            "hidden_size": 16,
-            "num_heads": 2,
-            "intermediate_size": 32,
-            "small_intermediate_size": 2,
-            "vocab_size": 300,
-            "block_size": 16,
-            "batch_size": 4,
-            "max_steps": 6,
-            "warmup_steps": 1,
-            "eval_every": 0,
-            "eval_blocks": 4,
-            "checkpoint_every": 3,
-            "builtin_max_chars": 60_000,
-            "tokenizer_train_chars": 60_000,
-        },
-        oracle_blocks=2,
-        oracle_batch_size=2,
-        best_of_k=20,
-        schedules=("3:1", "1:3"),
-        constant_budget=2,
-        skip_budget="big=3",
-        causal_budget=1,
-        causal_blocks=1,
-        router_budgets=(2, 3, 4),
-        router={"max_steps": 3, "batch_size": 4, "eval_blocks": 2},
-    ),
-    # The CPU study of `make demo`: a 12-layer model trained on the built-in corpus, about 15 minutes on 2 cores.
-    "default": StudyConfig(
-        preset="default",
-        train=dict(_DEFAULT_TRAIN),
-        causal_budget=2,
-        causal_blocks=2,
-        router={"max_steps": 120, "batch_size": 16, "eval_blocks": 16},
-        oracle_router={"max_steps": 30, "batch_size": 8},
-    ),
-    # The paper's model (12 layers, hidden 2560, big 10240 / small 640) on Hub corpora; for many GPUs
-    # (``accelerate launch -m duo_llm_hf.cli study --preset paper``).
-    "paper": StudyConfig(
-        preset="paper",
-        train={
-            **_DEFAULT_TRAIN,
-            "dataset": "hf:HuggingFaceFW/fineweb:sample-10BT@train",
-            "holdout_english": "hf:allenai/c4:en@validation",
-            "holdout_code": "hf:codeparrot/github-code-clean:Python-mit@train",
-            "streaming": True,
-            "hidden_size": 2560,
-            "num_heads": 20,
-            "intermediate_size": 10240,
-            "small_intermediate_size": 640,
-            "vocab_size": 32000,
-            "block_size": 1024,
-            "batch_size": 16,
-            "gradient_accumulation_steps": 8,
-            "max_steps": 100_000,
-            "warmup_steps": 2000,
-            "learning_rate": 3e-4,
-            "mixed_precision": "bf16",
-            "eval_every": 2000,
-            "checkpoint_every": 2000,
-        },
-        oracle_blocks=1024,
-        oracle_batch_size=4,
-        causal_blocks=64,
-        router={"max_steps": 20_000, "batch_size": 16, "eval_blocks": 256},
-    ),
-}
+
+# tiny: the test suite's, a few steps of a 6-layer model small enough for seconds per stage. default: the CPU study
+# of `make demo`, a 12-layer model trained on the built-in corpus, about 15 minutes on 2 cores. paper: the paper's
+# model on Hub corpora, shared with the ablation, for many GPUs (``accelerate launch -m duo_llm_hf.cli study``).
+PRESETS: dict[str, StudyConfig] = {name: load_study_preset(name) for name in preset_names("study")}
 
 
 def study_config(preset: str = "default", **overrides) -> StudyConfig:

@@ -44,6 +44,7 @@ from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
 from ..utils.arguments import label as flag_label
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
 from ..utils.flops import choice_cost, flops_per_token
+from ..utils.tables import markdown_table
 
 NOT_EVALUATED = "**Not evaluated**"
 CARD_TAGS = ("duo-llm", "routed-ffn", "adaptive-computation", "custom_code")
@@ -378,7 +379,7 @@ def _render(value: Any, depth: int) -> str:
                 nested = flat
         parts = []
         if scalars:
-            parts.append(_table(["figure", "value"], [[k, _fmt(v)] for k, v in scalars.items()]))
+            parts.append(markdown_table(["figure", "value"], [[k, _fmt(v)] for k, v in scalars.items()]))
         if _same_columns(nested.values()):  # e.g. one row per budget, one column per figure
             parts.append(_rows_table("", nested))
             return "\n\n".join(parts)
@@ -406,13 +407,7 @@ def _rows_table(key_header: str | None, rows: Mapping) -> str:
         ([str(key)] if key_header is not None else []) + [_fmt(row.get(c, "")) for c in columns]
         for key, row in rows.items()
     ]
-    return _table(header, body)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(header, body)
 
 
 def _flatten_row(row: Mapping) -> Mapping:
@@ -473,7 +468,7 @@ def lm_eval_rows(lm_eval: Any) -> list[dict]:
 def render_lm_eval(rows: list[dict]) -> str:
     if not rows:
         return f"{NOT_EVALUATED}: no lm-evaluation-harness results were given for this checkpoint."
-    return _table(
+    return markdown_table(
         ["task", "metric", "value", "stderr", "n-shot"],
         [[r["task"], r["metric"], _fmt(r["value"]), _fmt(r["stderr"]) if r["stderr"] is not None else "",
           "" if r["n_shot"] is None else str(r["n_shot"])] for r in rows],

@@ -1,0 +1,104 @@
+"""The benchmark data of the ablation (ARC-Easy, HellaSwag through lm-evaluation-harness): where it comes
+from (``--lm-eval-tasks``, ``--lm-eval-data``) and how its columns are labelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...utils.errors import MissingDependencyError, MissingFileError, UsageError
+
+BENCHMARK_SOURCES = ("hub", "local", "fixtures", "none")
+
+
+# The paper's metrics: ARC-Easy accuracy, HellaSwag length-normalised accuracy.
+BENCHMARK_METRICS = {"arc_easy": "acc", "hellaswag": "acc_norm"}
+
+
+BENCHMARK_NAMES = {"arc_easy": "ARC-Easy", "hellaswag": "HellaSwag"}
+
+
+# The splits the official tasks score (a local copy must hold them).
+BENCHMARK_FILES = {"arc_easy": "arc_easy/test.jsonl", "hellaswag": "hellaswag/validation.jsonl"}
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where the benchmark data comes from, and how its columns are labelled."""
+
+    source: str
+    data_dir: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+
+    @property
+    def enabled(self) -> bool:
+        return self.source != "none"
+
+    def task_names(self) -> dict[str, str]:
+        """Benchmark -> the lm-eval task that scores it."""
+        if self.source == "hub":
+            return {name: name for name in BENCHMARK_METRICS}
+        from ...integrations.lm_eval import LOCAL_TASKS
+
+        return {name: LOCAL_TASKS[name] for name in BENCHMARK_METRICS}
+
+    def resolved_data_dir(self) -> str | None:
+        if self.source == "fixtures":
+            from ...integrations.lm_eval import FIXTURE_DATA_DIR
+
+            return str(FIXTURE_DATA_DIR)
+        return self.data_dir
+
+    def note(self, counts: Mapping[str, int]) -> str:
+        """What the benchmark columns were computed on; says plainly when they are not benchmark scores."""
+        sizes = ", ".join(f"{BENCHMARK_NAMES[b]} n={counts[b]}" for b in BENCHMARK_METRICS if b in counts)
+        limit = f", first {self.limit} examples" if self.limit else ""
+        if self.source == "fixtures":
+            return (
+                f"fixture smoke set ({sizes}): the hand-written test examples shipped with lm_eval_model, a check "
+                "of the code path; NOT benchmark scores and not comparable to the paper"
+            )
+        if self.source == "local":
+            return f"official task definitions on the local copy in {self.data_dir} ({sizes}{limit}), zero-shot"
+        return f"official lm-eval tasks, Hub data ({sizes}{limit}), zero-shot"
+
+    def short_label(self, counts: Mapping[str, int]) -> str:
+        """Suffix of the benchmark column names."""
+        if self.source == "fixtures":
+            return "[fixture smoke set, n=" + "/".join(str(counts[b]) for b in BENCHMARK_METRICS if b in counts) + "]"
+        if self.limit:
+            return f"[first {self.limit}]"
+        return "[local data]" if self.source == "local" else ""
+
+
+def benchmark_spec(settings: dict[str, Any]) -> BenchmarkSpec:
+    source, data_dir = settings["lm_eval_tasks"], settings["lm_eval_data"]
+    if source not in BENCHMARK_SOURCES:
+        raise UsageError(f"lm_eval_tasks: {source!r} is not a benchmark source; use one of {list(BENCHMARK_SOURCES)}.")
+    if data_dir is not None and source != "local":
+        raise UsageError(
+            f"lm_eval_data is only read with --lm-eval-tasks local (got --lm-eval-tasks {source}); drop one of them."
+        )
+    if source == "local":
+        if data_dir is None:
+            raise UsageError("--lm-eval-tasks local needs --lm-eval-data DIR, the folder of the local benchmark copy.")
+        folder = Path(data_dir).expanduser()
+        missing = [str(folder / f) for f in BENCHMARK_FILES.values() if not (folder / f).is_file()]
+        if missing:
+            raise MissingFileError(
+                f"lm_eval_data: {data_dir!r} lacks {missing}; it must hold the Hub splits as jsonl "
+                "(see README 'Benchmarks with lm-evaluation-harness')."
+            )
+        data_dir = str(folder.resolve())
+    if source != "none":
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise MissingDependencyError(
+                "The benchmarks need lm-evaluation-harness: pip install -e .[eval], or pass --lm-eval-tasks none."
+            )
+    return BenchmarkSpec(source, data_dir, settings["lm_eval_limit"], settings["lm_eval_batch_size"])

@@ -1,0 +1,66 @@
+"""The ablation's figure, ``fig8.png``: the paper's Fig. 8 panels on the benchmarks and on held-out perplexity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..analysis import _pyplot
+from .benchmarks import BENCHMARK_METRICS, BENCHMARK_NAMES
+from .plan import KINDS, AblationPlan
+
+
+def plot_fig8(plan: AblationPlan, rows: Sequence[dict], counts: Mapping[str, int], path: Path, dpi: int = 72) -> Path:
+    """The paper's Fig. 8 panels on the benchmarks (top row, if any) and on held-out perplexity (bottom row)."""
+    plt = _pyplot()
+    panels = []  # (title, y label, [(kind, key, label, style)])
+    if plan.benchmarks.enabled:
+        note = plan.benchmarks.short_label(counts)
+        keys = {b: f"{b}_{m}" for b, m in BENCHMARK_METRICS.items()}
+        for letter, (b, metric) in zip("ab", BENCHMARK_METRICS.items(), strict=True):
+            title = f"({letter}) {BENCHMARK_NAMES[b]} {metric}\n{note}".strip()
+            panels.append((title, metric, [("duo", keys[b], "Duo", {}), ("dense", keys[b], "dense, equal FLOPs", {})]))
+        lines = []
+        for b, colour in zip(BENCHMARK_METRICS, ("C0", "C1"), strict=True):
+            lines.append(("duo", keys[b], f"{BENCHMARK_NAMES[b]}: from scratch", {"color": colour}))
+            lines.append(("frozen-big", keys[b], f"{BENCHMARK_NAMES[b]}: frozen big", {"color": colour, "ls": "--"}))
+        panels.append((f"(c) from scratch vs frozen big\n{note}".strip(), "accuracy", lines))
+    if plan.holdouts:
+        letters = iter("de")
+        for name in list(plan.holdouts)[:2]:
+            key = f"ppl_{name}"
+            lines = [("duo", key, "Duo", {}), ("dense", key, "dense, equal FLOPs", {})]
+            panels.append((f"({next(letters)}) held-out perplexity, {name}", "perplexity", lines))
+        lines = []
+        for name, colour in zip(plan.holdouts, ("C0", "C1"), strict=False):
+            lines.append(("duo", f"ppl_{name}", f"{name}: from scratch", {"color": colour}))
+            lines.append(("frozen-big", f"ppl_{name}", f"{name}: frozen big", {"color": colour, "ls": "--"}))
+        panels.append(("(f) from scratch vs frozen big, perplexity", "perplexity", lines))
+    n_rows = math.ceil(len(panels) / 3)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(12, 3.4 * n_rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_axis_off()
+    for ax, (title, ylabel, lines) in zip(axes.flat, panels, strict=False):
+        for kind, key, label, style in lines:
+            points = sorted((r["p_big"], r[key]) for r in rows if r["model"] == KINDS[kind] and r.get(key) is not None)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", ms=4, label=label, **style)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_xlabel("p_big", fontsize=8)
+        ax.set_xticks(plan.p_bigs)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    tokens = plan.steps * plan.tokens_per_step
+    fig.suptitle(
+        f"Fig. 8 ablations, preset '{plan.settings['preset']}', {tokens:,} training tokens per model. x: p_big of the "
+        "random routing at evaluation (Duo, frozen big) or whose FLOPs a dense model matches.",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png", pil_kwargs={"optimize": True})  # small enough to commit
+    plt.close(fig)
+    return path
