@@ -9,11 +9,11 @@ import torch
 
 from duo_llm_hf import (
     BIG,
+    ROUTING_MODES,
     SKIP,
     SMALL,
-    DuoLlamaConfig,
-    ROUTING_MODES,
     UNIFORM_PATTERNS,
+    DuoLlamaConfig,
     RouteSampler,
     parse_pattern,
     parse_routing,

@@ -3,7 +3,7 @@
 `train_router` loads a stage 1 Duo model folder (DuoLlama or DuoOPT, via `AutoModelForCausalLM`), gives every
 layer a fresh router over the route options of the setting (`add_routers`), freezes the Duo weights and trains
 the routers on the training corpus with the paper's loss ``CE + alpha * budget_loss`` while the router
-temperature anneals (`router.TemperatureSchedule`). In training mode each layer's FFN output is the soft mixture
+temperature anneals (`routed_ffn.TemperatureSchedule`). In training mode each layer's FFN output is the soft mixture
 ``sum_x P_x * H_x``; the evaluation (`evaluate_router`) runs the held-out sets in evaluation mode, where every
 token takes its argmax choice and only that module runs, and reports the *realised* fraction of each choice
 (overall, per layer, and the per-layer x per-position usage counts that the oracle's analysis also draws) with
@@ -18,7 +18,7 @@ often as the oracle does per layer; the evaluation is the conventional router's.
 
 Which choices a model can route: those of its ``route_options`` (its small and big FFNs were trained for them
 in stage 1), plus ``skip``, which needs no module (the paper lets the oracle and the router skip layers of a
-model trained with small / big routing only). The paper's three settings are `router.ROUTER_SETTINGS`.
+model trained with small / big routing only). The paper's three settings are `routes.ROUTER_SETTINGS`.
 
 Data, optimizer, scheduler, checkpoints, trackers and resume checks are stage 1's (`training`); the output folder
 holds the model with its routers (``save_pretrained``, ``routing_mode="learned"``), the tokenizer,
@@ -456,8 +456,8 @@ def evaluate_router(
     The model runs in evaluation mode with ``routing="learned"`` (each token takes its argmax choice; only that
     module runs); ``forward_kwargs`` replace or add forward arguments (e.g. ``routing="fixed"``), so other route
     modes are measured the same way. Returns, per set and for ``"all"`` sets together: ``loss``, ``ppl``,
-    ``tokens`` (predicted tokens), ``realised`` (`router.realised_fractions`: overall and per layer) and
-    ``usage`` (`routing.route_usage` counts ``[3, layers, positions]`` of the routes taken, every position of
+    ``tokens`` (predicted tokens), ``realised`` (`routes.realised_fractions`: overall and per layer) and
+    ``usage`` (`routes.route_usage` counts ``[3, layers, positions]`` of the routes taken, every position of
     every block counted). Under several processes, the counts of all processes are gathered.
     """
     kwargs = {"routing": "learned", **forward_kwargs}
