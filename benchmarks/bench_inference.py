@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM, flops_per_token, route_fractions
-from duo_llm_hf.models.routes import CHOICE_NAMES, set_ffn_dispatch
+from duo_llm_hf.models.routed_ffn import set_ffn_dispatch
+from duo_llm_hf.models.routes import CHOICE_NAMES
 
 PHASES = ("prefill", "decode")
 

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .models.configuration_duo_llama import DuoLlamaConfig
 from .models.configuration_duo_opt import DuoOPTConfig
-from .models.losses import token_losses
+from .models.losses import budget_loss, parse_budget_fractions, token_losses
 from .models.modeling_duo_llama import (
     DuoCausalLMOutputWithPast,
     DuoLlamaForCausalLM,
@@ -18,25 +18,29 @@ from .models.modeling_duo_llama import (
     DuoLlamaPreTrainedModel,
 )
 from .models.modeling_duo_opt import DuoOPTForCausalLM, DuoOPTModel, DuoOPTPreTrainedModel
-from .models.router import (
-    ROUTER_SETTINGS,
+from .models.routed_ffn import (
+    DuoFFN,
     DuoRouter,
     TemperatureSchedule,
-    budget_loss,
     freeze_all_but_routers,
-    realised_fractions,
     router_parameters,
+    router_probabilities,
+    set_ffn_dispatch,
     set_router_temperature,
 )
 from .models.routes import (
     BIG,
     CHOICE_NAMES,
+    ROUTER_SETTINGS,
+    ROUTING_MODES,
     SKIP,
     SMALL,
-    DuoFFN,
+    UNIFORM_PATTERNS,
     RouteSampler,
     parse_pattern,
+    parse_routing,
     pattern_to_str,
+    realised_fractions,
     route_fractions,
 )
 from .utils.flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
@@ -74,6 +78,8 @@ __all__ = [
     "DuoOPTPreTrainedModel",
     "FlopCount",
     "ROUTER_SETTINGS",
+    "ROUTING_MODES",
+    "UNIFORM_PATTERNS",
     "DuoRouter",
     "RouteSampler",
     "TemperatureSchedule",
@@ -81,10 +87,14 @@ __all__ = [
     "freeze_all_but_routers",
     "realised_fractions",
     "router_parameters",
+    "router_probabilities",
+    "set_ffn_dispatch",
     "set_router_temperature",
     "dense_intermediate_size",
     "flops_per_token",
+    "parse_budget_fractions",
     "parse_pattern",
+    "parse_routing",
     "pattern_flops",
     "pattern_to_str",
     "route_fractions",

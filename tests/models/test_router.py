@@ -23,10 +23,12 @@ from duo_llm_hf import (
     budget_loss,
     freeze_all_but_routers,
     realised_fractions,
+    router_probabilities,
     set_router_temperature,
 )
 from duo_llm_hf.experiments.analysis import usage_fraction
-from duo_llm_hf.models.router import parse_budget, routers
+from duo_llm_hf.models.losses import parse_budget_fractions
+from duo_llm_hf.models.routed_ffn import router_temperature, routers
 from duo_llm_hf.models.routes import route_usage
 
 VOCAB = 64
@@ -57,8 +59,12 @@ def ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
 
 
 def probs_with_big(p_big: torch.Tensor) -> torch.Tensor:
-    """Router probabilities over small/big with the given P_big, shape [..., 3]."""
-    return torch.stack([1 - p_big, p_big, torch.zeros_like(p_big)], dim=-1)
+    """Router logits over small/big whose probabilities are the given P_big, shape [..., 3] (-inf for skip)."""
+    return torch.stack([1 - p_big, p_big, torch.zeros_like(p_big)], dim=-1).log()
+
+
+# softmax(log p) is p up to rounding: a budget met "exactly" leaves a loss of rounding size.
+ZERO = pytest.approx(0.0, abs=1e-12)
 
 
 # ---------------------------------------------------------------- budget loss
@@ -67,12 +73,15 @@ def probs_with_big(p_big: torch.Tensor) -> torch.Tensor:
 def test_budget_loss_is_zero_exactly_at_the_target():
     # Mean over layers of P_big is 0.25 in every sequence although no single layer has 0.25.
     p_big = torch.tensor([0.5, 0.0]).expand(3, 5, 2)
-    assert budget_loss(probs_with_big(p_big), 0.25).item() == 0.0
+    assert budget_loss(probs_with_big(p_big), 0.25).item() == ZERO
     assert budget_loss(probs_with_big(p_big), 0.5).item() == pytest.approx(0.0625)
 
-    three = torch.tensor([0.25, 0.5, 0.25]).expand(2, 4, 3, 3)
-    assert budget_loss(three, {"small": 0.25, "big": 0.5, "skip": 0.25}).item() == 0.0
+    three = torch.tensor([0.25, 0.5, 0.25]).expand(2, 4, 3, 3).log()
+    assert budget_loss(three, {"small": 0.25, "big": 0.5, "skip": 0.25}).item() == ZERO
     assert budget_loss(three, {"small": 0.5, "big": 0.5, "skip": 0.0}).item() == pytest.approx(2 * 0.25**2)
+    # The temperature divides the logits before the softmax: tau = 0.5 squares the odds (1:3 -> 1:9).
+    p_big = torch.full((2, 4, 3), 0.25)
+    assert budget_loss(probs_with_big(p_big), 0.1, temperature=0.5).item() == ZERO
 
 
 def test_budget_loss_is_per_sequence_and_ignores_padding():
@@ -85,12 +94,12 @@ def test_budget_loss_is_per_sequence_and_ignores_padding():
     p_big[:, 4:] = 1.0
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[:, 4:] = False
-    assert budget_loss(probs_with_big(p_big), 0.25, mask).item() == 0.0
-    assert budget_loss(probs_with_big(p_big), 0.25).item() > 0.0
+    assert budget_loss(probs_with_big(p_big), 0.25, mask).item() == ZERO
+    assert budget_loss(probs_with_big(p_big), 0.25).item() > 1e-6
     # A sequence with no counted token does not count in the batch mean.
     mask[1] = False
     p_big[1] = 1.0
-    assert budget_loss(probs_with_big(p_big), 0.25, mask).item() == 0.0
+    assert budget_loss(probs_with_big(p_big), 0.25, mask).item() == ZERO
 
 
 def test_budget_loss_gradient_points_toward_the_target():
@@ -99,8 +108,8 @@ def test_budget_loss_gradient_points_toward_the_target():
         logits[..., 1] = start
         logits.requires_grad_(True)
         p = torch.softmax(logits, -1)
-        probs = torch.cat([p, torch.zeros_like(p[..., :1])], -1)
-        loss = budget_loss(probs, target)
+        skip = torch.full_like(logits[..., :1], float("-inf"))
+        loss = budget_loss(torch.cat([logits, skip], -1), target)
         loss.backward()
         # Gradient descent on the BIG logit moves P_big toward the target ...
         direction = -logits.grad[..., 1]
@@ -108,27 +117,26 @@ def test_budget_loss_gradient_points_toward_the_target():
         # ... and a small step lowers the loss.
         with torch.no_grad():
             stepped = logits - 0.5 * logits.grad
-            p2 = torch.softmax(stepped, -1)
-            assert budget_loss(torch.cat([p2, torch.zeros_like(p2[..., :1])], -1), target) < loss
+            assert budget_loss(torch.cat([stepped, skip], -1), target) < loss
 
 
-def test_parse_budget_errors_name_the_problem():
-    assert parse_budget(0.3) == {BIG: 0.3}
-    assert parse_budget({"skip": 0.2, "big": 0.5, "small": 0.3}, ["small", "big", "skip"]) == {
+def test_parse_budget_fractions_errors_name_the_problem():
+    assert parse_budget_fractions(0.3) == {BIG: 0.3}
+    assert parse_budget_fractions({"skip": 0.2, "big": 0.5, "small": 0.3}, ["small", "big", "skip"]) == {
         SMALL: 0.3,
         BIG: 0.5,
         SKIP: 0.2,
     }
     with pytest.raises(ValueError, match="sum to 1"):
-        parse_budget({"small": 0.3, "big": 0.3, "skip": 0.3}, ["small", "big", "skip"])
+        parse_budget_fractions({"small": 0.3, "big": 0.3, "skip": 0.3}, ["small", "big", "skip"])
     with pytest.raises(ValueError, match="does not allow"):
-        parse_budget({"skip": 0.5}, ["small", "big"])
+        parse_budget_fractions({"skip": 0.5}, ["small", "big"])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        parse_budget(1.5)
+        parse_budget_fractions(1.5)
     with pytest.raises(ValueError, match="shape"):
         budget_loss(torch.zeros(2, 3, 2), 0.5)
     for setting in ROUTER_SETTINGS.values():
-        parse_budget(setting["budget"], setting["route_options"])
+        parse_budget_fractions(setting["budget"], setting["route_options"])
 
 
 # ---------------------------------------------------------------- router and temperature
@@ -136,10 +144,13 @@ def test_parse_budget_errors_name_the_problem():
 
 def test_router_probabilities_use_the_choice_code_layout():
     router = DuoRouter(16, ["big", "skip"], temperature=0.7)
-    probs, route = router(torch.randn(3, 5, 16))
-    assert probs.shape == (3, 5, 3) and probs.dtype == torch.float32
+    logits = router(torch.randn(3, 5, 16))
+    assert logits.shape == (3, 5, 3) and logits.dtype == torch.float32
+    assert (logits[..., SMALL] == float("-inf")).all()
+    probs = router_probabilities(logits, router.temperature)
     assert (probs[..., SMALL] == 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, 5))
+    route = logits.argmax(-1)
     assert set(route.unique().tolist()) <= {BIG, SKIP}
     assert torch.equal(route, probs.argmax(-1))
     with pytest.raises(ValueError, match="at least two"):
@@ -174,8 +185,9 @@ def test_annealing_makes_the_assignment_hard():
             set_router_temperature(model, schedule(step))
             out = model(x)
             gaps.append((out.logits - hard).abs().max().item())
-            peaks.append(out.router_probs.max(-1).values.min().item())
-    assert model.config.router_temperature == pytest.approx(1e-4)
+            peaks.append(router_probabilities(out.router_logits, schedule(step)).max(-1).values.min().item())
+    assert router_temperature(model) == pytest.approx(1e-4)
+    assert "router_temperature" not in model.config.to_dict()  # run-time state, not saved
     assert peaks[0] < 0.9 and peaks[1] > 0.999  # the softmax became one-hot
     assert gaps[0] > 1e-3 and gaps[1] < 1e-4  # the soft mixture became the hard route
 
@@ -205,8 +217,8 @@ def test_evaluation_runs_only_the_chosen_module():
     with torch.no_grad():
         out = model(x)
     routes = out.routes
-    assert out.router_probs.shape == (3, 10, 2, 3)
-    assert torch.equal(routes, out.router_probs.argmax(-1))
+    assert out.router_logits.shape == (3, 10, 2, 3)
+    assert torch.equal(routes, out.router_logits.argmax(-1))
     assert len(routes.unique()) == 3  # the test covers all three choices
     for layer in range(2):
         assert counts[layer, BIG] == (routes[..., layer] == BIG).sum().item()
@@ -225,8 +237,6 @@ def test_evaluation_runs_only_the_chosen_module():
 
 
 def test_routing_fields_are_validated():
-    with pytest.raises(ValueError, match="router_temperature"):
-        tiny_config(router_temperature=0.0)
     with pytest.raises(ValueError, match="use_router"):
         tiny_config(use_router="yes")
     assert tiny_config().use_router is True
@@ -236,10 +246,46 @@ def test_routing_fields_are_validated():
         model(ids(), routing="learned")
     model.set_routing("learned")
     assert len(routers(model)) == 2 and model.config.use_router
-    assert model(ids()).router_probs is not None
+    assert model(ids()).router_logits is not None
     # Routers stay when the mode changes; the routes then come from the new mode.
     model.set_routing("random")
-    assert len(routers(model)) == 2 and model(ids()).router_probs is None
+    assert len(routers(model)) == 2 and model(ids()).router_logits is None
+
+
+def test_configs_of_older_versions_load(tmp_path):
+    # router_temperature and ffn_dispatch were config fields; they are run-time state now, dropped on load.
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "router_temperature" not in saved and "ffn_dispatch" not in saved
+    saved.update(router_temperature=0.25, ffn_dispatch="reference", use_router=True)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = DuoLlamaConfig.from_pretrained(tmp_path)
+    assert not hasattr(loaded, "router_temperature") and not hasattr(loaded, "ffn_dispatch")
+    assert "router_temperature" not in loaded.to_dict() and loaded.use_router
+    model = DuoLlamaForCausalLM(loaded)
+    assert len(routers(model)) == 2 and router_temperature(model) == 1.0
+    assert all(layer.mlp.dispatch_mode == "fast" for layer in model.model.layers)
+
+
+def test_budget_loss_as_aux_loss_follows_mixtral():
+    model = tiny_model(router_budget=0.3, router_aux_loss_coef=0.5)
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        plain = model(x, labels=x, attention_mask=mask)
+        out = model(x, labels=x, attention_mask=mask, output_router_logits=True)
+    assert plain.aux_loss is None
+    expected = budget_loss(out.router_logits, 0.3, mask.bool())
+    torch.testing.assert_close(out.aux_loss, expected)
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * expected)
+    set_router_temperature(model, 0.5)
+    with torch.no_grad():
+        hot = model(x, output_router_logits=True)
+    torch.testing.assert_close(hot.aux_loss, budget_loss(hot.router_logits, 0.3, temperature=0.5))
+    with pytest.raises(ValueError, match="budget"):
+        tiny_config(router_budget={"skip": 0.5})
 
 
 def test_route_usage_layout_and_realised_fractions():
@@ -324,7 +370,7 @@ def test_trust_remote_code_loads_routers_without_the_package(tmp_path):
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             out = model(expected["ids"])
-        assert out.router_probs is not None
+        assert out.router_logits is not None
         assert torch.equal(out.routes, expected["routes"])
         torch.testing.assert_close(out.logits, expected["logits"])
         print("ok")
@@ -346,7 +392,7 @@ def train_routers(model, budget, steps: int, alpha: float = 10.0, lr: float = 0.
     for step in range(steps):
         x = ids(batch=4, seq=16, seed=100 + step)
         out = model(x, labels=x)
-        loss = out.loss + alpha * budget_loss(out.router_probs, budget)
+        loss = out.loss + alpha * budget_loss(out.router_logits, budget)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -9,11 +9,14 @@ import torch
 
 from duo_llm_hf import (
     BIG,
+    ROUTING_MODES,
     SKIP,
     SMALL,
+    UNIFORM_PATTERNS,
     DuoLlamaConfig,
     RouteSampler,
     parse_pattern,
+    parse_routing,
     pattern_to_str,
     route_fractions,
 )
@@ -25,6 +28,24 @@ def test_choice_codes_are_public_and_distinct():
     assert parse_pattern("sB-") == [SMALL, BIG, SKIP]
     assert parse_pattern(["big", "small", 2]) == [BIG, SMALL, SKIP]
     assert pattern_to_str([SMALL, BIG, SKIP]) == "sB-"
+
+
+def test_one_routing_vocabulary():
+    assert ROUTING_MODES == ("random", "fixed", "explicit", "learned", "oracle")
+    assert sorted(UNIFORM_PATTERNS) == ["all-big", "all-skip", "all-small"]
+    assert parse_routing("learned", 4) == ("learned", None)
+    assert parse_routing("oracle", 4) == ("oracle", None)
+    assert parse_routing("all-big", 3) == ("fixed", [BIG, BIG, BIG])
+    assert parse_routing("all-skip", 2) == ("fixed", [SKIP, SKIP])
+    with pytest.raises(ValueError, match="all-small"):
+        parse_routing("dense", 2)
+
+
+def test_config_routing_mode_takes_every_mode_but_the_oracle(tiny_config):
+    for mode in ("random", "explicit", "learned"):
+        assert tiny_config(routing_mode=mode).routing_mode == mode
+    with pytest.raises(ValueError, match="routing_mode"):
+        tiny_config(routing_mode="oracle")
 
 
 def test_config_defaults(tiny_config):

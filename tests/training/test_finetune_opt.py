@@ -21,8 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, OPTCon
 
 from duo_llm_hf import BIG, DuoOPTForCausalLM
 from duo_llm_hf.cli import COMMANDS
-from duo_llm_hf.models.router import ROUTER_SETTINGS
-from duo_llm_hf.models.routes import CHOICE_CODES
+from duo_llm_hf.models.routes import CHOICE_CODES, ROUTER_SETTINGS
 from duo_llm_hf.oracle.engine import pattern_losses
 from duo_llm_hf.oracle.spaces import RouteSpace
 from duo_llm_hf.training import finetune as finetuning

@@ -14,7 +14,7 @@ from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.data.corpus import pack_corpus
 from duo_llm_hf.data.tokenization import load_tokenizer
 from duo_llm_hf.experiments.router_comparison import ComparisonArguments, compare_routers, comparison_table
-from duo_llm_hf.models.router import routers
+from duo_llm_hf.models.routed_ffn import router_probabilities, router_temperature, routers
 from duo_llm_hf.training.checkpointing import list_checkpoints
 from duo_llm_hf.training.routers import (
     REPORT_FILE,
@@ -78,7 +78,7 @@ def test_routers_move_to_the_budget_and_the_duo_weights_stay(tmp_path, source, b
 
     trained = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert trained.config.routing_mode == "learned" and len(routers(trained)) == LAYERS
-    assert trained.config.router_temperature == pytest.approx(args.temperature_end)
+    assert report["temperature_final"] == pytest.approx(args.temperature_end)
     source_state = load_file(str(Path(source) / "model.safetensors"))
     trained_state = trained.state_dict()
     assert duo_weights(trained_state).keys() == source_state.keys()
@@ -174,15 +174,15 @@ def test_three_way_setting_through_the_script(tmp_path, source):
     assert (out / "tokenizer.json").is_file() and (out / "training_args.json").is_file()
 
 
-def test_teacher_forced_router_probs_match_learned_routing(source):
+def test_teacher_forced_router_logits_match_learned_routing(source):
     model = add_routers(load_duo_model(source), ["small", "big", "skip"], seed=1).eval()
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     learned = model(input_ids=ids, routing="learned")
-    forced = model(input_ids=ids, routes=learned.routes, output_router_probs=True)
+    forced = model(input_ids=ids, routes=learned.routes, output_router_logits=True)
     assert torch.equal(forced.routes, learned.routes)
-    torch.testing.assert_close(forced.router_probs, learned.router_probs)
+    torch.testing.assert_close(forced.router_logits, learned.router_logits)
     torch.testing.assert_close(forced.logits, learned.logits)
-    assert model(input_ids=ids, routes=learned.routes).router_probs is None  # only when asked
+    assert model(input_ids=ids, routes=learned.routes).router_logits is None  # only when asked
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,8 @@ def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path, stage1):
     fresh = add_routers(load_duo_model(stage1), ["small", "big"], seed=args.seed)
     agreement = {}
     for name, model in (("trained", trained), ("fresh", fresh)):
-        probs = model(input_ids=blocks, routes=routes, output_router_probs=True).router_probs
+        logits = model(input_ids=blocks, routes=routes, output_router_logits=True).router_logits
+        probs = router_probabilities(logits, router_temperature(model))
         agreement[name] = router_agreement(probs, routes, mask)
         if name == "trained":
             # Calibrated on these blocks: each layer's hard choices take BIG as often as the oracle's.

@@ -9,8 +9,8 @@ from .configuration_duo import DuoConfigMixin
 
 class DuoLlamaConfig(DuoConfigMixin, LlamaConfig):
     r"""Configuration of a [`DuoLlamaForCausalLM`]: every [`~transformers.LlamaConfig`] field plus the Duo fields
-    (the small FFN's size, the route options and routing mode, the routers, the FFN dispatch), documented and
-    validated in [`~duo_configuration_utils.DuoConfigMixin`].
+    (the small FFN's size, the route options and routing mode, the routers and their budget), documented and
+    validated in [`~configuration_duo.DuoConfigMixin`].
 
     ```python
     >>> from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM

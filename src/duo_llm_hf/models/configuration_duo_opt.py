@@ -9,8 +9,8 @@ from .configuration_duo import DuoConfigMixin
 
 class DuoOPTConfig(DuoConfigMixin, OPTConfig):
     r"""Configuration of a [`DuoOPTForCausalLM`]: every [`~transformers.OPTConfig`] field plus the Duo fields
-    (the small FFN's size, the route options and routing mode, the routers, the FFN dispatch), documented and
-    validated in [`~duo_configuration_utils.DuoConfigMixin`].
+    (the small FFN's size, the route options and routing mode, the routers and their budget), documented and
+    validated in [`~configuration_duo.DuoConfigMixin`].
 
     The big FFN's inner size is OPT's `ffn_dim`; `intermediate_size` is an alias of it (as in Llama configs),
     so the routing, FLOP and budget code reads one name for every Duo model: `small_intermediate_size` is in

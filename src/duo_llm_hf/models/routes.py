@@ -1,18 +1,18 @@
-"""Routes: choice codes, route validation, random route sampling and the routed FFN.
+"""The route vocabulary: choice codes, patterns, routing modes, route validation, random routes, route usage.
 
 A *route* tensor has shape ``[batch, seq_len, num_layers]`` and holds one choice code per token and layer; one
-vector of ``num_layers`` codes is a *pattern*. This module is shared by every Duo model (Llama, OPT) and is copied
-next to the modeling file when a model is saved with ``trust_remote_code`` support, so it imports only torch.
+vector of ``num_layers`` codes is a *pattern*. The routing modes (`ROUTING_MODES`) say where routes come from;
+`parse_routing` reads a mode or a uniform pattern name (`all-small`, `all-big`, `all-skip`). The routed FFN that
+runs the routes is in `routed_ffn.py`. This module is shared by every Duo model (Llama, OPT) and is copied next to
+the modeling file when a model is saved with ``trust_remote_code`` support, so it imports only torch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 SMALL = 0
 BIG = 1
@@ -21,9 +21,23 @@ CHOICE_NAMES = ("small", "big", "skip")
 CHOICE_CODES = {name: code for code, name in enumerate(CHOICE_NAMES)}
 # One letter per choice, for patterns printed in reports: "sBB-" = small, big, big, skip.
 CHOICE_LETTERS = ("s", "B", "-")
-ROUTING_MODES = ("random", "fixed", "explicit", "learned")
-# Implementations of DuoFFN.dispatch: the grouped fast path and the straightforward one it is checked against.
-DISPATCH_MODES = ("fast", "reference")
+# Where the routes of a forward come from: `forward(routing=...)` takes every mode; `config.routing_mode` and
+# `set_routing` take all but `oracle`, which searches the routes of the given labels (it needs the package).
+ROUTING_MODES = ("random", "fixed", "explicit", "learned", "oracle")
+CONFIG_ROUTING_MODES = ("random", "fixed", "explicit", "learned")
+# Names of the uniform fixed patterns: every token takes that choice in every layer.
+UNIFORM_PATTERNS = {f"all-{name}": code for code, name in enumerate(CHOICE_NAMES)}
+
+# The paper's three router settings (its Fig. 7 and Appendix A): allowed choices, target fraction per choice.
+# With two choices one target is enough (the other is its complement), as in the paper's budget loss.
+ROUTER_SETTINGS: dict[str, dict] = {
+    "small70-big30": {"route_options": ["small", "big"], "budget": {"big": 0.3}},
+    "big50-skip50": {"route_options": ["big", "skip"], "budget": {"big": 0.5}},
+    "big50-small30-skip20": {
+        "route_options": ["small", "big", "skip"],
+        "budget": {"small": 0.3, "big": 0.5, "skip": 0.2},
+    },
+}
 
 
 def choice_code(choice: int | str, field: str = "choice") -> int:
@@ -35,6 +49,22 @@ def choice_code(choice: int | str, field: str = "choice") -> int:
     raise ValueError(
         f"{field}: {choice!r} is not a route choice; use one of {list(CHOICE_NAMES)} "
         f"or the codes SMALL={SMALL}, BIG={BIG}, SKIP={SKIP}."
+    )
+
+
+def parse_routing(name: str, num_layers: int) -> tuple[str, list[int] | None]:
+    """Read a routing name: a routing mode (`ROUTING_MODES`) or a uniform pattern (`UNIFORM_PATTERNS`).
+
+    Returns ``(mode, fixed_pattern)``: ``("fixed", [code] * num_layers)`` for ``all-small`` / ``all-big`` /
+    ``all-skip``, ``(name, None)`` for a mode.
+    """
+    if name in ROUTING_MODES:
+        return name, None
+    if name in UNIFORM_PATTERNS:
+        return "fixed", [UNIFORM_PATTERNS[name]] * num_layers
+    raise ValueError(
+        f"routing: {name!r} is not a routing; use a mode {list(ROUTING_MODES)} or a uniform pattern "
+        f"{list(UNIFORM_PATTERNS)}."
     )
 
 
@@ -86,9 +116,9 @@ def validate_route_fields(config) -> None:
     codes = sorted({choice_code(c, "route_options") for c in options})
     config.route_options = [CHOICE_NAMES[c] for c in codes]
 
-    if config.routing_mode not in ROUTING_MODES:
+    if config.routing_mode not in CONFIG_ROUTING_MODES:
         raise ValueError(
-            f"routing_mode: {config.routing_mode!r} is not a routing mode; use one of {list(ROUTING_MODES)}."
+            f"routing_mode: {config.routing_mode!r} is not a routing mode; use one of {list(CONFIG_ROUTING_MODES)}."
         )
 
     config.route_probs = _normalised_route_probs(config.route_probs, config.route_options)
@@ -116,27 +146,11 @@ def validate_route_fields(config) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"route_seed: {seed!r} is not allowed; it must be a non-negative integer.")
 
-    dispatch = getattr(config, "ffn_dispatch", "fast")
-    if dispatch not in DISPATCH_MODES:
-        raise ValueError(f"ffn_dispatch: {dispatch!r} is not allowed; use one of {list(DISPATCH_MODES)}.")
-
-    _validate_router_fields(config)
-
-
-def _validate_router_fields(config) -> None:
-    # Getattr defaults: configs of other Duo models may not declare the router fields.
-    use_router = getattr(config, "use_router", False)
+    use_router = config.use_router
     if not isinstance(use_router, bool):
         raise ValueError(f"use_router: {use_router!r} is not allowed; it must be True or False.")
     # Learned routing needs routers; a model that has them keeps them (and their weights) in every mode.
     config.use_router = use_router or config.routing_mode == "learned"
-    tau = getattr(config, "router_temperature", 1.0)
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(
-            f"router_temperature: {tau!r} is not allowed; it must be a finite number > 0 "
-            f"(P = softmax(logits / tau))."
-        )
-    config.router_temperature = float(tau)
 
 
 def _normalised_route_probs(probs: Mapping[str, float] | None, options: list[str]) -> dict[str, float]:
@@ -261,174 +275,21 @@ class RouteSampler:
         self.generator.set_state(state["rng_state"])
 
 
-@dataclass(frozen=True)
-class DispatchPlan:
-    """The rows of one layer grouped by choice: what the fast dispatch needs to gather, run and scatter.
+def realised_fractions(usage: torch.Tensor) -> dict[str, object]:
+    """Realised fraction of each choice, overall and per layer, from usage counts ``[3, layers, positions]``.
 
-    ``order`` lists the row indices sorted by choice code (SMALL rows, then BIG, then SKIP; stable);
-    ``counts`` the number of rows of each code as Python ints, so slicing ``order`` needs no host-device
-    synchronisation.
+    ``usage`` is `route_usage` of the routes taken (summed over batches). Returns
+    ``{"overall": {name: fraction}, "per_layer": [{name: fraction}, ...]}`` over the counted (token, layer)
+    pairs: plain floats, ready for a JSON report.
     """
+    per_layer = usage.double().sum(-1)  # [3, L]
+    overall = per_layer.sum(-1)  # [3]
 
-    order: torch.LongTensor
-    counts: tuple[int, int, int]
+    def named(counts: torch.Tensor) -> dict[str, float]:
+        total = counts.sum().clamp_min(1)
+        return {name: (counts[code] / total).item() for code, name in enumerate(CHOICE_NAMES)}
 
-    @classmethod
-    def from_route(cls, route: torch.Tensor) -> DispatchPlan:
-        """The plan of one layer's route (any shape; rows in ``reshape(-1)`` order)."""
-        return dispatch_plans(route.reshape(-1, 1))[0]
-
-
-def dispatch_plans(routes: torch.Tensor) -> list[DispatchPlan]:
-    """One `DispatchPlan` per layer of a route tensor ``[..., num_layers]``.
-
-    One sort and one transfer of the counts to the host for all layers, instead of one ``nonzero`` per module
-    and layer: on CUDA each of those synchronises the host with the device.
-    """
-    n_layers = routes.shape[-1]
-    per_layer = routes.reshape(-1, n_layers).t().long()
-    n_codes = len(CHOICE_NAMES)
-    order = torch.argsort(per_layer, dim=1, stable=True)
-    offsets = torch.arange(n_layers, device=routes.device).unsqueeze(1) * n_codes
-    counts = torch.bincount((per_layer + offsets).reshape(-1), minlength=n_layers * n_codes)
-    counts = counts.view(n_layers, n_codes).tolist()
-    return [DispatchPlan(order[layer], tuple(counts[layer])) for layer in range(n_layers)]
-
-
-def set_ffn_dispatch(model: nn.Module, mode: str) -> nn.Module:
-    """Switch every `DuoFFN` of ``model`` (and ``config.ffn_dispatch``) to ``"fast"`` or ``"reference"``."""
-    if mode not in DISPATCH_MODES:
-        raise ValueError(f"ffn_dispatch: {mode!r} is not allowed; use one of {list(DISPATCH_MODES)}.")
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "ffn_dispatch"):
-        config.ffn_dispatch = mode
-    for module in model.modules():
-        if isinstance(module, DuoFFN):
-            module.dispatch_mode = mode
-    return model
-
-
-class DuoFFN(nn.Module):
-    """A routed FFN: a big and a small module side by side; each token runs only the module it is routed to.
-
-    Tokens routed to ``SKIP`` run neither, so the FFN adds nothing for them. Dispatch gathers the tokens of each
-    module, runs the module on those rows only, and scatters the result back: compute falls with the route.
-
-    ``dispatch_mode`` picks the implementation: ``"fast"`` (one sorted gather of the rows, each module on a
-    contiguous slice, in-place scatter into one output buffer, no per-module ``nonzero``; a layer whose rows
-    all take one choice runs that module on every row without gathering) or ``"reference"`` (the
-    straightforward gather/run/scatter per module, kept to check the fast path against). Both give the same
-    outputs.
-    """
-
-    def __init__(
-        self, big: nn.Module, small: nn.Module, router: nn.Module | None = None, dispatch_mode: str = "fast"
-    ):
-        super().__init__()
-        if dispatch_mode not in DISPATCH_MODES:
-            raise ValueError(
-                f"dispatch_mode: {dispatch_mode!r} is not a dispatch mode; use one of {list(DISPATCH_MODES)}."
-            )
-        self.big = big
-        self.small = small
-        self.dispatch_mode = dispatch_mode
-        # A learned router (router.DuoRouter): maps the FFN input to (probabilities [..., 3], argmax route).
-        self.router = router
-
-    def module_for(self, choice: int) -> nn.Module | None:
-        """The module that serves a choice code (``None`` for SKIP)."""
-        return {BIG: self.big, SMALL: self.small}.get(choice)
-
-    def run_choice(self, hidden_states: torch.Tensor, choice: int) -> torch.Tensor:
-        """Output of one choice for every row of ``hidden_states`` (used when all rows take the same choice)."""
-        module = self.module_for(choice)
-        return torch.zeros_like(hidden_states) if module is None else module(hidden_states)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        route: torch.Tensor | None = None,
-        plan: DispatchPlan | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the routed FFN; return its output and the route taken.
-
-        ``hidden_states``: ``[..., hidden]``; ``route``: the choice code of each row, shape
-        ``hidden_states.shape[:-1]``. A ``None`` route is learned routing: the router decides (see
-        `forward_learned`, which also returns the router probabilities). ``plan``: the route's `DispatchPlan`
-        when the caller made it already (one for all layers).
-        """
-        if route is None:
-            output, route, _ = self.forward_learned(hidden_states)
-            return output, route
-        return self.dispatch(hidden_states, route, plan), route
-
-    def forward_learned(
-        self, hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor]:
-        """Learned routing; return the output, the route taken (the router's argmax) and the probabilities.
-
-        In training mode the output is the paper's soft mixture ``sum_x P_x * H_x`` over the allowed choices
-        (every allowed module runs on every token, so gradients reach the router); in evaluation mode each
-        token runs only its argmax choice (`dispatch`). Probabilities have shape ``[..., 3]``, indexed by
-        choice code (0 for choices the router does not allow), in float32.
-        """
-        if self.router is None:
-            raise ValueError(
-                "DuoFFN got no route and has no router: pass routes, use a routing mode that makes them "
-                "(random, fixed), or add routers with model.set_routing('learned')."
-            )
-        probs, route = self.router(hidden_states)
-        if self.training:
-            return self.mix(hidden_states, probs), route, probs
-        return self.dispatch(hidden_states, route), route, probs
-
-    def mix(self, hidden_states: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """Soft mixture ``sum_x probs[..., x] * H_x`` of the module outputs (SKIP adds nothing)."""
-        out = torch.zeros_like(hidden_states)
-        for choice, module in ((BIG, self.big), (SMALL, self.small)):
-            if choice in self.router.choices:
-                out = out + probs[..., choice : choice + 1].to(hidden_states.dtype) * module(hidden_states)
-        return out
-
-    def dispatch(
-        self, hidden_states: torch.Tensor, route: torch.Tensor, plan: DispatchPlan | None = None
-    ) -> torch.Tensor:
-        """Gather the rows of each choice, run its module on them only, scatter the outputs (SKIP rows stay 0)."""
-        if self.dispatch_mode == "reference":
-            return self.dispatch_reference(hidden_states, route)
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if plan is None:
-            plan = DispatchPlan.from_route(route)
-        n_small, n_big, n_skip = plan.counts
-        if sum(plan.counts) != flat.shape[0]:
-            raise ValueError(
-                f"dispatch: the plan covers {sum(plan.counts)} rows but hidden_states has {flat.shape[0]}; "
-                "make the plan from this layer's route."
-            )
-        for choice, count in enumerate(plan.counts):
-            if count == flat.shape[0]:
-                return self.run_choice(hidden_states, choice)
-        # SMALL rows come first in the plan's order, then BIG; SKIP rows (last) are never gathered.
-        rows = plan.order[: n_small + n_big]
-        gathered = flat.index_select(0, rows)
-        out = torch.zeros_like(flat) if n_skip else torch.empty_like(flat)
-        for module, start, count in ((self.small, 0, n_small), (self.big, n_small, n_big)):
-            if count:
-                module_out = module(gathered[start : start + count])
-                out.index_copy_(0, rows[start : start + count], module_out.to(out.dtype))
-        return out.view_as(hidden_states)
-
-    def dispatch_reference(self, hidden_states: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        """The straightforward dispatch: for each module, find its rows, gather, run, scatter."""
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        flat_route = route.reshape(-1)
-        out = torch.zeros_like(flat)
-        for choice, module in ((BIG, self.big), (SMALL, self.small)):
-            rows = (flat_route == choice).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            if rows.numel() == flat.shape[0]:
-                out = module(flat)
-                break
-            out = out.index_copy(0, rows, module(flat.index_select(0, rows)).to(out.dtype))
-        return out.view_as(hidden_states)
+    return {
+        "overall": named(overall),
+        "per_layer": [named(per_layer[:, layer]) for layer in range(per_layer.shape[1])],
+    }

@@ -3,7 +3,7 @@
 `train_router` loads a stage 1 Duo model folder (DuoLlama or DuoOPT, via `AutoModelForCausalLM`), gives every
 layer a fresh router over the route options of the setting (`add_routers`), freezes the Duo weights and trains
 the routers on the training corpus with the paper's loss ``CE + alpha * budget_loss`` while the router
-temperature anneals (`router.TemperatureSchedule`). In training mode each layer's FFN output is the soft mixture
+temperature anneals (`routed_ffn.TemperatureSchedule`). In training mode each layer's FFN output is the soft mixture
 ``sum_x P_x * H_x``; the evaluation (`evaluate_router`) runs the held-out sets in evaluation mode, where every
 token takes its argmax choice and only that module runs, and reports the *realised* fraction of each choice
 (overall, per layer, and the per-layer x per-position usage counts that the oracle's analysis also draws) with
@@ -18,7 +18,7 @@ often as the oracle does per layer; the evaluation is the conventional router's.
 
 Which choices a model can route: those of its ``route_options`` (its small and big FFNs were trained for them
 in stage 1), plus ``skip``, which needs no module (the paper lets the oracle and the router skip layers of a
-model trained with small / big routing only). The paper's three settings are `router.ROUTER_SETTINGS`.
+model trained with small / big routing only). The paper's three settings are `routes.ROUTER_SETTINGS`.
 
 Data, optimizer, scheduler, checkpoints, trackers and resume checks are stage 1's (`training`); the output folder
 holds the model with its routers (``save_pretrained``, ``routing_mode="learned"``), the tokenizer,
@@ -44,20 +44,26 @@ from tqdm.auto import tqdm
 
 from ..data.corpus import pack_corpus
 from ..data.tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer
-from ..models.losses import IGNORE_INDEX, next_token_targets, token_losses
+from ..models.losses import IGNORE_INDEX, budget_loss, next_token_targets, parse_budget_fractions, token_losses
 from ..models.modeling_duo import DUO_CONFIG_FIELDS
-from ..models.router import (
-    ROUTER_SETTINGS,
+from ..models.routed_ffn import (
     SCHEDULE_KINDS,
     TemperatureSchedule,
-    budget_loss,
     freeze_all_but_routers,
-    parse_budget,
-    realised_fractions,
+    router_probabilities,
+    router_temperature,
     routers,
     set_router_temperature,
 )
-from ..models.routes import BIG, CHOICE_NAMES, SKIP, choice_code, route_usage
+from ..models.routes import (
+    BIG,
+    CHOICE_NAMES,
+    ROUTER_SETTINGS,
+    SKIP,
+    choice_code,
+    realised_fractions,
+    route_usage,
+)
 from ..oracle.engine import oracle_routing
 from ..oracle.spaces import RouteSpace
 from ..utils.arguments import HfArgumentParser, check_integer_fields, check_output_dir, user_values
@@ -262,7 +268,7 @@ class RouterTrainArguments:
             )
         else:
             with user_values():
-                parse_budget(parse_budget_flag(self.budget))
+                parse_budget_fractions(parse_budget_flag(self.budget))
         if self.route_options is not None:
             with user_values():
                 parse_route_options(self.route_options)
@@ -368,7 +374,7 @@ def route_plan(args: RouterTrainArguments, config) -> tuple[list[str], dict[int,
     if len(options) < 2:
         raise UsageError(f"{source}: a router needs at least two route options to choose between, got {options}.")
     with user_values():
-        return options, parse_budget(budget, options)
+        return options, parse_budget_fractions(budget, options)
 
 
 def oracle_budget_spec(
@@ -376,7 +382,7 @@ def oracle_budget_spec(
 ):
     """The oracle's budget for oracle supervision: ``args.oracle_budget``, else the targets times the layers.
 
-    The oracle picks patterns with *exact* counts (`route_spaces.parse_budget` syntax), so each target fraction
+    The oracle picks patterns with *exact* counts (`oracle.spaces` budget syntax), so each target fraction
     times ``num_layers`` must be a whole number (``0.5`` of 4 layers: ``big=2``). The budget is checked against a
     route space over ``options`` here, before any work is done.
     """
@@ -422,7 +428,6 @@ def add_routers(model, route_options: Sequence[str | int], seed: int = 0, temper
     old_routers = [layer.mlp.router for layer in model.model.layers]
     try:
         config.route_options, config.route_probs, config.fixed_pattern = options, probs, pattern
-        config.router_temperature = float(temperature)
         for layer in model.model.layers:
             layer.mlp.router = None
         with torch.random.fork_rng(devices=[]):
@@ -434,6 +439,7 @@ def add_routers(model, route_options: Sequence[str | int], seed: int = 0, temper
         for layer, router in zip(model.model.layers, old_routers):
             layer.mlp.router = router
         raise
+    set_router_temperature(model, temperature)
     return model
 
 
@@ -450,8 +456,8 @@ def evaluate_router(
     The model runs in evaluation mode with ``routing="learned"`` (each token takes its argmax choice; only that
     module runs); ``forward_kwargs`` replace or add forward arguments (e.g. ``routing="fixed"``), so other route
     modes are measured the same way. Returns, per set and for ``"all"`` sets together: ``loss``, ``ppl``,
-    ``tokens`` (predicted tokens), ``realised`` (`router.realised_fractions`: overall and per layer) and
-    ``usage`` (`routing.route_usage` counts ``[3, layers, positions]`` of the routes taken, every position of
+    ``tokens`` (predicted tokens), ``realised`` (`routes.realised_fractions`: overall and per layer) and
+    ``usage`` (`routes.route_usage` counts ``[3, layers, positions]`` of the routes taken, every position of
     every block counted). Under several processes, the counts of all processes are gathered.
     """
     kwargs = {"routing": "learned", **forward_kwargs}
@@ -585,7 +591,8 @@ def calibrate_routers(
     routes, mask = oracle_router_targets(model, input_ids, budget, causal=causal, chunk_tokens=chunk_tokens)
     was_training = model.training
     model.eval()
-    probs = model(input_ids=input_ids, routes=routes, output_router_probs=True, logits_to_keep=1).router_probs
+    logits = model(input_ids=input_ids, routes=routes, output_router_logits=True, logits_to_keep=1).router_logits
+    probs = router_probabilities(logits, router_temperature(model))
     model.train(was_training)
     counted = mask.to(probs.device).bool()
     before = router_agreement(probs, routes, mask)
@@ -602,7 +609,8 @@ def calibrate_routers(
         offsets.append({CHOICE_NAMES[code]: offset[code].item() * router.temperature for code in router.choices})
         shares.append({CHOICE_NAMES[c]: target[c].item() for c in router.choices})
     model.eval()
-    after_probs = model(input_ids=input_ids, routes=routes, output_router_probs=True, logits_to_keep=1).router_probs
+    after = model(input_ids=input_ids, routes=routes, output_router_logits=True, logits_to_keep=1).router_logits
+    after_probs = router_probabilities(after, router_temperature(model))
     model.train(was_training)
     return {
         "blocks": int(input_ids.shape[0]),
@@ -737,16 +745,16 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
                     unwrapped, ids, plan.oracle_budget, causal=args.oracle_causal, chunk_tokens=args.oracle_chunk_tokens
                 )
                 # Teacher forcing: the model follows the oracle's routes, each router sees the FFN input there.
-                out = model(input_ids=ids, routes=routes, output_router_probs=True, logits_to_keep=1)
-                main = oracle_router_loss(out.router_probs, routes, mask)
+                out = model(input_ids=ids, routes=routes, output_router_logits=True, logits_to_keep=1)
+                main = oracle_router_loss(router_probabilities(out.router_logits, temperature), routes, mask)
             else:
                 out = model(input_ids=ids, labels=ids, routing="learned")
                 main = out.loss
-            budget = budget_loss(out.router_probs, plan.targets)
+            budget = budget_loss(out.router_logits, plan.targets, temperature=temperature)
             loss = main + args.alpha * budget
             backward_and_step(accelerator, loss, optimizer, scheduler, trainable, args.max_grad_norm)
         meter.add(loss, main, budget)
-        probs = out.router_probs.detach()
+        probs = router_probabilities(out.router_logits.detach(), temperature)
         hard_counts += torch.bincount(probs.argmax(-1).reshape(-1), minlength=len(CHOICE_NAMES)).double()
         soft_sums += probs.double().reshape(-1, len(CHOICE_NAMES)).sum(0)
         if args.supervision == "oracle":
@@ -815,7 +823,9 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
     if eval_loaders and (calibration is not None or not results):  # after calibration, or a resumed finished run
         results = evaluate_router(model, eval_loaders, accelerator)
         accelerator.log(eval_metrics(results), step=state.global_step)
-    report = router_report(args, unwrapped.config, plan, state, results, train_realised, train_agreement)
+    report = router_report(
+        args, unwrapped.config, plan, state, results, train_realised, train_agreement, router_temperature(unwrapped)
+    )
     report["oracle_calibration"] = calibration
     save_final(args, accelerator, model, tokenizer, state, eval_metrics(results), run_id=run["run_id"])
     if accelerator.is_main_process:
@@ -832,6 +842,7 @@ def router_report(
     results: Mapping[str, dict],
     train_realised: Mapping[str, float],
     train_agreement: float | None = None,
+    temperature_final: float = 1.0,
 ) -> dict:
     """The JSON report of a router run: the plan, and per held-out set the realised fractions and perplexity.
 
@@ -861,7 +872,7 @@ def router_report(
         "oracle_budget": plan.oracle_budget,
         "oracle_causal": args.oracle_causal if args.supervision == "oracle" else None,
         "alpha": args.alpha,
-        "temperature_final": float(config.router_temperature),
+        "temperature_final": float(temperature_final),
         "global_step": state.global_step,
         "tokens_seen": state.tokens_seen,
         "block_size": args.block_size,
