@@ -1,1 +1,2 @@
-"""Small helpers shared by every stage: user-facing errors (more move here with the architecture redesign)."""
+"""Small helpers shared by every stage: user-facing errors, argument parsing, run files, loading Duo folders,
+tables, FLOP counts and process info."""
