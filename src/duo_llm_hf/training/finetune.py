@@ -32,6 +32,7 @@ from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
 from ..utils.arguments import check_float_fields, check_integer_fields
 from ..utils.errors import MissingDependencyError, UsageError
+from ..utils.processes import process_state
 from .arguments import ModelArguments, RunArguments, TrainArguments, parse_arguments, with_default
 from .building import FROZEN_BIG_SOURCES
 from .checkpointing import TrainState
@@ -254,13 +255,14 @@ def finetune(args: FinetuneArguments, step_callback: Callable[[TrainState, dict]
     return train(args, step_callback, hooks)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``training/finetune_duo_opt.py`` and ``duo-llm finetune``: parse the flags, run, say where the model is."""
+def main(argv: list[str] | None = None) -> TrainResult:
+    """``training/finetune_duo_opt.py`` (and ``duo-llm finetune``): parse the flags, finetune, print where the model
+    went."""
     result = finetune(parse_arguments(FinetuneArguments, argv))
-    print(
-        f"Saved the finetuned Duo model to {result.output_dir} after {result.global_step} steps "
-        f"({result.tokens_seen:,} tokens)."
-    )
+    if process_state().is_main_process:
+        steps, tokens = result.global_step, result.tokens_seen
+        print(f"Saved the finetuned Duo model to {result.output_dir} after {steps} steps ({tokens:,} tokens).")
+    return result
 
 
 __all__ = [

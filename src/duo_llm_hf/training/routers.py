@@ -321,7 +321,8 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
 
 
 def main(argv: list[str] | None = None) -> RouterTrainResult:
-    """``training/train_router.py`` (and ``duo-llm train-router``): parse the flags, train, print the outcome."""
+    """``training/train_router.py`` (and ``duo-llm train-router``): parse the flags, train the routers, print where
+    the model went and its realised budget."""
     result = train_router(parse_arguments(RouterTrainArguments, argv))
     if not process_state().is_main_process:
         return result
@@ -330,7 +331,6 @@ def main(argv: list[str] | None = None) -> RouterTrainResult:
         fractions = ", ".join(f"{choice} {value:.3f}" for choice, value in entry["realised"]["overall"].items())
         print(f"  {name}: perplexity {entry['ppl']:.3f} at realised fractions {fractions}")
     return result
-
 
 
 __all__ = ["REPORT_FILE", "RouterTrainResult", "add_routers", "main", "train_router"]

@@ -275,7 +275,6 @@ def main(argv: list[str] | None = None) -> TrainResult:
     return result
 
 
-
 __all__ = [
     "ModelHooks",
     "TrainResult",
