@@ -12,7 +12,6 @@ size), the CUDA context and allocator fragmentation come on top.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from transformers import AutoConfig, OPTConfig
 
@@ -38,8 +37,8 @@ OPT_1_3B = dict(
 class EstimateArguments:
     """The model whose finetuning is estimated, and the run's LoRA rank and small FFN size."""
 
-    prog: ClassVar[str] = "estimate_finetune_memory.py"
-    description: ClassVar[str] = SUMMARY
+    prog = "estimate_finetune_memory.py"
+    description = SUMMARY
 
     init_from: str | None = field(
         default=None, metadata={"help": "Model config to read (Hub name or folder); default: OPT-1.3B's shape."}

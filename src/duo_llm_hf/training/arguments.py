@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from transformers import SchedulerType
 
@@ -238,8 +238,9 @@ class OptimizationArguments:
 class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunArguments):
     """Arguments of a stage 1 training run: every group (each field is also a flag, ``--name-with-dashes``)."""
 
-    prog: ClassVar[str] = "duo-llm train"
-    description: ClassVar[str] = "Stage 1 training of a Duo-LLM model (or its dense baseline) with Accelerate."
+    # The command's name and description in --help and errors (`build_parser`); unannotated, so not fields.
+    prog = "duo-llm train"
+    description = "Stage 1 training of a Duo-LLM model (or its dense baseline) with Accelerate."
 
     def validate(self) -> None:
         """Check every argument and the paths they name, before any work is done; raise `UsageError`."""

@@ -24,7 +24,6 @@ import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
@@ -60,8 +59,8 @@ class FinetuneArguments(TrainArguments):
     (``--hidden-size``, ``--vocab-size``, ...) do not exist here.
     """
 
-    prog: ClassVar[str] = "duo-llm finetune"
-    description: ClassVar[str] = (
+    prog = "duo-llm finetune"
+    description = (
         "Finetune a pretrained OPT as a Duo-LLM model (the paper's Appendix A): frozen pretrained weights, small "
         "FFNs trained with random routing, optional LoRA on the attention."
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Literal
+from typing import Literal
 
 from ..models.router import ROUTER_SETTINGS, SCHEDULE_KINDS, TemperatureSchedule, parse_budget
 from ..models.routes import CHOICE_NAMES, SKIP, choice_code
@@ -110,8 +110,8 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
     declared here differ: defaults for a few small linear layers, and a block size and tokenizer from the model.
     """
 
-    prog: ClassVar[str] = "duo-llm train-router"
-    description: ClassVar[str] = "Stage 3: train learned routers on a frozen Duo model with Accelerate."
+    prog = "duo-llm train-router"
+    description = "Stage 3: train learned routers on a frozen Duo model with Accelerate."
 
     output_dir: str = with_default(
         RunArguments, "output_dir", help="Folder for the model with routers, tokenizer, report, checkpoints."
