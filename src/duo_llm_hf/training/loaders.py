@@ -36,7 +36,7 @@ HOLDOUTS = ("english", "code")
 def load_corpora(args) -> tuple[datasets.Dataset | datasets.IterableDataset, dict]:
     """The training corpus and the holdout corpora (``{"english": ..., "code": ...}``, without ``none`` ones).
 
-    ``args`` needs the corpus fields of `TrainArguments` (``dataset``, ``holdout_english``, ``holdout_code``,
+    ``args`` needs the corpus fields of `DataArguments` (``dataset``, ``holdout_english``, ``holdout_code``,
     ``text_column``, ``sample_by``, ``builtin_max_chars``, ``cache_dir``, ``streaming``).
     """
     corpus_kwargs = {

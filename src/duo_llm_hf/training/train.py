@@ -113,7 +113,7 @@ def train(
 
     Every check on the inputs runs before any training time is spent. ``step_callback(state, metrics)`` is
     called after each optimizer step (and its logging, evaluation and checkpoint) on every process. ``hooks``
-    let a recipe change the model to train and the model to save (`ModelHooks`; e.g. `finetuning` adds LoRA).
+    let a recipe change the model to train and the model to save (`ModelHooks`; e.g. `finetune` adds LoRA).
     """
     args.validate()
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
