@@ -98,6 +98,11 @@ class RouterArguments:
         },
     )
 
+    def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
+        """The router temperature schedule of a run of ``total_steps`` optimizer steps."""
+        steps = total_steps if self.temperature_steps is None else self.temperature_steps
+        return TemperatureSchedule(self.temperature_start, self.temperature_end, steps, self.temperature_schedule)
+
 
 _ORACLE_DEFAULTS = {f.name: f.default for f in fields(RouterArguments) if f.name in ORACLE_FIELDS}
 
@@ -192,11 +197,6 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
             raise UsageError("oracle_budget: '' is empty; give an exact budget such as 2 or big=6,skip=6.")
         inspect_duo_source(self.model)
         check_data_fields(self)
-
-    def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
-        """The router temperature schedule of a run of ``total_steps`` optimizer steps."""
-        steps = total_steps if self.temperature_steps is None else self.temperature_steps
-        return TemperatureSchedule(self.temperature_start, self.temperature_end, steps, self.temperature_schedule)
 
 
 def parse_route_options(text: str | Sequence[str | int]) -> list[str]:
