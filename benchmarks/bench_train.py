@@ -39,14 +39,9 @@ from accelerate.state import AcceleratorState, GradientState
 from transformers import LlamaForCausalLM
 
 from duo_llm_hf import DuoLlamaForCausalLM, RouteSampler, flops_per_token
-from duo_llm_hf.training.train import (
-    TrainArguments,
-    build_optimizer,
-    build_scheduler,
-    dense_config_like,
-    duo_config_from_args,
-    training_step,
-)
+from duo_llm_hf.training.arguments import TrainArguments
+from duo_llm_hf.training.building import build_optimizer, build_scheduler, dense_config_like, duo_config_from_args
+from duo_llm_hf.training.train import training_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from duo_llm_hf.training.routers import RouterTrainArguments
-from duo_llm_hf.training.train import TrainArguments
+from duo_llm_hf.training.arguments import TrainArguments
+from duo_llm_hf.training.router_arguments import RouterTrainArguments
 
 # Float32 results of the same math in another batch shape, order or process round differently under other CPU
 # kernels (ATEN_CPU_CAPABILITY=default, avx2, avx512 block and vectorise their sums differently): the last bits

@@ -11,12 +11,15 @@ size), the CUDA context and allocator fragmentation come on top.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 from transformers import AutoConfig, OPTConfig
 
+from duo_llm_hf.training.arguments import parse_arguments
 from duo_llm_hf.training.finetune import estimate_memory
+from duo_llm_hf.utils.errors import script_main
 
+SUMMARY = __doc__.split("\n")[0]
 # The shape of facebook/opt-1.3b (its config.json), so that the estimate runs without a network.
 OPT_1_3B = dict(
     vocab_size=50272,
@@ -30,12 +33,22 @@ OPT_1_3B = dict(
 )
 
 
+@dataclass
+class EstimateArguments:
+    """The model whose finetuning is estimated, and the run's LoRA rank and small FFN size."""
+
+    prog = "estimate_finetune_memory.py"
+    description = SUMMARY
+
+    init_from: str | None = field(
+        default=None, metadata={"help": "Model config to read (Hub name or folder); default: OPT-1.3B's shape."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the LoRA row (default 16)."})
+    small_intermediate_size: int | None = field(default=None, metadata={"help": "Default: ffn_dim // 16."})
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--init-from", help="Model config to read (Hub name or folder); default: OPT-1.3B's shape.")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA row (default 16).")
-    parser.add_argument("--small-intermediate-size", type=int, default=None, help="Default: ffn_dim // 16.")
-    args = parser.parse_args(argv)
+    args = parse_arguments(EstimateArguments, argv)
     config = AutoConfig.from_pretrained(args.init_from) if args.init_from else OPTConfig(**OPT_1_3B)
     name = args.init_from or "OPT-1.3B shape"
     gib = 1024**3
@@ -53,4 +66,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main("estimate_finetune_memory.py", main)  # one-line errors, exit 2, as the training scripts show them

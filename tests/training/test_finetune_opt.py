@@ -25,15 +25,15 @@ from duo_llm_hf.models.routes import CHOICE_CODES, ROUTER_SETTINGS
 from duo_llm_hf.oracle.engine import pattern_losses
 from duo_llm_hf.oracle.spaces import RouteSpace
 from duo_llm_hf.training import finetune as finetuning
+from duo_llm_hf.training.arguments import parse_arguments
+from duo_llm_hf.training.building import build_model, freeze_all_but_small
 from duo_llm_hf.training.finetune import (
     AttentionLoRA,
     FinetuneArguments,
     estimate_memory,
     finetune,
-    parse_finetune_args,
 )
 from duo_llm_hf.training.routers import train_router
-from duo_llm_hf.training.train import build_model, freeze_all_but_small
 from tests.helpers import FLOAT_TOL, save_model_folder, tiny_llama_kwargs, tiny_opt, tiny_opt_kwargs, tiny_router_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -312,13 +312,14 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source):
 
 def test_script_and_parser(tmp_path, source, monkeypatch, capsys):
     folder, _, _ = source
-    args = parse_finetune_args(
+    args = parse_arguments(
+        FinetuneArguments,
         ["--output-dir", "x", "--model-name-or-path", "facebook/opt-1.3b", "--lora", "--lora-r", "8", "--p-big", "0.3"]
     )
     assert (args.init_from, args.mode, args.lora, args.lora_r) == ("facebook/opt-1.3b", "frozen-big", True, 8)
     assert args.p_big == 0.3
     with pytest.raises(ValueError, match="--hidden-size"):  # the checkpoint gives the shape: no from-scratch flags
-        parse_finetune_args(["--output-dir", "x", "--init-from", folder, "--hidden-size", "64"])
+        parse_arguments(FinetuneArguments, ["--output-dir", "x", "--init-from", folder, "--hidden-size", "64"])
     assert COMMANDS["finetune"].load() is finetuning.main  # duo-llm finetune runs the same function
 
     # The script, given a Hub name: the tiny OPT sits in a Hub cache and is read offline, as a download is.

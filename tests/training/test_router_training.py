@@ -15,19 +15,15 @@ from duo_llm_hf.data.corpus import pack_corpus
 from duo_llm_hf.data.tokenization import load_tokenizer
 from duo_llm_hf.experiments.router_comparison import ComparisonArguments, compare_routers, comparison_table
 from duo_llm_hf.models.routed_ffn import router_probabilities, router_temperature, routers
+from duo_llm_hf.training.arguments import parse_arguments
 from duo_llm_hf.training.checkpointing import list_checkpoints
-from duo_llm_hf.training.routers import (
-    REPORT_FILE,
-    add_routers,
-    evaluate_router,
-    load_duo_model,
-    oracle_router_targets,
-    parse_budget_flag,
-    parse_router_args,
-    router_agreement,
-    train_router,
-)
-from duo_llm_hf.training.train import load_corpora, make_eval_loaders, train
+from duo_llm_hf.training.loaders import load_corpora, make_eval_loaders
+from duo_llm_hf.training.router_arguments import RouterTrainArguments, parse_budget_flag
+from duo_llm_hf.training.router_evaluation import evaluate_router
+from duo_llm_hf.training.router_oracle import oracle_router_targets, router_agreement
+from duo_llm_hf.training.routers import REPORT_FILE, add_routers, train_router
+from duo_llm_hf.training.train import train
+from duo_llm_hf.utils.loading import load_duo_model
 from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_opt_kwargs, tiny_router_args, tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -307,7 +303,8 @@ def test_duo_opt_model_with_the_big_skip_setting(tmp_path, builtin_tokenizer):
 
 
 def test_parser_and_budget_flags():
-    args = parse_router_args(["--model", "m", "--output-dir", "o", "--budget", "big=0.5,skip=0.5", "--alpha", "3"])
+    argv = ["--model", "m", "--output-dir", "o", "--budget", "big=0.5,skip=0.5", "--alpha", "3"]
+    args = parse_arguments(RouterTrainArguments, argv)
     assert (args.budget, args.alpha, args.block_size) == ("big=0.5,skip=0.5", 3.0, None)
     assert parse_budget_flag(args.budget) == {"big": 0.5, "skip": 0.5}
     assert parse_budget_flag("0.3") == 0.3

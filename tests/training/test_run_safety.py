@@ -25,10 +25,12 @@ from duo_llm_hf.data.corpus import builtin_documents
 from duo_llm_hf.experiments.ablation import parse_ablation_args, run_is_finished
 from duo_llm_hf.experiments.study import StudyConfig, _check_same_settings
 from duo_llm_hf.experiments.study import build_arg_parser as study_parser
+from duo_llm_hf.training.arguments import TrainArguments, parse_arguments
 from duo_llm_hf.training.checkpointing import CorruptCheckpointError, TrainingDiverged, UnsafeCheckpointError
-from duo_llm_hf.training.finetune import FinetuneArguments, finetune, parse_finetune_args
-from duo_llm_hf.training.routers import parse_router_args, train_router
-from duo_llm_hf.training.train import parse_train_args, train
+from duo_llm_hf.training.finetune import FinetuneArguments, finetune
+from duo_llm_hf.training.router_arguments import RouterTrainArguments
+from duo_llm_hf.training.routers import train_router
+from duo_llm_hf.training.train import train
 from duo_llm_hf.utils.errors import UsageError
 from duo_llm_hf.utils.run_files import OVERWRITE_FLAG, file_hash
 from tests.helpers import tiny_router_args, tiny_train_args, train_duo_argv
@@ -170,9 +172,12 @@ def test_finetune_does_not_overwrite_a_finished_run(base, tmp_path):
 
 def test_every_training_command_takes_the_overwrite_flag(tmp_path):
     out = str(tmp_path / "out")
-    assert parse_train_args(["--output-dir", out, OVERWRITE_FLAG]).overwrite_output_dir
-    assert parse_router_args(["--model", out, "--output-dir", out, OVERWRITE_FLAG]).overwrite_output_dir
-    assert parse_finetune_args(["--init-from", out, "--output-dir", out, OVERWRITE_FLAG]).overwrite_output_dir
+    for arguments, argv in (
+        (TrainArguments, ["--output-dir", out]),
+        (RouterTrainArguments, ["--model", out, "--output-dir", out]),
+        (FinetuneArguments, ["--init-from", out, "--output-dir", out]),
+    ):
+        assert parse_arguments(arguments, [*argv, OVERWRITE_FLAG]).overwrite_output_dir
     assert parse_ablation_args(["--out", out, OVERWRITE_FLAG]).overwrite_output_dir
     assert study_parser().parse_args(["--out", out, OVERWRITE_FLAG]).overwrite_output_dir
 

@@ -12,15 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM, flops_per_token
+from duo_llm_hf.training.arguments import TrainArguments, parse_arguments
+from duo_llm_hf.training.building import build_model, dense_baseline_config, duo_config_from_args
 from duo_llm_hf.training.checkpointing import list_checkpoints, resolve_resume
 from duo_llm_hf.training.tracking import read_metrics
-from duo_llm_hf.training.train import (
-    build_model,
-    dense_baseline_config,
-    duo_config_from_args,
-    parse_train_args,
-    train,
-)
+from duo_llm_hf.training.train import train
 from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_train_args, train_duo_argv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -251,7 +247,7 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, builtin_tokenizer):
 
 
 def test_script_and_parser(tmp_path):
-    args = parse_train_args(["--output-dir", "x", "--p-big", "0.25", "--mode", "dense", "--no-progress"])
+    args = parse_arguments(TrainArguments, ["--output-dir", "x", "--p-big", "0.25", "--mode", "dense", "--no-progress"])
     assert (args.p_big, args.mode, args.progress) == (0.25, "dense", False)
     out = tmp_path / "cli"
     main = runpy.run_path(str(ROOT / "training" / "train_duo.py"))["main"]

@@ -19,6 +19,16 @@ What a checkpoint holds, and how it is read back safely (a checkpoint folder may
 write, or a pickle that holds more than plain data is refused (`UnsafeCheckpointError`); a missing, truncated or
 unreadable file makes the checkpoint invalid (`CorruptCheckpointError`), and ``--resume-from latest`` then falls back
 to the newest valid one with a warning.
+
+Why not Accelerate's own naming and rotation (``ProjectConfiguration(automatic_checkpoint_naming=True,
+total_limit=N)``, which the run's `Accelerator` is otherwise configured with, for its project and logging folders):
+``save_state`` then writes straight into ``checkpoint_<i>``, so a crash mid-write leaves a folder that looks
+complete; it deletes the oldest checkpoints *before* writing the new one, so that crash also loses a good one; it
+prunes every ``checkpoint_*`` folder, those of another run in the same folder too; it numbers saves, not optimizer
+steps (a resumed run re-saving a step it already saved is refused); and a ``load_state()`` without a folder takes
+the newest one unvalidated. Here a checkpoint is written under a temporary name and renamed once complete, named by
+its step, validated before loading, and pruning removes only the run's own older checkpoints, after the new one
+exists.
 """
 
 from __future__ import annotations

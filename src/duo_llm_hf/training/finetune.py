@@ -29,10 +29,13 @@ import torch
 
 from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
-from ..utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields
+from ..utils.arguments import check_float_fields, check_integer_fields
 from ..utils.errors import MissingDependencyError, UsageError
+from ..utils.processes import process_state
+from .arguments import ModelArguments, RunArguments, TrainArguments, parse_arguments, with_default
+from .building import FROZEN_BIG_SOURCES
 from .checkpointing import TrainState
-from .train import ModelHooks, TrainArguments, TrainResult, train
+from .train import ModelHooks, TrainResult, train
 
 # The attention projections that LoRA adapts by default, by Duo model_type.
 ATTENTION_PROJECTIONS = {
@@ -42,18 +45,25 @@ ATTENTION_PROJECTIONS = {
 
 
 def _hidden(name: str):
-    """A from-scratch flag of `TrainArguments` that a finetuning run takes from the checkpoint instead."""
-    default = TrainArguments.__dataclass_fields__[name].default
+    """A from-scratch field of `ModelArguments` that a finetuning run takes from the checkpoint instead: no flag,
+    its stage 1 default (kept in ``training_args.json`` and the fingerprint, as stage 1 writes them)."""
+    default = ModelArguments.__dataclass_fields__[name].default
     return field(default=default, init=False, repr=False)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinetuneArguments(TrainArguments):
     """Arguments of the Appendix A finetuning run: `TrainArguments` in frozen-big mode, plus LoRA.
 
     The model's shape and vocabulary come from the checkpoint and its tokenizer, so the from-scratch flags
     (``--hidden-size``, ``--vocab-size``, ...) do not exist here.
     """
+
+    prog = "duo-llm finetune"
+    description = (
+        "Finetune a pretrained OPT as a Duo-LLM model (the paper's Appendix A): frozen pretrained weights, small "
+        "FFNs trained with random routing, optional LoRA on the attention."
+    )
 
     mode: str = field(default="frozen-big", init=False)
     init_from: str | None = field(
@@ -72,7 +82,7 @@ class FinetuneArguments(TrainArguments):
     num_kv_heads: int | None = _hidden("num_kv_heads")
     intermediate_size: int | None = _hidden("intermediate_size")
     max_position_embeddings: int | None = _hidden("max_position_embeddings")
-    run_name: str = field(default="finetune_duo", metadata={"help": "Run name for the trackers."})
+    run_name: str = with_default(RunArguments, "run_name", "finetune_duo")
     lora: bool = field(
         default=False,
         metadata={"help": "Also train LoRA adapters (peft) on the attention projections; merged on save."},
@@ -211,7 +221,6 @@ def estimate_memory(
     ``total_parameters`` counts the Duo model without the adapters.
     """
     from ..models.modeling_duo import dense_config_fields
-    from .train import FROZEN_BIG_SOURCES
 
     if config.model_type not in FROZEN_BIG_SOURCES:
         raise ValueError(f"estimate_memory: {config.model_type!r} is not one of {sorted(FROZEN_BIG_SOURCES)}.")
@@ -245,30 +254,14 @@ def finetune(args: FinetuneArguments, step_callback: Callable[[TrainState, dict]
     return train(args, step_callback, hooks)
 
 
-def build_finetune_parser(**kwargs):
-    """The command-line parser of `FinetuneArguments` (``--flag-name`` and ``--flag_name`` both work)."""
-    kwargs.setdefault("prog", "duo-llm finetune")
-    kwargs.setdefault(
-        "description",
-        "Finetune a pretrained OPT as a Duo-LLM model (the paper's Appendix A): frozen pretrained weights, small "
-        "FFNs trained with random routing, optional LoRA on the attention.",
-    )
-    return HfArgumentParser(FinetuneArguments, **kwargs)
-
-
-def parse_finetune_args(argv: list[str] | None = None) -> FinetuneArguments:
-    """Parse command-line arguments into `FinetuneArguments` (a parse error is a `UsageError`)."""
-    (args,) = build_finetune_parser().parse(argv)
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``training/finetune_duo_opt.py`` and ``duo-llm finetune``: parse the flags, run, say where the model is."""
-    result = finetune(parse_finetune_args(argv))
-    print(
-        f"Saved the finetuned Duo model to {result.output_dir} after {result.global_step} steps "
-        f"({result.tokens_seen:,} tokens)."
-    )
+def main(argv: list[str] | None = None) -> TrainResult:
+    """``training/finetune_duo_opt.py`` (and ``duo-llm finetune``): parse the flags, finetune, print where the model
+    went."""
+    result = finetune(parse_arguments(FinetuneArguments, argv))
+    if process_state().is_main_process:
+        steps, tokens = result.global_step, result.tokens_seen
+        print(f"Saved the finetuned Duo model to {result.output_dir} after {steps} steps ({tokens:,} tokens).")
+    return result
 
 
 __all__ = [
@@ -276,9 +269,7 @@ __all__ = [
     "AttentionLoRA",
     "FinetuneArguments",
     "MemoryEstimate",
-    "build_finetune_parser",
     "estimate_memory",
     "finetune",
     "main",
-    "parse_finetune_args",
 ]

@@ -1,6 +1,6 @@
 """What the training loops share: the run's Accelerator, the optimizer step of a micro-batch, the step's bookkeeping.
 
-Stage 1 (`training.train`) and the router training (`router_training.train_router`) each write their loop out, as
+Stage 1 (`train.train`) and the router training (`routers.train_router`) each write their loop out, as
 accelerate's ``run_clm_no_trainer.py`` does: data, model, the loss of a micro-batch, what is logged and evaluated.
 The pieces here are the steps in which the two loops do the same thing: `accelerated_run` (the Accelerator with
 its trackers, and the clean-up after the run), `backward_and_step` (backward, clipping, optimizer and scheduler

@@ -41,7 +41,7 @@ def _source(path: str | Path, what: str) -> str | Path:
         raise MissingFileError(
             f"{what}: {name!r} is a file, not a model folder; give the folder save_pretrained wrote."
         )
-    from ..training.train import is_hub_id  # only here: a name that is no local path may be a Hub model
+    from ..training.building import is_hub_id  # only here: a name that is no local path may be a Hub model
 
     if not is_hub_id(name):
         raise MissingFileError(

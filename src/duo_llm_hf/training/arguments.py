@@ -1,0 +1,419 @@
+"""The arguments of the training commands, as groups of dataclass fields that each command composes.
+
+Each field is also a command-line flag (``--name-with-dashes`` and ``--name_with_underscores``), parsed by the
+project's `HfArgumentParser` (`parse_arguments`). The groups:
+
+- `RunArguments`: where a run writes, its evaluation, logging and checkpoints, and resuming;
+- `DataArguments`: the training and holdout corpora, the block size and an existing tokenizer;
+- `ModelArguments`: the model stage 1 trains (from scratch or ``--init-from``) and its random routes;
+- `OptimizationArguments`: batch, AdamW, learning-rate schedule, length of the run, precision, seed.
+
+Stage 1 (`TrainArguments`) takes all four; the router training (`router_arguments.RouterTrainArguments`) takes
+the run, data and optimisation groups with its own defaults (`with_default`) and its router fields; the Appendix A
+finetuning (`finetune.FinetuneArguments`) is stage 1 in frozen-big mode. A run is an instance of one flat
+dataclass, so ``dataclasses.asdict(args)`` is its ``training_args.json`` and the base of its fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from transformers import SchedulerType
+
+from ..data.corpus import BUILTIN, parse_corpus_spec
+from ..data.tokenization import MIN_VOCAB_SIZE, has_tokenizer
+from ..utils.arguments import (
+    HfArgumentParser,
+    check_choices,
+    check_float_fields,
+    check_folder,
+    check_integer_fields,
+    check_output_dir,
+)
+from ..utils.errors import MissingFileError, UsageError
+from .building import inspect_init_source, is_hub_id
+
+MODES = ("random", "frozen-big", "dense")
+EVAL_ROUTES = ("random", "big", "small", "skip")
+SCHEDULERS = [kind.value for kind in SchedulerType]  # what --lr-scheduler may name (transformers' get_scheduler)
+
+Arguments = TypeVar("Arguments")
+
+
+def with_default(group: type, name: str, default=MISSING, help: str | None = None):
+    """The field ``name`` of ``group`` for a command whose default (or, with ``help``, meaning) differs.
+
+    Declared in a subclass, it keeps the field's place, type and help text: only what differs is written there.
+    """
+    source = group.__dataclass_fields__[name]
+    metadata = {**source.metadata, **({"help": help} if help is not None else {})}
+    return field(default=source.default if default is MISSING else default, metadata=metadata)
+
+
+@dataclass(kw_only=True)
+class RunArguments:
+    """Where a run writes, how it is evaluated, logged and checkpointed, and how it resumes."""
+
+    output_dir: str = field(metadata={"help": "Folder for the final model, tokenizer, checkpoints and logs."})
+    eval_every: int = field(
+        default=200, metadata={"help": "Evaluate held-out perplexity every N steps (0: end)."}
+    )
+    eval_blocks: int = field(default=64, metadata={"help": "Blocks of each holdout set to evaluate."})
+    eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Eval batch size (default --batch-size)."}
+    )
+    log_every: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
+    report_to: str = field(
+        default="auto",
+        metadata={"help": "Trackers: auto (jsonl + tensorboard if installed), jsonl, none, ..."},
+    )
+    run_name: str = field(default="train_duo", metadata={"help": "Run name for the trackers."})
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "Save a checkpoint every N steps (0: never)."}
+    )
+    checkpoints_to_keep: int | None = field(
+        default=2, metadata={"help": "Keep only the newest N checkpoints."}
+    )
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint folder to resume from, or 'latest' (newest in output_dir)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an output_dir that holds a finished run or an earlier run's checkpoints "
+            "(replaces the finished model; the earlier checkpoints are kept). Without it that is refused."
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+
+@dataclass(kw_only=True)
+class DataArguments:
+    """The training corpus, the holdout corpora, how text becomes blocks, and an existing tokenizer."""
+
+    dataset: str = field(
+        default=BUILTIN,
+        metadata={
+            "help": "Training corpus: builtin, a local file/folder (.txt .jsonl .json .csv .parquet), or "
+            "hf:NAME[:CONFIG][@SPLIT] (Hub)."
+        },
+    )
+    holdout_english: str = field(
+        default=BUILTIN, metadata={"help": "English holdout corpus (same syntax; 'none' to skip)."}
+    )
+    holdout_code: str = field(
+        default=BUILTIN, metadata={"help": "Code holdout corpus (same syntax; 'none' to skip)."}
+    )
+    text_column: str = field(
+        default="text", metadata={"help": "Column holding the text in json/csv/parquet/Hub data."}
+    )
+    sample_by: Literal["document", "paragraph", "line"] = field(
+        default="document", metadata={"help": "How plain-text files are cut into documents."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the training corpus (needs --max-steps)."}
+    )
+    shuffle_buffer: int = field(
+        default=10_000, metadata={"help": "Shuffle buffer (blocks) of a streamed corpus."}
+    )
+    builtin_max_chars: int | None = field(
+        default=None,
+        metadata={"help": "Cap each built-in split at this many characters (quick runs, tests)."},
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache folder of `datasets` (default: HF's)."}
+    )
+    block_size: int = field(default=256, metadata={"help": "Tokens per training block (sequence length)."})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Existing tokenizer folder. Default: train a byte-level BPE on the training corpus "
+            "(frozen-big: the tokenizer in --init-from)."
+        },
+    )
+
+
+@dataclass(kw_only=True)
+class ModelArguments:
+    """The model a stage 1 run trains, its random routes, and the tokenizer it trains when none is given."""
+
+    mode: Literal["random", "frozen-big", "dense"] = field(
+        default="random",
+        metadata={
+            "help": "random: a Duo model from scratch with random routing (stage 1). frozen-big: start from "
+            "--init-from, freeze it, train only the small FFNs. dense: a LlamaForCausalLM whose FFN inner "
+            "size matches the Duo model's FLOPs at --p-big."
+        },
+    )
+    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size of a trained tokenizer."})
+    tokenizer_train_chars: int = field(
+        default=50_000_000,
+        metadata={"help": "Characters of the training corpus the tokenizer is trained on."},
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "frozen-big: a dense Llama or OPT model, or a Duo model (its big path); a local folder or a "
+            "Hub name (e.g. facebook/opt-1.3b)."
+        },
+    )
+    hidden_size: int = field(default=256, metadata={"help": "Hidden size."})
+    num_layers: int = field(default=8, metadata={"help": "Decoder layers."})
+    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    num_kv_heads: int | None = field(
+        default=None, metadata={"help": "Key/value heads (default: --num-heads)."}
+    )
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "Big FFN inner size (default 4 x hidden)."}
+    )
+    small_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Small FFN inner size (default: big // 16)."}
+    )
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "Positions of the model (default: --block-size)."}
+    )
+    p_big: float = field(
+        default=0.5, metadata={"help": "Probability of the big FFN (dense: FLOP-matched at it)."}
+    )
+    p_skip: float = field(
+        default=0.0, metadata={"help": "Probability of skipping the FFN; small gets the rest."}
+    )
+    route_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the random routes (default: --seed)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward."}
+    )
+    eval_routes: str = field(
+        default="random,big,small",
+        metadata={"help": "Duo routes to evaluate, comma-separated: random (fixed seed), big, small, skip."},
+    )
+
+    def eval_route_list(self) -> list[str]:
+        return [r.strip() for r in self.eval_routes.split(",") if r.strip()]
+
+    def route_probs(self) -> dict[str, float]:
+        """Random-routing probabilities: big = p_big, skip = p_skip, small = the rest."""
+        probs = {"small": max(0.0, 1.0 - self.p_big - self.p_skip), "big": self.p_big}
+        if self.p_skip > 0:
+            probs["skip"] = self.p_skip
+        return probs
+
+
+@dataclass(kw_only=True)
+class OptimizationArguments:
+    """Batches, AdamW and its learning-rate schedule, the length of the run, precision and the seed."""
+
+    batch_size: int = field(default=16, metadata={"help": "Blocks per micro-batch and process."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step."}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    lr_scheduler: str = field(
+        default="cosine", metadata={"help": "transformers scheduler name, after warm-up."}
+    )
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    fused_optimizer: bool = field(
+        default=True, metadata={"help": "Use torch's fused AdamW kernel where it runs (CPU, CUDA)."}
+    )
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: --num-epochs)."})
+    num_epochs: int = field(
+        default=1, metadata={"help": "Epochs over the training blocks, when no --max-steps."}
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no, fp16 or bf16 (default: the accelerate config's, else no)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of weights, data order and (by default) routes."})
+
+
+@dataclass(kw_only=True)
+class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunArguments):
+    """Arguments of a stage 1 training run: every group (each field is also a flag, ``--name-with-dashes``)."""
+
+    # The command's name and description in --help and errors (`build_parser`); unannotated, so not fields.
+    prog = "duo-llm train"
+    description = "Stage 1 training of a Duo-LLM model (or its dense baseline) with Accelerate."
+
+    def validate(self) -> None:
+        """Check every argument and the paths they name, before any work is done; raise `UsageError`."""
+        check_output_dir(self)
+        positive = (
+            "block_size",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "eval_blocks",
+            "log_every",
+            "num_epochs",
+            "tokenizer_train_chars",
+            "shuffle_buffer",
+        )
+        optional = (
+            "max_steps",
+            "eval_batch_size",
+            "num_kv_heads",
+            "intermediate_size",
+            "small_intermediate_size",
+            "max_position_embeddings",
+            "builtin_max_chars",
+            "checkpoints_to_keep",
+        )
+        non_negative = ("eval_every", "checkpoint_every", "warmup_steps")
+        check_integer_fields(
+            self, positive=positive, optional=optional, non_negative=non_negative, seeds=("seed", "route_seed")
+        )
+        if self.block_size < 2:
+            raise UsageError(f"block_size: {self.block_size} must be at least 2 tokens.")
+        if self.mode not in MODES:
+            raise UsageError(f"mode: {self.mode!r} is not a training mode; use one of {list(MODES)}.")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < MIN_VOCAB_SIZE:
+            raise UsageError(
+                f"vocab_size: {self.vocab_size!r} is too small; a byte-level BPE tokenizer needs at least "
+                f"{MIN_VOCAB_SIZE} tokens (256 bytes + the end-of-text token)."
+            )
+        if self.mode != "frozen-big":
+            check_model_shape(self)
+        if not (
+            0.0 <= self.p_big <= 1.0 and 0.0 <= self.p_skip <= 1.0 and self.p_big + self.p_skip <= 1.0 + 1e-9
+        ):
+            raise UsageError(
+                f"p_big={self.p_big!r}, p_skip={self.p_skip!r}: each must be in [0, 1] and together at most "
+                "1 (the small FFN gets 1 - p_big - p_skip)."
+            )
+        routes = check_choices(self, "eval_routes", EVAL_ROUTES)
+        if "skip" in routes and self.p_skip == 0:
+            raise UsageError(
+                "eval_routes: 'skip' needs a model that allows skipping (train with --p-skip > 0)."
+            )
+        check_init_source(self)
+        positions = self.max_position_embeddings
+        if positions is not None and self.block_size > positions:
+            raise UsageError(
+                f"block_size {self.block_size} is longer than max_position_embeddings {positions}; use a "
+                "block size <= the model's positions."
+            )
+        check_run_fields(self)
+        check_data_fields(self)
+
+
+def check_init_source(args: TrainArguments) -> None:
+    """``init_from`` is given exactly in frozen-big mode, names a supported model (a folder or a Hub name) long
+    enough for the blocks, and a local one holds a tokenizer unless ``--tokenizer`` is given."""
+    if args.mode == "frozen-big" and not args.init_from:
+        raise UsageError(
+            "mode 'frozen-big' needs --init-from: a dense Llama folder or a Duo model folder."
+        )
+    if args.mode != "frozen-big" and args.init_from:
+        raise UsageError(f"--init-from is for mode 'frozen-big' only (this run's mode is {args.mode!r}).")
+    if args.init_from and not (Path(args.init_from).expanduser().is_dir() or is_hub_id(args.init_from)):
+        raise MissingFileError(
+            f"init_from: {args.init_from!r} is not a model folder (written by save_pretrained) nor a Hub "
+            "model name."
+        )
+    if args.mode == "frozen-big":
+        inspect_init_source(args.init_from, args.block_size)  # its config only: a supported model, long enough
+    local_source = args.init_from and not is_hub_id(args.init_from)
+    if local_source and args.tokenizer is None and not has_tokenizer(Path(args.init_from).expanduser()):
+        raise MissingFileError(
+            f"init_from {args.init_from!r} holds no tokenizer; pass --tokenizer with the tokenizer that "
+            "model was trained with (a new one would not match its embeddings)."
+        )
+
+
+def check_model_shape(args) -> None:
+    """The from-scratch model's shape fits together: heads divide the hidden size, key/value heads the heads, the
+    small FFN is not larger than the big one. ``args`` has `ModelArguments`' fields."""
+    if args.hidden_size % args.num_heads:
+        raise UsageError(
+            f"hidden_size {args.hidden_size} is not a multiple of num_heads {args.num_heads}; every head needs the "
+            "same width."
+        )
+    kv_heads = args.num_kv_heads or args.num_heads
+    if args.num_heads % kv_heads:
+        raise UsageError(f"num_kv_heads {kv_heads} does not divide num_heads {args.num_heads}.")
+    big = args.intermediate_size or 4 * args.hidden_size
+    if args.small_intermediate_size is not None and args.small_intermediate_size > big:
+        raise UsageError(
+            f"small_intermediate_size {args.small_intermediate_size} is larger than the big FFN's "
+            f"intermediate_size {big}; the small FFN must be the smaller one."
+        )
+
+
+def check_run_fields(args) -> None:
+    """Check the optimisation and naming fields every training run has (`OptimizationArguments`, `RunArguments`,
+    ``text_column``): learning rate, weight decay, betas, clipping, the scheduler, and non-empty names."""
+    check_float_fields(
+        args,
+        positive=("learning_rate",),
+        non_negative=("weight_decay", "max_grad_norm"),
+        fractions=("adam_beta1", "adam_beta2"),
+    )
+    if args.lr_scheduler not in SCHEDULERS:
+        raise UsageError(f"lr_scheduler: {args.lr_scheduler!r} is not a scheduler; use one of {SCHEDULERS}.")
+    for name in ("run_name", "report_to", "text_column"):
+        if not getattr(args, name).strip():
+            raise UsageError(f"{name}: {getattr(args, name)!r} is empty; give a name (see --help).")
+
+
+def check_data_fields(args) -> None:
+    """Check the `DataArguments` of a run (with ``max_steps``).
+
+    The tokenizer folder, if given, holds a tokenizer; the datasets cache is not a file; a streamed corpus comes
+    with ``max_steps``; the corpus specs parse (`data.parse_corpus_spec`) and the training corpus is not ``none``.
+    """
+    if args.tokenizer is not None:
+        folder = check_folder("tokenizer", args.tokenizer, "tokenizer folder")
+        if not has_tokenizer(folder):
+            raise MissingFileError(f"tokenizer: {args.tokenizer!r} is not a tokenizer folder (no tokenizer files).")
+    if args.cache_dir is not None and Path(args.cache_dir).expanduser().is_file():
+        raise UsageError(f"cache_dir: {args.cache_dir!r} is a file; give a folder for the datasets cache.")
+    if args.streaming and args.max_steps is None:
+        raise UsageError("streaming: a streamed corpus has no known length; give --max-steps.")
+    if parse_corpus_spec(args.dataset, "train", "dataset").kind == "none":
+        raise UsageError("dataset: 'none' is not a training corpus.")
+    parse_corpus_spec(args.holdout_english, "holdout_english", "holdout_english")
+    parse_corpus_spec(args.holdout_code, "holdout_code", "holdout_code")
+
+
+def build_parser(arguments: type, **kwargs) -> HfArgumentParser:
+    """The command-line parser of an arguments dataclass: its ``prog`` and ``description`` (class attributes) name
+    the command in ``--help`` and in errors; ``kwargs`` go to `argparse.ArgumentParser`."""
+    kwargs.setdefault("prog", arguments.prog)
+    kwargs.setdefault("description", arguments.description)
+    return HfArgumentParser(arguments, **kwargs)
+
+
+def parse_arguments(arguments: type[Arguments], argv: Sequence[str] | None = None) -> Arguments:
+    """Parse ``argv`` (default: the command line) into the dataclass ``arguments``; a parse error or an unknown flag
+    is a `UsageError`. Every training command parses its flags this way."""
+    (args,) = build_parser(arguments).parse(argv)
+    return args
+
+
+__all__ = [
+    "DataArguments",
+    "EVAL_ROUTES",
+    "MODES",
+    "ModelArguments",
+    "OptimizationArguments",
+    "RunArguments",
+    "SCHEDULERS",
+    "TrainArguments",
+    "build_parser",
+    "check_data_fields",
+    "check_init_source",
+    "check_model_shape",
+    "check_run_fields",
+    "parse_arguments",
+    "with_default",
+]
