@@ -156,7 +156,7 @@ def fixed_runs(duo_model, tokenizer, task_manager) -> dict:
     """Harness results of the Duo model with every token on small, and on big."""
     return {
         routing: evaluate(DuoLM(pretrained=duo_model, tokenizer=tokenizer, routing=routing, batch_size=8), task_manager)
-        for routing in ("small", "big")
+        for routing in ("all-small", "all-big")
     }
 
 
@@ -170,7 +170,7 @@ def test_routing_modes_change_scores_and_match_their_dense_paths(duo_model, toke
         big_logits = duo_model(ids, routes=torch.full((1, n, 2), BIG)).logits
     assert (small_logits - big_logits).abs().max() > 1e-2
 
-    for routing, choice, letters in (("small", SMALL, "ss"), ("big", BIG, "BB")):
+    for routing, choice, letters in (("all-small", SMALL, "ss"), ("all-big", BIG, "BB")):
         assert fixed_runs[routing]["config"]["duo_routing"]["fixed_pattern"] == letters
         dense = get_model("hf")(pretrained=dense_path(duo_model, choice), tokenizer=tokenizer, batch_size=8)
         reference = evaluate(dense, task_manager)
@@ -178,10 +178,10 @@ def test_routing_modes_change_scores_and_match_their_dense_paths(duo_model, toke
         assert len(loglikelihoods(reference)) == 12
         assert max_difference(loglikelihoods(fixed_runs[routing]), loglikelihoods(reference)) < LL_TOL
 
-    small, big = loglikelihoods(fixed_runs["small"]), loglikelihoods(fixed_runs["big"])
+    small, big = loglikelihoods(fixed_runs["all-small"]), loglikelihoods(fixed_runs["all-big"])
     differing = [key for key in small if max(abs(a - b) for a, b in zip(small[key], big[key])) > 1e-3]
     assert len(differing) == len(small)
-    assert scores(fixed_runs["small"]) != scores(fixed_runs["big"])
+    assert scores(fixed_runs["all-small"]) != scores(fixed_runs["all-big"])
 
 
 def test_random_routing_with_p_big(duo_model, tokenizer, task_manager, fixed_runs):
@@ -197,9 +197,9 @@ def test_random_routing_with_p_big(duo_model, tokenizer, task_manager, fixed_run
             "route_probs": {"small": 1 - p_big, "big": p_big},
             "route_seed": 5,
         }
-    assert max_difference(by_p[0], loglikelihoods(fixed_runs["small"])) < 1e-5
-    assert max_difference(by_p[0.25], loglikelihoods(fixed_runs["small"])) > 1e-2
-    assert max_difference(by_p[0.25], loglikelihoods(fixed_runs["big"])) > 1e-2
+    assert max_difference(by_p[0], loglikelihoods(fixed_runs["all-small"])) < 1e-5
+    assert max_difference(by_p[0.25], loglikelihoods(fixed_runs["all-small"])) > 1e-2
+    assert max_difference(by_p[0.25], loglikelihoods(fixed_runs["all-big"])) > 1e-2
 
 
 def test_learned_routing(duo_model, tokenizer, task_manager, fixed_runs):
@@ -209,7 +209,7 @@ def test_learned_routing(duo_model, tokenizer, task_manager, fixed_runs):
 
     model = copy.deepcopy(duo_model)
     model.set_routing("learned")  # adds the routers; a trained model has them already
-    for choice, routing in ((BIG, "big"), (SMALL, "small")):
+    for choice, routing in ((BIG, "all-big"), (SMALL, "all-small")):
         with torch.no_grad():
             for layer in model.model.layers:
                 router = layer.mlp.router
@@ -241,8 +241,10 @@ def test_routing_arguments():
         routing_settings(config, "medium")
     with pytest.raises(ValueError, match="needs pattern"):
         routing_settings(config, "fixed")
+    with pytest.raises(ValueError, match="not a routing of the duo model"):
+        routing_settings(config, "small")  # the uniform patterns are all-small, all-big, all-skip
     with pytest.raises(ValueError, match="only apply to routing=random"):
-        routing_settings(config, "big", p_big=0.5)
+        routing_settings(config, "all-big", p_big=0.5)
     with pytest.raises(ValueError, match="not a probability"):
         routing_settings(config, p_big=1.5, p_small=0, p_skip=0)
     two = DuoLlamaConfig(
@@ -376,7 +378,7 @@ def test_lm_eval_cli_model_hf_reaches_every_routing(duo_model, tokenizer, task_m
     runs = {  # name -> (--model hf overrides, the same routing as duo arguments)
         "config": (folder, {}, {}),
         "fixed": (folder, {"routing_mode": "fixed", "fixed_pattern": "Bs"}, {"routing": "fixed", "pattern": "Bs"}),
-        "all-small": (folder, {"routing_mode": "fixed", "fixed_pattern": "ss"}, {"routing": "small"}),
+        "all-small": (folder, {"routing_mode": "fixed", "fixed_pattern": "ss"}, {"routing": "all-small"}),
         "random": (
             folder,
             {"routing_mode": "random", "route_probs": probs, "route_seed": 5},

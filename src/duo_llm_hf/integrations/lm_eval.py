@@ -13,7 +13,7 @@ built (a JSON `--model_args` carries `route_probs`)::
 with shorter routing arguments, checks and the routing in the results file::
 
     duo-llm eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25 --tasks arc_easy,hellaswag
-    duo-llm eval --model duo --model_args pretrained=DIR,routing=small --tasks hellaswag     # all-small
+    duo-llm eval --model duo --model_args pretrained=DIR,routing=all-small --tasks hellaswag
 
 The harness's `arc_easy` and `hellaswag` tasks load their data from the Hub. `arc_easy_local` and
 `hellaswag_local` (YAMLs in `TASKS_DIR`) are the same tasks reading local jsonl files in the Hub schema:
@@ -30,7 +30,7 @@ from typing import Any
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..models.routes import BIG, SKIP, SMALL, pattern_to_str
+from ..models.routes import UNIFORM_PATTERNS, parse_routing, pattern_to_str
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 """Folder of the `*_local` task YAMLs; pass it to `--include_path` / `TaskManager(include_path=...)`."""
@@ -41,16 +41,10 @@ FIXTURE_DATA_DIR = TASKS_DIR / "fixtures"
 LOCAL_TASKS = {"arc_easy": "arc_easy_local", "hellaswag": "hellaswag_local"}
 """Official task name -> the local-data task with the same definition."""
 
-# routing model argument -> (routing mode of the model, choice every token takes for the "all-X" modes)
-_ROUTINGS = {
-    "config": (None, None),
-    "random": ("random", None),
-    "fixed": ("fixed", None),
-    "learned": ("learned", None),
-    "small": ("fixed", SMALL),
-    "big": ("fixed", BIG),
-    "skip": ("fixed", SKIP),
-}
+# `routing=config` keeps the saved config's routing; every other value is a name of the routing vocabulary.
+KEEP_CONFIG_ROUTING = "config"
+DUO_ROUTINGS = (KEEP_CONFIG_ROUTING, "random", "fixed", "learned", *UNIFORM_PATTERNS)
+"""The `routing` values of the `duo` model: `config`, a routing mode, or a uniform pattern (`all-small`, ...)."""
 
 
 def routing_settings(
@@ -64,25 +58,23 @@ def routing_settings(
 ) -> dict[str, Any] | None:
     """The `set_routing` arguments that the `duo` model arguments ask for (None: keep the config's routing).
 
-    `routing` is `config` (default), `random`, `fixed`, `learned` (the model's trained routers; refused for a
-    model without routers), or `small` / `big` / `skip` (every token on that choice in every layer; `all-small`
-    etc. are accepted too). With `random`, the given probabilities
-    (`p_big`, `p_small`, `p_skip`) set `route_probs`; a single allowed choice left unset gets the remainder,
-    and none given keeps the config's. `p_*` alone implies `random`, `pattern` alone implies `fixed`.
+    `routing` is one of `DUO_ROUTINGS`: `config` (default), `random`, `fixed`, `learned` (the model's trained
+    routers; refused for a model without routers), or `all-small` / `all-big` / `all-skip` (every token on that
+    choice in every layer), the names `models.routes.parse_routing` reads. With `random`, the given
+    probabilities (`p_big`, `p_small`, `p_skip`) set `route_probs`; a single allowed choice left unset gets the
+    remainder, and none given keeps the config's. `p_*` alone implies `random`, `pattern` alone implies `fixed`.
     """
     probs = {name: p for name, p in (("small", p_small), ("big", p_big), ("skip", p_skip)) if p is not None}
     if routing is None:
-        routing = "random" if probs else "fixed" if pattern is not None else "config"
-    key = str(routing).lower().removeprefix("all-").removeprefix("all_")
-    if key not in _ROUTINGS:
-        raise ValueError(
-            f"routing={routing!r} is not a routing of the duo model; use one of {list(_ROUTINGS)} "
-            "(small/big/skip put every token on that choice; all-small etc. work too)."
-        )
-    mode, choice = _ROUTINGS[key]
+        routing = "random" if probs else "fixed" if pattern is not None else KEEP_CONFIG_ROUTING
+    if routing not in DUO_ROUTINGS:
+        raise ValueError(f"routing={routing!r} is not a routing of the duo model; use one of {list(DUO_ROUTINGS)}.")
+    mode, uniform_pattern = (None, None) if routing == KEEP_CONFIG_ROUTING else parse_routing(
+        routing, config.num_hidden_layers
+    )
     if probs and mode != "random":
         raise ValueError(f"p_small/p_big/p_skip {probs} only apply to routing=random, not routing={routing!r}.")
-    if pattern is not None and key != "fixed":
+    if pattern is not None and routing != "fixed":
         raise ValueError(f"pattern={pattern!r} only applies to routing=fixed, not routing={routing!r}.")
     if mode is None:
         return None
@@ -95,14 +87,14 @@ def routing_settings(
     settings: dict[str, Any] = {"mode": mode}
     if route_seed is not None:
         settings["route_seed"] = int(route_seed)
-    if key == "fixed":
+    if routing == "fixed":
         if pattern is None:
             raise ValueError("routing=fixed needs pattern=..., one letter per layer: s (small), B (big), - (skip).")
         if not isinstance(pattern, (str, list, tuple)):
             raise ValueError(f"pattern={pattern!r}: give one letter per layer, s (small), B (big), - (skip): sBsB.")
         settings["fixed_pattern"] = pattern
-    elif choice is not None:
-        settings["fixed_pattern"] = [choice] * config.num_hidden_layers
+    elif uniform_pattern is not None:
+        settings["fixed_pattern"] = uniform_pattern
     elif mode == "random" and probs:
         settings["route_probs"] = _fill_route_probs(probs, list(config.route_options))
     return settings
@@ -193,6 +185,7 @@ def local_task_manager(data_dir: str | os.PathLike, **kwargs):
 
 
 __all__ = [
+    "DUO_ROUTINGS",
     "DuoLM",
     "FIXTURE_DATA_DIR",
     "LOCAL_TASKS",
