@@ -96,7 +96,7 @@ def test_finetune_changes_only_the_small_ffns(tmp_path, source):
     args = tiny_args(tmp_path, folder, eval_every=2)
     result = finetune(args)
     assert sorted(result.losses) == [1, 2, 3, 4]
-    assert {f"eval/{s}/{m}/ppl" for s in ("english", "code") for m in ("random", "big", "small")} <= set(
+    assert {f"eval/{s}/{m}/ppl" for s in ("english", "code") for m in ("random", "all-big", "all-small")} <= set(
         result.eval_metrics
     )
 

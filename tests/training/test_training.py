@@ -50,9 +50,9 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path):
     last = records[-1]
     assert last["step"] == 30 and "train/loss" in last and last["train/tokens"] == 30 * 4 * 16
     for holdout in ("english", "code"):
-        for mode in ("random", "big", "small"):
+        for mode in ("random", "all-big", "all-small"):
             assert last[f"eval/{holdout}/{mode}/ppl"] > 1
-    assert any(r["step"] == 15 and "eval/code/big/loss" in r for r in records)
+    assert any(r["step"] == 15 and "eval/code/all-big/loss" in r for r in records)
 
     model = AutoModelForCausalLM.from_pretrained(args.output_dir)
     tok = AutoTokenizer.from_pretrained(args.output_dir)

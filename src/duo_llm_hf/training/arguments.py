@@ -25,6 +25,7 @@ from transformers import SchedulerType
 
 from ..data.corpus import BUILTIN, parse_corpus_spec
 from ..data.tokenization import MIN_VOCAB_SIZE, has_tokenizer
+from ..models.routes import UNIFORM_PATTERNS
 from ..utils.arguments import (
     HfArgumentParser,
     check_choices,
@@ -37,7 +38,8 @@ from ..utils.errors import MissingFileError, UsageError
 from .building import inspect_init_source, is_hub_id
 
 MODES = ("random", "frozen-big", "dense")
-EVAL_ROUTES = ("random", "big", "small", "skip")
+# The routings a stage 1 model is evaluated under: names of the routing vocabulary (`models.routes.parse_routing`).
+EVAL_ROUTES = ("random", *UNIFORM_PATTERNS)
 SCHEDULERS = [kind.value for kind in SchedulerType]  # what --lr-scheduler may name (transformers' get_scheduler)
 
 Arguments = TypeVar("Arguments")
@@ -189,8 +191,10 @@ class ModelArguments:
         default=False, metadata={"help": "Recompute activations in backward."}
     )
     eval_routes: str = field(
-        default="random,big,small",
-        metadata={"help": "Duo routes to evaluate, comma-separated: random (fixed seed), big, small, skip."},
+        default="random,all-big,all-small",
+        metadata={
+            "help": "Duo routings to evaluate, comma-separated: random (fixed seed), all-big, all-small, all-skip."
+        },
     )
 
     def eval_route_list(self) -> list[str]:
@@ -291,9 +295,9 @@ class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunAr
                 "1 (the small FFN gets 1 - p_big - p_skip)."
             )
         routes = check_choices(self, "eval_routes", EVAL_ROUTES)
-        if "skip" in routes and self.p_skip == 0:
+        if "all-skip" in routes and self.p_skip == 0:
             raise UsageError(
-                "eval_routes: 'skip' needs a model that allows skipping (train with --p-skip > 0)."
+                "eval_routes: 'all-skip' needs a model that allows skipping (train with --p-skip > 0)."
             )
         check_init_source(self)
         positions = self.max_position_embeddings

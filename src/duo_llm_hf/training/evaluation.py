@@ -1,4 +1,4 @@
-"""Held-out perplexity of a stage 1 model under each route mode it was trained for (random, big, small, skip).
+"""Held-out perplexity of a stage 1 model under each routing it was trained for (random, all-big, all-small, ...).
 
 Random routes come from a sampler seeded afresh at every evaluation, so evaluations along a run (and of runs
 trained with the same route seed) see the same routes and are comparable. The router training's evaluation, under
@@ -14,18 +14,20 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from ..models.losses import token_losses
-from ..models.routes import CHOICE_CODES, RouteSampler
+from ..models.routes import RouteSampler, parse_routing
 from .building import is_duo_model
 
 
 def eval_route_kwargs(model, mode: str, input_ids: torch.Tensor, sampler: RouteSampler | None) -> dict:
-    """Keyword arguments that make a Duo model follow ``mode`` (random / big / small / skip) on a batch."""
+    """Keyword arguments that make a Duo model follow ``mode`` (``random`` or a uniform pattern, ``all-big``, ...)
+    on a batch; none for a dense model (``dense``)."""
     if mode == "dense":
         return {}
     shape = (*input_ids.shape, model.config.num_hidden_layers)
     if mode == "random":
         return {"routes": sampler.sample(shape, input_ids.device)}
-    return {"routes": torch.full(shape, CHOICE_CODES[mode], dtype=torch.long, device=input_ids.device)}
+    _, pattern = parse_routing(mode, model.config.num_hidden_layers)
+    return {"routes": torch.tensor(pattern, dtype=torch.long, device=input_ids.device).expand(shape)}
 
 
 @torch.no_grad()
