@@ -22,7 +22,6 @@ the FFN alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ import torch
 
 from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM, flops_per_token, route_fractions
 from duo_llm_hf.models.routes import CHOICE_NAMES, set_ffn_dispatch
+from duo_llm_hf.utils.files import atomic_write_json
 
 PHASES = ("prefill", "decode")
 
@@ -413,10 +413,7 @@ def main(argv=None) -> dict:
     result = run(args)
     print(markdown(result))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, result, newline=False)
     return result
 
 

@@ -49,7 +49,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 import typing
 from collections.abc import Mapping, Sequence
@@ -76,6 +75,7 @@ from ..training.train import (
 )
 from ..utils.arguments import HfArgumentParser, check_integer_fields, check_output_dir
 from ..utils.errors import MissingDependencyError, MissingFileError, UsageError
+from ..utils.files import atomic_target, atomic_write_text
 from ..utils.flops import flops_per_token
 from ..utils.loading import load_complete_model
 from ..utils.processes import process_state
@@ -623,13 +623,6 @@ def _benchmark_spec(settings: dict[str, Any]) -> BenchmarkSpec:
 # Training
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -687,9 +680,8 @@ def prepare_tokenizer(plan: AblationPlan):
                 iter_texts(texts, settings["tokenizer_train_chars"]), settings["vocab_size"]
             )
             if state.is_main_process:
-                tmp = folder.with_name(f".tmp-{folder.name}")
-                tokenizer.save_pretrained(tmp)
-                os.replace(tmp, folder)
+                with atomic_target(folder) as tmp:
+                    tokenizer.save_pretrained(tmp)
         tokenizer = load_tokenizer(folder)
     if settings["tokenizer"] is None and len(tokenizer) > settings["vocab_size"]:
         raise UsageError(
@@ -747,7 +739,7 @@ def train_runs(plan: AblationPlan, overwrite: bool = False) -> tuple[list[str], 
             train(fresh)  # the checkpoints are of an earlier plan: start over, as asked
         info = {"train_seconds": time.perf_counter() - start, "init_from": source}
         if process_state().is_main_process:
-            _write_atomic(plan.run_dir(run) / RUN_INFO, json.dumps(info, indent=2))
+            atomic_write_text(plan.run_dir(run) / RUN_INFO, json.dumps(info, indent=2))
         trained.append(run.name)
     return trained, reused
 
@@ -904,7 +896,7 @@ def evaluate_runs(plan: AblationPlan, tokenizer) -> dict[str, dict[str, dict]]:
 
     def save(path: Path, record: dict) -> None:  # each evaluation is kept as soon as it is done
         if accelerator.is_main_process:
-            _write_atomic(path, json.dumps(_jsonable(record), indent=2))
+            atomic_write_text(path, json.dumps(_jsonable(record), indent=2))
 
     try:
         for run in plan.runs:
@@ -1135,7 +1127,7 @@ def write_outputs(plan: AblationPlan, rows: list[dict], counts: dict[str, int], 
         markdown_table(rows, labels),
         "",
     ]
-    _write_atomic(files["results.md"], "\n".join(header))
+    atomic_write_text(files["results.md"], "\n".join(header))
     payload = {
         "preset": plan.settings["preset"],
         "settings": plan.settings,
@@ -1148,11 +1140,10 @@ def write_outputs(plan: AblationPlan, rows: list[dict], counts: dict[str, int], 
         "rows": rows,
         "seconds_this_call": seconds,
     }
-    _write_atomic(files["results.json"], json.dumps(_jsonable(payload), indent=2))
-    _write_atomic(files["results.csv"], csv_table(rows, labels))
-    tmp_png = plan.out / ".tmp-fig8.png"
-    plot_fig8(plan, rows, counts, tmp_png)
-    os.replace(tmp_png, files["fig8.png"])
+    atomic_write_text(files["results.json"], json.dumps(_jsonable(payload), indent=2))
+    atomic_write_text(files["results.csv"], csv_table(rows, labels))
+    with atomic_target(files["fig8.png"]) as tmp_png:
+        plot_fig8(plan, rows, counts, tmp_png)
     return {name: str(path) for name, path in files.items()}
 
 

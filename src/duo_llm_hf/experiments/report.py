@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..models.routes import BIG, SKIP
-from ..oracle.results import OracleResult, atomic_write_text
+from ..oracle.results import OracleResult
+from ..utils.files import atomic_write_json, atomic_write_text
 from . import analysis
 
 ROUTER_LABELS = {"conventional": "router", "oracle": "oracle-supervised router"}
@@ -544,6 +545,6 @@ def render_html(blocks: list[tuple]) -> str:
 def write_report(out: Path, metrics: dict, oracle: dict, routers: dict, model_dir: Path) -> None:
     figures = write_figures(out, metrics, oracle, routers, model_dir)
     blocks = report_blocks(metrics, figures)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "report.md", render_markdown(blocks, out))
     atomic_write_text(out / "report.html", render_html(blocks))

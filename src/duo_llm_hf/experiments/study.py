@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..oracle.results import OracleResult, atomic_write_text
+from ..oracle.results import OracleResult
 from ..oracle.run import run_oracle_study, study_space
 from ..utils.arguments import check_folder, check_output_dir
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.files import atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from ..utils.run_files import OVERWRITE_FLAG
 
@@ -215,7 +216,7 @@ class Stages:
         record = work()
         record["seconds"] = round(time.perf_counter() - start, 1)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
+        atomic_write_json(marker, record)
         self.timings[name] = record["seconds"]
         return record
 
@@ -433,7 +434,7 @@ def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False
             for name in STAGE_FOLDERS:
                 shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+    atomic_write_json(path, settings)
 
 
 def summary_table(metrics: dict) -> str:

@@ -43,6 +43,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
 from ..utils.arguments import label as flag_label
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.files import atomic_write_text
 from ..utils.flops import choice_cost, flops_per_token
 
 NOT_EVALUATED = "**Not evaluated**"
@@ -93,9 +94,7 @@ def write_model_card(
     model_dir = Path(model_dir)
     card = build_model_card(model_dir, metrics, repo_id=repo_id, model_name=model_name)
     path = model_dir / filename
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(card, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, card)
     return path
 
 

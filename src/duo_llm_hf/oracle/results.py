@@ -14,9 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..models.routes import BIG, CHOICE_NAMES, route_usage
+from ..utils.files import atomic_save_tensors, atomic_write_json
 from .reducers import NO_PATTERN, BatchReduction
 from .spaces import RouteSpace, index_to_pattern
 
@@ -222,7 +223,7 @@ class OracleResult:
         atomic_save_tensors(tensors, output_dir / RESULTS_FILE)
         summary = self.summary()
         summary["_space"] = space_spec(self.space)
-        atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(output_dir / SUMMARY_FILE, summary)
 
     @classmethod
     def load(cls, output_dir: str | os.PathLike) -> OracleResult:
@@ -249,18 +250,3 @@ def space_spec(space: RouteSpace) -> dict:
 
 def space_from_spec(spec: Mapping) -> RouteSpace:
     return RouteSpace(spec["num_layers"], spec["choices"], spec["budgets"], extra_classes=spec["extra_classes"])
-
-
-def atomic_save_tensors(
-    tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
-) -> None:
-    """Write a safetensors file so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -44,12 +44,13 @@ from ..utils.arguments import (
     user_values,
 )
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from ..utils.processes import process_state
 from ..utils.run_files import OVERWRITE_FLAG, check_fingerprint, file_hash, refuse_overwrite
 from .engine import oracle_search, under_roots
 from .reducers import BatchReduction, RunningMin
-from .results import RESULTS_FILE, SUMMARY_FILE, OracleResult, atomic_save_tensors, atomic_write_text, space_spec
+from .results import RESULTS_FILE, SUMMARY_FILE, OracleResult, space_spec
 from .spaces import RouteSpace, uniform_classes
 
 logger = logging.getLogger(__name__)
@@ -441,7 +442,7 @@ def _save_state(output_dir: Path, fingerprint: dict, num_batches: int, hashes: d
         "batches_done": len(hashes),
         "batch_sha256": {str(b): hashes[b] for b in sorted(hashes)},
     }
-    atomic_write_text(output_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+    atomic_write_json(output_dir / STATE_FILE, state)
 
 
 STUDY_USAGE = """Stage 2 of Duo-LLM: the oracle study of a trained Duo model.
