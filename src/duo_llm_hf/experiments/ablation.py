@@ -59,13 +59,12 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig
 
-from ..data.corpus import TEXT_COLUMN, iter_texts, load_corpus, pack_corpus, parse_corpus_spec
+from ..data.corpus import HOLDOUTS, TEXT_COLUMN, iter_texts, load_corpus, pack_corpus, parse_corpus_spec
 from ..data.tokenization import has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..training.checkpointing import CHECKPOINTS_DIR, list_checkpoints
 from ..training.loop import reset_accelerate_state
 from ..training.train import (
-    HOLDOUTS,
     RESUMABLE_CHANGES,
     TrainArguments,
     dense_baseline_config,

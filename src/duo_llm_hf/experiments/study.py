@@ -42,7 +42,6 @@ from ..utils.run_files import OVERWRITE_FLAG
 
 logger = logging.getLogger(__name__)
 
-HOLDOUTS = ("english", "code")
 ROUTER_SHORT = {"conventional": "router", "oracle": "oracle-sup."}
 DONE_FILE = "stage_done.json"
 # The stages' folders in --out: what a study started over with other settings removes first.
@@ -313,6 +312,7 @@ def run_study(
     A re-run of the same study reuses its finished stages. ``out`` holding a study with other settings is refused,
     unless ``overwrite``: then that study's stages are removed and this one starts over.
     """
+    from ..data.corpus import HOLDOUTS  # here, like the corpus loading: `--help` does not import datasets
     from .report import collect_metrics, write_report
 
     out = Path(out)

@@ -43,6 +43,7 @@ from transformers import (
 
 from ..data.corpus import (
     BUILTIN,
+    HOLDOUTS,
     EpochSampler,
     corpus_content_hash,
     iter_texts,
@@ -95,8 +96,6 @@ logger = logging.getLogger(__name__)
 MODES = ("random", "frozen-big", "dense")
 EVAL_ROUTES = ("random", "big", "small", "skip")
 SCHEDULERS = [kind.value for kind in SchedulerType]  # what --lr-scheduler may name (transformers' get_scheduler)
-# Holdout sets evaluated separately, as the paper holds out C4 (English) and Python code.
-HOLDOUTS = ("english", "code")
 SMALL_MODULE_KEY = ".mlp.small."
 # frozen-big sources by model_type: the Duo class each becomes (a Duo source gives its big path, to_dense()).
 FROZEN_BIG_SOURCES = {
