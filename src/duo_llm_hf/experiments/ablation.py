@@ -61,7 +61,6 @@ from transformers import AutoConfig
 
 from ..data.corpus import HOLDOUTS, TEXT_COLUMN, iter_texts, load_corpus, pack_corpus, parse_corpus_spec
 from ..data.tokenization import has_tokenizer, load_tokenizer, train_bpe_tokenizer
-from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..training.checkpointing import CHECKPOINTS_DIR, list_checkpoints
 from ..training.loop import reset_accelerate_state
 from ..training.train import (
@@ -76,7 +75,7 @@ from ..utils.arguments import HfArgumentParser, check_integer_fields, check_outp
 from ..utils.errors import MissingDependencyError, MissingFileError, UsageError
 from ..utils.files import atomic_target, atomic_write_text
 from ..utils.flops import flops_per_token
-from ..utils.loading import load_complete_model
+from ..utils.loading import is_duo_model, load_complete_model
 from ..utils.processes import process_state
 from ..utils.run_files import OVERWRITE_FLAG, FingerprintMismatch
 from .analysis import _pyplot
@@ -954,7 +953,7 @@ def build_rows(plan: AblationPlan, records: Mapping[str, Mapping[str, dict]]) ->
     rows, counts = [], {}
     for run in plan.runs:
         config = AutoConfig.from_pretrained(plan.run_dir(run))
-        is_duo = isinstance(config, DuoLlamaConfig)
+        is_duo = is_duo_model(config)
         timing = _read_json(plan.run_dir(run) / RUN_INFO) or {}
         results = _read_json(plan.run_dir(run) / "train_results.json") or {}
         for key, record in records[run.name].items():

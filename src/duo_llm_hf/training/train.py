@@ -55,7 +55,7 @@ from ..data.tokenization import MIN_VOCAB_SIZE, check_tokenizer_fits, has_tokeni
 from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
 from ..models.losses import token_losses
-from ..models.modeling_duo import DuoCausalLMMixin, dense_config_fields
+from ..models.modeling_duo import dense_config_fields
 from ..models.modeling_duo_llama import DuoLlamaForCausalLM
 from ..models.modeling_duo_opt import DuoOPTForCausalLM
 from ..models.routes import BIG, CHOICE_CODES, RouteSampler
@@ -69,7 +69,7 @@ from ..utils.arguments import (
 )
 from ..utils.errors import MissingFileError, UsageError
 from ..utils.flops import dense_intermediate_size, flops_per_token
-from ..utils.loading import load_complete_model
+from ..utils.loading import is_duo_model, load_complete_model
 from ..utils.processes import process_state
 from ..utils.run_files import files_hash, folder_weights_hash
 from .checkpointing import (
@@ -581,11 +581,6 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
     )
     freeze_all_but_small(model)
     return model
-
-
-def is_duo_model(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a Duo causal LM (DuoLlama, DuoOPT), as opposed to a dense one."""
-    return isinstance(model, DuoCausalLMMixin)
 
 
 def freeze_all_but_small(model: torch.nn.Module) -> int:
