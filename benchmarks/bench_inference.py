@@ -103,7 +103,7 @@ def learned_routing_available(model: DuoLlamaForCausalLM) -> str | None:
     return None
 
 
-def calibrate_routers(model: DuoLlamaForCausalLM, input_ids: torch.Tensor, budget: float) -> None:
+def calibrate_big_fraction(model: DuoLlamaForCausalLM, input_ids: torch.Tensor, budget: float) -> None:
     """Shift each layer's BIG router bias so that a ``budget`` fraction of the prompt's tokens takes BIG.
 
     Layers are calibrated in order during one forward (a pre-hook on each router), so each sees the input
@@ -153,7 +153,7 @@ def build_cases(
     if why_not is None:
         for budget in (0.5, 0.25):
             settings.append((f"learned {budget:.0%} BIG", _learned(budget, prompt)))
-        note = "learned rows: untrained routers calibrated on the prompt to the budget (calibrate_routers)"
+        note = "learned rows: untrained routers calibrated on the prompt to the budget (calibrate_big_fraction)"
     else:
         note = f"learned-router rows left out: {why_not}"
     cases = [Case(name, dispatch, setup) for dispatch in dispatch_modes for name, setup in settings]
@@ -173,7 +173,7 @@ def _learned(budget: float, prompt: torch.Tensor):
                 return
             for bias in biases:
                 bias.zero_()
-        calibrate_routers(model, prompt, budget)
+        calibrate_big_fraction(model, prompt, budget)
         calibrated.extend(bias.detach().clone() for bias in biases)
 
     return setup
