@@ -214,8 +214,8 @@ class RouterTrainArguments:
     progress: bool = _stage1("progress")
 
     def validate(self) -> None:
-        """Check every argument and the paths they name, before any work is done (see also `route_plan`); raise
-        `UsageError`."""
+        """Check every argument and the paths they name, before any work is done (see also
+        `resolve_router_budget`); raise `UsageError`."""
         check_output_dir(self)
         check_integer_fields(
             self,
@@ -345,7 +345,7 @@ def routable_choices(config) -> list[str]:
     return [name for name in CHOICE_NAMES if name in config.route_options or name == CHOICE_NAMES[SKIP]]
 
 
-def route_plan(args: RouterTrainArguments, config) -> tuple[list[str], dict[int, float]]:
+def resolve_router_budget(args: RouterTrainArguments, config) -> tuple[list[str], dict[int, float]]:
     """The router's route options and budget targets (``{choice code: fraction}``) for a model's config.
 
     Raises when the setting asks for a choice the model cannot route (see `routable_choices`) or the budget does
@@ -627,7 +627,7 @@ def train_router(
     """
     args.validate()
     source_config = inspect_duo_source(args.model)  # checked by validate; read again for the run
-    options, targets = route_plan(args, source_config)
+    options, targets = resolve_router_budget(args, source_config)
     positions = source_config.max_position_embeddings
     if args.block_size is not None and args.block_size > positions:
         raise UsageError(
@@ -641,13 +641,15 @@ def train_router(
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
     resume_dir = start_or_resume(args, "router training run")
 
-    plan = RoutePlan(options, targets, oracle_budget)
+    router_budget = RouterBudget(options, targets, oracle_budget)
     with accelerated_run(args, resume_dir) as accelerator:
-        return _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback)
+        return _train_router(
+            args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback
+        )
 
 
 @dataclass(frozen=True)
-class RoutePlan:
+class RouterBudget:
     """What the routers learn: their options, the budget targets and, under oracle supervision, the oracle's budget."""
 
     options: list[str]
@@ -655,7 +657,7 @@ class RoutePlan:
     oracle_budget: str | None = None
 
 
-def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback):
+def _train_router(args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback):
     output_dir = Path(args.output_dir)
     run = run_identity(resume_dir, training_fingerprint(args, accelerator), "router training run")
     set_seed(args.seed)
@@ -673,9 +675,8 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
 
     model = load_duo_model(args.model)
     schedule = args.temperature_plan(1)  # replaced below once the number of steps is known
-    add_routers(
-        model, plan.options, seed=args.seed if args.router_seed is None else args.router_seed, temperature=schedule(0)
-    )
+    router_seed = args.seed if args.router_seed is None else args.router_seed
+    add_routers(model, router_budget.options, seed=router_seed, temperature=schedule(0))
     trainable = freeze_all_but_routers(model)
 
     train_loader = make_train_loader(train_blocks, args)
@@ -688,15 +689,15 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
     unwrapped = accelerator.unwrap_model(model)
 
     state = restore_train_state(accelerator, resume_dir)
-    targets_named = {CHOICE_NAMES[code]: value for code, value in plan.targets.items()}
+    targets_named = {CHOICE_NAMES[code]: value for code, value in router_budget.targets.items()}
     accelerator.init_trackers(
         args.run_name,
         config=tracker_config(
             args,
             {
-                "route_options_resolved": ",".join(plan.options),
+                "route_options_resolved": ",".join(router_budget.options),
                 "budget_resolved": json.dumps(targets_named),
-                "oracle_budget_resolved": str(plan.oracle_budget),
+                "oracle_budget_resolved": str(router_budget.oracle_budget),
                 "total_steps": total_steps,
                 "trainable_parameters": sum(p.numel() for p in trainable),
             },
@@ -734,7 +735,11 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
             ids = batch["input_ids"]
             if args.supervision == "oracle":
                 routes, mask = oracle_router_targets(
-                    unwrapped, ids, plan.oracle_budget, causal=args.oracle_causal, chunk_tokens=args.oracle_chunk_tokens
+                    unwrapped,
+                    ids,
+                    router_budget.oracle_budget,
+                    causal=args.oracle_causal,
+                    chunk_tokens=args.oracle_chunk_tokens,
                 )
                 # Teacher forcing: the model follows the oracle's routes, each router sees the FFN input there.
                 out = model(input_ids=ids, routes=routes, output_router_probs=True, logits_to_keep=1)
@@ -742,7 +747,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
             else:
                 out = model(input_ids=ids, labels=ids, routing="learned")
                 main = out.loss
-            budget = budget_loss(out.router_probs, plan.targets)
+            budget = budget_loss(out.router_probs, router_budget.targets)
             loss = main + args.alpha * budget
             backward_and_step(accelerator, loss, optimizer, scheduler, trainable, args.max_grad_norm)
         meter.add(loss, main, budget)
@@ -810,12 +815,16 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
         blocks = train_blocks.select(range(count)) if count else train_blocks.take(args.oracle_calibration_blocks)
         ids = torch.stack([row["input_ids"] for row in blocks]).to(accelerator.device)
         calibration = calibrate_routers(
-            unwrapped, ids, plan.oracle_budget, causal=args.oracle_causal, chunk_tokens=args.oracle_chunk_tokens
+            unwrapped,
+            ids,
+            router_budget.oracle_budget,
+            causal=args.oracle_causal,
+            chunk_tokens=args.oracle_chunk_tokens,
         )
     if eval_loaders and (calibration is not None or not results):  # after calibration, or a resumed finished run
         results = evaluate_router(model, eval_loaders, accelerator)
         accelerator.log(eval_metrics(results), step=state.global_step)
-    report = router_report(args, unwrapped.config, plan, state, results, train_realised, train_agreement)
+    report = router_report(args, unwrapped.config, router_budget, state, results, train_realised, train_agreement)
     report["oracle_calibration"] = calibration
     save_final(args, accelerator, model, tokenizer, state, eval_metrics(results), run_id=run["run_id"])
     if accelerator.is_main_process:
@@ -827,13 +836,13 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
 def router_report(
     args: RouterTrainArguments,
     config,
-    plan: RoutePlan,
+    router_budget: RouterBudget,
     state: TrainState,
     results: Mapping[str, dict],
     train_realised: Mapping[str, float],
     train_agreement: float | None = None,
 ) -> dict:
-    """The JSON report of a router run: the plan, and per held-out set the realised fractions and perplexity.
+    """The JSON report of a router run: its targets, and per held-out set the realised fractions and perplexity.
 
     ``holdouts[name]`` holds ``loss``, ``ppl``, ``tokens``, ``realised`` (``overall`` and ``per_layer``
     fractions of each choice), ``usage`` (counts ``[3][layers][positions]``: choice code x layer x position,
@@ -856,9 +865,9 @@ def router_report(
         "model": str(args.model),
         "setting": args.setting,
         "supervision": args.supervision,
-        "route_options": list(plan.options),
-        "budget": {CHOICE_NAMES[code]: value for code, value in plan.targets.items()},
-        "oracle_budget": plan.oracle_budget,
+        "route_options": list(router_budget.options),
+        "budget": {CHOICE_NAMES[code]: value for code, value in router_budget.targets.items()},
+        "oracle_budget": router_budget.oracle_budget,
         "oracle_causal": args.oracle_causal if args.supervision == "oracle" else None,
         "alpha": args.alpha,
         "temperature_final": float(config.router_temperature),
@@ -886,7 +895,7 @@ def main(argv: list[str] | None = None) -> RouterTrainResult:
 
 __all__ = [
     "REPORT_FILE",
-    "RoutePlan",
+    "RouterBudget",
     "RouterTrainArguments",
     "RouterTrainResult",
     "add_routers",
@@ -903,7 +912,7 @@ __all__ = [
     "parse_router_args",
     "routable_choices",
     "router_agreement",
-    "route_plan",
+    "resolve_router_budget",
     "router_report",
     "train_router",
 ]
