@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM
+from duo_llm_hf import BIG, SKIP, DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.data.corpus import pack_corpus
 from duo_llm_hf.data.tokenization import load_tokenizer
 from duo_llm_hf.experiments.router_comparison import ComparisonArguments, compare_routers, comparison_table
@@ -19,6 +19,7 @@ from duo_llm_hf.training.checkpointing import list_checkpoints
 from duo_llm_hf.training.routers import (
     REPORT_FILE,
     add_routers,
+    budget_flag,
     evaluate_router,
     load_duo_model,
     oracle_router_targets,
@@ -310,6 +311,8 @@ def test_parser_and_budget_flags():
     assert (args.budget, args.alpha, args.block_size) == ("big=0.5,skip=0.5", 3.0, None)
     assert parse_budget_flag(args.budget) == {"big": 0.5, "skip": 0.5}
     assert parse_budget_flag("0.3") == 0.3
+    assert budget_flag({BIG: 4 / 12}) == repr(4 / 12) and parse_budget_flag(budget_flag({BIG: 4 / 12})) == 4 / 12
+    assert budget_flag({SKIP: 0.25, BIG: 0.5}) == "big=0.5,skip=0.25"
 
 
 def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, builtin_tokenizer):

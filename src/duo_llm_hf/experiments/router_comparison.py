@@ -28,10 +28,12 @@ import torch
 from ..data.tokenization import load_tokenizer
 from ..models.routes import BIG, CHOICE_NAMES, SMALL
 from ..oracle.run import run_oracle_study, study_space
+from ..oracle.spaces import parse_layer_budget
 from ..training.routers import (
     DEFAULT_BLOCK_SIZE,
     REPORT_FILE,
     RouterTrainArguments,
+    budget_flag,
     train_router,
 )
 from ..training.train import load_corpora, make_eval_loaders
@@ -90,14 +92,15 @@ class ComparisonArguments:
 def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, supervision: str) -> RouterTrainArguments:
     """The `train_router` arguments of one router of the comparison (``k`` BIG layers of ``num_layers``)."""
     oracle = supervision == "oracle"
+    layer_budget = parse_layer_budget(k)
     return RouterTrainArguments(
         model=args.model,
         output_dir=str(Path(args.output_dir) / "routers" / f"{supervision}-big{k}"),
         route_options="small,big",
-        budget=repr(k / num_layers),
+        budget=budget_flag(layer_budget.fractions(num_layers)),
         alpha=args.alpha,
         supervision=supervision,
-        oracle_budget=f"big={k}" if oracle else None,
+        oracle_budget=layer_budget.label if oracle else None,
         # Oracle supervision fits P = softmax(logits) to the oracle's choices: no annealing needed.
         temperature_schedule="constant" if oracle else "exponential",
         builtin_max_chars=args.builtin_max_chars,
@@ -215,7 +218,7 @@ def comparison_table(results: dict) -> str:
     row(f"0 of {n}", "all small", [0.0] * len(names), [sets[s]["small_all"] for s in names])
     for k in results["budgets"]:
         key = str(k) if str(k) in sets[names[0]]["oracle"] else k  # JSON turns int keys into strings
-        exact = [k / n] * len(names)
+        exact = [parse_layer_budget(k).fractions(n)[BIG]] * len(names)
         row(f"{k} of {n}", "oracle", exact, [sets[s]["oracle"][key] for s in names])
         patterns = " / ".join(f"`{sets[s]['fixed_pattern'][key]}`" for s in names)
         row(f"{k} of {n}", f"fixed {patterns}", exact, [sets[s]["fixed"][key] for s in names])

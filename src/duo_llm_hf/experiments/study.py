@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from ..oracle.results import OracleResult
 from ..oracle.run import run_oracle_study, study_space
+from ..oracle.spaces import parse_layer_budget
 from ..utils.arguments import check_folder, check_output_dir
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
 from ..utils.files import atomic_write_json
@@ -356,7 +357,7 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
 
     Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage"}`` (usage: ``[3, layers, positions]``).
     """
-    from ..training.routers import RouterTrainArguments, evaluate_router
+    from ..training.routers import RouterTrainArguments, budget_flag, evaluate_router
 
     config = stages.config
     results: dict[str, dict[int, dict]] = {kind: {} for kind in config.router_kinds}
@@ -367,13 +368,14 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
         for k in config.router_budgets:
             folder = stages.out / "routers" / f"{kind}-k{k}"
             oracle = kind == "oracle"
+            layer_budget = parse_layer_budget(k)
             args = RouterTrainArguments(
                 model=str(model_dir),
                 output_dir=str(folder),
                 route_options="small,big",
-                budget=repr(k / n),
+                budget=budget_flag(layer_budget.fractions(n)),
                 supervision=kind,
-                oracle_budget=f"big={k}" if oracle else None,
+                oracle_budget=layer_budget.label if oracle else None,
                 # Oracle supervision fits P = softmax(logits) to the oracle's choices: no annealing needed.
                 temperature_schedule="constant" if oracle else "exponential",
                 block_size=config.train["block_size"],

@@ -59,7 +59,7 @@ from ..models.router import (
 )
 from ..models.routes import BIG, CHOICE_NAMES, SKIP, choice_code, route_usage
 from ..oracle.engine import oracle_routing
-from ..oracle.spaces import RouteSpace
+from ..oracle.spaces import RouteSpace, UnevenLayerBudget, layer_budget_of_fractions
 from ..utils.arguments import HfArgumentParser, check_integer_fields, check_output_dir, user_values
 from ..utils.errors import MissingFileError, UsageError
 from ..utils.flops import flops_per_token
@@ -340,6 +340,15 @@ def parse_budget_flag(text: str | float | Mapping[str, float]) -> float | dict[s
     return targets
 
 
+def budget_flag(targets: Mapping[int, float]) -> str:
+    """The ``--budget`` value of budget targets (``{choice code: fraction}``), read back by `parse_budget_flag`:
+    the BIG fraction alone when only BIG is targeted, else ``name=fraction`` pairs; written with ``repr`` so that
+    no digit of the fraction is lost."""
+    if set(targets) == {BIG}:
+        return repr(targets[BIG])
+    return ",".join(f"{CHOICE_NAMES[code]}={fraction!r}" for code, fraction in sorted(targets.items()))
+
+
 def routable_choices(config) -> list[str]:
     """The choices a model can route: its ``route_options`` (trained in stage 1) and ``skip`` (needs no module)."""
     return [name for name in CHOICE_NAMES if name in config.route_options or name == CHOICE_NAMES[SKIP]]
@@ -371,27 +380,24 @@ def resolve_router_budget(args: RouterTrainArguments, config) -> tuple[list[str]
         return options, parse_budget(budget, options)
 
 
-def oracle_budget_spec(
+def oracle_layer_budget(
     args: RouterTrainArguments, options: Sequence[str], targets: Mapping[int, float], num_layers: int
 ):
     """The oracle's budget for oracle supervision: ``args.oracle_budget``, else the targets times the layers.
 
-    The oracle picks patterns with *exact* counts (`route_spaces.parse_budget` syntax), so each target fraction
-    times ``num_layers`` must be a whole number (``0.5`` of 4 layers: ``big=2``). The budget is checked against a
-    route space over ``options`` here, before any work is done.
+    The oracle picks patterns with *exact* counts (a layer budget: `oracle.spaces.parse_layer_budget` syntax), so
+    each target fraction times ``num_layers`` must be a whole number (``0.5`` of 4 layers: ``big=2``). The budget
+    is checked against a route space over ``options`` here, before any work is done.
     """
     if args.oracle_budget is not None:
         spec = args.oracle_budget
     else:
-        counts = {CHOICE_NAMES[code]: fraction * num_layers for code, fraction in targets.items()}
-        uneven = {name: count for name, count in counts.items() if abs(count - round(count)) > 1e-6}
-        if uneven:
+        try:
+            spec = layer_budget_of_fractions(targets, num_layers).label
+        except UnevenLayerBudget as err:
             raise UsageError(
-                f"budget { ({CHOICE_NAMES[c]: v for c, v in targets.items()}) } of {num_layers} layers is "
-                f"{uneven} layers, not whole numbers; the oracle needs exact counts: give --oracle-budget (e.g. "
-                f"{','.join(f'{n}={round(c)}' for n, c in counts.items())})."
-            )
-        spec = ",".join(f"{name}={round(count)}" for name, count in counts.items())
+                f"{err}; the oracle needs exact counts: give --oracle-budget (e.g. {err.nearest.label})."
+            ) from None
     with user_values("oracle_budget: "):
         RouteSpace(num_layers, options, [spec])  # raises on a budget the options cannot meet
     return spec
@@ -637,7 +643,7 @@ def train_router(
     args = dataclasses.replace(args, block_size=args.block_size or min(DEFAULT_BLOCK_SIZE, positions))
     oracle_budget = None
     if args.supervision == "oracle":
-        oracle_budget = oracle_budget_spec(args, options, targets, source_config.num_hidden_layers)
+        oracle_budget = oracle_layer_budget(args, options, targets, source_config.num_hidden_layers)
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
     resume_dir = start_or_resume(args, "router training run")
 
@@ -899,20 +905,21 @@ __all__ = [
     "RouterTrainArguments",
     "RouterTrainResult",
     "add_routers",
+    "budget_flag",
     "build_router_arg_parser",
     "calibrate_routers",
     "eval_metrics",
     "evaluate_router",
     "main",
-    "oracle_budget_spec",
+    "oracle_layer_budget",
     "oracle_router_loss",
     "oracle_router_targets",
     "parse_budget_flag",
     "parse_route_options",
     "parse_router_args",
+    "resolve_router_budget",
     "routable_choices",
     "router_agreement",
-    "resolve_router_budget",
     "router_report",
     "train_router",
 ]
