@@ -17,7 +17,6 @@ from duo_llm_hf.experiments.router_comparison import ComparisonArguments, compar
 from duo_llm_hf.models.router import routers
 from duo_llm_hf.training.checkpointing import list_checkpoints
 from duo_llm_hf.training.routers import (
-    REPORT_FILE,
     add_routers,
     budget_flag,
     evaluate_router,
@@ -29,6 +28,7 @@ from duo_llm_hf.training.routers import (
     train_router,
 )
 from duo_llm_hf.training.train import load_corpora, make_eval_loaders, train
+from duo_llm_hf.utils.run_files import ROUTER_REPORT_FILE
 from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_opt_kwargs, tiny_router_args, tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ def test_routers_move_to_the_budget_and_the_duo_weights_stay(tmp_path, source, b
     report = result.report
     after = report["holdouts"]["all"]["realised"]["overall"]["big"]
     assert abs(after - target) < 0.5 * abs(before - target), (before, after, target)
-    assert json.loads((Path(args.output_dir) / REPORT_FILE).read_text()) == report
+    assert json.loads((Path(args.output_dir) / ROUTER_REPORT_FILE).read_text()) == report
 
     trained = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert trained.config.routing_mode == "learned" and len(routers(trained)) == LAYERS
@@ -164,7 +164,7 @@ def test_three_way_setting_through_the_script(tmp_path, source):
             str(tmp_path / "cache"),
         ]  # fmt: skip
     )
-    report = json.loads((out / REPORT_FILE).read_text())
+    report = json.loads((out / ROUTER_REPORT_FILE).read_text())
     assert report["setting"] == "big50-small30-skip20"
     assert report["route_options"] == ["small", "big", "skip"]
     assert report["budget"] == {"small": 0.3, "big": 0.5, "skip": 0.2}

@@ -77,7 +77,7 @@ from ..utils.files import atomic_target, atomic_write_text
 from ..utils.flops import flops_per_token
 from ..utils.loading import is_duo_model, load_complete_model
 from ..utils.processes import process_state
-from ..utils.run_files import OVERWRITE_FLAG, FingerprintMismatch
+from ..utils.run_files import OVERWRITE_FLAG, TRAIN_RESULTS_FILE, TRAINING_ARGS_FILE, FingerprintMismatch
 from .analysis import _pyplot
 
 logger = logging.getLogger(__name__)
@@ -640,10 +640,10 @@ def run_is_finished(run: PlannedRun, overwrite: bool = False) -> bool:
     A final model trained with other arguments is refused, or with ``overwrite`` counts as not finished (retrained).
     """
     folder = Path(run.args.output_dir)
-    results = _read_json(folder / "train_results.json")
+    results = _read_json(folder / TRAIN_RESULTS_FILE)
     if results is None:
         return False
-    saved = _read_json(folder / "training_args.json") or {}
+    saved = _read_json(folder / TRAINING_ARGS_FILE) or {}
     planned = _comparable_args(dataclasses.asdict(run.args))
     saved = _comparable_args(saved)
     changed = sorted(k for k in planned if saved.get(k) != planned[k])
@@ -749,7 +749,7 @@ def train_runs(plan: AblationPlan, overwrite: bool = False) -> tuple[list[str], 
 def _model_fingerprint(folder: Path) -> dict[str, Any]:
     weights = sorted(folder.glob("*.safetensors"))
     return {
-        "train_results": _read_json(folder / "train_results.json"),
+        "train_results": _read_json(folder / TRAIN_RESULTS_FILE),
         "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
     }
 
@@ -955,7 +955,7 @@ def build_rows(plan: AblationPlan, records: Mapping[str, Mapping[str, dict]]) ->
         config = AutoConfig.from_pretrained(plan.run_dir(run))
         is_duo = is_duo_model(config)
         timing = _read_json(plan.run_dir(run) / RUN_INFO) or {}
-        results = _read_json(plan.run_dir(run) / "train_results.json") or {}
+        results = _read_json(plan.run_dir(run) / TRAIN_RESULTS_FILE) or {}
         for key, record in records[run.name].items():
             p_big = None if key == "dense" else float(key.split("=")[1])
             ffn = (

@@ -31,7 +31,6 @@ from ..oracle.run import run_oracle_study, study_space
 from ..oracle.spaces import parse_layer_budget
 from ..training.routers import (
     DEFAULT_BLOCK_SIZE,
-    REPORT_FILE,
     RouterTrainArguments,
     budget_flag,
     train_router,
@@ -40,6 +39,7 @@ from ..training.train import load_corpora, make_eval_loaders
 from ..utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields, check_output_dir
 from ..utils.errors import UsageError
 from ..utils.loading import inspect_duo_source, load_duo_model
+from ..utils.run_files import ROUTER_REPORT_FILE, TRAINING_ARGS_FILE
 
 PROG = "eval/router_vs_oracle.py"
 RESULT_FILE = "router_vs_oracle.json"
@@ -119,13 +119,13 @@ def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, sup
 def _finished_report(run: RouterTrainArguments) -> dict | None:
     """The report of a router run already finished with the same arguments, else None."""
     folder = Path(run.output_dir)
-    if not (folder / REPORT_FILE).is_file() or not (folder / "training_args.json").is_file():
+    if not (folder / ROUTER_REPORT_FILE).is_file() or not (folder / TRAINING_ARGS_FILE).is_file():
         return None
-    saved = json.loads((folder / "training_args.json").read_text())
+    saved = json.loads((folder / TRAINING_ARGS_FILE).read_text())
     wanted = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("progress", "output_dir")}
     if any(saved.get(k) != v for k, v in wanted.items()):
         return None
-    return json.loads((folder / REPORT_FILE).read_text())
+    return json.loads((folder / ROUTER_REPORT_FILE).read_text())
 
 
 def compare_routers(args: ComparisonArguments) -> dict:

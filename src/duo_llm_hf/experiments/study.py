@@ -39,12 +39,19 @@ from ..utils.arguments import check_folder, check_output_dir
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
 from ..utils.files import atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
-from ..utils.run_files import OVERWRITE_FLAG
+from ..utils.run_files import (
+    OVERWRITE_FLAG,
+    STAGE_DONE_FILE,
+    STUDY_METRICS_FILE,
+    STUDY_REPORT_FILE,
+    STUDY_REPORT_HTML_FILE,
+    STUDY_SETTINGS_FILE,
+    TRAIN_RESULTS_FILE,
+)
 
 logger = logging.getLogger(__name__)
 
 ROUTER_SHORT = {"conventional": "router", "oracle": "oracle-sup."}
-DONE_FILE = "stage_done.json"
 # The stages' folders in --out: what a study started over with other settings removes first.
 STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "routers")
 
@@ -207,7 +214,7 @@ class Stages:
 
     def run(self, name: str, folder: Path, work: Callable[[], dict]) -> dict:
         """Run ``work`` unless ``folder`` holds a finished result; return what it recorded."""
-        marker = folder / DONE_FILE
+        marker = folder / STAGE_DONE_FILE
         if marker.exists():
             logger.info("study: %s already done, reusing %s", name, folder)
             return json.loads(marker.read_text())
@@ -413,13 +420,13 @@ def _train_router_record(args) -> dict:
 
 def _read_finished(folder: Path) -> dict | None:
     """The ``train_results.json`` of a finished training run in ``folder`` (None if there is none)."""
-    path = folder / "train_results.json"
+    path = folder / TRAIN_RESULTS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False) -> None:
     settings = json.loads(json.dumps(dataclasses.asdict(config)))
-    path = out / "study_settings.json"
+    path = out / STUDY_SETTINGS_FILE
     if path.exists():
         saved = json.loads(path.read_text())
         # A setting missing from a file written before it existed had its default value.
@@ -506,5 +513,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(summary_table(metrics))
-    print(f"\nReport: {Path(args.out) / 'report.md'} (and report.html); metrics: {Path(args.out) / 'metrics.json'}")
+    out = Path(args.out)
+    print(f"\nReport: {out / STUDY_REPORT_FILE} (and {STUDY_REPORT_HTML_FILE}); metrics: {out / STUDY_METRICS_FILE}")
     return 0

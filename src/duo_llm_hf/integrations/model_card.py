@@ -45,6 +45,14 @@ from ..utils.arguments import label as flag_label
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
 from ..utils.files import atomic_write_text
 from ..utils.flops import choice_cost, flops_per_token
+from ..utils.run_files import (
+    CONFIG_FILE,
+    LM_EVAL_RESULTS_FILE,
+    ORACLE_SUMMARY_FILE,
+    ROUTER_REPORT_FILE,
+    TRAIN_RESULTS_FILE,
+    TRAINING_ARGS_FILE,
+)
 
 NOT_EVALUATED = "**Not evaluated**"
 CARD_TAGS = ("duo-llm", "routed-ffn", "adaptive-computation", "custom_code")
@@ -53,13 +61,12 @@ CARD_FIELDS = ("model_name", "repo_id", "datasets", "base_model", "license", "la
 # Run files found in the model folder, and where their figures go: (section, stage, part). The training files
 # belong to the stage that wrote the folder: router training (stage 3) when it left its report there, else stage 1.
 RUN_FILES = {
-    "train_results.json": ("training", "stage1", "results"),
-    "training_args.json": ("training", "stage1", "hyperparameters"),
-    "oracle_summary.json": ("oracle", None, None),
-    "router_report.json": ("router", None, None),
-    "lm_eval_results.json": ("lm_eval", None, None),
+    TRAIN_RESULTS_FILE: ("training", "stage1", "results"),
+    TRAINING_ARGS_FILE: ("training", "stage1", "hyperparameters"),
+    ORACLE_SUMMARY_FILE: ("oracle", None, None),
+    ROUTER_REPORT_FILE: ("router", None, None),
+    LM_EVAL_RESULTS_FILE: ("lm_eval", None, None),
 }
-ROUTER_REPORT_FILE = "router_report.json"
 STAGES = {
     "stage1": (
         "Stage 1: Duo model with random routing",
@@ -159,7 +166,7 @@ def build_model_card(
 
 def read_config(model_dir: Path) -> dict:
     """The checkpoint's ``config.json`` as a dict (a clear error when the folder is not a saved model)."""
-    path = Path(model_dir) / "config.json"
+    path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise MissingFileError(
             f"model_dir: {str(model_dir)!r} has no config.json; pass the folder that save_pretrained wrote."

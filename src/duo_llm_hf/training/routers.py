@@ -22,7 +22,7 @@ model trained with small / big routing only). The paper's three settings are `ro
 
 Data, optimizer, scheduler, checkpoints, trackers and resume checks are stage 1's (`training`); the output folder
 holds the model with its routers (``save_pretrained``, ``routing_mode="learned"``), the tokenizer,
-``training_args.json``, ``train_results.json`` and ``router_report.json`` (`REPORT_FILE`). A checkpoint holds the
+``training_args.json``, ``train_results.json`` and ``router_report.json`` (`ROUTER_REPORT_FILE`). A checkpoint holds the
 whole model (Accelerate's ``save_state``), although only the routers change.
 """
 
@@ -62,9 +62,11 @@ from ..oracle.engine import oracle_routing
 from ..oracle.spaces import RouteSpace, UnevenLayerBudget, layer_budget_of_fractions
 from ..utils.arguments import HfArgumentParser, check_integer_fields, check_output_dir, user_values
 from ..utils.errors import MissingFileError, UsageError
+from ..utils.files import atomic_write_json
 from ..utils.flops import flops_per_token
 from ..utils.loading import inspect_duo_source, load_duo_model
 from ..utils.processes import process_state
+from ..utils.run_files import ROUTER_REPORT_FILE
 from .checkpointing import (
     CHECKPOINTS_DIR,
     TrainState,
@@ -88,7 +90,6 @@ from .train import (
     training_fingerprint,
 )
 
-REPORT_FILE = "router_report.json"
 DEFAULT_BLOCK_SIZE = 256
 
 
@@ -834,7 +835,7 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
     report["oracle_calibration"] = calibration
     save_final(args, accelerator, model, tokenizer, state, eval_metrics(results), run_id=run["run_id"])
     if accelerator.is_main_process:
-        (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        atomic_write_json(output_dir / ROUTER_REPORT_FILE, report, newline=False)
     accelerator.wait_for_everyone()
     return RouterTrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, report)
 
@@ -900,7 +901,6 @@ def main(argv: list[str] | None = None) -> RouterTrainResult:
 
 
 __all__ = [
-    "REPORT_FILE",
     "RouterBudget",
     "RouterTrainArguments",
     "RouterTrainResult",

@@ -17,7 +17,6 @@ step, the running averages) are in `train_loop`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -68,10 +67,11 @@ from ..utils.arguments import (
     check_output_dir,
 )
 from ..utils.errors import MissingFileError, UsageError
+from ..utils.files import atomic_write_json
 from ..utils.flops import dense_intermediate_size, flops_per_token
 from ..utils.loading import is_duo_model, load_complete_model
 from ..utils.processes import process_state
-from ..utils.run_files import files_hash, folder_weights_hash
+from ..utils.run_files import CONFIG_FILE, TRAIN_RESULTS_FILE, TRAINING_ARGS_FILE, files_hash, folder_weights_hash
 from .checkpointing import (
     CHECKPOINTS_DIR,
     RouteSamplerState,
@@ -534,7 +534,7 @@ def inspect_init_source(path: str | Path, block_size: int):
     ``path`` is a local folder or a Hub name (whose config is downloaded, or read from the Hub cache).
     """
     folder = Path(path).expanduser()
-    if not is_hub_id(path) and not (folder / "config.json").is_file():
+    if not is_hub_id(path) and not (folder / CONFIG_FILE).is_file():
         raise MissingFileError(
             f"init_from: {str(path)!r} has no config.json; give a folder written by save_pretrained."
         )
@@ -1044,9 +1044,9 @@ def save_final(
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
-        (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        atomic_write_json(output_dir / TRAINING_ARGS_FILE, dataclasses.asdict(args), newline=False)
         results = {"global_step": state.global_step, "tokens_seen": state.tokens_seen, "run_id": run_id, **eval_metrics}
-        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_json(output_dir / TRAIN_RESULTS_FILE, results, newline=False)
     accelerator.wait_for_everyone()
 
 

@@ -19,6 +19,7 @@ from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
 from ..models.routes import CHOICE_NAMES, choice_code, validate_route_fields
 from .errors import MissingFileError, UsageError
+from .run_files import CONFIG_FILE
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
 # Choices a Duo model can take although its config does not list them: skip runs no FFN, so it needs no weights.
@@ -41,7 +42,7 @@ def _source(path: str | Path, what: str) -> str | Path:
     name = str(path)
     folder = Path(name).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").is_file():
+        if not (folder / CONFIG_FILE).is_file():
             raise MissingFileError(
                 f"{what}: {name!r} is not a model folder (it has no config.json); give a Duo model folder written "
                 "by save_pretrained, e.g. the output folder of `duo-llm train`."
