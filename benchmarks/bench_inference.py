@@ -22,7 +22,6 @@ the FFN alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ import torch
 from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM, flops_per_token, route_fractions
 from duo_llm_hf.models.routed_ffn import set_ffn_dispatch
 from duo_llm_hf.models.routes import CHOICE_NAMES
+from duo_llm_hf.utils.files import atomic_write_json
 
 PHASES = ("prefill", "decode")
 
@@ -104,7 +104,7 @@ def learned_routing_available(model: DuoLlamaForCausalLM) -> str | None:
     return None
 
 
-def calibrate_routers(model: DuoLlamaForCausalLM, input_ids: torch.Tensor, budget: float) -> None:
+def calibrate_big_fraction(model: DuoLlamaForCausalLM, input_ids: torch.Tensor, budget: float) -> None:
     """Shift each layer's BIG router bias so that a ``budget`` fraction of the prompt's tokens takes BIG.
 
     Layers are calibrated in order during one forward (a pre-hook on each router), so each sees the input
@@ -154,7 +154,7 @@ def build_cases(
     if why_not is None:
         for budget in (0.5, 0.25):
             settings.append((f"learned {budget:.0%} BIG", _learned(budget, prompt)))
-        note = "learned rows: untrained routers calibrated on the prompt to the budget (calibrate_routers)"
+        note = "learned rows: untrained routers calibrated on the prompt to the budget (calibrate_big_fraction)"
     else:
         note = f"learned-router rows left out: {why_not}"
     cases = [Case(name, dispatch, setup) for dispatch in dispatch_modes for name, setup in settings]
@@ -174,7 +174,7 @@ def _learned(budget: float, prompt: torch.Tensor):
                 return
             for bias in biases:
                 bias.zero_()
-        calibrate_routers(model, prompt, budget)
+        calibrate_big_fraction(model, prompt, budget)
         calibrated.extend(bias.detach().clone() for bias in biases)
 
     return setup
@@ -414,10 +414,7 @@ def main(argv=None) -> dict:
     result = run(args)
     print(markdown(result))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, result, newline=False)
     return result
 
 

@@ -47,7 +47,7 @@ def sections(card: str) -> dict[str, str]:
 def test_card_without_figures_marks_every_result_not_evaluated(model_dir):
     path = write_model_card(model_dir)
     assert path == model_dir / "README.md"
-    assert not list(model_dir.glob(".*.tmp"))
+    assert not list(model_dir.glob(".tmp-*"))
     card = ModelCard.load(path)
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "text-generation"

@@ -9,7 +9,14 @@ from duo_llm_hf import BIG, SKIP, SMALL, DuoLlamaConfig, DuoLlamaForCausalLM, pa
 from duo_llm_hf.oracle.engine import causal_oracle, oracle_search, pattern_losses, tree_flops
 from duo_llm_hf.oracle.reducers import BatchReduction
 from duo_llm_hf.oracle.results import OracleResult
-from duo_llm_hf.oracle.spaces import RouteSpace, index_to_pattern, parse_budget, pattern_index
+from duo_llm_hf.oracle.spaces import (
+    RouteSpace,
+    UnevenLayerBudget,
+    index_to_pattern,
+    layer_budget_of_fractions,
+    parse_layer_budget,
+    pattern_index,
+)
 from tests.helpers import FLOAT_TOL, assert_same_choice, assert_same_search, budget_table, decided, to_ranks
 
 N_LAYERS, VOCAB = 4, 64
@@ -73,8 +80,8 @@ def test_route_space_sizes_and_numbering():
     assert RouteSpace(12, ["small", "big", "skip"], ["big=6,skip=6"]).size == 924
     sched = RouteSpace(12, ["small", "big"], ["6:2"])
     assert sched.size == sum(__import__("math").comb(12, k) for k in range(2, 7))
-    assert parse_budget("6:2").big_at(5).tolist() == [6, 5, 4, 3, 2]
-    assert parse_budget((2, 6)).big_at(3).tolist() == [2, 4, 6]
+    assert parse_layer_budget("6:2").big_at(5).tolist() == [6, 5, 4, 3, 2]
+    assert parse_layer_budget((2, 6)).big_at(3).tolist() == [2, 4, 6]
     space = RouteSpace(4, ["small", "big"])
     assert space.indices.tolist() == list(range(16))
     assert space.pattern_str(1) == "sssB" and space.pattern_str(8) == "Bsss"
@@ -82,7 +89,20 @@ def test_route_space_sizes_and_numbering():
     assert torch.equal(pattern_index(codes, space.choices), space.indices)
     assert RouteSpace(4, ["small", "big"], ["classes"]).labels == [f"big={k}" for k in range(5)]
     for label in ("all", "big=4", "big=6,skip=6", "big=6:2", "small=3,big=4,skip=5"):
-        assert parse_budget(label).label == label
+        assert parse_layer_budget(label).label == label
+
+
+def test_layer_budgets_and_fractions_convert_both_ways():
+    assert parse_layer_budget(4).fractions(12) == {BIG: 4 / 12}
+    assert parse_layer_budget("big=6,skip=3").fractions(12) == {BIG: 0.5, SKIP: 0.25}
+    assert layer_budget_of_fractions({BIG: 0.5, SKIP: 0.25}, 12).label == "big=6,skip=3"
+    for k in range(13):
+        assert layer_budget_of_fractions(parse_layer_budget(k).fractions(12), 12) == parse_layer_budget(k)
+    with pytest.raises(UnevenLayerBudget, match=r"\{'big': 0.3\} of 4 layers is \{'big': 1.2\} layers") as err:
+        layer_budget_of_fractions({BIG: 0.3}, 4)
+    assert err.value.nearest.label == "big=1"
+    with pytest.raises(ValueError, match="varies with position"):
+        parse_layer_budget("6:2").fractions(12)
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.cli import main as duo_llm
 from duo_llm_hf.models.routes import CHOICE_NAMES
-from duo_llm_hf.oracle.results import RESULTS_FILE, OracleResult
-from duo_llm_hf.oracle.run import BATCH_DIR, STATE_FILE, run_oracle_study, study_space
+from duo_llm_hf.oracle.results import OracleResult
+from duo_llm_hf.oracle.run import BATCH_DIR, run_oracle_study, study_space
 from duo_llm_hf.training.routers import add_routers
 from duo_llm_hf.utils.errors import UsageError
 from duo_llm_hf.utils.loading import allow_route_options, load_duo_model
+from duo_llm_hf.utils.run_files import ORACLE_RESULTS_FILE, ORACLE_STATE_FILE
 from tests.helpers import tiny_llama_kwargs
 
 VOCAB = 96  # tiny_llama_kwargs' vocabulary
@@ -88,17 +89,17 @@ def straight(files):
 def test_finished_run_is_refused_without_overwrite_flag(files, straight, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
-    before = (out / RESULTS_FILE).read_bytes()
+    before = (out / ORACLE_RESULTS_FILE).read_bytes()
     code, err = run(oracle(files, out), capsys)
     assert code == 2
     assert err.startswith("duo-llm oracle: error: ") and "already holds a finished oracle run" in err
     assert "--overwrite-output-dir" in err
-    assert (out / RESULTS_FILE).read_bytes() == before
+    assert (out / ORACLE_RESULTS_FILE).read_bytes() == before
     # With the flag, the run starts over (its damaged batch file is not even looked at) and ends the same.
     (out / BATCH_DIR / "batch_00001.safetensors").write_bytes(b"junk")
     code, err = run(oracle(files, out, "--overwrite-output-dir", "--seed", "5"), capsys)
     assert code == 0, err
-    assert json.loads((out / STATE_FILE).read_text())["fingerprint"]["seed"] == 5
+    assert json.loads((out / ORACLE_STATE_FILE).read_text())["fingerprint"]["seed"] == 5
 
 
 def test_finished_run_with_same_settings_is_reused_by_the_library(files, straight, tmp_path):
@@ -116,7 +117,7 @@ def test_finished_run_with_same_settings_is_reused_by_the_library(files, straigh
 def test_interrupted_cli_run_resumes_with_other_chunk_size(files, straight, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(oracle(files, out, "--stop-after-batches", "1"), capsys)[0] == 0
-    assert not (out / RESULTS_FILE).exists()
+    assert not (out / ORACLE_RESULTS_FILE).exists()
     # The chunk size only bounds memory: the resumed run may change it.
     code, err = run(oracle(files, out, "--chunk-tokens", "16"), capsys)
     assert code == 0, err
@@ -166,7 +167,7 @@ def test_old_state_format_is_refused(files, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     old = {"fingerprint": {"model": str(files / "model")}, "batches_done": 1, "num_batches": 3}
-    (out / STATE_FILE).write_text(json.dumps(old))
+    (out / ORACLE_STATE_FILE).write_text(json.dumps(old))
     code, err = run(oracle(files, out), capsys)
     assert code == 2
     assert "older version" in err and "--overwrite-output-dir" in err

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.oracle.engine import oracle_search, pattern_losses
-from duo_llm_hf.oracle.results import RESULTS_FILE, SUMMARY_FILE, OracleResult
+from duo_llm_hf.oracle.results import OracleResult
 from duo_llm_hf.oracle.run import load_token_blocks, run_oracle_study, study_space
+from duo_llm_hf.utils.run_files import ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE
 from tests.helpers import FLOAT_TOL, assert_same_choice, assert_same_search, budget_table, to_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +83,7 @@ def test_study_results_save_and_load(model, blocks, tmp_path):
     result = run_oracle_study(model, blocks, space, tmp_path, causal=True, model_id="tiny", data_id="random", **KWARGS)
     loaded = OracleResult.load(tmp_path)
     assert_same(result, loaded)
-    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / ORACLE_SUMMARY_FILE).read_text())
     assert summary["tokens_evaluated"] == 5 * 7 and summary["model"] == "tiny" and summary["data"] == "random"
     assert summary["space"]["budget_sizes"] == {"all": 8, "big=0": 1, "big=1": 3, "big=2": 3, "big=3": 1, "big=2:1": 6}
     budgets = summary["budgets"]
@@ -115,7 +116,7 @@ def test_interrupted_run_resumes_to_the_same_result(model, blocks, tmp_path):
     assert run_oracle_study(model, blocks, space, tmp_path / "cut", stop_after_batches=1, **KWARGS) is None
     state = json.loads((tmp_path / "cut" / "oracle_state.json").read_text())
     assert state["batches_done"] == 1 and state["num_batches"] == 3
-    assert not (tmp_path / "cut" / RESULTS_FILE).exists()
+    assert not (tmp_path / "cut" / ORACLE_RESULTS_FILE).exists()
     resumed = run_oracle_study(model, blocks, space, tmp_path / "cut", **KWARGS)
     assert_same(straight, resumed)  # the resumed batches run exactly as in the straight run: bit for bit
     with pytest.raises(ValueError, match="best_of_k: was 3, now 4"):

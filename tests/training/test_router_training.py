@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM
+from duo_llm_hf import BIG, SKIP, DuoLlamaConfig, DuoLlamaForCausalLM
 from duo_llm_hf.data.corpus import pack_corpus
 from duo_llm_hf.data.tokenization import load_tokenizer
 from duo_llm_hf.experiments.router_comparison import ComparisonArguments, compare_routers, comparison_table
@@ -18,12 +18,13 @@ from duo_llm_hf.models.routed_ffn import router_probabilities, router_temperatur
 from duo_llm_hf.training.arguments import parse_arguments
 from duo_llm_hf.training.checkpointing import list_checkpoints
 from duo_llm_hf.training.loaders import load_corpora, make_eval_loaders
-from duo_llm_hf.training.router_arguments import RouterTrainArguments, parse_budget_flag
+from duo_llm_hf.training.router_arguments import RouterTrainArguments, budget_flag, parse_budget_flag
 from duo_llm_hf.training.router_evaluation import evaluate_router
 from duo_llm_hf.training.router_oracle import oracle_router_targets, router_agreement
-from duo_llm_hf.training.routers import REPORT_FILE, add_routers, train_router
+from duo_llm_hf.training.routers import add_routers, train_router
 from duo_llm_hf.training.train import train
 from duo_llm_hf.utils.loading import load_duo_model
+from duo_llm_hf.utils.run_files import ROUTER_REPORT_FILE
 from tests.helpers import save_model_folder, tiny_llama_kwargs, tiny_opt_kwargs, tiny_router_args, tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ def test_routers_move_to_the_budget_and_the_duo_weights_stay(tmp_path, source, b
     report = result.report
     after = report["holdouts"]["all"]["realised"]["overall"]["big"]
     assert abs(after - target) < 0.5 * abs(before - target), (before, after, target)
-    assert json.loads((Path(args.output_dir) / REPORT_FILE).read_text()) == report
+    assert json.loads((Path(args.output_dir) / ROUTER_REPORT_FILE).read_text()) == report
 
     trained = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert trained.config.routing_mode == "learned" and len(routers(trained)) == LAYERS
@@ -159,7 +160,7 @@ def test_three_way_setting_through_the_script(tmp_path, source):
             str(tmp_path / "cache"),
         ]  # fmt: skip
     )
-    report = json.loads((out / REPORT_FILE).read_text())
+    report = json.loads((out / ROUTER_REPORT_FILE).read_text())
     assert report["setting"] == "big50-small30-skip20"
     assert report["route_options"] == ["small", "big", "skip"]
     assert report["budget"] == {"small": 0.3, "big": 0.5, "skip": 0.2}
@@ -308,6 +309,8 @@ def test_parser_and_budget_flags():
     assert (args.budget, args.alpha, args.block_size) == ("big=0.5,skip=0.5", 3.0, None)
     assert parse_budget_flag(args.budget) == {"big": 0.5, "skip": 0.5}
     assert parse_budget_flag("0.3") == 0.3
+    assert budget_flag({BIG: 4 / 12}) == repr(4 / 12) and parse_budget_flag(budget_flag({BIG: 4 / 12})) == 4 / 12
+    assert budget_flag({SKIP: 0.25, BIG: 0.5}) == "big=0.5,skip=0.25"
 
 
 def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, builtin_tokenizer):

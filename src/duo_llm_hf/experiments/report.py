@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 
 from ..models.routes import BIG, SKIP
-from ..oracle.results import OracleResult, atomic_write_text
+from ..oracle.results import OracleResult
+from ..utils.files import atomic_write_json, atomic_write_text
+from ..utils.run_files import (
+    STAGE_DONE_FILE,
+    STUDY_METRICS_FILE,
+    STUDY_REPORT_FILE,
+    STUDY_REPORT_HTML_FILE,
+    TRAIN_RESULTS_FILE,
+)
 from ..utils.tables import markdown_table
 from . import analysis
 
@@ -58,7 +66,7 @@ def collect_metrics(config, model, stages, oracle, skip, causal, routers, n_laye
 
 def _training_record(out: Path, config) -> dict:
     """Steps, tokens and last evaluation of stage 1: the study's own run, or what a given model folder recorded."""
-    marker = Path(config.model) / "train_results.json" if config.model else out / "model" / "stage_done.json"
+    marker = Path(config.model) / TRAIN_RESULTS_FILE if config.model else out / "model" / STAGE_DONE_FILE
     record = json.loads(marker.read_text()) if marker.exists() else {}
     return {
         "global_step": record.get("global_step", 0),
@@ -154,7 +162,7 @@ def _router_numbers(entry: dict) -> dict:
 
 def stage_seconds(out: Path) -> dict[str, float]:
     seconds = {}
-    for marker in sorted(out.glob("**/stage_done.json")):
+    for marker in sorted(out.glob(f"**/{STAGE_DONE_FILE}")):
         seconds[str(marker.parent.relative_to(out))] = json.loads(marker.read_text()).get("seconds", 0.0)
     return seconds
 
@@ -537,7 +545,7 @@ def render_html(markdown: str, out: Path) -> str:
 def write_report(out: Path, metrics: dict, oracle: dict, routers: dict, model_dir: Path) -> None:
     figures = write_figures(out, metrics, oracle, routers, model_dir)
     blocks = report_blocks(metrics, figures)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(out / STUDY_METRICS_FILE, metrics)
     markdown = render_markdown(blocks, out)
-    atomic_write_text(out / "report.md", markdown)
-    atomic_write_text(out / "report.html", render_html(markdown, out))
+    atomic_write_text(out / STUDY_REPORT_FILE, markdown)
+    atomic_write_text(out / STUDY_REPORT_HTML_FILE, render_html(markdown, out))

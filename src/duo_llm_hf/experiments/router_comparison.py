@@ -28,16 +28,14 @@ import torch
 from ..data.tokenization import load_tokenizer
 from ..models.routes import BIG, CHOICE_NAMES, SMALL
 from ..oracle.run import run_oracle_study, study_space
-from ..training.routers import (
-    DEFAULT_BLOCK_SIZE,
-    REPORT_FILE,
-    RouterTrainArguments,
-    train_router,
-)
+from ..oracle.spaces import parse_layer_budget
+from ..training.router_arguments import DEFAULT_BLOCK_SIZE, RouterTrainArguments, budget_flag
+from ..training.routers import train_router
 from ..training.train import load_corpora, make_eval_loaders
 from ..utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields, check_output_dir
 from ..utils.errors import UsageError
 from ..utils.loading import inspect_duo_source, load_duo_model
+from ..utils.run_files import ROUTER_REPORT_FILE, TRAINING_ARGS_FILE
 from ..utils.tables import markdown_table
 
 PROG = "eval/router_vs_oracle.py"
@@ -91,14 +89,15 @@ class ComparisonArguments:
 def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, supervision: str) -> RouterTrainArguments:
     """The `train_router` arguments of one router of the comparison (``k`` BIG layers of ``num_layers``)."""
     oracle = supervision == "oracle"
+    layer_budget = parse_layer_budget(k)
     return RouterTrainArguments(
         model=args.model,
         output_dir=str(Path(args.output_dir) / "routers" / f"{supervision}-big{k}"),
         route_options="small,big",
-        budget=repr(k / num_layers),
+        budget=budget_flag(layer_budget.fractions(num_layers)),
         alpha=args.alpha,
         supervision=supervision,
-        oracle_budget=f"big={k}" if oracle else None,
+        oracle_budget=layer_budget.label if oracle else None,
         # Oracle supervision fits P = softmax(logits) to the oracle's choices: no annealing needed.
         temperature_schedule="constant" if oracle else "exponential",
         builtin_max_chars=args.builtin_max_chars,
@@ -117,13 +116,13 @@ def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, sup
 def _finished_report(run: RouterTrainArguments) -> dict | None:
     """The report of a router run already finished with the same arguments, else None."""
     folder = Path(run.output_dir)
-    if not (folder / REPORT_FILE).is_file() or not (folder / "training_args.json").is_file():
+    if not (folder / ROUTER_REPORT_FILE).is_file() or not (folder / TRAINING_ARGS_FILE).is_file():
         return None
-    saved = json.loads((folder / "training_args.json").read_text())
+    saved = json.loads((folder / TRAINING_ARGS_FILE).read_text())
     wanted = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("progress", "output_dir")}
     if any(saved.get(k) != v for k, v in wanted.items()):
         return None
-    return json.loads((folder / REPORT_FILE).read_text())
+    return json.loads((folder / ROUTER_REPORT_FILE).read_text())
 
 
 def compare_routers(args: ComparisonArguments) -> dict:
@@ -214,7 +213,7 @@ def comparison_table(results: dict) -> str:
     row(f"0 of {n}", "all small", [0.0] * len(names), [sets[s]["small_all"] for s in names])
     for k in results["budgets"]:
         key = str(k) if str(k) in sets[names[0]]["oracle"] else k  # JSON turns int keys into strings
-        exact = [k / n] * len(names)
+        exact = [parse_layer_budget(k).fractions(n)[BIG]] * len(names)
         row(f"{k} of {n}", "oracle", exact, [sets[s]["oracle"][key] for s in names])
         patterns = " / ".join(f"`{sets[s]['fixed_pattern'][key]}`" for s in names)
         row(f"{k} of {n}", f"fixed {patterns}", exact, [sets[s]["fixed"][key] for s in names])

@@ -32,19 +32,27 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..oracle.results import OracleResult, atomic_write_text
+from ..oracle.results import OracleResult
 from ..oracle.run import run_oracle_study, study_space
+from ..oracle.spaces import parse_layer_budget
 from ..utils.arguments import check_folder, check_output_dir
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.files import atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
-from ..utils.run_files import OVERWRITE_FLAG
+from ..utils.run_files import (
+    OVERWRITE_FLAG,
+    STAGE_DONE_FILE,
+    STUDY_METRICS_FILE,
+    STUDY_REPORT_FILE,
+    STUDY_REPORT_HTML_FILE,
+    STUDY_SETTINGS_FILE,
+    TRAIN_RESULTS_FILE,
+)
 from .presets import preset_names, study_preset
 
 logger = logging.getLogger(__name__)
 
-HOLDOUTS = ("english", "code")
 ROUTER_SHORT = {"conventional": "router", "oracle": "oracle-sup."}
-DONE_FILE = "stage_done.json"
 # The stages' folders in --out: what a study started over with other settings removes first.
 STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "routers")
 
@@ -128,7 +136,7 @@ class Stages:
 
     def run(self, name: str, folder: Path, work: Callable[[], dict]) -> dict:
         """Run ``work`` unless ``folder`` holds a finished result; return what it recorded."""
-        marker = folder / DONE_FILE
+        marker = folder / STAGE_DONE_FILE
         if marker.exists():
             logger.info("study: %s already done, reusing %s", name, folder)
             return json.loads(marker.read_text())
@@ -137,7 +145,7 @@ class Stages:
         record = work()
         record["seconds"] = round(time.perf_counter() - start, 1)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
+        atomic_write_json(marker, record)
         self.timings[name] = record["seconds"]
         return record
 
@@ -234,6 +242,7 @@ def run_study(
     A re-run of the same study reuses its finished stages. ``out`` holding a study with other settings is refused,
     unless ``overwrite``: then that study's stages are removed and this one starts over.
     """
+    from ..data.corpus import HOLDOUTS  # here, like the corpus loading: `--help` does not import datasets
     from .report import collect_metrics, write_report
 
     out = Path(out)
@@ -277,6 +286,7 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
 
     Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage"}`` (usage: ``[3, layers, positions]``).
     """
+    from ..training.router_arguments import budget_flag
     from ..training.routers import RouterTrainArguments, evaluate_router
 
     config = stages.config
@@ -288,13 +298,14 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
         for k in config.router_budgets:
             folder = stages.out / "routers" / f"{kind}-k{k}"
             oracle = kind == "oracle"
+            layer_budget = parse_layer_budget(k)
             args = RouterTrainArguments(
                 model=str(model_dir),
                 output_dir=str(folder),
                 route_options="small,big",
-                budget=repr(k / n),
+                budget=budget_flag(layer_budget.fractions(n)),
                 supervision=kind,
-                oracle_budget=f"big={k}" if oracle else None,
+                oracle_budget=layer_budget.label if oracle else None,
                 # Oracle supervision fits P = softmax(logits) to the oracle's choices: no annealing needed.
                 temperature_schedule="constant" if oracle else "exponential",
                 block_size=config.train["block_size"],
@@ -332,13 +343,13 @@ def _train_router_record(args) -> dict:
 
 def _read_finished(folder: Path) -> dict | None:
     """The ``train_results.json`` of a finished training run in ``folder`` (None if there is none)."""
-    path = folder / "train_results.json"
+    path = folder / TRAIN_RESULTS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False) -> None:
     settings = json.loads(json.dumps(dataclasses.asdict(config)))
-    path = out / "study_settings.json"
+    path = out / STUDY_SETTINGS_FILE
     if path.exists():
         saved = json.loads(path.read_text())
         # A setting missing from a file written before it existed had its default value.
@@ -355,7 +366,7 @@ def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False
             for name in STAGE_FOLDERS:
                 shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+    atomic_write_json(path, settings)
 
 
 def summary_table(metrics: dict) -> str:
@@ -425,5 +436,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(summary_table(metrics))
-    print(f"\nReport: {Path(args.out) / 'report.md'} (and report.html); metrics: {Path(args.out) / 'metrics.json'}")
+    out = Path(args.out)
+    print(f"\nReport: {out / STUDY_REPORT_FILE} (and {STUDY_REPORT_HTML_FILE}); metrics: {out / STUDY_METRICS_FILE}")
     return 0

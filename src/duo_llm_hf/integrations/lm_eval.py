@@ -31,6 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..models.routes import UNIFORM_PATTERNS, parse_routing, pattern_to_str
+from ..utils.loading import is_duo_model
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 """Folder of the `*_local` task YAMLs; pass it to `--include_path` / `TaskManager(include_path=...)`."""
@@ -157,8 +158,7 @@ class DuoLM(HFLM):
         kwargs.setdefault("backend", "causal")
         super().__init__(pretrained=pretrained, **kwargs)
         model = self.model
-        duo_fields = ("route_options", "routing_mode")
-        if not hasattr(model, "set_routing") or not all(hasattr(model.config, f) for f in duo_fields):
+        if not is_duo_model(model):
             raise TypeError(
                 f"--model duo evaluates Duo models; {type(model).__name__} (model_type "
                 f"{getattr(model.config, 'model_type', None)!r}) has no Duo routing. Use --model hf for it."

@@ -43,7 +43,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
 from ..utils.arguments import label as flag_label
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.files import atomic_write_text
 from ..utils.flops import choice_cost, flops_per_token
+from ..utils.run_files import (
+    CONFIG_FILE,
+    LM_EVAL_RESULTS_FILE,
+    ORACLE_SUMMARY_FILE,
+    ROUTER_REPORT_FILE,
+    TRAIN_RESULTS_FILE,
+    TRAINING_ARGS_FILE,
+)
 from ..utils.tables import markdown_table
 
 NOT_EVALUATED = "**Not evaluated**"
@@ -53,13 +62,12 @@ CARD_FIELDS = ("model_name", "repo_id", "datasets", "base_model", "license", "la
 # Run files found in the model folder, and where their figures go: (section, stage, part). The training files
 # belong to the stage that wrote the folder: router training (stage 3) when it left its report there, else stage 1.
 RUN_FILES = {
-    "train_results.json": ("training", "stage1", "results"),
-    "training_args.json": ("training", "stage1", "hyperparameters"),
-    "oracle_summary.json": ("oracle", None, None),
-    "router_report.json": ("router", None, None),
-    "lm_eval_results.json": ("lm_eval", None, None),
+    TRAIN_RESULTS_FILE: ("training", "stage1", "results"),
+    TRAINING_ARGS_FILE: ("training", "stage1", "hyperparameters"),
+    ORACLE_SUMMARY_FILE: ("oracle", None, None),
+    ROUTER_REPORT_FILE: ("router", None, None),
+    LM_EVAL_RESULTS_FILE: ("lm_eval", None, None),
 }
-ROUTER_REPORT_FILE = "router_report.json"
 STAGES = {
     "stage1": (
         "Stage 1: Duo model with random routing",
@@ -94,9 +102,7 @@ def write_model_card(
     model_dir = Path(model_dir)
     card = build_model_card(model_dir, metrics, repo_id=repo_id, model_name=model_name)
     path = model_dir / filename
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(card, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, card)
     return path
 
 
@@ -161,7 +167,7 @@ def build_model_card(
 
 def read_config(model_dir: Path) -> dict:
     """The checkpoint's ``config.json`` as a dict (a clear error when the folder is not a saved model)."""
-    path = Path(model_dir) / "config.json"
+    path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise MissingFileError(
             f"model_dir: {str(model_dir)!r} has no config.json; pass the folder that save_pretrained wrote."

@@ -115,18 +115,18 @@ class DuoOPTDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         route: torch.LongTensor | None,
         cache: Cache | None = None,
-        route_plan: DispatchPlan | None = None,
+        dispatch_plan: DispatchPlan | None = None,
         output_router_logits: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor | None]:
         """Return the layer output, the route taken and the router logits (`[batch, seq, 3]`, or None).
 
         `route`: the choice code of each token (`[batch, seq]`), or None for learned routing: the route taken is
-        then the argmax of the router logits. `route_plan`: the route's grouping for the fast dispatch, when the
+        then the argmax of the router logits. `dispatch_plan`: the route's grouping for the fast dispatch, when the
         model made it for all layers. `kwargs`: the attention's (mask, positions).
         """
         residual, ffn_input = self.attend(hidden_states, cache=cache, **kwargs)
-        ffn_output, router_logits = self.mlp(ffn_input, route, route_plan, output_router_logits)
+        ffn_output, router_logits = self.mlp(ffn_input, route, dispatch_plan, output_router_logits)
         if route is None:
             route = router_logits.argmax(dim=-1)
         return self.merge(residual, ffn_output), route, router_logits
@@ -266,7 +266,7 @@ class DuoOPTModel(DuoOPTPreTrainedModel):
                 hidden_states,
                 None if routes is None else routes[..., layer_idx],
                 cache=cache,
-                route_plan=None if plans is None else plans[layer_idx],
+                dispatch_plan=None if plans is None else plans[layer_idx],
                 output_router_logits=output_router_logits,
                 **layer_kwargs,
                 **kwargs,

@@ -104,7 +104,7 @@ class DuoFFN(nn.Module):
         self,
         hidden_states: torch.Tensor,
         route: torch.Tensor | None = None,
-        plan: DispatchPlan | None = None,
+        dispatch_plan: DispatchPlan | None = None,
         output_router_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the routed FFN; return its output and the router logits (``[..., 3]``, or None).
@@ -114,13 +114,13 @@ class DuoFFN(nn.Module):
         returned (training mode: the soft mixture of the allowed modules, so gradients reach the router;
         evaluation mode: each row runs its argmax choice only). With a given route the logits are returned only
         when ``output_router_logits`` and the FFN has a router: what it says about this input (teacher forcing).
-        ``plan``: the route's `DispatchPlan` when the caller made it already (one for all layers).
+        ``dispatch_plan``: the route's `DispatchPlan` when the caller made it already (one for all layers).
         """
         if route is not None:
             router_logits = None
             if output_router_logits and self.router is not None:
                 router_logits = self.router(hidden_states)
-            return self.dispatch(hidden_states, route, plan), router_logits
+            return self.dispatch(hidden_states, route, dispatch_plan), router_logits
         if self.router is None:
             raise ValueError(
                 "DuoFFN got no route and has no router: pass routes, use a routing mode that makes them "

@@ -2,7 +2,7 @@
 
 For every pattern ``r`` of a route space the whole sequence is run with every token following ``r``, which gives
 ``loss[r, b, t]``; the oracle loss of a token is the minimum over ``r`` and its oracle pattern the argmin (ties to
-the lowest pattern index, see `route_spaces`). The hidden state after layer ``l`` depends only on the first ``l``
+the lowest pattern index, see `oracle.spaces`). The hidden state after layer ``l`` depends only on the first ``l``
 choices, so the engine walks the tree of prefixes instead of running each pattern from scratch: per tree node the
 attention of its layer runs once (``layer.attend``), then each allowed choice's FFN (``layer.mlp.run_choice``)
 gives one child (``layer.merge``); the final norm, LM head and per-token cross-entropy run at the leaves only.
@@ -433,7 +433,7 @@ def oracle_routing(
 ) -> OracleRouting:
     """Route a batch as the oracle would: each token takes its best pattern under ``budget`` given the labels.
 
-    ``budget``: one budget (`route_spaces.parse_budget`: None for every pattern over the model's
+    ``budget``: one budget (`oracle.spaces.parse_layer_budget`: None for every pattern over the model's
     ``route_options``, a BIG count, counts per choice, a position schedule like ``"6:2"``). ``causal``: the
     causally consistent oracle instead of the paper's independent one (see the module docstring). Tokens
     without a target take the lowest-index allowed pattern.

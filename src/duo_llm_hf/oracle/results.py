@@ -14,14 +14,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..models.routes import BIG, CHOICE_NAMES, route_usage
+from ..utils.files import atomic_save_tensors, atomic_write_json
+from ..utils.run_files import ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE
 from .reducers import NO_PATTERN, BatchReduction
 from .spaces import RouteSpace, index_to_pattern
 
-RESULTS_FILE = "oracle_results.safetensors"
-SUMMARY_FILE = "oracle_summary.json"
 METHODS = ("oracle", "fixed", "best_of_k", "best_of_k_pattern", "causal_oracle")
 
 
@@ -219,22 +219,22 @@ class OracleResult:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.tensors.items()}
-        atomic_save_tensors(tensors, output_dir / RESULTS_FILE)
+        atomic_save_tensors(tensors, output_dir / ORACLE_RESULTS_FILE)
         summary = self.summary()
         summary["_space"] = space_spec(self.space)
-        atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(output_dir / ORACLE_SUMMARY_FILE, summary)
 
     @classmethod
     def load(cls, output_dir: str | os.PathLike) -> OracleResult:
         """Read back a result written by `save`."""
         output_dir = Path(output_dir)
-        for name in (RESULTS_FILE, SUMMARY_FILE):
+        for name in (ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE):
             if not (output_dir / name).exists():
                 raise FileNotFoundError(f"{output_dir / name} is missing; is {output_dir} an oracle study's output?")
-        summary = json.loads((output_dir / SUMMARY_FILE).read_text())
+        summary = json.loads((output_dir / ORACLE_SUMMARY_FILE).read_text())
         derived = {"sequences", "seq_len", "tokens_evaluated", "space", "uniform_perplexity", "budgets", "_space"}
         meta = {k: v for k, v in summary.items() if k not in derived}
-        return cls(space_from_spec(summary["_space"]), load_file(output_dir / RESULTS_FILE), meta)
+        return cls(space_from_spec(summary["_space"]), load_file(output_dir / ORACLE_RESULTS_FILE), meta)
 
 
 def space_spec(space: RouteSpace) -> dict:
@@ -249,18 +249,3 @@ def space_spec(space: RouteSpace) -> dict:
 
 def space_from_spec(spec: Mapping) -> RouteSpace:
     return RouteSpace(spec["num_layers"], spec["choices"], spec["budgets"], extra_classes=spec["extra_classes"])
-
-
-def atomic_save_tensors(
-    tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
-) -> None:
-    """Write a safetensors file so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

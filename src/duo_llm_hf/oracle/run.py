@@ -44,17 +44,25 @@ from ..utils.arguments import (
     user_values,
 )
 from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from ..utils.processes import process_state
-from ..utils.run_files import OVERWRITE_FLAG, check_fingerprint, file_hash, refuse_overwrite
+from ..utils.run_files import (
+    ORACLE_RESULTS_FILE,
+    ORACLE_STATE_FILE,
+    ORACLE_SUMMARY_FILE,
+    OVERWRITE_FLAG,
+    check_fingerprint,
+    file_hash,
+    refuse_overwrite,
+)
 from .engine import oracle_search, under_roots
 from .reducers import BatchReduction, RunningMin
-from .results import RESULTS_FILE, SUMMARY_FILE, OracleResult, atomic_save_tensors, atomic_write_text, space_spec
+from .results import OracleResult, space_spec
 from .spaces import RouteSpace, uniform_classes
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "oracle_state.json"
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
 BATCH_DIR = "batches"
 # Version of oracle_state.json: 2 added the weights' hash, dtype and architecture to the fingerprint, and a hash
@@ -383,9 +391,9 @@ def _batch_path(output_dir: Path, b: int) -> Path:
 
 def _delete_run(output_dir: Path) -> None:
     """Delete an oracle run's own files in ``output_dir`` (the state first: a kill midway leaves nothing to resume)."""
-    (output_dir / STATE_FILE).unlink(missing_ok=True)
+    (output_dir / ORACLE_STATE_FILE).unlink(missing_ok=True)
     shutil.rmtree(output_dir / BATCH_DIR, ignore_errors=True)
-    for name in (RESULTS_FILE, SUMMARY_FILE):
+    for name in (ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE):
         (output_dir / name).unlink(missing_ok=True)
 
 
@@ -396,7 +404,7 @@ def _finished_batches(output_dir: Path, fingerprint: dict, num_batches: int, war
     `UsageError`. A batch file that is missing or whose content does not match its recorded hash is left out,
     so it is computed again, and named in a warning (``warn``: on this process).
     """
-    path = output_dir / STATE_FILE
+    path = output_dir / ORACLE_STATE_FILE
     if not path.exists():
         return {}
     try:
@@ -408,7 +416,7 @@ def _finished_batches(output_dir: Path, fingerprint: dict, num_batches: int, war
         ) from err
     if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
         raise UsageError(
-            f"{output_dir} holds an oracle run written by an older version of duo-llm-hf ({STATE_FILE} without "
+            f"{output_dir} holds an oracle run written by an older version of duo-llm-hf ({ORACLE_STATE_FILE} without "
             f"format {STATE_FORMAT}), whose settings and batch files cannot be checked; start over with "
             f"{OVERWRITE_FLAG} or use another --output-dir."
         )
@@ -441,7 +449,7 @@ def _save_state(output_dir: Path, fingerprint: dict, num_batches: int, hashes: d
         "batches_done": len(hashes),
         "batch_sha256": {str(b): hashes[b] for b in sorted(hashes)},
     }
-    atomic_write_text(output_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+    atomic_write_json(output_dir / ORACLE_STATE_FILE, state)
 
 
 STUDY_USAGE = """Stage 2 of Duo-LLM: the oracle study of a trained Duo model.
@@ -543,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_arg_parser().parse_args(argv)
     validate_args(args)
-    refuse_overwrite(args.output_dir, [RESULTS_FILE], args.overwrite_output_dir, "oracle run")
+    refuse_overwrite(args.output_dir, [ORACLE_RESULTS_FILE], args.overwrite_output_dir, "oracle run")
     state = process_state()
     route_options = [name.strip() for name in args.route_options.split(",")] if args.route_options else None
     # Everything is checked against the model's config and the data before the weights are loaded.

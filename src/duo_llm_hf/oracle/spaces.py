@@ -5,7 +5,7 @@ order) are numbered in mixed radix, layer 0 the most significant digit and digit
 choice: with ``choices = (SMALL, BIG)`` pattern ``sssB`` is index 1 and ``Bsss`` is index 8. The numbering is the
 order of a depth-first walk of the prefix tree, and every tie between patterns is broken towards the lowest index.
 
-A :class:`Budget` selects patterns by how many layers take each choice (the paper counts budgets in BIG layers),
+A :class:`LayerBudget` selects patterns by how many layers take each choice (the paper counts budgets in BIG layers),
 optionally depending on the token's position (the paper's Fig. 4c). A :class:`RouteSpace` holds the budgets of
 one oracle run; it enumerates the union of their patterns once, and the reducers report every budget from that
 single enumeration.
@@ -29,7 +29,7 @@ SPLIT_UNITS = 64
 
 
 @dataclass(frozen=True)
-class Budget:
+class LayerBudget:
     """Which patterns a token may take: exact counts of some choices, optionally a BIG count that varies with position.
 
     ``counts``: ``((code, count), ...)``; a pattern belongs to the budget when, for each entry, exactly ``count``
@@ -71,6 +71,16 @@ class Budget:
         # Round half up, so that the schedule does not depend on banker's rounding.
         return torch.floor(value + 0.5).long()
 
+    def fractions(self, num_layers: int) -> dict[int, float]:
+        """The share of ``num_layers`` layers each counted choice takes (``{code: fraction}``): the budget targets
+        of a router that should spend this layer budget (``big=4`` of 12 layers: ``{BIG: 4 / 12}``).
+
+        The inverse is `layer_budget_of_fractions`. A position schedule has no single fraction: a ValueError.
+        """
+        if self.big_schedule is not None:
+            raise ValueError(f"budget {self.label!r} varies with position; it has no single fraction of layers.")
+        return {code: count / num_layers for code, count in self.counts}
+
     def allowed(self, counts: torch.Tensor, seq_len: int) -> torch.Tensor:
         """``[m, seq_len]``: which of ``m`` patterns (choice counts ``[m, 3]``) the budget allows at each position."""
         ok = self.matches(counts)[:, None].expand(-1, seq_len)
@@ -80,19 +90,19 @@ class Budget:
         return ok & (counts[:, BIG, None] == big.to(counts.device)[None, :])
 
 
-def parse_budget(spec: Budget | int | str | Mapping | Sequence | None) -> Budget:
+def parse_layer_budget(spec: LayerBudget | int | str | Mapping | Sequence | None) -> LayerBudget:
     """Parse one budget.
 
     Accepted forms: ``None`` or ``"all"`` (every pattern); ``4`` or ``"4"`` (exactly 4 BIG layers);
     ``{"big": 6, "skip": 6}`` or ``"big=6,skip=6"`` (exact counts per choice); ``"6:2"``, ``"big=6:2"`` or
-    ``(6, 2)`` (BIG layers falling from 6 at the first position to 2 at the last); a :class:`Budget`.
+    ``(6, 2)`` (BIG layers falling from 6 at the first position to 2 at the last); a :class:`LayerBudget`.
     """
-    if spec is None or isinstance(spec, Budget):
-        return spec or Budget()
+    if spec is None or isinstance(spec, LayerBudget):
+        return spec or LayerBudget()
     if isinstance(spec, bool):
         raise ValueError(f"budget: {spec!r} is not a budget; give a BIG count, counts per choice or 'all'.")
     if isinstance(spec, int):
-        return Budget(counts=((BIG, spec),))
+        return LayerBudget(counts=((BIG, spec),))
     if isinstance(spec, Mapping):
         return _counts_budget(spec, spec)
     if isinstance(spec, (tuple, list)):
@@ -101,9 +111,9 @@ def parse_budget(spec: Budget | int | str | Mapping | Sequence | None) -> Budget
         raise ValueError(f"budget: {spec!r} is not a budget; give a BIG count, counts per choice or 'all'.")
     text = spec.strip().lower()
     if text in ("all", ""):
-        return Budget()
+        return LayerBudget()
     if text.lstrip("-").isdigit():
-        return Budget(counts=((BIG, int(text)),))
+        return LayerBudget(counts=((BIG, int(text)),))
     if "=" not in text:
         return _schedule_budget(text.split(":"), spec)
     counts, schedule = {}, None
@@ -117,7 +127,35 @@ def parse_budget(spec: Budget | int | str | Mapping | Sequence | None) -> Budget
         else:
             counts[name] = _int(value, spec)
     budget = _counts_budget(counts, spec)
-    return Budget(counts=budget.counts, big_schedule=schedule)
+    return LayerBudget(counts=budget.counts, big_schedule=schedule)
+
+
+class UnevenLayerBudget(ValueError):
+    """Fractions of the layers that are not whole numbers of layers (`layer_budget_of_fractions`)."""
+
+    def __init__(self, fractions: Mapping[int, float], num_layers: int, layers: Mapping[int, float]):
+        self.fractions, self.num_layers, self.layers = dict(fractions), num_layers, dict(layers)
+        uneven = {CHOICE_NAMES[code]: count for code, count in self.layers.items() if not _whole(count)}
+        named = {CHOICE_NAMES[code]: fraction for code, fraction in self.fractions.items()}
+        super().__init__(f"budget {named} of {num_layers} layers is {uneven} layers, not whole numbers")
+
+    @property
+    def nearest(self) -> LayerBudget:
+        """The layer budget with every count rounded to the nearest whole number."""
+        return LayerBudget(counts=tuple(sorted((code, round(count)) for code, count in self.layers.items())))
+
+
+def layer_budget_of_fractions(fractions: Mapping[int, float], num_layers: int) -> LayerBudget:
+    """The layer budget that gives each choice its fraction of ``num_layers`` layers (``{BIG: 0.5}`` of 4 layers:
+    ``big=2``); the inverse of `LayerBudget.fractions`. `UnevenLayerBudget` when a count is not a whole number."""
+    layers = {code: fraction * num_layers for code, fraction in fractions.items()}
+    if not all(_whole(count) for count in layers.values()):
+        raise UnevenLayerBudget(fractions, num_layers, layers)
+    return LayerBudget(counts=tuple(sorted((code, round(count)) for code, count in layers.items())))
+
+
+def _whole(count: float) -> bool:
+    return abs(count - round(count)) <= 1e-6
 
 
 def _int(value, spec) -> int:
@@ -127,24 +165,24 @@ def _int(value, spec) -> int:
         raise ValueError(f"budget: {spec!r}: {value!r} is not a whole number of layers.") from None
 
 
-def _counts_budget(counts: Mapping, spec) -> Budget:
+def _counts_budget(counts: Mapping, spec) -> LayerBudget:
     pairs = {}
     for name, value in counts.items():
         code = choice_code(name, "budget")
         if code in pairs:
             raise ValueError(f"budget: {spec!r} gives the count of {CHOICE_NAMES[code]} twice.")
         pairs[code] = value if isinstance(value, int) and not isinstance(value, bool) else _int(value, spec)
-    return Budget(counts=tuple(sorted(pairs.items())))
+    return LayerBudget(counts=tuple(sorted(pairs.items())))
 
 
-def _schedule_budget(points: Sequence, spec) -> Budget:
+def _schedule_budget(points: Sequence, spec) -> LayerBudget:
     values = tuple(_int(v, spec) for v in points)
     if len(values) < 2:
         raise ValueError(f"budget: {spec!r}: a position schedule needs at least two BIG counts, e.g. '6:2'.")
-    return Budget(big_schedule=values)
+    return LayerBudget(big_schedule=values)
 
 
-def class_budgets(num_layers: int, choices: Sequence[int]) -> list[Budget]:
+def class_budgets(num_layers: int, choices: Sequence[int]) -> list[LayerBudget]:
     """One budget per count class of the space: every split of ``num_layers`` among the allowed choices.
 
     With two choices one of which is BIG the class is named by its BIG count (``big=0`` .. ``big=n``);
@@ -154,9 +192,9 @@ def class_budgets(num_layers: int, choices: Sequence[int]) -> list[Budget]:
     budgets = []
     for vector in _count_vectors(num_layers, choices):
         if len(choices) == 2 and BIG in choices:
-            budgets.append(Budget(counts=((BIG, vector[BIG]),)))
+            budgets.append(LayerBudget(counts=((BIG, vector[BIG]),)))
         else:
-            budgets.append(Budget(counts=tuple((code, vector[code]) for code in choices)))
+            budgets.append(LayerBudget(counts=tuple((code, vector[code]) for code in choices)))
     return budgets
 
 
@@ -208,7 +246,7 @@ class RouteSpace:
         num_layers: layers per pattern.
         choices: the allowed choices (names or codes); a choice the model does not allow is an error when the
             space is built with :meth:`from_config`.
-        budgets: budget specs (see :func:`parse_budget`); ``"classes"`` expands to every count class
+        budgets: budget specs (see :func:`parse_layer_budget`); ``"classes"`` expands to every count class
             (:func:`class_budgets`). Default: ``["all"]``.
         extra_classes: count vectors (``(n_small, n_big, n_skip)``) enumerated in addition to the budgets (used to
             evaluate the all-small and all-big patterns for token difficulty); they belong to no budget.
@@ -232,16 +270,16 @@ class RouteSpace:
         self.choices = tuple(sorted({choice_code(c, "route space choices") for c in choices}))
         if budgets is None:
             specs = ["all"]
-        elif isinstance(budgets, (str, int, Mapping, Budget)):
+        elif isinstance(budgets, (str, int, Mapping, LayerBudget)):
             specs = [budgets]
         else:
             specs = list(budgets)
-        parsed: list[Budget] = []
+        parsed: list[LayerBudget] = []
         for spec in specs:
             if isinstance(spec, str) and spec.strip().lower() == "classes":
                 parsed += class_budgets(num_layers, self.choices)
             else:
-                parsed.append(parse_budget(spec))
+                parsed.append(parse_layer_budget(spec))
         if not parsed:
             raise ValueError("route space: no budget given; use 'all', a BIG count, counts per choice or 'classes'.")
         seen = set()
@@ -276,7 +314,7 @@ class RouteSpace:
             )
         return cls(config.num_hidden_layers, choices, budgets, **kwargs)
 
-    def _check_budget(self, budget: Budget) -> None:
+    def _check_budget(self, budget: LayerBudget) -> None:
         n, names = self.num_layers, [CHOICE_NAMES[c] for c in self.choices]
         for code, count in budget.counts:
             if code not in self.choices:
@@ -306,7 +344,7 @@ class RouteSpace:
                     f"({fixed} fixed by other counts); use 0..{n - fixed}."
                 )
 
-    def _check_not_empty(self, budget: Budget, members: torch.Tensor) -> None:
+    def _check_not_empty(self, budget: LayerBudget, members: torch.Tensor) -> None:
         names = [CHOICE_NAMES[c] for c in self.choices]
         if not members.any():
             raise ValueError(
@@ -361,7 +399,7 @@ class RouteSpace:
 
     def budget_index(self, budget) -> int:
         """Position of a budget (spec or label) among the space's budgets."""
-        wanted = budget if isinstance(budget, str) and budget in self.labels else parse_budget(budget).label
+        wanted = budget if isinstance(budget, str) and budget in self.labels else parse_layer_budget(budget).label
         if wanted not in self.labels:
             raise KeyError(f"budget {wanted!r} is not in this route space; it has {list(self.labels)}.")
         return self.labels.index(wanted)

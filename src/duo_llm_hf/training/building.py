@@ -19,12 +19,13 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, get_schedule
 
 from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
-from ..models.modeling_duo import DuoCausalLMMixin, dense_config_fields
+from ..models.modeling_duo import dense_config_fields
 from ..models.modeling_duo_llama import DuoLlamaForCausalLM
 from ..models.modeling_duo_opt import DuoOPTForCausalLM
 from ..utils.errors import MissingFileError, UsageError
 from ..utils.flops import dense_intermediate_size
-from ..utils.loading import load_complete_model
+from ..utils.loading import is_duo_model, load_complete_model
+from ..utils.run_files import CONFIG_FILE
 
 if TYPE_CHECKING:  # arguments.py checks its init_from with this module's helpers
     from .arguments import OptimizationArguments, TrainArguments
@@ -93,7 +94,7 @@ def inspect_init_source(path: str | Path, block_size: int):
     ``path`` is a local folder or a Hub name (whose config is downloaded, or read from the Hub cache).
     """
     folder = Path(path).expanduser()
-    if not is_hub_id(path) and not (folder / "config.json").is_file():
+    if not is_hub_id(path) and not (folder / CONFIG_FILE).is_file():
         raise MissingFileError(
             f"init_from: {str(path)!r} has no config.json; give a folder written by save_pretrained."
         )
@@ -140,11 +141,6 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
     )
     freeze_all_but_small(model)
     return model
-
-
-def is_duo_model(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a Duo causal LM (DuoLlama, DuoOPT), as opposed to a dense one."""
-    return isinstance(model, DuoCausalLMMixin)
 
 
 def freeze_all_but_small(model: torch.nn.Module) -> int:
@@ -217,7 +213,6 @@ __all__ = [
     "duo_config_from_args",
     "freeze_all_but_small",
     "inspect_init_source",
-    "is_duo_model",
     "is_hub_id",
     "may_leave_a_module_unused",
     "special_token_ids",

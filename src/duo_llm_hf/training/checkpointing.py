@@ -52,12 +52,12 @@ from accelerate.utils.other import load as accelerate_load
 
 from ..models.routes import RouteSampler
 from ..utils.errors import UsageError
+from ..utils.files import TMP_PREFIX, temporary_path
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"  # a run's checkpoints, in its output_dir
 CHECKPOINT_PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
 LATEST = "latest"
 STATE_FILE = "train_state.json"  # written last: the completion marker, with the size of every other file
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -315,7 +315,7 @@ def save_checkpoint(
     """
     folder = Path(checkpoints_dir)
     final = folder / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = folder / f"{TMP_PREFIX}{final.name}"
+    tmp = temporary_path(final)
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f"{TMP_PREFIX}*"):

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..models.losses import token_losses
 from ..models.routes import RouteSampler, parse_routing
-from .building import is_duo_model
+from ..utils.loading import is_duo_model
 
 
 def eval_route_kwargs(model, mode: str, input_ids: torch.Tensor, sampler: RouteSampler | None) -> dict:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from ..data.corpus import EpochSampler, iter_texts, load_corpus, pack_corpus
+from ..data.corpus import HOLDOUTS, EpochSampler, iter_texts, load_corpus, pack_corpus
 from ..data.tokenization import has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from ..utils.errors import MissingFileError, UsageError
 from .arguments import TrainArguments
@@ -28,9 +28,6 @@ from .building import is_hub_id
 from .checkpointing import TrainState
 
 logger = logging.getLogger(__name__)
-
-# Holdout sets evaluated separately, as the paper holds out C4 (English) and Python code.
-HOLDOUTS = ("english", "code")
 
 
 def load_corpora(args) -> tuple[datasets.Dataset | datasets.IterableDataset, dict]:
@@ -167,7 +164,6 @@ def training_batches(
 
 
 __all__ = [
-    "HOLDOUTS",
     "load_corpora",
     "make_eval_loaders",
     "make_train_loader",

@@ -28,7 +28,13 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 
 from ..utils.errors import UsageError
-from ..utils.run_files import OVERWRITE_FLAG, check_fingerprint, refuse_overwrite
+from ..utils.run_files import (
+    CONFIG_FILE,
+    OVERWRITE_FLAG,
+    TRAIN_RESULTS_FILE,
+    check_fingerprint,
+    refuse_overwrite,
+)
 from .checkpointing import (
     CHECKPOINTS_DIR,
     LATEST,
@@ -182,7 +188,7 @@ class StepMeter:
 
 
 # What a finished run leaves in its output_dir: save_pretrained's config.json first, train_results.json last.
-FINISHED_FILES = ("train_results.json", "config.json")
+FINISHED_FILES = (TRAIN_RESULTS_FILE, CONFIG_FILE)
 
 
 def start_or_resume(args, what: str = "training run") -> Path | None:
@@ -218,7 +224,7 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
 def _finished_run_id(output_dir: Path) -> str | None:
     """The run id in a finished run's ``train_results.json`` ("" for a run that recorded none), None if unfinished."""
     try:
-        return json.loads((output_dir / "train_results.json").read_text()).get("run_id") or ""
+        return json.loads((output_dir / TRAIN_RESULTS_FILE).read_text()).get("run_id") or ""
     except FileNotFoundError:
         return None
 

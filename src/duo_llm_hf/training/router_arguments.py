@@ -3,8 +3,8 @@
 `RouterTrainArguments` composes stage 1's run, data and optimisation groups (`arguments`), with the defaults of a
 few small linear layers (`with_default`), and the router fields (`RouterArguments`). The route options and the
 budget come from ``setting`` (one of `routes.ROUTER_SETTINGS`) or from ``route_options`` and ``budget``;
-`route_plan` resolves them against the model (`RoutePlan`), `oracle_budget_spec` gives the oracle's exact budget
-under oracle supervision.
+`resolve_router_budget` resolves them against the model (`RouterBudget`), `oracle_layer_budget` gives the oracle's
+exact budget under oracle supervision; `budget_flag` writes budget targets back as a ``--budget`` value.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Literal
 
 from ..models.losses import parse_budget_fractions
 from ..models.routed_ffn import SCHEDULE_KINDS, TemperatureSchedule
-from ..models.routes import CHOICE_NAMES, ROUTER_SETTINGS, SKIP, choice_code
-from ..oracle.spaces import RouteSpace
+from ..models.routes import BIG, CHOICE_NAMES, ROUTER_SETTINGS, SKIP, choice_code
+from ..oracle.spaces import RouteSpace, UnevenLayerBudget, layer_budget_of_fractions
 from ..utils.arguments import check_integer_fields, check_output_dir, user_values
 from ..utils.errors import UsageError
 from ..utils.loading import inspect_duo_source
@@ -142,8 +142,8 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
     )
 
     def validate(self) -> None:
-        """Check every argument and the paths they name, before any work is done (see also `route_plan`); raise
-        `UsageError`."""
+        """Check every argument and the paths they name, before any work is done (see also
+        `resolve_router_budget`); raise `UsageError`."""
         check_output_dir(self)
         check_integer_fields(
             self,
@@ -230,12 +230,21 @@ def parse_budget_flag(text: str | float | Mapping[str, float]) -> float | dict[s
     return targets
 
 
+def budget_flag(targets: Mapping[int, float]) -> str:
+    """The ``--budget`` value of budget targets (``{choice code: fraction}``), read back by `parse_budget_flag`:
+    the BIG fraction alone when only BIG is targeted, else ``name=fraction`` pairs; written with ``repr`` so that
+    no digit of the fraction is lost."""
+    if set(targets) == {BIG}:
+        return repr(targets[BIG])
+    return ",".join(f"{CHOICE_NAMES[code]}={fraction!r}" for code, fraction in sorted(targets.items()))
+
+
 def routable_choices(config) -> list[str]:
     """The choices a model can route: its ``route_options`` (trained in stage 1) and ``skip`` (needs no module)."""
     return [name for name in CHOICE_NAMES if name in config.route_options or name == CHOICE_NAMES[SKIP]]
 
 
-def route_plan(args: RouterTrainArguments, config) -> tuple[list[str], dict[int, float]]:
+def resolve_router_budget(args: RouterTrainArguments, config) -> tuple[list[str], dict[int, float]]:
     """The router's route options and budget targets (``{choice code: fraction}``) for a model's config.
 
     Raises when the setting asks for a choice the model cannot route (see `routable_choices`) or the budget does
@@ -261,34 +270,31 @@ def route_plan(args: RouterTrainArguments, config) -> tuple[list[str], dict[int,
         return options, parse_budget_fractions(budget, options)
 
 
-def oracle_budget_spec(
+def oracle_layer_budget(
     args: RouterTrainArguments, options: Sequence[str], targets: Mapping[int, float], num_layers: int
 ):
     """The oracle's budget for oracle supervision: ``args.oracle_budget``, else the targets times the layers.
 
-    The oracle picks patterns with *exact* counts (`oracle.spaces` budget syntax), so each target fraction
-    times ``num_layers`` must be a whole number (``0.5`` of 4 layers: ``big=2``). The budget is checked against a
-    route space over ``options`` here, before any work is done.
+    The oracle picks patterns with *exact* counts (a layer budget: `oracle.spaces.parse_layer_budget` syntax), so
+    each target fraction times ``num_layers`` must be a whole number (``0.5`` of 4 layers: ``big=2``). The budget
+    is checked against a route space over ``options`` here, before any work is done.
     """
     if args.oracle_budget is not None:
         spec = args.oracle_budget
     else:
-        counts = {CHOICE_NAMES[code]: fraction * num_layers for code, fraction in targets.items()}
-        uneven = {name: count for name, count in counts.items() if abs(count - round(count)) > 1e-6}
-        if uneven:
+        try:
+            spec = layer_budget_of_fractions(targets, num_layers).label
+        except UnevenLayerBudget as err:
             raise UsageError(
-                f"budget { ({CHOICE_NAMES[c]: v for c, v in targets.items()}) } of {num_layers} layers is "
-                f"{uneven} layers, not whole numbers; the oracle needs exact counts: give --oracle-budget (e.g. "
-                f"{','.join(f'{n}={round(c)}' for n, c in counts.items())})."
-            )
-        spec = ",".join(f"{name}={round(count)}" for name, count in counts.items())
+                f"{err}; the oracle needs exact counts: give --oracle-budget (e.g. {err.nearest.label})."
+            ) from None
     with user_values("oracle_budget: "):
         RouteSpace(num_layers, options, [spec])  # raises on a budget the options cannot meet
     return spec
 
 
 @dataclass(frozen=True)
-class RoutePlan:
+class RouterBudget:
     """What the routers learn: their options, the budget targets and, under oracle supervision, the oracle's budget."""
 
     options: list[str]
@@ -300,12 +306,13 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "ORACLE_FIELDS",
     "RouterArguments",
-    "RoutePlan",
+    "RouterBudget",
     "RouterTrainArguments",
     "SUPERVISIONS",
-    "oracle_budget_spec",
+    "budget_flag",
+    "oracle_layer_budget",
     "parse_budget_flag",
     "parse_route_options",
+    "resolve_router_budget",
     "routable_choices",
-    "route_plan",
 ]

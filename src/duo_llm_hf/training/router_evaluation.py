@@ -19,7 +19,7 @@ from ..models.losses import token_losses
 from ..models.routes import BIG, CHOICE_NAMES, realised_fractions, route_usage
 from ..utils.flops import flops_per_token
 from .checkpointing import TrainState
-from .router_arguments import RoutePlan, RouterTrainArguments
+from .router_arguments import RouterBudget, RouterTrainArguments
 
 
 @torch.no_grad()
@@ -90,14 +90,14 @@ def eval_metrics(results: Mapping[str, dict], prefix: str = "eval") -> dict[str,
 def router_report(
     args: RouterTrainArguments,
     config,
-    plan: RoutePlan,
+    router_budget: RouterBudget,
     state: TrainState,
     results: Mapping[str, dict],
     train_realised: Mapping[str, float],
     train_agreement: float | None = None,
     temperature_final: float = 1.0,
 ) -> dict:
-    """The JSON report of a router run: the plan, and per held-out set the realised fractions and perplexity.
+    """The JSON report of a router run: its targets, and per held-out set the realised fractions and perplexity.
 
     ``holdouts[name]`` holds ``loss``, ``ppl``, ``tokens``, ``realised`` (``overall`` and ``per_layer``
     fractions of each choice), ``usage`` (counts ``[3][layers][positions]``: choice code x layer x position,
@@ -120,9 +120,9 @@ def router_report(
         "model": str(args.model),
         "setting": args.setting,
         "supervision": args.supervision,
-        "route_options": list(plan.options),
-        "budget": {CHOICE_NAMES[code]: value for code, value in plan.targets.items()},
-        "oracle_budget": plan.oracle_budget,
+        "route_options": list(router_budget.options),
+        "budget": {CHOICE_NAMES[code]: value for code, value in router_budget.targets.items()},
+        "oracle_budget": router_budget.oracle_budget,
         "oracle_causal": args.oracle_causal if args.supervision == "oracle" else None,
         "alpha": args.alpha,
         "temperature_final": float(temperature_final),

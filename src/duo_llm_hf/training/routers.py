@@ -20,13 +20,13 @@ Which choices a model can route: those of its ``route_options`` (its small and b
 in stage 1), plus ``skip``, which needs no module (the paper lets the oracle and the router skip layers of a
 model trained with small / big routing only). The paper's three settings are `routes.ROUTER_SETTINGS`.
 
-This module is the run (`train_router`, read top to bottom in `_train_router`); its arguments and route plan are in
-`router_arguments`, the oracle supervision in `router_oracle`, the evaluation and the report in `router_evaluation`.
+This module is the run (`train_router`, read top to bottom in `_train_router`); its arguments and router budget are
+in `router_arguments`, the oracle supervision in `router_oracle`, the evaluation and the report in `router_evaluation`.
 Data, optimizer, scheduler, checkpoints, trackers and resume checks are stage 1's (`loaders`, `building`,
 `checkpointing`, `loop`, `fingerprint`); the output folder
 holds the model with its routers (``save_pretrained``, ``routing_mode="learned"``), the tokenizer,
-``training_args.json``, ``train_results.json`` and ``router_report.json`` (`REPORT_FILE`). A checkpoint holds the
-whole model (Accelerate's ``save_state``), although only the routers change.
+``training_args.json``, ``train_results.json`` and ``router_report.json`` (`ROUTER_REPORT_FILE`). A checkpoint holds
+the whole model (Accelerate's ``save_state``), although only the routers change.
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ from ..models.routed_ffn import (
 )
 from ..models.routes import CHOICE_NAMES
 from ..utils.errors import MissingFileError, UsageError
+from ..utils.files import atomic_write_json
 from ..utils.loading import inspect_duo_source, load_duo_model
 from ..utils.processes import process_state
+from ..utils.run_files import ROUTER_REPORT_FILE
 from .arguments import parse_arguments
 from .building import build_optimizer, build_scheduler
 from .checkpointing import (
@@ -69,17 +71,15 @@ from .loaders import load_corpora, make_eval_loaders, make_train_loader, total_t
 from .loop import StepMeter, accelerated_run, backward_and_step, run_identity, start_or_resume, tracker_config
 from .router_arguments import (
     DEFAULT_BLOCK_SIZE,
-    RoutePlan,
+    RouterBudget,
     RouterTrainArguments,
-    oracle_budget_spec,
+    oracle_layer_budget,
     parse_route_options,
-    route_plan,
+    resolve_router_budget,
 )
 from .router_evaluation import eval_metrics, evaluate_router, router_report
 from .router_oracle import calibrate_routers, oracle_router_loss, oracle_router_targets
 from .train import save_final
-
-REPORT_FILE = "router_report.json"
 
 
 @dataclass
@@ -138,7 +138,7 @@ def train_router(
     """
     args.validate()
     source_config = inspect_duo_source(args.model)  # checked by validate; read again for the run
-    options, targets = route_plan(args, source_config)
+    options, targets = resolve_router_budget(args, source_config)
     positions = source_config.max_position_embeddings
     if args.block_size is not None and args.block_size > positions:
         raise UsageError(
@@ -148,16 +148,18 @@ def train_router(
     args = dataclasses.replace(args, block_size=args.block_size or min(DEFAULT_BLOCK_SIZE, positions))
     oracle_budget = None
     if args.supervision == "oracle":
-        oracle_budget = oracle_budget_spec(args, options, targets, source_config.num_hidden_layers)
+        oracle_budget = oracle_layer_budget(args, options, targets, source_config.num_hidden_layers)
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
     resume_dir = start_or_resume(args, "router training run")
 
-    plan = RoutePlan(options, targets, oracle_budget)
+    router_budget = RouterBudget(options, targets, oracle_budget)
     with accelerated_run(args, resume_dir) as accelerator:
-        return _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback)
+        return _train_router(
+            args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback
+        )
 
 
-def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoints_dir, step_callback):
+def _train_router(args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback):
     output_dir = Path(args.output_dir)
     run = run_identity(resume_dir, training_fingerprint(args, accelerator), "router training run")
     set_seed(args.seed)
@@ -175,9 +177,8 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
 
     model = load_duo_model(args.model)
     schedule = args.temperature_plan(1)  # replaced below once the number of steps is known
-    add_routers(
-        model, plan.options, seed=args.seed if args.router_seed is None else args.router_seed, temperature=schedule(0)
-    )
+    router_seed = args.seed if args.router_seed is None else args.router_seed
+    add_routers(model, router_budget.options, seed=router_seed, temperature=schedule(0))
     trainable = freeze_all_but_routers(model)
 
     train_loader = make_train_loader(train_blocks, args)
@@ -190,15 +191,15 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
     unwrapped = accelerator.unwrap_model(model)
 
     state = restore_train_state(accelerator, resume_dir)
-    targets_named = {CHOICE_NAMES[code]: value for code, value in plan.targets.items()}
+    targets_named = {CHOICE_NAMES[code]: value for code, value in router_budget.targets.items()}
     accelerator.init_trackers(
         args.run_name,
         config=tracker_config(
             args,
             {
-                "route_options_resolved": ",".join(plan.options),
+                "route_options_resolved": ",".join(router_budget.options),
                 "budget_resolved": json.dumps(targets_named),
-                "oracle_budget_resolved": str(plan.oracle_budget),
+                "oracle_budget_resolved": str(router_budget.oracle_budget),
                 "total_steps": total_steps,
                 "trainable_parameters": sum(p.numel() for p in trainable),
             },
@@ -236,7 +237,11 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
             ids = batch["input_ids"]
             if args.supervision == "oracle":
                 routes, mask = oracle_router_targets(
-                    unwrapped, ids, plan.oracle_budget, causal=args.oracle_causal, chunk_tokens=args.oracle_chunk_tokens
+                    unwrapped,
+                    ids,
+                    router_budget.oracle_budget,
+                    causal=args.oracle_causal,
+                    chunk_tokens=args.oracle_chunk_tokens,
                 )
                 # Teacher forcing: the model follows the oracle's routes, each router sees the FFN input there.
                 out = model(input_ids=ids, routes=routes, output_router_logits=True, logits_to_keep=1)
@@ -244,7 +249,7 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
             else:
                 out = model(input_ids=ids, labels=ids, routing="learned")
                 main = out.loss
-            budget = budget_loss(out.router_logits, plan.targets, temperature=temperature)
+            budget = budget_loss(out.router_logits, router_budget.targets, temperature=temperature)
             loss = main + args.alpha * budget
             backward_and_step(accelerator, loss, optimizer, scheduler, trainable, args.max_grad_norm)
         meter.add(loss, main, budget)
@@ -312,18 +317,23 @@ def _train_router(args, accelerator, plan, source_config, resume_dir, checkpoint
         blocks = train_blocks.select(range(count)) if count else train_blocks.take(args.oracle_calibration_blocks)
         ids = torch.stack([row["input_ids"] for row in blocks]).to(accelerator.device)
         calibration = calibrate_routers(
-            unwrapped, ids, plan.oracle_budget, causal=args.oracle_causal, chunk_tokens=args.oracle_chunk_tokens
+            unwrapped,
+            ids,
+            router_budget.oracle_budget,
+            causal=args.oracle_causal,
+            chunk_tokens=args.oracle_chunk_tokens,
         )
     if eval_loaders and (calibration is not None or not results):  # after calibration, or a resumed finished run
         results = evaluate_router(model, eval_loaders, accelerator)
         accelerator.log(eval_metrics(results), step=state.global_step)
+    temperature_final = router_temperature(unwrapped)
     report = router_report(
-        args, unwrapped.config, plan, state, results, train_realised, train_agreement, router_temperature(unwrapped)
+        args, unwrapped.config, router_budget, state, results, train_realised, train_agreement, temperature_final
     )
     report["oracle_calibration"] = calibration
     save_final(args, accelerator, model, tokenizer, state, eval_metrics(results), run_id=run["run_id"])
     if accelerator.is_main_process:
-        (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        atomic_write_json(output_dir / ROUTER_REPORT_FILE, report, newline=False)
     accelerator.wait_for_everyone()
     return RouterTrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, report)
 
@@ -341,4 +351,4 @@ def main(argv: list[str] | None = None) -> RouterTrainResult:
     return result
 
 
-__all__ = ["REPORT_FILE", "RouterTrainResult", "add_routers", "main", "train_router"]
+__all__ = ["RouterTrainResult", "add_routers", "main", "train_router"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import is_tensorboard_available
 
-METRICS_FILE = "metrics.jsonl"
+from ..utils.run_files import METRICS_LOG_FILE
 
 
 class JsonlTracker(GeneralTracker):
@@ -27,7 +27,7 @@ class JsonlTracker(GeneralTracker):
     def __init__(self, run_name: str, logging_dir: str | Path, **kwargs):
         super().__init__()
         self.run_name = run_name
-        self.path = Path(logging_dir) / run_name / METRICS_FILE
+        self.path = Path(logging_dir) / run_name / METRICS_LOG_FILE
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ a recipe change the model it trains and saves. ``training/train_duo.py`` and ``d
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,11 @@ from tqdm.auto import tqdm
 from ..data.corpus import pack_corpus
 from ..data.tokenization import check_tokenizer_fits
 from ..models.routes import BIG, RouteSampler
+from ..utils.files import atomic_write_json
 from ..utils.flops import flops_per_token
+from ..utils.loading import is_duo_model
 from ..utils.processes import process_state
+from ..utils.run_files import TRAIN_RESULTS_FILE, TRAINING_ARGS_FILE
 from .arguments import TrainArguments, parse_arguments
 from .building import (
     build_model,
@@ -40,7 +42,6 @@ from .building import (
     dense_baseline_config,
     duo_config_from_args,
     inspect_init_source,
-    is_duo_model,
     may_leave_a_module_unused,
 )
 from .checkpointing import (
@@ -55,7 +56,6 @@ from .checkpointing import (
 from .evaluation import evaluate_perplexity
 from .fingerprint import RESUMABLE_CHANGES, training_fingerprint
 from .loaders import (
-    HOLDOUTS,
     load_corpora,
     make_eval_loaders,
     make_train_loader,
@@ -260,9 +260,9 @@ def save_final(
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
-        (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        atomic_write_json(output_dir / TRAINING_ARGS_FILE, dataclasses.asdict(args), newline=False)
         results = {"global_step": state.global_step, "tokens_seen": state.tokens_seen, "run_id": run_id, **eval_metrics}
-        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_json(output_dir / TRAIN_RESULTS_FILE, results, newline=False)
     accelerator.wait_for_everyone()
 
 
@@ -282,8 +282,7 @@ __all__ = [
     "save_final",
     "train",
     "training_step",
-    # Imported from here by experiments.ablation; they live in building, fingerprint and loaders.
-    "HOLDOUTS",
+    # Imported from here by experiments.ablation; they live in building and fingerprint.
     "RESUMABLE_CHANGES",
     "dense_baseline_config",
     "duo_config_from_args",

@@ -19,6 +19,7 @@ from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
 from ..models.routes import CHOICE_NAMES, choice_code, validate_route_fields
 from .errors import MissingFileError, UsageError
+from .run_files import CONFIG_FILE
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
 # Choices a Duo model can take although its config does not list them: skip runs no FFN, so it needs no weights.
@@ -26,12 +27,22 @@ WEIGHTLESS_CHOICES = ("skip",)
 _SHOWN_KEYS = 6
 
 
+def is_duo_model(model_or_config) -> bool:
+    """Whether a model (or its config) is a Duo model (DuoLlama, DuoOPT) rather than a dense one.
+
+    Read from ``model_type``, so a Duo model loaded with ``trust_remote_code`` (its own copy of the classes) or
+    wrapped in place (peft's LoRA layers) counts too.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) in DUO_MODEL_TYPES
+
+
 def _source(path: str | Path, what: str) -> str | Path:
     """The local folder of ``path``, or ``path`` itself when it can only be a Hub name; `UsageError` otherwise."""
     name = str(path)
     folder = Path(name).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").is_file():
+        if not (folder / CONFIG_FILE).is_file():
             raise MissingFileError(
                 f"{what}: {name!r} is not a model folder (it has no config.json); give a Duo model folder written "
                 "by save_pretrained, e.g. the output folder of `duo-llm train`."
@@ -67,7 +78,7 @@ def inspect_duo_source(path: str | Path, what: str = "model"):
             f"{what}: no local folder {str(path)!r} exists, and it could not be loaded as a Hub model name "
             f"({reason}); check the path, or the name and your network."
         ) from err
-    if config.model_type not in DUO_MODEL_TYPES:
+    if not is_duo_model(config):
         raise UsageError(
             f"{what}: {str(path)!r} is a {config.model_type!r} model, not a Duo model ({list(DUO_MODEL_TYPES)}); "
             "this command needs a Duo model: train one with `duo-llm train`, finetune a pretrained OPT/Llama into "

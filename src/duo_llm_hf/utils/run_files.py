@@ -15,6 +15,23 @@ from typing import Any
 from .errors import UsageError
 
 OVERWRITE_FLAG = "--overwrite-output-dir"
+
+# The files the commands write into their output folders and read back (by the next stage, a resumed run, the
+# model card, the study's report). A model folder also holds what save_pretrained writes (``config.json``, ...).
+CONFIG_FILE = "config.json"
+TRAINING_ARGS_FILE = "training_args.json"  # stage 1 and router training: the arguments of the run
+TRAIN_RESULTS_FILE = "train_results.json"  # ... its results; written last, so it marks a finished run
+METRICS_LOG_FILE = "metrics.jsonl"  # ... one JSON line per logged step
+ROUTER_REPORT_FILE = "router_report.json"  # router training: targets, realised fractions, perplexity
+ORACLE_RESULTS_FILE = "oracle_results.safetensors"  # an oracle run: the reductions' tensors
+ORACLE_SUMMARY_FILE = "oracle_summary.json"  # ... its summary, and what loading the tensors back needs
+ORACLE_STATE_FILE = "oracle_state.json"  # ... the finished batches of a run in progress
+LM_EVAL_RESULTS_FILE = "lm_eval_results.json"  # lm-eval's results, read by the model card
+STAGE_DONE_FILE = "stage_done.json"  # the study: in each finished stage's folder
+STUDY_SETTINGS_FILE = "study_settings.json"  # ... the settings of the study in its folder
+STUDY_METRICS_FILE = "metrics.json"  # ... the study's numbers
+STUDY_REPORT_FILE = "report.md"  # ... and its report, also rendered as STUDY_REPORT_HTML_FILE
+STUDY_REPORT_HTML_FILE = "report.html"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _CHUNK = 1 << 20
 

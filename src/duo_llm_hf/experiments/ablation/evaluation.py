@@ -16,9 +16,10 @@ from ...training.loop import reset_accelerate_state
 from ...training.train import (
     evaluate_perplexity,
 )
+from ...utils.files import atomic_write_text
 from ...utils.loading import load_complete_model
 from .benchmarks import BENCHMARK_METRICS, BenchmarkSpec
-from .files import jsonable, read_json, write_atomic
+from .files import jsonable, read_json
 from .plan import AblationPlan, PlannedRun, route_probs
 from .runs import model_fingerprint
 
@@ -161,7 +162,7 @@ def evaluate_runs(plan: AblationPlan, tokenizer) -> dict[str, dict[str, dict]]:
 
     def save(path: Path, record: dict) -> None:  # each evaluation is kept as soon as it is done
         if accelerator.is_main_process:
-            write_atomic(path, json.dumps(jsonable(record), indent=2))
+            atomic_write_text(path, json.dumps(jsonable(record), indent=2))
 
     try:
         for run in plan.runs:

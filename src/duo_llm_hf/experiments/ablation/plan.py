@@ -10,11 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...data.corpus import TEXT_COLUMN, parse_corpus_spec
-from ...training.train import (
-    HOLDOUTS,
-    TrainArguments,
-)
+from ...data.corpus import HOLDOUTS, TEXT_COLUMN, parse_corpus_spec
+from ...training.train import TrainArguments
 from ...utils.arguments import check_integer_fields, check_output_dir
 from ...utils.errors import MissingFileError, UsageError
 from ...utils.processes import process_state

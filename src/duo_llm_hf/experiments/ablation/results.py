@@ -7,23 +7,24 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transformers import AutoConfig
 
-from ...models.configuration_duo_llama import DuoLlamaConfig
+from ...data.corpus import HOLDOUTS
 from ...training.train import (
-    HOLDOUTS,
     dense_baseline_config,
     duo_config_from_args,
 )
+from ...utils.files import atomic_target, atomic_write_text
 from ...utils.flops import flops_per_token
+from ...utils.loading import is_duo_model
+from ...utils.run_files import TRAIN_RESULTS_FILE
 from ...utils.tables import markdown_table
 from .benchmarks import BENCHMARK_METRICS, BENCHMARK_NAMES
 from .figure import plot_fig8
-from .files import jsonable, read_json, write_atomic
+from .files import jsonable, read_json
 from .plan import KINDS, AblationPlan, PlannedRun, route_probs
 from .runs import RUN_INFO
 
@@ -45,9 +46,9 @@ def build_rows(plan: AblationPlan, records: Mapping[str, Mapping[str, dict]]) ->
     rows, counts = [], {}
     for run in plan.runs:
         config = AutoConfig.from_pretrained(plan.run_dir(run))
-        is_duo = isinstance(config, DuoLlamaConfig)
+        is_duo = is_duo_model(config)
         timing = read_json(plan.run_dir(run) / RUN_INFO) or {}
-        results = read_json(plan.run_dir(run) / "train_results.json") or {}
+        results = read_json(plan.run_dir(run) / TRAIN_RESULTS_FILE) or {}
         for key, record in records[run.name].items():
             p_big = None if key == "dense" else float(key.split("=")[1])
             ffn = (
@@ -160,7 +161,7 @@ def write_outputs(plan: AblationPlan, rows: list[dict], counts: dict[str, int], 
         results_table(rows, labels),
         "",
     ]
-    write_atomic(files["results.md"], "\n".join(header))
+    atomic_write_text(files["results.md"], "\n".join(header))
     payload = {
         "preset": plan.settings["preset"],
         "settings": plan.settings,
@@ -173,9 +174,8 @@ def write_outputs(plan: AblationPlan, rows: list[dict], counts: dict[str, int], 
         "rows": rows,
         "seconds_this_call": seconds,
     }
-    write_atomic(files["results.json"], json.dumps(jsonable(payload), indent=2))
-    write_atomic(files["results.csv"], csv_table(rows, labels))
-    tmp_png = plan.out / ".tmp-fig8.png"
-    plot_fig8(plan, rows, counts, tmp_png)
-    os.replace(tmp_png, files["fig8.png"])
+    atomic_write_text(files["results.json"], json.dumps(jsonable(payload), indent=2))
+    atomic_write_text(files["results.csv"], csv_table(rows, labels))
+    with atomic_target(files["fig8.png"]) as tmp_png:
+        plot_fig8(plan, rows, counts, tmp_png)
     return {name: str(path) for name, path in files.items()}

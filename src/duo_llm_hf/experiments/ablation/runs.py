@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,9 +21,10 @@ from ...training.train import (
     train,
 )
 from ...utils.errors import UsageError
+from ...utils.files import atomic_target, atomic_write_text
 from ...utils.processes import process_state
-from ...utils.run_files import OVERWRITE_FLAG, FingerprintMismatch
-from .files import jsonable, read_json, write_atomic
+from ...utils.run_files import OVERWRITE_FLAG, TRAIN_RESULTS_FILE, TRAINING_ARGS_FILE, FingerprintMismatch
+from .files import jsonable, read_json
 from .plan import AblationPlan, PlannedRun
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,10 @@ def run_is_finished(run: PlannedRun, overwrite: bool = False) -> bool:
     A final model trained with other arguments is refused, or with ``overwrite`` counts as not finished (retrained).
     """
     folder = Path(run.args.output_dir)
-    results = read_json(folder / "train_results.json")
+    results = read_json(folder / TRAIN_RESULTS_FILE)
     if results is None:
         return False
-    saved = read_json(folder / "training_args.json") or {}
+    saved = read_json(folder / TRAINING_ARGS_FILE) or {}
     planned = _comparable_args(dataclasses.asdict(run.args))
     saved = _comparable_args(saved)
     changed = sorted(k for k in planned if saved.get(k) != planned[k])
@@ -80,9 +80,8 @@ def prepare_tokenizer(plan: AblationPlan):
                 iter_texts(texts, settings["tokenizer_train_chars"]), settings["vocab_size"]
             )
             if state.is_main_process:
-                tmp = folder.with_name(f".tmp-{folder.name}")
-                tokenizer.save_pretrained(tmp)
-                os.replace(tmp, folder)
+                with atomic_target(folder) as tmp:
+                    tokenizer.save_pretrained(tmp)
         tokenizer = load_tokenizer(folder)
     if settings["tokenizer"] is None and len(tokenizer) > settings["vocab_size"]:
         raise UsageError(
@@ -140,7 +139,7 @@ def train_runs(plan: AblationPlan, overwrite: bool = False) -> tuple[list[str], 
             train(fresh)  # the checkpoints are of an earlier plan: start over, as asked
         info = {"train_seconds": time.perf_counter() - start, "init_from": source}
         if process_state().is_main_process:
-            write_atomic(plan.run_dir(run) / RUN_INFO, json.dumps(info, indent=2))
+            atomic_write_text(plan.run_dir(run) / RUN_INFO, json.dumps(info, indent=2))
         trained.append(run.name)
     return trained, reused
 
@@ -148,6 +147,6 @@ def train_runs(plan: AblationPlan, overwrite: bool = False) -> tuple[list[str], 
 def model_fingerprint(folder: Path) -> dict[str, Any]:
     weights = sorted(folder.glob("*.safetensors"))
     return {
-        "train_results": read_json(folder / "train_results.json"),
+        "train_results": read_json(folder / TRAIN_RESULTS_FILE),
         "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
     }
