@@ -135,6 +135,20 @@ def test_bad_routes_raise_clear_errors(tiny_model, routes, error, match):
         tiny_model()(ids_batch(), routes=routes)
 
 
+def test_uniform_pattern_routings_are_explicit_uniform_routes(tiny_model):
+    """`routing="all-big"` etc. (the routing vocabulary's uniform patterns) equal explicit routes of one choice."""
+    model = tiny_model(route_options=["small", "big"])
+    ids = ids_batch()
+    for routing, choice in (("all-big", BIG), ("all-small", SMALL)):
+        out = model(ids, routing=routing)
+        assert torch.equal(out.routes, full_routes(choice))
+        assert torch.equal(out.logits, model(ids, routes=full_routes(choice)).logits)
+    with pytest.raises(ValueError, match="not allowed by route_options"):
+        model(ids, routing="all-skip")
+    with pytest.raises(ValueError, match="uniform pattern"):
+        model(ids, routing="big")
+
+
 def test_explicit_mode_without_routes_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="routes="):
         tiny_model(routing_mode="explicit")(ids_batch())

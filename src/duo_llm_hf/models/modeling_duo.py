@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_duo import DUO_CONFIG_FIELDS
 from .routed_ffn import DuoFFN, DuoRouter, router_parameters, router_temperature
-from .routes import RouteSampler, allowed_codes, check_routes, validate_route_fields
+from .routes import ROUTING_MODES, UNIFORM_PATTERNS, RouteSampler, allowed_codes, check_routes, validate_route_fields
 
 # transformers 5.24 renamed the KV cache argument of its attention modules from `past_key_values` to `cache`; an
 # older transformers would take our `cache=` as an unknown keyword and silently decode without the cache.
@@ -91,7 +91,8 @@ def resolve_routes(
     past_seen: int = 0,
 ) -> torch.LongTensor | None:
     """The route tensor for the `seq_len` tokens of a call (after `past_seen` cached ones): the given `routes`
-    (see `routes_of_call`), or one made by the routing mode (`routing`, else `config.routing_mode`).
+    (see `routes_of_call`), or one made by the routing (`routing`, else `config.routing_mode`): a routing mode or a
+    uniform pattern (`all-small`, `all-big`, `all-skip`: every token on that choice in every layer).
 
     With a KV cache, each call routes only its new tokens: random routing draws their routes from the sampler (a
     cached decoding step draws one token's routes; `routes` of the output returns them, and a full forward given
@@ -106,6 +107,10 @@ def resolve_routes(
     shape = (batch_size, seq_len, config.num_hidden_layers)
     if mode == "random":
         return route_sampler.sample(shape, device)
+    if mode in UNIFORM_PATTERNS:
+        routes = torch.full(shape, UNIFORM_PATTERNS[mode], dtype=torch.long, device=device)
+        check_routes(routes, config, batch_size, seq_len)
+        return routes
     if mode == "fixed":
         if config.fixed_pattern is None:
             raise ValueError(
@@ -121,7 +126,8 @@ def resolve_routes(
             "routing_mode='explicit' needs a route tensor: call the model with routes=[batch, seq, layers]."
         )
     raise ValueError(
-        f"routing={mode!r} is not a routing mode of {config.model_type}; use random, fixed or explicit."
+        f"routing={mode!r} is not a routing of {config.model_type}; use a mode {list(ROUTING_MODES)} or a uniform "
+        f"pattern {list(UNIFORM_PATTERNS)}."
     )
 
 

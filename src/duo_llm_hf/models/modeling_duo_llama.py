@@ -313,8 +313,9 @@ class DuoLlamaForCausalLM(DuoCausalLMMixin, DuoLlamaPreTrainedModel, GenerationM
             tokens or routes from position 0 covering at least them (what `generate(ids, routes=...)` needs: the
             prompt length + `max_new_tokens` positions); the model takes the slice at the cache position.
         routing (`str`, *optional*):
-            Routing mode for this call (`routes.ROUTING_MODES`: `random`, `fixed`, `explicit`, `learned`,
-            `oracle`), instead of `config.routing_mode`. Under `learned`, training mode mixes the module outputs
+            Routing for this call (`routes.ROUTING_MODES`: `random`, `fixed`, `explicit`, `learned`, `oracle`; or
+            a uniform pattern, `all-small` / `all-big` / `all-skip`), instead of `config.routing_mode`. Under
+            `learned`, training mode mixes the module outputs
             with the router probabilities and evaluation mode runs each token's argmax choice only. `oracle` needs
             `labels`: every token takes the pattern with its lowest loss under `budget` (the prefix-tree search of
             `duo_llm_hf.oracle.engine`, without gradients); `routes` and `token_losses` are the oracle's, `loss`
