@@ -5,8 +5,7 @@ Every command's arguments are a dataclass (each field also a flag, ``--name-with
 any work (``validate()`` of its arguments dataclass) with these helpers; a value out of its domain raises
 `UsageError`, which the command line prints as one line (`utils.errors.run_command`). Messages name the argument
 by its field name (``num_blocks``, also a flag), or as the flag ``--num-blocks`` for a dataclass with
-``flag_labels = True`` (the oracle, the study and the model card, whose messages always named flags) or an
-argparse namespace.
+``flag_labels = True`` (the oracle, the study and the model card, whose messages always named flags).
 """
 
 from __future__ import annotations
@@ -90,10 +89,9 @@ def parse_arguments(arguments: type[Arguments], argv: Sequence[str] | None = Non
 
 
 def label(args, name: str) -> str:
-    """How the user wrote argument ``name``: ``--name-with-dashes`` on a command whose messages name flags (an
-    arguments dataclass with ``flag_labels = True``, or an argparse namespace), else the field name."""
-    as_flag = isinstance(args, argparse.Namespace) or getattr(args, "flag_labels", False)
-    return f"--{name.replace('_', '-')}" if as_flag else name
+    """How the user wrote argument ``name``: ``--name-with-dashes`` on a command whose messages name flags (its
+    arguments dataclass has ``flag_labels = True``), else the field name."""
+    return f"--{name.replace('_', '-')}" if getattr(args, "flag_labels", False) else name
 
 
 def check_integer_fields(
