@@ -311,7 +311,7 @@ def test_unexpected_exceptions_keep_their_traceback(assets, tmp_path, monkeypatc
         def broken(args, error=error):
             raise error
 
-        monkeypatch.setattr(oracle_run, "validate_args", broken)
+        monkeypatch.setattr(oracle_run.OracleArguments, "validate", broken)
         with pytest.raises(type(error), match="a bug"):
             cli_main(argv)
 

@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 from duo_llm_hf import cli
 from duo_llm_hf.data.corpus import builtin_documents
 from duo_llm_hf.experiments.ablation import parse_ablation_args, run_is_finished
-from duo_llm_hf.experiments.study import StudyConfig, _check_same_settings
-from duo_llm_hf.experiments.study import build_arg_parser as study_parser
+from duo_llm_hf.experiments.study import StudyArguments, StudyConfig, _check_same_settings
 from duo_llm_hf.training.arguments import TrainArguments, parse_arguments
 from duo_llm_hf.training.checkpointing import CorruptCheckpointError, TrainingDiverged, UnsafeCheckpointError
 from duo_llm_hf.training.finetune import FinetuneArguments, finetune
@@ -179,7 +178,7 @@ def test_every_training_command_takes_the_overwrite_flag(tmp_path):
     ):
         assert parse_arguments(arguments, [*argv, OVERWRITE_FLAG]).overwrite_output_dir
     assert parse_ablation_args(["--out", out, OVERWRITE_FLAG]).overwrite_output_dir
-    assert study_parser().parse_args(["--out", out, OVERWRITE_FLAG]).overwrite_output_dir
+    assert parse_arguments(StudyArguments, ["--out", out, OVERWRITE_FLAG]).overwrite_output_dir
 
 
 def test_resuming_another_runs_checkpoint_into_a_finished_run_needs_the_flag(base, corpus, tmp_path):

@@ -18,7 +18,6 @@ numbers and reported as reproduced or not.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -35,8 +34,8 @@ from torch.utils.data import DataLoader
 from ..oracle.results import OracleResult
 from ..oracle.run import run_oracle_study, study_space
 from ..oracle.spaces import parse_layer_budget
-from ..utils.arguments import check_folder, check_output_dir
-from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.arguments import check_folder, check_output_dir, parse_arguments
+from ..utils.errors import MissingFileError, UsageError
 from ..utils.files import atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from ..utils.run_files import (
@@ -392,47 +391,55 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="duo-llm study",
-        description="The Duo-LLM study end to end: stage 1 training, the oracle (all budgets, fixed, best-of-100, "
-        "skip, position budgets, causal), routers, token difficulty; report.md/.html, metrics.json, figures. "
-        "A re-run with the same --out reuses the finished stages.",
-    )
-    parser.add_argument("--out", required=True, help="Folder of the study (stages, report, figures).")
-    parser.add_argument("--preset", default="default", choices=list(PRESETS), help="Sizes of every stage.")
-    parser.add_argument(
-        "--model",
-        help="Study this trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) instead of training one.",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
-    parser.add_argument(
-        OVERWRITE_FLAG,
-        action="store_true",
-        help="If --out holds a study with other settings, remove its stages and start over (else refused).",
-    )
-    return parser
+@dataclass(kw_only=True)
+class StudyArguments:
+    """Arguments of ``duo-llm study`` (each field is also a flag, ``--name-with-dashes``)."""
 
+    # The command's name and description in --help and errors (`build_parser`); unannotated, so not fields.
+    prog = "duo-llm study"
+    description = (
+        "The Duo-LLM study end to end: stage 1 training, the oracle (all budgets, fixed, best-of-100, skip, position "
+        "budgets, causal), routers, token difficulty; report.md/.html, metrics.json, figures. A re-run with the "
+        "same --out reuses the finished stages."
+    )
+    flag_labels = True  # messages name the flags (--out), as the study's always did
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Check the flags of ``duo-llm study`` before any work is done: ``--out`` is not a file, and ``--model``, if
-    given, is a Duo model folder (its config, no weights, is read) with its tokenizer; raise `UsageError`."""
-    from ..data.tokenization import has_tokenizer
+    out: str = field(metadata={"help": "Folder of the study (stages, report, figures)."})
+    preset: str = field(default="default", metadata={"help": "Sizes of every stage.", "choices": list(PRESETS)})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Study this trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) instead of "
+            "training one."
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars (--no-progress hides them)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "If --out holds a study with other settings, remove its stages and start over (else refused)."
+        },
+    )
 
-    check_output_dir(args, "out")
-    if args.model is not None:
-        folder = check_folder("--model", args.model, "Duo model folder")
-        inspect_duo_source(folder, "--model")
-        if not has_tokenizer(folder):
-            raise MissingFileError(f"--model: {args.model!r} holds no tokenizer; the study tokenizes its holdouts.")
+    def validate(self) -> None:
+        """Check the flags before any work is done: ``--out`` is not a file, and ``--model``, if given, is a Duo
+        model folder (its config, no weights, is read) with its tokenizer; raise `UsageError`."""
+        from ..data.tokenization import has_tokenizer
+
+        check_output_dir(self, "out")
+        if self.model is not None:
+            folder = check_folder("--model", self.model, "Duo model folder")
+            inspect_duo_source(folder, "--model")
+            if not has_tokenizer(folder):
+                raise MissingFileError(f"--model: {self.model!r} holds no tokenizer; the study tokenizes its holdouts.")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``duo-llm study``."""
-    args = build_arg_parser().parse_args(argv)
-    validate_args(args)
+    args = parse_arguments(StudyArguments, argv)
+    args.validate()
     metrics = run_study(
-        args.out, args.preset, progress=not args.no_progress, overwrite=args.overwrite_output_dir, model=args.model
+        args.out, args.preset, progress=args.progress, overwrite=args.overwrite_output_dir, model=args.model
     )
     print()
     print(summary_table(metrics))

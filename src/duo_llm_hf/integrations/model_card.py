@@ -33,6 +33,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +43,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
 from ..utils.arguments import label as flag_label
-from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.arguments import parse_arguments
+from ..utils.errors import MissingFileError, UsageError
 from ..utils.files import atomic_write_text
 from ..utils.flops import choice_cost, flops_per_token
 from ..utils.run_files import (
@@ -562,21 +564,38 @@ def _example_pattern(config: dict) -> str:
     return "".join(letters[i % len(letters)] for i in range(config.get("num_hidden_layers", 4)))
 
 
+@dataclass(kw_only=True)
+class CardArguments:
+    """Arguments of ``duo-llm card``: the model folder (positional) and flags (``--name-with-dashes``)."""
+
+    # The command's name and description in --help and errors (`build_parser`); unannotated, so not fields.
+    prog = "duo-llm card"
+    description = write_model_card.__doc__.split("\n")[0]
+    flag_labels = True  # messages name the flags (--repo-id), as the card's always did
+
+    model_dir: str = field(metadata={"positional": True, "help": "folder written by save_pretrained"})
+    metrics: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"JSON files of the run's figures, as FILE or SECTION=FILE (sections: {', '.join(SECTIONS)})"
+        },
+    )
+    repo_id: str | None = field(default=None, metadata={"help": "Hub repository id shown in the loading example"})
+    model_name: str | None = field(default=None, metadata={"help": "title of the card (default: the folder name)"})
+
+    def validate(self) -> None:
+        """Check the flags and that the folder is a saved model, before any metrics file is read; raise
+        `UsageError`."""
+        for name in ("repo_id", "model_name"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise UsageError(f"{flag_label(self, name)}: '' is empty; give a name or leave the flag out.")
+        read_config(Path(self.model_dir))
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """``duo-llm card``: write the model card of a saved Duo checkpoint."""
-    parser = ArgumentParser(prog="duo-llm card", description=write_model_card.__doc__.split("\n")[0])
-    parser.add_argument("model_dir", help="folder written by save_pretrained")
-    parser.add_argument(
-        "--metrics", nargs="*", default=[],
-        help=f"JSON files of the run's figures, as FILE or SECTION=FILE (sections: {', '.join(SECTIONS)})",
-    )
-    parser.add_argument("--repo-id", default=None, help="Hub repository id shown in the loading example")
-    parser.add_argument("--model-name", default=None, help="title of the card (default: the folder name)")
-    args = parser.parse_args(argv)
-    for name in ("repo_id", "model_name"):
-        if getattr(args, name) is not None and not getattr(args, name).strip():
-            raise UsageError(f"{flag_label(args, name)}: '' is empty; give a name or leave the flag out.")
-    read_config(Path(args.model_dir))  # the folder is a saved model, before any metrics file is read
+    args = parse_arguments(CardArguments, argv)
+    args.validate()
     path = write_model_card(
         args.model_dir, args.metrics or None, repo_id=args.repo_id, model_name=args.model_name
     )

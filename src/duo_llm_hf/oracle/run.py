@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -26,7 +25,9 @@ import os
 import pickle
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -36,14 +37,16 @@ from tqdm.auto import tqdm
 from ..models.modeling_duo import dense_config_fields
 from ..models.routes import BIG, CHOICE_NAMES
 from ..utils.arguments import (
+    RawDescriptionDefaultsFormatter,
     check_choices,
     check_folder,
     check_integer_fields,
     check_output_dir,
     check_text_file,
+    parse_arguments,
     user_values,
 )
-from ..utils.errors import ArgumentParser, MissingFileError, UsageError
+from ..utils.errors import MissingFileError, UsageError
 from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from ..utils.processes import process_state
@@ -473,84 +476,99 @@ is the paper's BIG-or-SKIP setting. Results: <output-dir>/oracle_results.safeten
 load them with `duo_llm_hf.oracle.results.OracleResult.load(output_dir)`."""
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    """The command line of ``eval/oracle_study.py`` and ``duo-llm oracle``."""
-    p = ArgumentParser(
-        prog="duo-llm oracle",
-        description=STUDY_USAGE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", required=True, help="folder (or Hub name) of a Duo causal LM")
-    p.add_argument("--data", required=True, nargs="+", help="text files, or one .safetensors/.pt file of token blocks")
-    p.add_argument("--tokenizer", help="tokenizer for text data (default: the model's)")
-    p.add_argument("--block-size", type=int, help="tokens per block when tokenizing text")
-    p.add_argument("--num-blocks", type=int, help="evaluate the first N blocks")
-    p.add_argument(
-        "--budget", action="append",
-        help="budget (repeatable): all, a BIG count (4), counts per choice (big=6,skip=6), a BIG schedule over "
-        "positions (6:2), or 'classes' for every count class. Default: all and classes.",
-    )
-    p.add_argument(
-        "--route-options",
-        help="comma-separated route options to search, from the model's route_options plus skip (which needs no "
-        "weights), e.g. big,skip",
-    )
-    p.add_argument("--best-of-k", type=int, default=100, help="random patterns per budget for best-of-K (0: none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the best-of-K draw")
-    p.add_argument("--causal", action="store_true", help="also run the causally consistent oracle (one tree per token)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (and per checkpoint)")
-    p.add_argument(
-        "--chunk-tokens", type=int, help="tokens per forward batch, bounds memory (default 4096 on CPU, 65536 on GPU)"
-    )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--output-dir", required=True)
-    p.add_argument(
-        OVERWRITE_FLAG, action="store_true",
-        help="replace the oracle run in --output-dir (finished or not) instead of refusing or resuming it",
-    )
-    p.add_argument("--stop-after-batches", type=int, help="stop after N batches (rerun the command to continue)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+@dataclass(kw_only=True)
+class OracleArguments:
+    """Arguments of ``duo-llm oracle`` and ``eval/oracle_study.py`` (each field is also a flag,
+    ``--name-with-dashes``)."""
 
+    # The command's name, description and --help layout (`build_parser`); unannotated, so not fields.
+    prog = "duo-llm oracle"
+    description = STUDY_USAGE
+    formatter_class = RawDescriptionDefaultsFormatter
+    flag_labels = True  # messages name the flags (--num-blocks), as the oracle's always did
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Check every flag of ``duo-llm oracle`` that needs no model, before any work is done; raise `UsageError`.
-
-    The checks that need the model's config (block size against its positions, token ids against its vocabulary,
-    budgets against its layers) follow in `main` once the config is read.
-    """
-    check_output_dir(args)
-    check_integer_fields(
-        args,
-        positive=("batch_size",),
-        optional=("num_blocks", "chunk_tokens", "stop_after_batches"),
-        non_negative=("best_of_k",),
-        seeds=("seed",),
+    model: str = field(metadata={"help": "folder (or Hub name) of a Duo causal LM"})
+    data: list[str] = field(metadata={"help": "text files, or one .safetensors/.pt file of token blocks"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer for text data (default: the model's)"})
+    block_size: int | None = field(default=None, metadata={"help": "tokens per block when tokenizing text"})
+    num_blocks: int | None = field(default=None, metadata={"help": "evaluate the first N blocks"})
+    budget: list[str] | None = field(
+        default=None,
+        metadata={
+            "action": "extend",  # repeatable: --budget all --budget 6:2
+            "help": "budget (repeatable): all, a BIG count (4), counts per choice (big=6,skip=6), a BIG schedule over "
+            "positions (6:2), or 'classes' for every count class. Default: all and classes.",
+        },
     )
-    if args.block_size is not None and args.block_size < 2:
-        raise UsageError(f"--block-size: {args.block_size} must be at least 2 tokens (one input and one target).")
-    for budget in args.budget or ():
-        if not budget.strip():
-            raise UsageError(
-                "--budget: '' is empty; give all, classes, a BIG count (4), counts per choice (big=6,skip=6) or a "
-                "BIG schedule over positions (6:2)."
-            )
-    if args.route_options is not None:
-        check_choices(args, "route_options", CHOICE_NAMES)
-    paths = check_data_files(args.data)
-    if Path(paths[0]).suffix not in TENSOR_SUFFIXES and args.block_size is None:
-        raise UsageError("--block-size: text data is cut into blocks; give the tokens per block, e.g. 128.")
-    if args.tokenizer is not None:
-        check_folder("--tokenizer", args.tokenizer, "tokenizer folder")
+    route_options: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated route options to search, from the model's route_options plus skip (which "
+            "needs no weights), e.g. big,skip"
+        },
+    )
+    best_of_k: int = field(default=100, metadata={"help": "random patterns per budget for best-of-K (0: none)"})
+    seed: int = field(default=0, metadata={"help": "seed of the best-of-K draw"})
+    causal: bool = field(
+        default=False, metadata={"help": "also run the causally consistent oracle (one tree per token)"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "sequences per batch (and per checkpoint)"})
+    chunk_tokens: int | None = field(
+        default=None,
+        metadata={"help": "tokens per forward batch, bounds memory (default 4096 on CPU, 65536 on GPU)"},
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "dtype of the model's weights"}
+    )
+    output_dir: str = field(metadata={"help": "folder of the oracle run (results, batch checkpoints, state)"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "replace the oracle run in --output-dir (finished or not) instead of refusing or resuming it"
+        },
+    )
+    stop_after_batches: int | None = field(
+        default=None, metadata={"help": "stop after N batches (rerun the command to continue)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress hides it)"})
 
+    def validate(self) -> None:
+        """Check every flag that needs no model, before any work is done; raise `UsageError`.
+
+        The checks that need the model's config (block size against its positions, token ids against its
+        vocabulary, budgets against its layers) follow in `main` once the config is read.
+        """
+        check_output_dir(self)
+        check_integer_fields(
+            self,
+            positive=("batch_size",),
+            optional=("num_blocks", "chunk_tokens", "stop_after_batches"),
+            non_negative=("best_of_k",),
+            seeds=("seed",),
+        )
+        if self.block_size is not None and self.block_size < 2:
+            raise UsageError(f"--block-size: {self.block_size} must be at least 2 tokens (one input and one target).")
+        for budget in self.budget or ():
+            if not budget.strip():
+                raise UsageError(
+                    "--budget: '' is empty; give all, classes, a BIG count (4), counts per choice (big=6,skip=6) or "
+                    "a BIG schedule over positions (6:2)."
+                )
+        if self.route_options is not None:
+            check_choices(self, "route_options", CHOICE_NAMES)
+        paths = check_data_files(self.data)
+        if Path(paths[0]).suffix not in TENSOR_SUFFIXES and self.block_size is None:
+            raise UsageError("--block-size: text data is cut into blocks; give the tokens per block, e.g. 128.")
+        if self.tokenizer is not None:
+            check_folder("--tokenizer", self.tokenizer, "tokenizer folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the oracle study from the command line (``eval/oracle_study.py``, ``duo-llm oracle``)."""
     from transformers import AutoTokenizer
 
-    args = build_arg_parser().parse_args(argv)
-    validate_args(args)
+    args = parse_arguments(OracleArguments, argv)
+    args.validate()
     refuse_overwrite(args.output_dir, [ORACLE_RESULTS_FILE], args.overwrite_output_dir, "oracle run")
     state = process_state()
     route_options = [name.strip() for name in args.route_options.split(",")] if args.route_options else None
@@ -584,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, blocks, space, args.output_dir,
         batch_size=args.batch_size, best_of_k=args.best_of_k, seed=args.seed, causal=args.causal,
         chunk_tokens=args.chunk_tokens, model_id=args.model, data_id=data_id,
-        stop_after_batches=args.stop_after_batches, progress=not args.no_progress,
+        stop_after_batches=args.stop_after_batches, progress=args.progress,
         overwrite=args.overwrite_output_dir,
     )
     if result is not None:

@@ -1,7 +1,7 @@
 """The arguments of the training commands, as groups of dataclass fields that each command composes.
 
 Each field is also a command-line flag (``--name-with-dashes`` and ``--name_with_underscores``), parsed by the
-project's `HfArgumentParser` (`parse_arguments`). The groups:
+project's `HfArgumentParser` (`utils.arguments.parse_arguments`). The groups:
 
 - `RunArguments`: where a run writes, its evaluation, logging and checkpoints, and resuming;
 - `DataArguments`: the training and holdout corpora, the block size and an existing tokenizer;
@@ -16,10 +16,9 @@ dataclass, so ``dataclasses.asdict(args)`` is its ``training_args.json`` and the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 from transformers import SchedulerType
 
@@ -27,12 +26,13 @@ from ..data.corpus import BUILTIN, parse_corpus_spec
 from ..data.tokenization import MIN_VOCAB_SIZE, has_tokenizer
 from ..models.routes import UNIFORM_PATTERNS
 from ..utils.arguments import (
-    HfArgumentParser,
+    build_parser,
     check_choices,
     check_float_fields,
     check_folder,
     check_integer_fields,
     check_output_dir,
+    parse_arguments,
 )
 from ..utils.errors import MissingFileError, UsageError
 from .building import inspect_init_source, is_hub_id
@@ -41,9 +41,6 @@ MODES = ("random", "frozen-big", "dense")
 # The routings a stage 1 model is evaluated under: names of the routing vocabulary (`models.routes.parse_routing`).
 EVAL_ROUTES = ("random", *UNIFORM_PATTERNS)
 SCHEDULERS = [kind.value for kind in SchedulerType]  # what --lr-scheduler may name (transformers' get_scheduler)
-
-Arguments = TypeVar("Arguments")
-
 
 def with_default(group: type, name: str, default=MISSING, help: str | None = None):
     """The field ``name`` of ``group`` for a command whose default (or, with ``help``, meaning) differs.
@@ -387,21 +384,6 @@ def check_data_fields(args) -> None:
         raise UsageError("dataset: 'none' is not a training corpus.")
     parse_corpus_spec(args.holdout_english, "holdout_english", "holdout_english")
     parse_corpus_spec(args.holdout_code, "holdout_code", "holdout_code")
-
-
-def build_parser(arguments: type, **kwargs) -> HfArgumentParser:
-    """The command-line parser of an arguments dataclass: its ``prog`` and ``description`` (class attributes) name
-    the command in ``--help`` and in errors; ``kwargs`` go to `argparse.ArgumentParser`."""
-    kwargs.setdefault("prog", arguments.prog)
-    kwargs.setdefault("description", arguments.description)
-    return HfArgumentParser(arguments, **kwargs)
-
-
-def parse_arguments(arguments: type[Arguments], argv: Sequence[str] | None = None) -> Arguments:
-    """Parse ``argv`` (default: the command line) into the dataclass ``arguments``; a parse error or an unknown flag
-    is a `UsageError`. Every training command parses its flags this way."""
-    (args,) = build_parser(arguments).parse(argv)
-    return args
 
 
 __all__ = [

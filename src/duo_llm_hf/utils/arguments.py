@@ -1,19 +1,24 @@
 """Checks of command-line arguments, shared by every command, and the dataclass argument parser.
 
-Each command checks all its arguments before it does any work (``validate()`` of its arguments dataclass, or the
-``validate_args`` of an argparse command) with these helpers; a value out of its domain raises `UsageError`,
-which the command line prints as one line (`utils.errors.run_command`). Messages name the argument as the user
-wrote it: ``--num-blocks`` for an argparse namespace, the field name (``num_blocks``, also a flag) for a dataclass.
+Every command's arguments are a dataclass (each field also a flag, ``--name-with-dashes`` and
+``--name_with_underscores``), parsed by `parse_arguments`. Each command checks all its arguments before it does
+any work (``validate()`` of its arguments dataclass) with these helpers; a value out of its domain raises
+`UsageError`, which the command line prints as one line (`utils.errors.run_command`). Messages name the argument
+by its field name (``num_blocks``, also a flag), or as the flag ``--num-blocks`` for a dataclass with
+``flag_labels = True`` (the oracle, the study and the model card, whose messages always named flags).
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from transformers import HfArgumentParser as _HfArgumentParser
 
@@ -24,9 +29,32 @@ MAX_SEED = 2**32 - 1
 # Bytes read from the start of a text file to tell text from binary data.
 SNIFF_BYTES = 1 << 13
 
+Arguments = TypeVar("Arguments")
+
 
 class HfArgumentParser(UsageErrors, _HfArgumentParser):
-    """transformers' `HfArgumentParser` whose errors are `UsageError`s, with `parse` for one or more dataclasses."""
+    """transformers' `HfArgumentParser` whose errors are `UsageError`s, with `parse` for one or more dataclasses.
+
+    Each flag is spelled ``--name-with-dashes`` first (then ``--name_with_underscores``) in ``--help``, and only
+    so in errors; a field whose metadata has ``positional=True`` is a positional argument instead of a flag.
+    """
+
+    def __init__(self, dataclass_types=None, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        for action in self._actions:
+            action.option_strings.sort(key=lambda option: "_" in option)  # stable: only moves dashes first
+
+    def error(self, message: str):
+        # argparse names a flag by all its spellings (``--best-of-k/--best_of_k``): keep the first, as users write it.
+        super().error(re.sub(r"(--[\w-]+)(?:/--[\w-]+)+", r"\1", message))
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        # transformers makes every field a flag; a positional one (`duo-llm card MODEL_DIR`) is added here.
+        if not field.metadata.get("positional"):
+            return _HfArgumentParser._parse_dataclass_field(parser, field)
+        kwargs = {key: value for key, value in field.metadata.items() if key != "positional"}
+        parser.add_argument(field.name, type=field.type, **kwargs)
 
     def parse(self, argv: Sequence[str] | None = None) -> tuple:
         """The dataclasses of ``argv``; an unknown flag is a `UsageError` (transformers raises a bare ValueError)."""
@@ -38,9 +66,32 @@ class HfArgumentParser(UsageErrors, _HfArgumentParser):
         return tuple(outputs)
 
 
+class RawDescriptionDefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with the description as written (its line breaks and examples) and the default of each flag."""
+
+
+def build_parser(arguments: type, **kwargs) -> HfArgumentParser:
+    """The command-line parser of an arguments dataclass: its ``prog`` and ``description`` (class attributes) name
+    the command in ``--help`` and in errors, and an optional ``formatter_class`` lays out ``--help``; ``kwargs`` go
+    to `argparse.ArgumentParser`."""
+    kwargs.setdefault("prog", arguments.prog)
+    kwargs.setdefault("description", arguments.description)
+    if hasattr(arguments, "formatter_class"):
+        kwargs.setdefault("formatter_class", arguments.formatter_class)
+    return HfArgumentParser(arguments, **kwargs)
+
+
+def parse_arguments(arguments: type[Arguments], argv: Sequence[str] | None = None) -> Arguments:
+    """Parse ``argv`` (default: the command line) into the dataclass ``arguments``; a parse error or an unknown flag
+    is a `UsageError`. Every command parses its flags this way."""
+    (args,) = build_parser(arguments).parse(argv)
+    return args
+
+
 def label(args, name: str) -> str:
-    """How the user wrote argument ``name``: ``--name-with-dashes`` on an argparse command, else the field name."""
-    return f"--{name.replace('_', '-')}" if isinstance(args, argparse.Namespace) else name
+    """How the user wrote argument ``name``: ``--name-with-dashes`` on a command whose messages name flags (its
+    arguments dataclass has ``flag_labels = True``), else the field name."""
+    return f"--{name.replace('_', '-')}" if getattr(args, "flag_labels", False) else name
 
 
 def check_integer_fields(
@@ -153,6 +204,8 @@ def _is_int(value) -> bool:
 __all__ = [
     "HfArgumentParser",
     "MAX_SEED",
+    "RawDescriptionDefaultsFormatter",
+    "build_parser",
     "check_choices",
     "check_float_fields",
     "check_folder",
@@ -160,5 +213,6 @@ __all__ = [
     "check_output_dir",
     "check_text_file",
     "label",
+    "parse_arguments",
     "user_values",
 ]

@@ -5,14 +5,13 @@ overwritten, a checkpoint that does not fit the run) raises `UsageError`. The co
 ``duo-llm <command>: error: <message>``, and exits 2 (argparse's convention), without a traceback; ``--debug`` or
 ``DUO_LLM_DEBUG=1`` shows the traceback. Any other exception is a bug and keeps its traceback.
 
-The command-line parsers are `ArgumentParser`s (or `utils.arguments.HfArgumentParser`): their errors (an unknown
-flag, a value of the wrong type, an invalid choice, a missing required flag) are `UsageError`s too, so they print
-the same one line instead of argparse's usage block.
+The command-line parsers (`utils.arguments.HfArgumentParser`) raise `UsageError`s too (an unknown flag, a value
+of the wrong type, an invalid choice, a missing required flag), so they print the same one line instead of
+argparse's usage block.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -43,10 +42,6 @@ class UsageErrors:
 
     def error(self, message: str):
         raise UsageError(f"{message} (see '{self.prog} --help').")
-
-
-class ArgumentParser(UsageErrors, argparse.ArgumentParser):
-    """`argparse.ArgumentParser` whose errors are `UsageError`s (see `UsageErrors`)."""
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
