@@ -325,8 +325,8 @@ def test_script_and_parser(tmp_path, source, monkeypatch, capsys):
     # The script, given a Hub name: the tiny OPT sits in a Hub cache and is read offline, as a download is.
     snapshot = tmp_path / "hub" / "models--tiny-org--tiny-opt" / "snapshots" / ("0" * 40)
     shutil.copytree(folder, snapshot)
-    (snapshot.parents[2] / "refs").mkdir()
-    (snapshot.parents[2] / "refs" / "main").write_text("0" * 40)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "cli"
