@@ -154,50 +154,34 @@ def save_model_folder(folder: str | Path, model, tokenizer=None) -> str:
     return str(folder)
 
 
-def tiny_train_args(tmp_path: Path, name: str = "run", **overrides) -> TrainArguments:
-    """A short stage 1 run of a 2-layer DuoLlama on the first 3000 characters of the built-in corpus."""
+def tiny_run_fields(tmp_path: Path, name: str = "run", **overrides) -> dict:
+    """The fields every tiny run's arguments share: its output folder, the first 3000 characters of the built-in
+    corpus, 16-token blocks in batches of 4, 2 evaluation blocks, no checkpoints, no progress bar."""
     values = dict(
         output_dir=str(tmp_path / name),
         builtin_max_chars=3000,
-        vocab_size=300,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=128,
         block_size=16,
         batch_size=4,
-        max_steps=8,
-        eval_every=0,
         eval_blocks=2,
         checkpoint_every=0,
-        warmup_steps=1,
-        learning_rate=3e-3,
-        report_to="jsonl",
         progress=False,
         cache_dir=str(tmp_path / "cache"),
     )
     values.update(overrides)
-    return TrainArguments(**values)
+    return values
+
+
+def tiny_train_args(tmp_path: Path, name: str = "run", **overrides) -> TrainArguments:
+    """A short stage 1 run of a 2-layer DuoLlama on the first 3000 characters of the built-in corpus."""
+    model = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=128)
+    run = dict(max_steps=8, eval_every=0, warmup_steps=1, learning_rate=3e-3, report_to="jsonl")
+    return TrainArguments(**tiny_run_fields(tmp_path, name, **{**model, **run, **overrides}))
 
 
 def tiny_router_args(tmp_path: Path, model_dir: str, name: str = "run", **overrides) -> RouterTrainArguments:
     """A short router training run on the Duo model folder ``model_dir``: 8 steps toward a BIG budget of 0.5."""
-    values = dict(
-        model=model_dir,
-        output_dir=str(tmp_path / name),
-        budget="0.5",
-        builtin_max_chars=3000,
-        block_size=16,
-        batch_size=4,
-        max_steps=8,
-        eval_blocks=2,
-        checkpoint_every=0,
-        report_to="none",
-        progress=False,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    values.update(overrides)
-    return RouterTrainArguments(**values)
+    values = dict(model=model_dir, budget="0.5", max_steps=8, report_to="none")
+    return RouterTrainArguments(**tiny_run_fields(tmp_path, name, **{**values, **overrides}))
 
 
 def train_duo_argv(output_dir: Path, cache_dir: Path, **flags) -> list[str]:

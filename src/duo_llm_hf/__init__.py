@@ -45,18 +45,19 @@ from .models.routes import (
 )
 from .utils.flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
 
-AutoConfig.register(DuoLlamaConfig.model_type, DuoLlamaConfig, exist_ok=True)
-AutoModel.register(DuoLlamaConfig, DuoLlamaModel, exist_ok=True)
-AutoModelForCausalLM.register(DuoLlamaConfig, DuoLlamaForCausalLM, exist_ok=True)
-DuoLlamaConfig.register_for_auto_class()
-DuoLlamaModel.register_for_auto_class("AutoModel")
-DuoLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-AutoConfig.register(DuoOPTConfig.model_type, DuoOPTConfig, exist_ok=True)
-AutoModel.register(DuoOPTConfig, DuoOPTModel, exist_ok=True)
-AutoModelForCausalLM.register(DuoOPTConfig, DuoOPTForCausalLM, exist_ok=True)
-DuoOPTConfig.register_for_auto_class()
-DuoOPTModel.register_for_auto_class("AutoModel")
-DuoOPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# The Auto classes load both Duo models by model_type, and save_pretrained writes their auto_map (for
+# trust_remote_code loads without this package imported).
+for _config, _model, _causal_lm in (
+    (DuoLlamaConfig, DuoLlamaModel, DuoLlamaForCausalLM),
+    (DuoOPTConfig, DuoOPTModel, DuoOPTForCausalLM),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _causal_lm, exist_ok=True)
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModel")
+    _causal_lm.register_for_auto_class("AutoModelForCausalLM")
+del _config, _model, _causal_lm
 
 
 __version__ = "0.1.0"

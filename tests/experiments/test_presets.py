@@ -7,29 +7,11 @@ import dataclasses
 
 from duo_llm_hf.experiments.ablation import PRESETS as ABLATION_PRESETS
 from duo_llm_hf.experiments.ablation import AblationArguments
+from duo_llm_hf.experiments.ablation.arguments import PRESET_TRAIN_FIELDS
 from duo_llm_hf.experiments.study import PRESETS as STUDY_PRESETS
 from duo_llm_hf.experiments.study import StudyConfig
 from duo_llm_hf.training.routers import RouterTrainArguments
 from duo_llm_hf.training.train import TrainArguments
-
-SHARED = (
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "intermediate_size",
-    "small_intermediate_size",
-    "vocab_size",
-    "dataset",
-    "holdout_english",
-    "holdout_code",
-    "streaming",
-    "block_size",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "mixed_precision",
-    "eval_blocks",
-)
 
 
 def _names(cls) -> set[str]:
@@ -51,7 +33,8 @@ def test_every_preset_key_is_a_setting():
 
 def test_one_paper_preset_for_study_and_ablation():
     study, ablation = STUDY_PRESETS["paper"].train, ABLATION_PRESETS["paper"]
-    assert {k: study[k] for k in SHARED} == {k: ablation[k] for k in SHARED}
+    # Every training field the ablation's preset gives (model, data, batch) is the study's too.
+    assert {k: study[k] for k in PRESET_TRAIN_FIELDS} == {k: ablation[k] for k in PRESET_TRAIN_FIELDS}
     assert (study["hidden_size"], study["block_size"], study["intermediate_size"]) == (2560, 2048, 10240)
     # Stage 1 of the study trains the ablation's token budget (300B) on the launch the preset is sized for (8 GPUs).
     tokens_per_step = study["batch_size"] * study["block_size"] * study["gradient_accumulation_steps"] * 8

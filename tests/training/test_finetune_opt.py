@@ -34,7 +34,15 @@ from duo_llm_hf.training.finetune import (
     finetune,
 )
 from duo_llm_hf.training.routers import train_router
-from tests.helpers import FLOAT_TOL, save_model_folder, tiny_llama_kwargs, tiny_opt, tiny_opt_kwargs, tiny_router_args
+from tests.helpers import (
+    FLOAT_TOL,
+    save_model_folder,
+    tiny_llama_kwargs,
+    tiny_opt,
+    tiny_opt_kwargs,
+    tiny_router_args,
+    tiny_run_fields,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = 2
@@ -58,24 +66,8 @@ def source(tmp_path_factory, builtin_tokenizer):
 
 
 def tiny_args(tmp_path, folder, name="run", **overrides) -> FinetuneArguments:
-    values = dict(
-        output_dir=str(tmp_path / name),
-        init_from=folder,
-        builtin_max_chars=3000,
-        block_size=16,
-        batch_size=4,
-        max_steps=4,
-        eval_every=0,
-        eval_blocks=2,
-        checkpoint_every=0,
-        warmup_steps=1,
-        learning_rate=1e-2,
-        report_to="jsonl",
-        progress=False,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    values.update(overrides)
-    return FinetuneArguments(**values)
+    values = dict(init_from=folder, max_steps=4, eval_every=0, warmup_steps=1, learning_rate=1e-2, report_to="jsonl")
+    return FinetuneArguments(**tiny_run_fields(tmp_path, name, **{**values, **overrides}))
 
 
 def initial_small_ffns(args, tokenizer) -> dict[str, torch.Tensor]:

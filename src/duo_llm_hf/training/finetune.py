@@ -31,11 +31,10 @@ from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
 from ..utils.arguments import check_float_fields, check_integer_fields
 from ..utils.errors import MissingDependencyError, UsageError
-from ..utils.processes import process_state
 from .arguments import ModelArguments, RunArguments, TrainArguments, parse_arguments, with_default
 from .building import FROZEN_BIG_SOURCES
 from .checkpointing import TrainState
-from .train import ModelHooks, TrainResult, train
+from .train import ModelHooks, TrainResult, print_saved, train
 
 # The attention projections that LoRA adapts by default, by Duo model_type.
 ATTENTION_PROJECTIONS = {
@@ -258,9 +257,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     """``training/finetune_duo_opt.py`` (and ``duo-llm finetune``): parse the flags, finetune, print where the model
     went."""
     result = finetune(parse_arguments(FinetuneArguments, argv))
-    if process_state().is_main_process:
-        steps, tokens = result.global_step, result.tokens_seen
-        print(f"Saved the finetuned Duo model to {result.output_dir} after {steps} steps ({tokens:,} tokens).")
+    print_saved(result, "the finetuned Duo model")
     return result
 
 

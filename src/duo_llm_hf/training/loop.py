@@ -5,7 +5,8 @@ accelerate's ``run_clm_no_trainer.py`` does: data, model, the loss of a micro-ba
 The pieces here are the steps in which the two loops do the same thing: `accelerated_run` (the Accelerator with
 its trackers, and the clean-up after the run), `backward_and_step` (backward, clipping, optimizer and scheduler
 step inside ``accelerator.accumulate``), `StepMeter` (the losses averaged over an optimizer step's micro-batches
-and over a log window, the step and token counts of the run's `TrainState`, the throughput), the run's start
+and over a log window, the step and token counts of the run's `TrainState`, the throughput), `progress_bar` and
+`record_step` (an optimizer step's loss checked, kept and shown), the run's start
 (`start_or_resume`: never over a finished run unless asked; `run_identity`: a resumed run must have the fingerprint of
 the run it continues). The checkpoint side (`TrainState`, `restore_train_state`, `save_checkpoint_if_due`, and the
 divergence checks `check_finite_loss`, `check_finite_weights`) is in `checkpointing`.
@@ -26,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
 
 from ..utils.errors import UsageError
 from ..utils.run_files import (
@@ -39,6 +41,7 @@ from .checkpointing import (
     CHECKPOINTS_DIR,
     LATEST,
     TrainState,
+    check_finite_loss,
     list_checkpoints,
     new_run_id,
     read_checkpoint_state,
@@ -185,6 +188,29 @@ class StepMeter:
     def restart_clock(self) -> None:
         """Measure the throughput from now on (after an evaluation or a checkpoint)."""
         self.log_start = time.perf_counter()
+
+
+def progress_bar(args, accelerator: Accelerator, state: TrainState, total_steps: int, desc: str) -> tqdm:
+    """The run's bar of optimizer steps, from the step it resumes at; shown by the local main process unless
+    ``args.progress`` is off."""
+    return tqdm(
+        total=total_steps,
+        initial=state.global_step,
+        desc=desc,
+        disable=not (args.progress and accelerator.is_local_main_process),
+    )
+
+
+def record_step(
+    meter: StepMeter, state: TrainState, losses: dict[int, float], checkpoints_dir: Path, progress: tqdm
+) -> dict[str, float]:
+    """Close an optimizer step: count it (`StepMeter.step`), stop a diverged run (`check_finite_loss`), keep its
+    loss in ``losses`` by step and advance the ``progress`` bar. Returns the step's values."""
+    values = meter.step(state)
+    check_finite_loss(values["train/loss"], state.global_step, checkpoints_dir)
+    losses[state.global_step] = values["train/loss"]
+    progress.update(1)
+    return values
 
 
 # What a finished run leaves in its output_dir: save_pretrained's config.json first, train_results.json last.

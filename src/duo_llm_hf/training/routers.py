@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from ..data.corpus import pack_corpus
 from ..data.tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer
@@ -62,13 +61,21 @@ from .building import build_optimizer, build_scheduler
 from .checkpointing import (
     CHECKPOINTS_DIR,
     TrainState,
-    check_finite_loss,
     restore_train_state,
     save_checkpoint_if_due,
 )
 from .fingerprint import training_fingerprint
 from .loaders import load_corpora, make_eval_loaders, make_train_loader, total_training_steps, training_batches
-from .loop import StepMeter, accelerated_run, backward_and_step, run_identity, start_or_resume, tracker_config
+from .loop import (
+    StepMeter,
+    accelerated_run,
+    backward_and_step,
+    progress_bar,
+    record_step,
+    run_identity,
+    start_or_resume,
+    tracker_config,
+)
 from .router_arguments import (
     DEFAULT_BLOCK_SIZE,
     RouterBudget,
@@ -208,12 +215,7 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
 
     losses: dict[int, float] = {}
     results: dict[str, dict] = {}
-    progress = tqdm(
-        total=total_steps,
-        initial=state.global_step,
-        desc="train routers",
-        disable=not (args.progress and accelerator.is_local_main_process),
-    )
+    progress = progress_bar(args, accelerator, state, total_steps, "train routers")
     # Averaged per step and per log window: the total loss, the main loss (the LM's CE, or the routers' CE towards
     # the oracle) and the budget loss; summed over a log window: the routers' hard (argmax) choice counts, their
     # soft probabilities, and (oracle supervision) their agreement with the oracle.
@@ -262,11 +264,8 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
         if not accelerator.sync_gradients:
             continue
 
-        step_values = meter.step(state)
+        step_values = record_step(meter, state, losses, checkpoints_dir, progress)
         step_loss = step_values["train/loss"]
-        check_finite_loss(step_loss, state.global_step, checkpoints_dir)
-        losses[state.global_step] = step_loss
-        progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", budget=f"{step_values['train/budget_loss']:.4f}")
 
         metrics: dict[str, float] = {}

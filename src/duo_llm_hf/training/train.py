@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from tqdm.auto import tqdm
 
 from ..data.corpus import pack_corpus
 from ..data.tokenization import check_tokenizer_fits
@@ -48,7 +47,6 @@ from .checkpointing import (
     CHECKPOINTS_DIR,
     RouteSamplerState,
     TrainState,
-    check_finite_loss,
     check_finite_weights,
     restore_train_state,
     save_checkpoint_if_due,
@@ -63,7 +61,16 @@ from .loaders import (
     total_training_steps,
     training_batches,
 )
-from .loop import StepMeter, accelerated_run, backward_and_step, run_identity, start_or_resume, tracker_config
+from .loop import (
+    StepMeter,
+    accelerated_run,
+    backward_and_step,
+    progress_bar,
+    record_step,
+    run_identity,
+    start_or_resume,
+    tracker_config,
+)
 
 
 @dataclass
@@ -191,12 +198,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     losses: dict[int, float] = {}
     eval_metrics: dict[str, float] = {}
 
-    progress = tqdm(
-        total=total_steps,
-        initial=state.global_step,
-        desc="train",
-        disable=not (args.progress and accelerator.is_local_main_process),
-    )
+    progress = progress_bar(args, accelerator, state, total_steps, "train")
     meter = StepMeter(accelerator, ["train/loss"], args.batch_size * args.block_size * accelerator.num_processes)
     model.train()
     for batch in training_batches(train_loader, accelerator, state, total_steps, args):
@@ -208,10 +210,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
         if not accelerator.sync_gradients:
             continue
 
-        step_loss = meter.step(state)["train/loss"]
-        check_finite_loss(step_loss, state.global_step, checkpoints_dir)
-        losses[state.global_step] = step_loss
-        progress.update(1)
+        step_loss = record_step(meter, state, losses, checkpoints_dir, progress)["train/loss"]
         progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{meter.tokens_per_second():,.0f}")
 
         metrics: dict[str, float] = {}
@@ -269,16 +268,22 @@ def save_final(
 def main(argv: list[str] | None = None) -> TrainResult:
     """``training/train_duo.py`` (and ``duo-llm train``): parse the flags, train, print where the model went."""
     result = train(parse_arguments(TrainArguments, argv))
+    print_saved(result, "the model")
+    return result
+
+
+def print_saved(result: TrainResult, what: str) -> None:
+    """On the main process: where ``what`` was saved, after how many optimizer steps and tokens."""
     if process_state().is_main_process:
         steps, tokens = result.global_step, result.tokens_seen
-        print(f"Saved the model to {result.output_dir} after {steps} steps ({tokens:,} tokens).")
-    return result
+        print(f"Saved {what} to {result.output_dir} after {steps} steps ({tokens:,} tokens).")
 
 
 __all__ = [
     "ModelHooks",
     "TrainResult",
     "main",
+    "print_saved",
     "save_final",
     "train",
     "training_step",
