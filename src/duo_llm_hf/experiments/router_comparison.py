@@ -2,10 +2,10 @@
 
 `compare_routers` takes a stage 1 Duo model over small / big and, for each budget of ``k`` BIG layers out of ``L``:
 
-- **oracle** and **fixed**: the oracle study (`oracle_run.run_oracle_study`) of the held-out blocks under exactly
+- **oracle** and **fixed**: the oracle study (`oracle.run.run_oracle_study`) of the held-out blocks under exactly
   ``k`` BIG layers: each token's best pattern, and the best single pattern. Both are chosen *on the held-out tokens
   themselves* (they see the labels), as in the paper; their BIG fraction is exactly ``k / L``;
-- **router**: the paper's router, trained by `router_training.train_router` with the budget ``k / L``
+- **router**: the paper's router, trained by `training.routers.train_router` with the budget ``k / L``
   (``supervision="conventional"``), and the **oracle-supervised router** (``supervision="oracle"``, the oracle's budget
   ``big=k`` on the training text); both are evaluated with hard routing on the same held-out blocks, at the BIG
   fraction they realise there.

@@ -152,7 +152,7 @@ class OracleResult:
 
     def usage(self, budget="all", method: str = "oracle") -> torch.LongTensor:
         """Per-layer x per-position counts of each choice in the per-token patterns, over the tokens with a
-        target: ``[3, layers, T]`` indexed by code (`routing.route_usage`; the data of the paper's Fig. 2).
+        target: ``[3, layers, T]`` indexed by code (`routes.route_usage`; the data of the paper's Fig. 2).
         `analysis.usage_fraction` turns them into fractions."""
         return route_usage(self.routes(budget, method), self.tensors["token_mask"])
 

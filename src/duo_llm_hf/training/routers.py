@@ -3,7 +3,7 @@
 `train_router` loads a stage 1 Duo model folder (DuoLlama or DuoOPT, via `AutoModelForCausalLM`), gives every
 layer a fresh router over the route options of the setting (`add_routers`), freezes the Duo weights and trains
 the routers on the training corpus with the paper's loss ``CE + alpha * budget_loss`` while the router
-temperature anneals (`router.TemperatureSchedule`). In training mode each layer's FFN output is the soft mixture
+temperature anneals (`routed_ffn.TemperatureSchedule`). In training mode each layer's FFN output is the soft mixture
 ``sum_x P_x * H_x``; the evaluation (`evaluate_router`) runs the held-out sets in evaluation mode, where every
 token takes its argmax choice and only that module runs, and reports the *realised* fraction of each choice
 (overall, per layer, and the per-layer x per-position usage counts that the oracle's analysis also draws) with

@@ -59,8 +59,8 @@ class BenchmarkSpec:
         limit = f", first {self.limit} examples" if self.limit else ""
         if self.source == "fixtures":
             return (
-                f"fixture smoke set ({sizes}): the hand-written test examples shipped with lm_eval_model, a check "
-                "of the code path; NOT benchmark scores and not comparable to the paper"
+                f"fixture smoke set ({sizes}): the hand-written test examples shipped with the lm-eval integration, a "
+                "check of the code path; NOT benchmark scores and not comparable to the paper"
             )
         if self.source == "local":
             return f"official task definitions on the local copy in {self.data_dir} ({sizes}{limit}), zero-shot"
