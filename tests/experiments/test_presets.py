@@ -10,8 +10,8 @@ from duo_llm_hf.experiments.ablation import AblationArguments
 from duo_llm_hf.experiments.ablation.arguments import PRESET_TRAIN_FIELDS
 from duo_llm_hf.experiments.study import PRESETS as STUDY_PRESETS
 from duo_llm_hf.experiments.study import StudyConfig
+from duo_llm_hf.training.arguments import TrainArguments
 from duo_llm_hf.training.routers import RouterTrainArguments
-from duo_llm_hf.training.train import TrainArguments
 
 
 def _names(cls) -> set[str]:

@@ -29,9 +29,9 @@ from ..data.tokenization import load_tokenizer
 from ..models.routes import BIG, CHOICE_NAMES, SMALL
 from ..oracle.run import run_oracle_study, study_space
 from ..oracle.spaces import parse_layer_budget
+from ..training.loaders import load_corpora, make_eval_loaders
 from ..training.router_arguments import DEFAULT_BLOCK_SIZE, RouterTrainArguments, budget_flag
 from ..training.routers import train_router
-from ..training.train import load_corpora, make_eval_loaders
 from ..utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields, check_output_dir
 from ..utils.errors import UsageError
 from ..utils.loading import inspect_duo_source, load_duo_model

@@ -151,7 +151,8 @@ class Stages:
 
 def train_stage(stages: Stages) -> Path:
     """Stage 1: train the Duo model (resuming from its latest checkpoint when interrupted)."""
-    from ..training.train import TrainArguments, train
+    from ..training.arguments import TrainArguments
+    from ..training.train import train
 
     folder = stages.out / "model"
 

@@ -38,8 +38,6 @@ from .building import (
     build_model,
     build_optimizer,
     build_scheduler,
-    dense_baseline_config,
-    duo_config_from_args,
     inspect_init_source,
     may_leave_a_module_unused,
 )
@@ -52,7 +50,7 @@ from .checkpointing import (
     save_checkpoint_if_due,
 )
 from .evaluation import evaluate_perplexity
-from .fingerprint import RESUMABLE_CHANGES, training_fingerprint
+from .fingerprint import training_fingerprint
 from .loaders import (
     load_corpora,
     make_eval_loaders,
@@ -287,8 +285,4 @@ __all__ = [
     "save_final",
     "train",
     "training_step",
-    # Imported from here by experiments.ablation; they live in building and fingerprint.
-    "RESUMABLE_CHANGES",
-    "dense_baseline_config",
-    "duo_config_from_args",
 ]

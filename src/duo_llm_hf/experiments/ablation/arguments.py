@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ...training.train import TrainArguments
+from ...training.arguments import TrainArguments
 from ...utils.arguments import HfArgumentParser
 from ...utils.errors import UsageError
 from ..presets import ablation_preset, preset_names

@@ -12,10 +12,8 @@ from typing import Any
 import torch
 
 from ...data.corpus import load_corpus, pack_corpus
+from ...training.evaluation import evaluate_perplexity
 from ...training.loop import reset_accelerate_state
-from ...training.train import (
-    evaluate_perplexity,
-)
 from ...utils.files import atomic_write_text
 from ...utils.loading import load_complete_model
 from .benchmarks import BENCHMARK_METRICS, BenchmarkSpec

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ...data.corpus import HOLDOUTS, TEXT_COLUMN, parse_corpus_spec
-from ...training.train import TrainArguments
+from ...training.arguments import TrainArguments
 from ...utils.arguments import check_integer_fields, check_output_dir
 from ...utils.errors import MissingFileError, UsageError
 from ...utils.processes import process_state

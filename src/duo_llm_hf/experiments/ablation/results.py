@@ -13,10 +13,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from ...data.corpus import HOLDOUTS
-from ...training.train import (
-    dense_baseline_config,
-    duo_config_from_args,
-)
+from ...training.building import dense_baseline_config, duo_config_from_args
 from ...utils.files import atomic_target, atomic_write_text
 from ...utils.flops import flops_per_token
 from ...utils.loading import is_duo_model

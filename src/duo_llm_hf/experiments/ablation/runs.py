@@ -16,10 +16,8 @@ from typing import Any
 from ...data.corpus import iter_texts, load_corpus
 from ...data.tokenization import has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from ...training.checkpointing import CHECKPOINTS_DIR, list_checkpoints
-from ...training.train import (
-    RESUMABLE_CHANGES,
-    train,
-)
+from ...training.fingerprint import RESUMABLE_CHANGES
+from ...training.train import train
 from ...utils.errors import UsageError
 from ...utils.files import atomic_target, atomic_write_text
 from ...utils.processes import process_state
