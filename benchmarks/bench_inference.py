@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM, flops_per_token, route_fractions
-from duo_llm_hf.models.routed_ffn import set_ffn_dispatch
+from duo_llm_hf.models.routed_ffn import compile_ffns, set_ffn_dispatch
 from duo_llm_hf.models.routes import CHOICE_NAMES
 from duo_llm_hf.utils.files import atomic_write_json
 
@@ -243,9 +243,7 @@ def run(args) -> dict:
     )
     model = DuoLlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     if args.compile:
-        for layer in model.model.layers:
-            layer.mlp.big.compile(dynamic=True)
-            layer.mlp.small.compile(dynamic=True)
+        compile_ffns(model)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt_len), device=device)
     cases, learned_note = build_cases(model, args.dispatch, prompt)
 

@@ -1,9 +1,9 @@
 """Training throughput of a Duo model at p_big against a dense LlamaForCausalLM of the same dimensions.
 
-Both models are built by `duo_llm_hf.training.train` and trained by its `training_step` (Accelerate, AdamW, gradient
-clipping) on the same random token blocks; the Duo model draws fresh random routes every step (stage 1). The
-two are timed alternately, round after round (ABBA order), and the medians are compared, so that load from
-other processes on a shared machine hits both alike. Reported:
+Both models are built by `duo_llm_hf.training.building` and trained by `training.loop.training_step` (Accelerate,
+AdamW, gradient clipping) on the same random token blocks; the Duo model draws fresh random routes every step
+(stage 1). The two are timed alternately, round after round (ABBA order), and the medians are compared, so that load
+from other processes on a shared machine hits both alike. Reported:
 
     FLOP efficiency = (t_dense / t_duo) / (FLOPs_dense / FLOPs_duo)
 
@@ -39,9 +39,10 @@ from accelerate.state import AcceleratorState, GradientState
 from transformers import LlamaForCausalLM
 
 from duo_llm_hf import DuoLlamaForCausalLM, RouteSampler, flops_per_token
+from duo_llm_hf.models.routed_ffn import compile_ffns
 from duo_llm_hf.training.arguments import TrainArguments
 from duo_llm_hf.training.building import build_optimizer, build_scheduler, dense_config_like, duo_config_from_args
-from duo_llm_hf.training.train import training_step
+from duo_llm_hf.training.loop import training_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,8 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="AdamW's per-parameter loop instead of its fused kernel",
     )
+    parser.add_argument("--part", choices=["model", "ffn"], default="model", help="whole training step or FFN")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="Accelerate's")
     parser.add_argument(
-        "--part", choices=["model", "ffn"], default="model", help="whole training step or FFN"
+        "--compile", action="store_true", help="torch.compile the FFNs (models.routed_ffn.compile_ffns)"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, default=None, help="stop after the round that passes this time (at least one)"
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -90,9 +96,12 @@ def build(args: argparse.Namespace):
     duo_config = duo_config_from_args(train_args, args.vocab_size)
     dense_config = dense_config_like(duo_config, duo_config.intermediate_size)
     models = {"duo": DuoLlamaForCausalLM(duo_config), "dense": LlamaForCausalLM(dense_config)}
+    if args.compile:
+        for model in models.values():
+            compile_ffns(model)
     total = args.warmup + args.steps * args.rounds + 2
     trainers = {}
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     for name, model in models.items():
         optimizer = build_optimizer(model, train_args)
         scheduler = build_scheduler(optimizer, train_args, total)
@@ -175,32 +184,37 @@ def bench_ffn(args: argparse.Namespace) -> dict:
     return {"median_seconds": median, "flop_ratio": flop_ratio}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> dict:
+    """Dense and Duo training steps timed side by side (ABBA rounds); the figures of `main`, without printing."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.part == "ffn":
-        return bench_ffn(args)
     accelerator, trainers, flops, duo_config = build(args)
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=generator)
     batch = {"input_ids": ids.to(accelerator.device)}
 
+    start = time.perf_counter()
     for trainer in trainers.values():
         run_steps(accelerator, trainer, batch, args.warmup)
+    warmup_seconds = time.perf_counter() - start
     if args.profile:
         for name, trainer in trainers.items():
             profile_step(accelerator, trainer, batch, name)
 
     clocks = ("cpu", "wall") if device_is_cpu(accelerator) else ("wall",)
     times = {clock: {name: [] for name in trainers} for clock in clocks}
+    start = time.perf_counter()
     for round_index in range(args.rounds):
         order = ["duo", "dense"] if round_index % 2 == 0 else ["dense", "duo"]
         for name in order:
             measured = run_steps(accelerator, trainers[name], batch, args.steps)
             for clock in clocks:
                 times[clock][name].append(measured[clock])
+        if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+            break
     device = str(accelerator.device)
+    peak_memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    del trainers
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
 
@@ -218,6 +232,8 @@ def main(argv=None) -> dict:
             "vocab_size": args.vocab_size,
             "p_big": args.p_big,
             "fused_optimizer": not args.no_fused_optimizer,
+            "mixed_precision": args.mixed_precision,
+            "compile": args.compile,
         },
         "device": device,
         "threads": torch.get_num_threads(),
@@ -225,14 +241,10 @@ def main(argv=None) -> dict:
         "python": platform.python_version(),
         "forward_flops_per_token": flops,
         "flop_ratio": flop_ratio,
+        "rounds": len(times[clocks[0]]["duo"]),
+        "warmup_seconds": warmup_seconds,
+        "peak_memory_bytes": peak_memory,
     }
-    print(
-        f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_len}, batch {args.batch_size}, "
-        f"vocab {args.vocab_size}, p_big {args.p_big}; {device}, {torch.get_num_threads()} threads; "
-        f"median of {args.rounds} alternating rounds x {args.steps} steps; FLOP ratio {flop_ratio:.3f}"
-    )
-    print("| clock | model | s / step (median) | tokens / s | t_dense / t_duo | FLOP efficiency |")
-    print("|---|---|---:|---:|---:|---:|")
     for clock in clocks:
         median = {name: statistics.median(values) for name, values in times[clock].items()}
         speedup = median["dense"] / median["duo"]
@@ -246,8 +258,29 @@ def main(argv=None) -> dict:
             "flop_efficiency": speedup / flop_ratio,
             "flop_efficiency_median_of_round_ratios": statistics.median(ratios) / flop_ratio,
         }
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.part == "ffn":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return bench_ffn(args)
+    result = measure(args)
+    clocks = [clock for clock in ("cpu", "wall") if clock in result]
+    tokens = args.batch_size * args.seq_len
+    print(
+        f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_len}, batch {args.batch_size}, "
+        f"vocab {args.vocab_size}, p_big {args.p_big}; {result['device']}, {result['threads']} threads; "
+        f"median of {result['rounds']} alternating rounds x {args.steps} steps; FLOP ratio {result['flop_ratio']:.3f}"
+    )
+    print("| clock | model | s / step (median) | tokens / s | t_dense / t_duo | FLOP efficiency |")
+    print("|---|---|---:|---:|---:|---:|")
+    for clock in clocks:
+        median, speedup = result[clock]["median_seconds_per_step"], result[clock]["speedup"]
         for name in ("dense", "duo"):
-            extra = f"{speedup:.3f} | {speedup / flop_ratio:.3f}" if name == "duo" else "1 | 1"
+            extra = f"{speedup:.3f} | {speedup / result['flop_ratio']:.3f}" if name == "duo" else "1 | 1"
             print(f"| {clock} | {name} | {median[name]:.3f} | {tokens / median[name]:,.0f} | {extra} |")
     for clock in clocks:
         print(

@@ -27,14 +27,16 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
-from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import Sampler
 
 from ..utils.arguments import check_text_file
 from ..utils.errors import MissingFileError, UsageError
+
+if TYPE_CHECKING:  # imported where used: the model and benchmark code paths run where `datasets` is not installed
+    import datasets
 
 BUILTIN = "builtin"
 NONE = "none"
@@ -129,6 +131,8 @@ def builtin_corpus(
     ``max_chars`` caps the split's size (documents in split order; the last one is cut): a small, fast slice
     for tests and quick runs. The split itself does not depend on ``max_chars``.
     """
+    import datasets
+
     if split not in BUILTIN_SPLITS:
         raise ValueError(f"builtin corpus: split {split!r} does not exist; use one of {list(BUILTIN_SPLITS)}")
     if max_chars is not None and max_chars <= 0:
@@ -289,6 +293,9 @@ def load_corpus(
     ``line``).
     Empty documents are dropped; a map-style corpus with no text left raises a `ValueError` naming it.
     """
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
     if not isinstance(spec, CorpusSpec):
         spec = parse_corpus_spec(spec, default_split)
     if spec.kind == NONE:
@@ -319,6 +326,8 @@ def load_corpus(
 
 
 def _text_only(dataset, text_column: str, name: str):
+    import datasets
+
     columns = dataset.column_names
     if columns is not None and text_column not in columns:
         raise UsageError(
@@ -358,6 +367,8 @@ def pack_corpus(dataset, tokenizer, block_size: int, name: str = "corpus", max_b
     and the incomplete tail of each batch of 1000 documents is dropped. A map-style corpus that gives no
     complete block raises a `ValueError`; a streamed one is checked by reading its first block.
     """
+    import datasets
+
     if block_size < 2:
         raise ValueError(f"block_size: {block_size!r} must be at least 2 tokens (one input and one target).")
     eos = tokenizer.eos_token_id

@@ -187,6 +187,10 @@ class ModelArguments:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward."}
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each layer's big and small FFN (dynamic shapes); see BENCHMARKS.md."},
+    )
     eval_routes: str = field(
         default="random,all-big,all-small",
         metadata={

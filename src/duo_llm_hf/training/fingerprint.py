@@ -34,6 +34,7 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoints_to_keep",
         "cache_dir",
         "overwrite_output_dir",
+        "torch_compile",
     }
 )
 

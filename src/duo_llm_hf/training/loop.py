@@ -22,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
@@ -72,6 +71,8 @@ def accelerated_run(args, resume_dir: Path | None = None, **accelerator_kwargs) 
         project_config=project,
         **accelerator_kwargs,
     )
+    import datasets  # here, not at the top: `training_step` runs where `datasets` is not installed (the device check)
+
     bars_were_on = datasets.is_progress_bar_enabled()
     if not args.progress:
         datasets.disable_progress_bars()
@@ -109,6 +110,20 @@ def reset_accelerate_state() -> None:
     # other settings (precision, accumulation), so the run leaves them clean. The process group stays up.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+def training_step(
+    accelerator: Accelerator, model, batch: dict, optimizer, scheduler, trainable: list, max_grad_norm: float
+) -> torch.Tensor:
+    """One micro-batch of causal language modelling: loss, backward, and (when Accelerate syncs) clip + optimizer +
+    scheduler (`backward_and_step`).
+
+    Call it inside ``accelerator.accumulate(model)``; returns the (un-scaled) loss.
+    """
+    ids = batch["input_ids"]
+    loss = model(input_ids=ids, labels=ids).loss
+    backward_and_step(accelerator, loss, optimizer, scheduler, trainable, max_grad_norm)
+    return loss
 
 
 def backward_and_step(
@@ -286,4 +301,5 @@ __all__ = [
     "run_identity",
     "start_or_resume",
     "tracker_config",
+    "training_step",
 ]

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..data.corpus import pack_corpus
 from ..data.tokenization import check_tokenizer_fits
+from ..models.routed_ffn import compile_ffns
 from ..models.routes import BIG, RouteSampler
 from ..utils.files import atomic_write_json
 from ..utils.flops import flops_per_token
@@ -62,12 +62,12 @@ from .loaders import (
 from .loop import (
     StepMeter,
     accelerated_run,
-    backward_and_step,
     progress_bar,
     record_step,
     run_identity,
     start_or_resume,
     tracker_config,
+    training_step,
 )
 
 
@@ -94,19 +94,6 @@ class ModelHooks:
 
     adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     export: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-
-
-def training_step(
-    accelerator: Accelerator, model, batch: dict, optimizer, scheduler, trainable: list, max_grad_norm: float
-) -> torch.Tensor:
-    """One micro-batch: causal LM loss, backward, and (when Accelerate syncs) clip + optimizer + scheduler.
-
-    Call it inside ``accelerator.accumulate(model)``; returns the (un-scaled) loss.
-    """
-    ids = batch["input_ids"]
-    loss = model(input_ids=ids, labels=ids).loss
-    backward_and_step(accelerator, loss, optimizer, scheduler, trainable, max_grad_norm)
-    return loss
 
 
 def train(
@@ -155,6 +142,8 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     if hooks.adapt is not None:
         model = hooks.adapt(model)
     is_duo = is_duo_model(model)
+    if args.torch_compile:
+        compile_ffns(model)
     if is_duo and accelerator.num_processes > 1:
         # Each process draws its own routes (same config seed, offset by the process index).
         config = model.config
@@ -284,5 +273,4 @@ __all__ = [
     "print_saved",
     "save_final",
     "train",
-    "training_step",
 ]
