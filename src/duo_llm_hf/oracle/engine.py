@@ -41,14 +41,33 @@ from .spaces import RouteSpace, index_to_pattern, pattern_index
 
 # Tokens (prefix nodes x sequences x positions) per forward batch of the tree walk, by default. Memory is about
 # chunk_tokens x 4 bytes x (3 x intermediate_size + 2 x vocab_size + 3 x num_layers x hidden_size). On a CPU,
-# batches that stay in cache run fastest (bench_oracle.py); an accelerator wants large ones.
+# batches that stay in cache run fastest (bench_oracle.py); an accelerator wants large ones, as large as its free
+# memory allows (ACCELERATOR_MEMORY_FRACTION of it, at most MAX_CHUNK_TOKENS).
 CPU_CHUNK_TOKENS = 4096
 ACCELERATOR_CHUNK_TOKENS = 65536
+ACCELERATOR_MEMORY_FRACTION = 0.5
+MAX_CHUNK_TOKENS = 1 << 20
 
 
-def default_chunk_tokens(device: torch.device | str) -> int:
-    """The default ``chunk_tokens`` on a device: 4096 on a CPU, 65536 on an accelerator."""
-    return CPU_CHUNK_TOKENS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_TOKENS
+def chunk_bytes_per_token(config) -> int:
+    """Bytes of activations one token of a tree-walk batch takes at most (the estimate above)."""
+    return 4 * (
+        3 * config.intermediate_size + 2 * config.vocab_size + 3 * config.num_hidden_layers * config.hidden_size
+    )
+
+
+def default_chunk_tokens(device: torch.device | str, config=None) -> int:
+    """The default ``chunk_tokens`` on a device: 4096 on a CPU; on a CUDA device with the model's ``config``, the
+    largest power of two whose batch (`chunk_bytes_per_token`) fits in half the free memory (at least 4096, at most
+    2^20 tokens); else 65536."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return CPU_CHUNK_TOKENS
+    if device.type != "cuda" or config is None:
+        return ACCELERATOR_CHUNK_TOKENS
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = int(free * ACCELERATOR_MEMORY_FRACTION) // chunk_bytes_per_token(config)
+    return max(CPU_CHUNK_TOKENS, min(MAX_CHUNK_TOKENS, 1 << max(fits, 1).bit_length() - 1))
 
 
 # on_leaves(indices [m] ascending, losses [m, N, T], logits [m, N, T, vocab])
@@ -119,7 +138,7 @@ class _PrefixTree:
         # A node is N sequences x S positions; in a causal walk (S = 1) its one token attends to `context` keys,
         # which count like that many tokens (the cache is copied per node). A chunk holds at least one node.
         per_node = hidden.shape[0] * max(hidden.shape[1], self.context)
-        chunk_tokens = self.chunk_tokens or default_chunk_tokens(hidden.device)
+        chunk_tokens = self.chunk_tokens or default_chunk_tokens(hidden.device, self.model.config)
         self.max_nodes = max(1, chunk_tokens // per_node)
         root = torch.zeros(1, 0, dtype=torch.long)
         if self.feasible(root).all():
@@ -264,8 +283,15 @@ def walk_prefix_tree(
     targets = next_token_targets(labels).to(input_ids.device)
     hidden, layer_kwargs = model.model.embed(input_ids)
     tree = _PrefixTree(
-        model, space.choices, space.feasible, on_leaves, chunk_tokens, input_ids.shape[1],
-        split_depth=space.split_depth, owned=_owned(space, roots), on_progress=on_progress,
+        model,
+        space.choices,
+        space.feasible,
+        on_leaves,
+        chunk_tokens,
+        input_ids.shape[1],
+        split_depth=space.split_depth,
+        owned=_owned(space, roots),
+        on_progress=on_progress,
     )
     tree.run(hidden, layer_kwargs, targets)
 
@@ -349,8 +375,16 @@ def causal_oracle(
         hidden, layer_kwargs = model.model.embed(step, cache=cache)
         past = _SharedPrefixCache(cache, num_sequences) if t else None
         tree = _PrefixTree(
-            model, choices, feasible, keep, chunk_tokens, t + 1, split_depth=space.split_depth, owned=owned,
-            past=past, on_progress=on_progress,
+            model,
+            choices,
+            feasible,
+            keep,
+            chunk_tokens,
+            t + 1,
+            split_depth=space.split_depth,
+            owned=owned,
+            past=past,
+            on_progress=on_progress,
         )
         tree.run(hidden, layer_kwargs, targets[:, t : t + 1])
         loss, index = running.loss[0, :, 0], running.index[0, :, 0]
@@ -391,14 +425,27 @@ def oracle_search(
     mask = next_token_targets(labels) != IGNORE_INDEX
     reducer = OracleReducer(space, mask.to(input_ids.device), best_of_k=best_of_k, seed=seed, uniform=uniform)
     walk_prefix_tree(
-        model, input_ids, space, reducer.update, labels=labels, chunk_tokens=chunk_tokens, roots=roots,
+        model,
+        input_ids,
+        space,
+        reducer.update,
+        labels=labels,
+        chunk_tokens=chunk_tokens,
+        roots=roots,
         on_progress=on_progress,
     )
     result = reducer.reduction()
     if causal:
         found = [
             causal_oracle(
-                model, input_ids, space, g, labels=labels, chunk_tokens=chunk_tokens, roots=roots, reduce=reduce,
+                model,
+                input_ids,
+                space,
+                g,
+                labels=labels,
+                chunk_tokens=chunk_tokens,
+                roots=roots,
+                reduce=reduce,
                 on_progress=on_progress,
             )
             for g in range(len(space.budgets))

@@ -515,7 +515,10 @@ class OracleArguments:
     batch_size: int = field(default=8, metadata={"help": "sequences per batch (and per checkpoint)"})
     chunk_tokens: int | None = field(
         default=None,
-        metadata={"help": "tokens per forward batch, bounds memory (default 4096 on CPU, 65536 on GPU)"},
+        metadata={
+            "help": "tokens per forward batch, bounds memory (default 4096 on CPU; on GPU, what half the free "
+            "memory holds)"
+        },
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "dtype of the model's weights"}
