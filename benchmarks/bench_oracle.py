@@ -21,11 +21,11 @@ import time
 import torch
 
 from duo_llm_hf import DuoLlamaConfig, DuoLlamaForCausalLM
-from duo_llm_hf.oracle.engine import oracle_search, tree_flops
+from duo_llm_hf.oracle.engine import default_chunk_tokens, oracle_search, tree_flops
 from duo_llm_hf.oracle.run import study_space
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=128)
@@ -36,11 +36,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--naive-sample", type=int, default=24, help="patterns timed on the naive side")
     p.add_argument("--best-of-k", type=int, default=100)
-    p.add_argument("--chunk-tokens", type=int, help="default: the engine's (4096 on CPU, 65536 on GPU)")
+    p.add_argument(
+        "--chunk-tokens", type=int, help="default: the engine's (4096 on CPU; on GPU, what half the free memory holds)"
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's weights")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see Clock)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the figures to this file")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def sync(device: str) -> None:
@@ -77,8 +80,8 @@ def run_naive(model, ids, patterns, device) -> None:
         model(ids, labels=ids, routes=pattern.to(device).expand(*ids.shape, -1))
 
 
-def main() -> None:
-    args = parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """The engine over the whole space against a sample of naive patterns scaled to it; the figures of `main`."""
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -87,62 +90,80 @@ def main() -> None:
         num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.seq_len,
         route_options=["small", "big"],
     )
-    model = DuoLlamaForCausalLM(config).to(args.device).eval()
+    model = DuoLlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype)).eval()
     ids = torch.randint(0, args.vocab, (args.sequences, args.seq_len), device=args.device)
     space = study_space(config, ["all", "classes"])
     flops = tree_flops(config, space, args.seq_len)
     generator = torch.Generator().manual_seed(1)
     sample = space.patterns[torch.randperm(space.size, generator=generator)[: args.naive_sample]]
     half = len(sample) // 2
+    chunk_tokens = args.chunk_tokens or default_chunk_tokens(args.device, config)
 
-    print(
-        f"DuoLlama {args.layers} layers, hidden {args.hidden}, inner {args.intermediate}/"
-        f"{config.small_intermediate_size}, vocab {args.vocab}; {args.sequences} x {args.seq_len} tokens; "
-        f"{space.size:,} patterns; device {args.device}, {torch.get_num_threads()} threads"
-    )
     run_naive(model, ids, sample[:1], args.device)  # warm-up
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     naive, tree = Clock(args.device), Clock(args.device)
     with naive:
         run_naive(model, ids, sample[:half], args.device)
     with tree:
-        oracle_search(
-            model, ids, space, best_of_k=args.best_of_k, uniform=["small", "big"], chunk_tokens=args.chunk_tokens
-        )
+        oracle_search(model, ids, space, best_of_k=args.best_of_k, uniform=["small", "big"], chunk_tokens=chunk_tokens)
     with naive:
         run_naive(model, ids, sample[half:], args.device)
     scale = space.size / len(sample)
     measured = naive.seconds() * scale / tree.seconds()
     predicted = flops["predicted_speedup"]
-    unit = "CPU s" if args.device == "cpu" else "s"
-    figures = {
+    pattern_tokens = space.size * args.sequences * args.seq_len
+    return {
         "patterns": space.size,
         "naive_patterns_timed": len(sample),
         "naive_seconds_per_pattern": {"wall": naive.wall / len(sample), "cpu": naive.cpu / len(sample)},
         "naive_seconds_scaled": {"wall": naive.wall * scale, "cpu": naive.cpu * scale},
         "tree_seconds": {"wall": tree.wall, "cpu": tree.cpu},
+        "tree_pattern_tokens_per_second": pattern_tokens / tree.seconds(),
+        "naive_pattern_tokens_per_second": pattern_tokens / (naive.seconds() * scale),
         "measured_speedup": measured,
         "measured_speedup_wall": naive.wall * scale / tree.wall,
         "flop_predicted_speedup": predicted,
         "ratio": measured / predicted,
         "flops_per_token": flops,
+        "chunk_tokens": chunk_tokens,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
         "setting": {**vars(args), "threads": torch.get_num_threads()},
     }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    figures = measure(args)
+    space_size, sampled = figures["patterns"], figures["naive_patterns_timed"]
+    half = sampled // 2
+    unit = "CPU s" if args.device == "cpu" else "s"
+    clock = "cpu" if args.device == "cpu" else "wall"
+    naive_scaled = figures["naive_seconds_scaled"]
     print(
-        f"naive: {naive.seconds() / len(sample):.3f} {unit}/pattern over {len(sample)} sampled patterns ({half} "
-        f"before, {len(sample) - half} after the engine), scaled to {space.size:,} patterns: "
-        f"{naive.seconds() * scale:.1f} {unit} (wall {naive.wall * scale:.1f} s)"
+        f"DuoLlama {args.layers} layers, hidden {args.hidden}, inner {args.intermediate}/"
+        f"{args.intermediate // 16}, vocab {args.vocab}; {args.sequences} x {args.seq_len} tokens; "
+        f"{space_size:,} patterns; device {args.device}, {figures['setting']['threads']} threads"
     )
-    print(f"prefix tree (whole space, all reductions): {tree.seconds():.1f} {unit} (wall {tree.wall:.1f} s)")
-    naive_mflop = flops["naive"]["total"] / space.size / 1e6
-    tree_mflop = flops["tree"]["total"] / space.size / 1e6
     print(
-        f"speed-up measured {measured:.2f}x (wall {figures['measured_speedup_wall']:.2f}x), FLOP-predicted "
-        f"{predicted:.2f}x (naive {naive_mflop:.2f} vs tree {tree_mflop:.2f} MFLOP per pattern-token), "
-        f"ratio {measured / predicted:.2f} (target >= 0.8)"
+        f"naive: {figures['naive_seconds_per_pattern'][clock]:.3f} {unit}/pattern over {sampled} sampled patterns "
+        f"({half} before, {sampled - half} after the engine), scaled to {space_size:,} patterns: "
+        f"{naive_scaled[clock]:.1f} {unit} (wall {naive_scaled['wall']:.1f} s)"
+    )
+    tree = figures["tree_seconds"]
+    print(f"prefix tree (whole space, all reductions): {tree[clock]:.1f} {unit} (wall {tree['wall']:.1f} s)")
+    flops = figures["flops_per_token"]
+    naive_mflop = flops["naive"]["total"] / space_size / 1e6
+    tree_mflop = flops["tree"]["total"] / space_size / 1e6
+    print(
+        f"speed-up measured {figures['measured_speedup']:.2f}x (wall {figures['measured_speedup_wall']:.2f}x), "
+        f"FLOP-predicted {figures['flop_predicted_speedup']:.2f}x (naive {naive_mflop:.2f} vs tree "
+        f"{tree_mflop:.2f} MFLOP per pattern-token), ratio {figures['ratio']:.2f} (target >= 0.8)"
     )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
+    return figures
 
 
 if __name__ == "__main__":
