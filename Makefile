@@ -19,7 +19,7 @@ NO_TORCH_CONSTRAINTS := $(VENV)/constraints-without-torch.txt
 # numerics-marked tests (floats across shapes, orders, processes) rerun under every CPU kernel set PyTorch has
 CPU_CAPABILITIES ?= default avx2 avx512
 
-.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install clean
+.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install clean device-check device-check-dry-run
 
 install: $(STAMP)
 
@@ -77,6 +77,18 @@ lint: $(STAMP)
 STUDY_OUT ?= study
 demo: $(STAMP)
 	$(BIN)/duo-llm study --out $(STUDY_OUT) --preset default
+
+# The GPU check (benchmarks/device_check.py, at most 8 minutes on one H200). It runs with the python on the PATH and
+# no venv: the device machine's image has torch, transformers and accelerate but no datasets or lm-eval, and the
+# check needs neither. DEVICE_CHECK_OUT is where device_check.json and device_check.md go ($OUT on the device tool).
+DEVICE_PYTHON ?= python3
+DEVICE_CHECK_OUT ?= device-check
+device-check:
+	PYTHONPATH=src PYTHONUNBUFFERED=1 $(DEVICE_PYTHON) benchmarks/device_check.py --out $(DEVICE_CHECK_OUT)
+
+# Every part of it at tiny sizes on the CPU (the suite runs this too: tests/test_device_check.py).
+device-check-dry-run: $(STAMP)
+	PYTHONPATH=src $(BIN)/python benchmarks/device_check.py --dry-run --out $(DEVICE_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the FFNs (models.routed_ffn.compile_ffns)"
     )
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend, with --compile")
     parser.add_argument(
         "--max-seconds", type=float, default=None, help="stop after the round that passes this time (at least one)"
     )
@@ -98,7 +99,7 @@ def build(args: argparse.Namespace):
     models = {"duo": DuoLlamaForCausalLM(duo_config), "dense": LlamaForCausalLM(dense_config)}
     if args.compile:
         for model in models.values():
-            compile_ffns(model)
+            compile_ffns(model, args.compile_backend)
     total = args.warmup + args.steps * args.rounds + 2
     trainers = {}
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
@@ -233,7 +234,7 @@ def measure(args: argparse.Namespace) -> dict:
             "p_big": args.p_big,
             "fused_optimizer": not args.no_fused_optimizer,
             "mixed_precision": args.mixed_precision,
-            "compile": args.compile,
+            "compile": args.compile and args.compile_backend,
         },
         "device": device,
         "threads": torch.get_num_threads(),

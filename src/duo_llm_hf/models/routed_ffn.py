@@ -241,23 +241,24 @@ def set_ffn_dispatch(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def compile_ffns(model: nn.Module) -> nn.Module:
+def compile_ffns(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """``torch.compile`` the big and small FFN of every `DuoFFN` in ``model`` (in place), with dynamic shapes; in a
     model without one (the dense baseline), each decoder layer's ``mlp``.
 
     Only the FFNs, not the whole model: the dispatch's token counts per route change at every forward, which the
     FFNs see as one dynamic dimension; the routing and the rest of the layer stay eager. Whether it pays depends
-    on the device (BENCHMARKS.md, "torch.compile").
+    on the device (BENCHMARKS.md, "torch.compile"). ``backend`` is torch.compile's (``"eager"`` traces without
+    generating code: a quick check of the path).
     """
     duo_ffns = [module for module in model.modules() if isinstance(module, DuoFFN)]
     for module in duo_ffns:
         for ffn in (module.big, module.small):
             if ffn is not None:
-                ffn.compile(dynamic=True)
+                ffn.compile(dynamic=True, backend=backend)
     if not duo_ffns:
         for module in model.modules():
             if isinstance(getattr(module, "mlp", None), nn.Module):
-                module.mlp.compile()
+                module.mlp.compile(backend=backend)
     return model
 
 
