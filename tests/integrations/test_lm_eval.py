@@ -1,7 +1,8 @@
 """lm-evaluation-harness integration: the `duo` model, routing arguments, local-data tasks, `--model hf`.
 
 Every evaluation runs the harness's real `simple_evaluate` / command-line path on the hand-written ARC-Easy and
-HellaSwag fixtures (Hub schema, local jsonl) with a tiny Duo model and a byte-level BPE tokenizer built here.
+HellaSwag fixtures (local jsonl: ARC-Easy in the Hub schema, HellaSwag in the offline copy's format) with a tiny
+Duo model and a byte-level BPE tokenizer built here.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ with shorter routing arguments, checks and the routing in the results file::
     duo-llm eval --model duo --model_args pretrained=DIR,routing=all-small --tasks hellaswag
 
 The harness's `arc_easy` and `hellaswag` tasks load their data from the Hub. `arc_easy_local` and
-`hellaswag_local` (YAMLs in `TASKS_DIR`) are the same tasks reading local jsonl files in the Hub schema:
-`--include_path TASKS_DIR --metadata '{"data_dir": "/path"}'`, or `local_task_manager(data_dir)` in Python.
+`hellaswag_local` (YAMLs in `TASKS_DIR`) are the same tasks reading local jsonl files (ARC-Easy in the Hub schema;
+HellaSwag as `hellaswag_val.jsonl`, the offline copy's format or the Hub schema, through the harness's own
+`process_docs`): `--include_path TASKS_DIR --metadata '{"data_dir": "/path"}'`, or `local_task_manager(data_dir)`
+in Python.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 """Folder of the `*_local` task YAMLs; pass it to `--include_path` / `TaskManager(include_path=...)`."""
 
 FIXTURE_DATA_DIR = TASKS_DIR / "fixtures"
-"""A handful of hand-written ARC-Easy and HellaSwag examples in the Hub schema, for tests and smoke runs only."""
+"""Six hand-written ARC-Easy (Hub schema) and HellaSwag (`hellaswag/hellaswag_val.jsonl`, the offline copy's format)
+examples, for tests and smoke runs only."""
 
 LOCAL_TASKS = {"arc_easy": "arc_easy_local", "hellaswag": "hellaswag_local"}
 """Official task name -> the local-data task with the same definition."""
@@ -70,8 +73,8 @@ def routing_settings(
         routing = "random" if probs else "fixed" if pattern is not None else KEEP_CONFIG_ROUTING
     if routing not in DUO_ROUTINGS:
         raise ValueError(f"routing={routing!r} is not a routing of the duo model; use one of {list(DUO_ROUTINGS)}.")
-    mode, uniform_pattern = (None, None) if routing == KEEP_CONFIG_ROUTING else parse_routing(
-        routing, config.num_hidden_layers
+    mode, uniform_pattern = (
+        (None, None) if routing == KEEP_CONFIG_ROUTING else parse_routing(routing, config.num_hidden_layers)
     )
     if probs and mode != "random":
         raise ValueError(f"p_small/p_big/p_skip {probs} only apply to routing=random, not routing={routing!r}.")
