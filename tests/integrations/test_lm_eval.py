@@ -365,6 +365,12 @@ def test_hellaswag_local_docs_match_the_official_ones(tmp_path):
     edges, expected = docs[-1], official[-1]
     assert (expected["query"], expected["choices"][0]) == ("Health: How to rest. Lie down. ", " Sleep.")
     assert (task.doc_to_text(edges), task.doc_to_choice(edges)[0]) == ("Health: How to rest. Lie down.", "Sleep.")
+    # The check the README quotes on the offline copy: the official function on the items as given differs only
+    # by the capitalised ctx_b.
+    from duo_llm_hf.integrations.lm_eval import hellaswag_agreement
+
+    counts = hellaswag_agreement(tmp_path / "hellaswag_val.jsonl")
+    assert counts == {"same": 4, "ctx_b capitalised": 3, "other": 0}
     # Items in the Hub schema go through the official function unchanged.
     (tmp_path / "hellaswag_val.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hub))
     task = local_task_manager(tmp_path, include_defaults=False).load(["hellaswag_local"])["tasks"]["hellaswag_local"]

@@ -187,6 +187,40 @@ def local_task_manager(data_dir: str | os.PathLike, **kwargs):
     return TaskManager(include_path=str(TASKS_DIR), metadata=metadata, **kwargs)
 
 
+def hellaswag_agreement(path: str | os.PathLike, limit: int | None = None) -> dict[str, int]:
+    """Compare `hellaswag_local`'s documents of a HellaSwag file with the official task's on the same items.
+
+    The official `process_docs` (`lm_eval.tasks.hellaswag.utils`) is applied to the items as the file gives them
+    (``ctx`` whole as ctx_a, ctx_b empty) and `hellaswag_local`'s to the same items; returns the number of items
+    (the first ``limit``) whose query, choices and gold coincide (``"same"``), of those that differ only by the
+    capital letter the harness gives an ActivityNet ctx_b that `hellaswag_local` restores (``"ctx_b
+    capitalised"``), and of any other difference (``"other"``).
+    """
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from .tasks.local_data import process_hellaswag_docs, split_hellaswag_context
+
+    items = datasets.load_dataset("json", data_files={"validation": str(path)})["validation"]
+    if limit is not None:
+        items = items.select(range(min(limit, len(items))))
+    ours = process_hellaswag_docs(items)
+    given = process_docs(items.map(lambda item: {"ctx_a": item["ctx"], "ctx_b": ""}))
+    counts = {"same": 0, "ctx_b capitalised": 0, "other": 0}
+    for item, doc, official in zip(items, ours, given, strict=True):
+        fields = ("choices", "gold")
+        if doc["query"] == official["query"] and all(doc[k] == official[k] for k in fields):
+            counts["same"] += 1
+            continue
+        ctx_b = split_hellaswag_context(item["ctx"])[1]
+        restored = official["query"][: len(official["query"]) - len(ctx_b)] + ctx_b.capitalize()
+        kind = (
+            "ctx_b capitalised" if doc["query"] == restored and all(doc[k] == official[k] for k in fields) else "other"
+        )
+        counts[kind] += 1
+    return counts
+
+
 __all__ = [
     "DUO_ROUTINGS",
     "DuoLM",
@@ -194,6 +228,7 @@ __all__ = [
     "LOCAL_TASKS",
     "TASKS_DIR",
     "describe_routing",
+    "hellaswag_agreement",
     "local_task_manager",
     "routing_settings",
 ]
