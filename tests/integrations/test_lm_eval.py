@@ -181,7 +181,11 @@ def test_routing_modes_change_scores_and_match_their_dense_paths(duo_model, toke
     small, big = loglikelihoods(fixed_runs["all-small"]), loglikelihoods(fixed_runs["all-big"])
     differing = [key for key in small if max(abs(a - b) for a, b in zip(small[key], big[key])) > 1e-3]
     assert len(differing) == len(small)
-    assert scores(fixed_runs["all-small"]) != scores(fixed_runs["all-big"])
+    # ... and the two paths rank the choices differently (on 12 documents of short and long choices, their best
+    # choice and so their accuracies may coincide).
+    ranks = {name: {key: sorted(range(len(ll)), key=ll.__getitem__) for key, ll in lls.items()} for name, lls in
+             (("small", small), ("big", big))}  # fmt: skip
+    assert ranks["small"] != ranks["big"]
 
 
 def test_random_routing_with_p_big(duo_model, tokenizer, task_manager, fixed_runs):
