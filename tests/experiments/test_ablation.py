@@ -182,6 +182,7 @@ def _bad_inputs(tmp_path):
         ({"lm_eval_tasks": "hub", "lm_eval_data": str(local)}, ValueError, "only read with --lm-eval-tasks local"),
         ({"lm_eval_tasks": "local"}, ValueError, "needs --lm-eval-data DIR"),
         ({"lm_eval_data": str(tmp_path)}, FileNotFoundError, r"holds none of \[.*hellaswag/hellaswag_val.jsonl"),
+        ({"lm_eval_data": str(tmp_path / "nowhere")}, FileNotFoundError, "'.*nowhere' is not a folder"),
         ({"train_override": "no_such_field=1"}, ValueError, "'no_such_field' is not a training argument"),
         ({"train_override": "p_big=0.3"}, ValueError, "'p_big' is set by the ablation"),
         ({"train_override": "weight_decay=lots"}, ValueError, "weight_decay='lots' does not fit"),

@@ -110,6 +110,8 @@ def benchmark_spec(settings: dict[str, Any]) -> BenchmarkSpec:
         from ...integrations.tasks.local_data import find_local_file
 
         folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise MissingFileError(f"lm_eval_data: {data_dir!r} is not a folder (of local benchmark files).")
         benchmarks = tuple(b for b, name in BENCHMARK_FILES.items() if find_local_file(folder, name))
         if not benchmarks:
             raise MissingFileError(
