@@ -75,6 +75,7 @@ def test_tiny_preset_end_to_end_writes_table_and_plot(tiny_run):
     payload = json.loads((out / "results.json").read_text())
     bench_columns = [payload["columns"][k] for k in ("arc_easy_acc", "hellaswag_acc_norm")]
     assert all("fixture smoke set, n=6/6" in c for c in bench_columns), bench_columns
+    assert payload["benchmark_chance"] == {"hellaswag_acc_norm": 0.25} and "(chance 0.25)" in bench_columns[1]
     assert all("NOT benchmark scores" in row["benchmark_data"] for row in payload["rows"])
     markdown = (out / "results.md").read_text()
     assert "NOT benchmark scores and not comparable to the paper" in markdown
@@ -180,7 +181,8 @@ def _bad_inputs(tmp_path):
         ({"train_tokens": 64}, ValueError, r"1 optimizer step\(s\) of 64 tokens; frozen-big needs"),
         ({"lm_eval_tasks": "hub", "lm_eval_data": str(local)}, ValueError, "only read with --lm-eval-tasks local"),
         ({"lm_eval_tasks": "local"}, ValueError, "needs --lm-eval-data DIR"),
-        ({"lm_eval_data": str(local)}, FileNotFoundError, r"lacks \[.*hellaswag/validation.jsonl"),
+        ({"lm_eval_data": str(tmp_path)}, FileNotFoundError, r"holds none of \[.*hellaswag/hellaswag_val.jsonl"),
+        ({"lm_eval_data": str(tmp_path / "nowhere")}, FileNotFoundError, "'.*nowhere' is not a folder"),
         ({"train_override": "no_such_field=1"}, ValueError, "'no_such_field' is not a training argument"),
         ({"train_override": "p_big=0.3"}, ValueError, "'p_big' is set by the ablation"),
         ({"train_override": "weight_decay=lots"}, ValueError, "weight_decay='lots' does not fit"),
@@ -223,3 +225,27 @@ def test_parser_and_presets():
     assert local.benchmarks.source == "local" and "local copy" in local.benchmarks.note({"arc_easy": 6})
     overridden = plan_ablation(tiny("x", train_override="weight_decay=0.05,lr_scheduler=linear"), 1)
     assert overridden.run("dense_p1").args.weight_decay == 0.05
+
+
+def test_local_folder_scores_the_benchmarks_it_holds(tmp_path):
+    """A folder holding only HellaSwag (the offline copy's layout): HellaSwag is scored, on the cpu preset's first
+    2000 items, ARC-Easy is not, and every output says so and gives the chance level."""
+    from duo_llm_hf.experiments.ablation.results import column_labels
+    from duo_llm_hf.integrations.lm_eval import FIXTURE_DATA_DIR
+
+    shutil.copy(FIXTURE_DATA_DIR / "hellaswag" / "hellaswag_val.jsonl", tmp_path)
+    plan = plan_ablation(AblationArguments(out=str(tmp_path / "out"), preset="cpu", lm_eval_data=str(tmp_path)), 1)
+    spec = plan.benchmarks
+    assert (spec.source, spec.benchmarks, spec.limit) == ("local", ("hellaswag",), 2000)
+    assert spec.task_names() == {"hellaswag": "hellaswag_local"}
+    note = spec.note({"hellaswag": 2000})
+    assert "first 2000 examples" in note and "chance level of HellaSwag acc_norm: 0.25" in note
+    assert "ARC-Easy not scored" in note and "arc_easy/test.jsonl" in note
+    labels = column_labels(plan, {"hellaswag": 2000})
+    assert (
+        "arc_easy_acc" not in labels and labels["hellaswag_acc_norm"] == "HellaSwag acc_norm (chance 0.25) [first 2000]"
+    )
+    # Fewer items than the limit: no "first N" claim; a flag overrides the preset's limit.
+    assert "first" not in spec.note({"hellaswag": 6}) and spec.short_label({"hellaswag": 6}) == "[local data]"
+    limited = plan_ablation(tiny(tmp_path / "out2", lm_eval_data=str(tmp_path), lm_eval_limit=50), 1).benchmarks
+    assert limited.limit == 50 and PRESETS["tiny"]["lm_eval_limit"] is None

@@ -1,7 +1,8 @@
 """lm-evaluation-harness integration: the `duo` model, routing arguments, local-data tasks, `--model hf`.
 
 Every evaluation runs the harness's real `simple_evaluate` / command-line path on the hand-written ARC-Easy and
-HellaSwag fixtures (Hub schema, local jsonl) with a tiny Duo model and a byte-level BPE tokenizer built here.
+HellaSwag fixtures (local jsonl: ARC-Easy in the Hub schema, HellaSwag in the offline copy's format) with a tiny
+Duo model and a byte-level BPE tokenizer built here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from tests.helpers import decided, save_model_folder  # noqa: E402
 
 TASKS = ["arc_easy_local", "hellaswag_local"]
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,11 @@ def test_routing_modes_change_scores_and_match_their_dense_paths(duo_model, toke
     small, big = loglikelihoods(fixed_runs["all-small"]), loglikelihoods(fixed_runs["all-big"])
     differing = [key for key in small if max(abs(a - b) for a, b in zip(small[key], big[key])) > 1e-3]
     assert len(differing) == len(small)
-    assert scores(fixed_runs["all-small"]) != scores(fixed_runs["all-big"])
+    # ... and the two paths rank the choices differently (on 12 documents of short and long choices, their best
+    # choice and so their accuracies may coincide).
+    ranks = {name: {key: sorted(range(len(ll)), key=ll.__getitem__) for key, ll in lls.items()} for name, lls in
+             (("small", small), ("big", big))}  # fmt: skip
+    assert ranks["small"] != ranks["big"]
 
 
 def test_random_routing_with_p_big(duo_model, tokenizer, task_manager, fixed_runs):
@@ -222,14 +226,20 @@ def test_learned_routing(duo_model, tokenizer, task_manager, fixed_runs):
 
 def test_routing_arguments():
     config = DuoLlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
         route_options=["small", "big", "skip"],
     )
     assert routing_settings(config) is None
     assert routing_settings(config, "all-big") == {"mode": "fixed", "fixed_pattern": [BIG] * 4}
     assert routing_settings(config, pattern="sB-B") == {"mode": "fixed", "fixed_pattern": "sB-B"}
     assert routing_settings(config, p_big=0.5, p_skip=0.25, route_seed=3) == {
-        "mode": "random", "route_seed": 3, "route_probs": {"big": 0.5, "skip": 0.25, "small": 0.25},
+        "mode": "random",
+        "route_seed": 3,
+        "route_probs": {"big": 0.5, "skip": 0.25, "small": 0.25},
     }
     with pytest.raises(ValueError, match="no routers"):
         routing_settings(config, "learned")
@@ -260,8 +270,9 @@ def test_duo_is_registered_lazily_and_refuses_dense_models(tokenizer):
     assert "duo" in model_registry and "hf" in model_registry
     assert get_model("duo") is DuoLM
     dense = DuoLlamaForCausalLM(
-        DuoLlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2)
+        DuoLlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
     ).to_dense()
     with pytest.raises(TypeError, match="Use --model hf"):
         DuoLM(pretrained=dense, tokenizer=tokenizer)
@@ -273,18 +284,115 @@ def test_local_tasks_reuse_the_official_definitions():
         "arc_easy": load_yaml(official_dir / "arc" / "arc_easy.yaml", resolve_func=False),
         "hellaswag": load_yaml(official_dir / "hellaswag" / "hellaswag.yaml", resolve_func=False),
     }
+    # Where the data comes from, and HellaSwag's training split (the local copy has none).
     data_fields = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "custom_dataset", "process_docs"}
     for name, local_name in LOCAL_TASKS.items():
         local = load_yaml(TASKS_DIR / f"{local_name}.yaml", resolve_func=False)
         assert local["task"] == local_name and local["dataset_path"] == "json"
-        assert {k: v for k, v in local.items() if k not in data_fields} == {
-            k: v for k, v in official[name].items() if k not in data_fields
+        skipped = data_fields | ({"training_split"} if name == "hellaswag" else set())
+        assert {k: v for k, v in local.items() if k not in skipped} == {
+            k: v for k, v in official[name].items() if k not in skipped
         }
-    # HellaSwag documents go through the harness's own preprocessing function.
+    # HellaSwag documents go through the harness's own preprocessing function (see the next test).
     resolved = load_yaml(TASKS_DIR / "hellaswag_local.yaml", resolve_func=True)
+    assert resolved["process_docs"].__name__ == "process_hellaswag_docs"
+
+
+# HellaSwag items in the Hub schema (Rowan/hellaswag): two real ActivityNet items, one with capitals in ctx_b (the
+# harness's capitalize() lowers them), a WikiHow item with the bracketed markers and an empty ctx_b, one whose
+# lowercase words follow an abbreviation, and an ActivityNet phrase that starts with a digit. The last one has
+# markers at the ends of its texts: the harness strips a text before it removes them, so its official query ends
+# with a space and its choice starts with one; the offline copy has no such spaces (the remaining difference).
+HUB_ITEMS = [
+    ("Roof shingle removal", "A man is sitting on a roof.", "he", ["is using wrap.", "is ripping tiles off."], 1),
+    ("Clean and jerk", "A lady walks to a barbell. She bends down.", "the lady", ["swings.", "lifts it."], 1),
+    ("Disc dog", "We see the title. Jesse the dog runs.", "the dog and Jesse", ["play.", "sleep."], 0),
+    (
+        "Home and Garden",
+        "[header] How to water a plant [title] Fill a can. [step] Walk to it.",
+        "",
+        ["Pour it.", "Eat."],
+        0,
+    ),
+    (
+        "Finance and Business",
+        "[header] Apply for aid [title] Everyone must be u.s. citizens or u.s. nationals.",
+        "",
+        ["A.", "B."],
+        1,
+    ),
+    ("Getting a piercing", "4 the guy cleans up the lip.", "5 the guy", ["smiles.", "leaves."], 0),
+    ("Health", "[header] How to rest [title] Lie down.", "[step]", ["[substeps] Sleep.", "Run."], 0),
+]
+
+
+def hub_item(label, ctx_a, ctx_b, endings, gold) -> dict:
+    ctx = f"{ctx_a} {ctx_b}" if ctx_b else ctx_a
+    return {"activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": ctx, "endings": endings, "label": str(gold)}
+
+
+def offline_item(hub: dict) -> dict:
+    """The item as the offline copy gives it (see the README): ctx whole, the four markers removed, label an int."""
+
+    def clean(text: str) -> str:
+        text = text.replace(" [title]", ". ")
+        for marker in ("[header]", "[step]", "[substeps]", "[title]"):
+            text = text.replace(marker, "")
+        return " ".join(text.split())
+
+    return {
+        "activity_label": clean(hub["activity_label"]),
+        "ctx": clean(hub["ctx"]),
+        "endings": [clean(e) for e in hub["endings"]],
+        "label": int(hub["label"]),
+    }
+
+
+def test_hellaswag_local_docs_match_the_official_ones(tmp_path):
+    """hellaswag_local on the offline format gives the official task's query, choices and gold: its documents come
+    from the harness's process_docs, after ctx is split back into ctx_a and ctx_b."""
+    import datasets
     from lm_eval.tasks.hellaswag.utils import process_docs
 
-    assert resolved["process_docs"] is process_docs
+    hub = [hub_item(*item) for item in HUB_ITEMS]
+    official = process_docs(datasets.Dataset.from_list(hub))
+    assert official[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert official[2]["query"].endswith("The dog and jesse")
+    (tmp_path / "hellaswag_val.jsonl").write_text("".join(json.dumps(offline_item(h)) + "\n" for h in hub))
+    task = local_task_manager(tmp_path, include_defaults=False).load(["hellaswag_local"])["tasks"]["hellaswag_local"]
+    docs = list(task.validation_docs())
+    assert len(docs) == len(hub)
+    for doc, expected in zip(docs[:-1], official, strict=False):
+        assert task.doc_to_text(doc) == expected["query"]
+        assert task.doc_to_choice(doc) == expected["choices"]
+        assert task.doc_to_target(doc) == expected["gold"]
+    edges, expected = docs[-1], official[-1]
+    assert (expected["query"], expected["choices"][0]) == ("Health: How to rest. Lie down. ", " Sleep.")
+    assert (task.doc_to_text(edges), task.doc_to_choice(edges)[0]) == ("Health: How to rest. Lie down.", "Sleep.")
+    # The check the README quotes on the offline copy: the official function on the items as given differs only
+    # by the capitalised ctx_b.
+    from duo_llm_hf.integrations.lm_eval import hellaswag_agreement
+
+    counts = hellaswag_agreement(tmp_path / "hellaswag_val.jsonl")
+    assert counts == {"same": 4, "ctx_b capitalised": 3, "other": 0}
+    # Items in the Hub schema go through the official function unchanged.
+    (tmp_path / "hellaswag_val.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hub))
+    task = local_task_manager(tmp_path, include_defaults=False).load(["hellaswag_local"])["tasks"]["hellaswag_local"]
+    assert [task.doc_to_text(d) for d in task.validation_docs()] == official["query"]
+
+
+def test_hellaswag_context_split():
+    from duo_llm_hf.integrations.tasks.local_data import split_hellaswag_context
+
+    assert split_hellaswag_context("A man is sitting on a roof. he") == ("A man is sitting on a roof.", "he")
+    assert split_hellaswag_context("A boy runs. The boy jumps. the boy") == ("A boy runs. The boy jumps.", "the boy")
+    for whole in (
+        "How to water a plant. Fill a can.",
+        "Be u.s. citizens or u.s. nationals.",
+        "2 a guy. 3 the guy",
+        "he",
+    ):
+        assert split_hellaswag_context(whole) == (whole, "")
 
 
 def test_local_tasks_need_a_data_dir(monkeypatch, tmp_path):
@@ -307,10 +415,24 @@ SKIP_BUILTIN_TASKS = (
 
 def cli_args(model: str, model_args: str, out: Path) -> list[str]:
     return [
-        "lm_eval", "--model", model, "--model_args", model_args,
-        "--tasks", ",".join(TASKS), "--include_path", str(TASKS_DIR),
-        "--metadata", json.dumps({"data_dir": str(FIXTURE_DATA_DIR)}),
-        "--output_path", str(out), "--batch_size", "8", "--device", "cpu", "--log_samples",
+        "lm_eval",
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        ",".join(TASKS),
+        "--include_path",
+        str(TASKS_DIR),
+        "--metadata",
+        json.dumps({"data_dir": str(FIXTURE_DATA_DIR)}),
+        "--output_path",
+        str(out),
+        "--batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--log_samples",
     ]
 
 
@@ -386,8 +508,9 @@ def test_lm_eval_cli_model_hf_reaches_every_routing(duo_model, tokenizer, task_m
         ),
         "learned": (routers_folder, {"routing_mode": "learned"}, {"routing": "learned"}),
     }
-    hf = run_cli_without_the_package({name: hf_model_args(f, **hf_args) for name, (f, hf_args, _) in runs.items()},
-                                     tmp_path)
+    hf = run_cli_without_the_package(
+        {name: hf_model_args(f, **hf_args) for name, (f, hf_args, _) in runs.items()}, tmp_path
+    )
     duo = {
         name: evaluate(DuoLM(pretrained=f, device="cpu", batch_size=8, **duo_args), task_manager)
         for name, (f, _, duo_args) in runs.items()

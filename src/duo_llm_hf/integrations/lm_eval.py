@@ -16,8 +16,10 @@ with shorter routing arguments, checks and the routing in the results file::
     duo-llm eval --model duo --model_args pretrained=DIR,routing=all-small --tasks hellaswag
 
 The harness's `arc_easy` and `hellaswag` tasks load their data from the Hub. `arc_easy_local` and
-`hellaswag_local` (YAMLs in `TASKS_DIR`) are the same tasks reading local jsonl files in the Hub schema:
-`--include_path TASKS_DIR --metadata '{"data_dir": "/path"}'`, or `local_task_manager(data_dir)` in Python.
+`hellaswag_local` (YAMLs in `TASKS_DIR`) are the same tasks reading local jsonl files (ARC-Easy in the Hub schema;
+HellaSwag as `hellaswag_val.jsonl`, the offline copy's format or the Hub schema, through the harness's own
+`process_docs`): `--include_path TASKS_DIR --metadata '{"data_dir": "/path"}'`, or `local_task_manager(data_dir)`
+in Python.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 """Folder of the `*_local` task YAMLs; pass it to `--include_path` / `TaskManager(include_path=...)`."""
 
 FIXTURE_DATA_DIR = TASKS_DIR / "fixtures"
-"""A handful of hand-written ARC-Easy and HellaSwag examples in the Hub schema, for tests and smoke runs only."""
+"""Six hand-written ARC-Easy (Hub schema) and HellaSwag (`hellaswag/hellaswag_val.jsonl`, the offline copy's format)
+examples, for tests and smoke runs only."""
 
 LOCAL_TASKS = {"arc_easy": "arc_easy_local", "hellaswag": "hellaswag_local"}
 """Official task name -> the local-data task with the same definition."""
@@ -70,8 +73,8 @@ def routing_settings(
         routing = "random" if probs else "fixed" if pattern is not None else KEEP_CONFIG_ROUTING
     if routing not in DUO_ROUTINGS:
         raise ValueError(f"routing={routing!r} is not a routing of the duo model; use one of {list(DUO_ROUTINGS)}.")
-    mode, uniform_pattern = (None, None) if routing == KEEP_CONFIG_ROUTING else parse_routing(
-        routing, config.num_hidden_layers
+    mode, uniform_pattern = (
+        (None, None) if routing == KEEP_CONFIG_ROUTING else parse_routing(routing, config.num_hidden_layers)
     )
     if probs and mode != "random":
         raise ValueError(f"p_small/p_big/p_skip {probs} only apply to routing=random, not routing={routing!r}.")
@@ -184,6 +187,40 @@ def local_task_manager(data_dir: str | os.PathLike, **kwargs):
     return TaskManager(include_path=str(TASKS_DIR), metadata=metadata, **kwargs)
 
 
+def hellaswag_agreement(path: str | os.PathLike, limit: int | None = None) -> dict[str, int]:
+    """Compare `hellaswag_local`'s documents of a HellaSwag file with the official task's on the same items.
+
+    The official `process_docs` (`lm_eval.tasks.hellaswag.utils`) is applied to the items as the file gives them
+    (``ctx`` whole as ctx_a, ctx_b empty) and `hellaswag_local`'s to the same items; returns the number of items
+    (the first ``limit``) whose query, choices and gold coincide (``"same"``), of those that differ only by the
+    capital letter the harness gives an ActivityNet ctx_b that `hellaswag_local` restores (``"ctx_b
+    capitalised"``), and of any other difference (``"other"``).
+    """
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from .tasks.local_data import process_hellaswag_docs, split_hellaswag_context
+
+    items = datasets.load_dataset("json", data_files={"validation": str(path)})["validation"]
+    if limit is not None:
+        items = items.select(range(min(limit, len(items))))
+    ours = process_hellaswag_docs(items)
+    given = process_docs(items.map(lambda item: {"ctx_a": item["ctx"], "ctx_b": ""}))
+    counts = {"same": 0, "ctx_b capitalised": 0, "other": 0}
+    for item, doc, official in zip(items, ours, given, strict=True):
+        fields = ("choices", "gold")
+        if doc["query"] == official["query"] and all(doc[k] == official[k] for k in fields):
+            counts["same"] += 1
+            continue
+        ctx_b = split_hellaswag_context(item["ctx"])[1]
+        restored = official["query"][: len(official["query"]) - len(ctx_b)] + ctx_b.capitalize()
+        kind = (
+            "ctx_b capitalised" if doc["query"] == restored and all(doc[k] == official[k] for k in fields) else "other"
+        )
+        counts[kind] += 1
+    return counts
+
+
 __all__ = [
     "DUO_ROUTINGS",
     "DuoLM",
@@ -191,6 +228,7 @@ __all__ = [
     "LOCAL_TASKS",
     "TASKS_DIR",
     "describe_routing",
+    "hellaswag_agreement",
     "local_task_manager",
     "routing_settings",
 ]

@@ -132,9 +132,14 @@ class AblationArguments(TrainingFlags):
     )
     lm_eval_data: str | None = field(
         default=None,
-        metadata={"help": "Folder with arc_easy/test.jsonl and hellaswag/validation.jsonl in the Hub schema."},
+        metadata={
+            "help": "Folder of local benchmark files: hellaswag_val.jsonl (or hellaswag/hellaswag_val.jsonl) and/or "
+            "arc_easy/test.jsonl; implies --lm-eval-tasks local."
+        },
     )
-    lm_eval_limit: int | None = field(default=None, metadata={"help": "Score only the first N examples of each task."})
+    lm_eval_limit: int | None = field(
+        default=None, metadata={"help": "Score only the first N examples of each task (cpu preset: 2000)."}
+    )
     lm_eval_batch_size: int | None = field(default=None, metadata={"help": "Batch size of the harness."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: the preset's)."})
 
@@ -228,7 +233,6 @@ def resolve_settings(args: AblationArguments) -> dict[str, Any]:
         eval_seed=args.eval_seed,
         train_override=args.train_override,
         lm_eval_data=args.lm_eval_data,
-        lm_eval_limit=args.lm_eval_limit,
         progress=args.progress,
     )
     if args.lm_eval_data is not None and args.lm_eval_tasks is None:

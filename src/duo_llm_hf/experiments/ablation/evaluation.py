@@ -50,6 +50,7 @@ def benchmark_fingerprint(plan: AblationPlan, run: PlannedRun) -> dict[str, Any]
         "model": model_fingerprint(plan.run_dir(run)),
         "source": spec.source,
         "data_dir": spec.resolved_data_dir(),
+        "benchmarks": list(spec.benchmarks),
         "limit": spec.limit,
         "eval_seed": plan.settings["eval_seed"],
     }

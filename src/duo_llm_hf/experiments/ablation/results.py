@@ -19,7 +19,7 @@ from ...utils.flops import flops_per_token
 from ...utils.loading import is_duo_model
 from ...utils.run_files import TRAIN_RESULTS_FILE
 from ...utils.tables import markdown_table
-from .benchmarks import BENCHMARK_METRICS, BENCHMARK_NAMES
+from .benchmarks import BENCHMARK_CHANCE, BENCHMARK_METRICS, BENCHMARK_NAMES
 from .figure import plot_fig8
 from .files import jsonable, read_json
 from .plan import KINDS, AblationPlan, PlannedRun, route_probs
@@ -90,8 +90,10 @@ def column_labels(plan: AblationPlan, counts: Mapping[str, int]) -> dict[str, st
         labels[f"ppl_{name}"] = f"ppl {name} (held-out)"
     if plan.benchmarks.enabled:
         suffix = plan.benchmarks.short_label(counts)
-        for b, metric in BENCHMARK_METRICS.items():
-            labels[f"{b}_{metric}"] = f"{BENCHMARK_NAMES[b]} {metric} {suffix}".strip()
+        for b in plan.benchmarks.benchmarks:
+            metric = BENCHMARK_METRICS[b]
+            chance = f"(chance {BENCHMARK_CHANCE[b]:g}) " if b in BENCHMARK_CHANCE else ""
+            labels[f"{b}_{metric}"] = f"{BENCHMARK_NAMES[b]} {metric} {chance}{suffix}".strip()
     return labels
 
 
@@ -167,6 +169,11 @@ def write_outputs(plan: AblationPlan, rows: list[dict], counts: dict[str, int], 
         "steps": plan.steps,
         "tokens_per_step": plan.tokens_per_step,
         "benchmark_data": note,
+        "benchmark_chance": {
+            f"{b}_{BENCHMARK_METRICS[b]}": BENCHMARK_CHANCE[b]
+            for b in plan.benchmarks.benchmarks
+            if plan.benchmarks.enabled and b in BENCHMARK_CHANCE
+        },
         "columns": labels,
         "rows": rows,
         "seconds_this_call": seconds,

@@ -28,9 +28,11 @@ Metrics: held-out perplexity on an English and a code holdout (the paper holds o
 ARC-Easy accuracy and HellaSwag length-normalised accuracy, zero-shot, through lm-evaluation-harness (`duo`
 model for Duo models under random routing at the p_big, `hf` for dense ones). The benchmark data is chosen by
 ``lm_eval_tasks``: ``hub`` (the harness's `arc_easy` / `hellaswag`, which read the Hub), ``local`` (the same task
-definitions on a local copy in ``lm_eval_data``, see `integrations.lm_eval`), ``fixtures`` (the few hand-written
-examples shipped for tests: a smoke test of the code path, labelled so in every output, never benchmark scores) or
-``none``.
+definitions on a local copy in ``lm_eval_data``, see `integrations.lm_eval`; each benchmark whose file the folder
+holds is scored, the others are named as not scored), ``fixtures`` (the few hand-written examples shipped for tests:
+a smoke test of the code path, labelled so in every output, never benchmark scores) or ``none``. ``lm_eval_limit``
+scores the first N items of each (``cpu`` preset: 2000). Each score comes with its standard error, and the outputs
+give HellaSwag's chance level (0.25, `BENCHMARK_CHANCE`).
 
 Outputs in ``out``: ``results.md``, ``results.json``, ``results.csv`` (one row per model and p_big), ``fig8.png``
 (top row: the paper's three panels on the benchmarks; bottom row: the same comparisons on held-out perplexity),
