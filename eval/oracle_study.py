@@ -3,7 +3,7 @@
 The same command as ``duo-llm oracle``; the work is done by `duo_llm_hf.oracle.run`.
 """
 
-import duo_llm_hf  # noqa: F401  (registers the Duo models with the Auto classes)
+import duo_llm_hf.models  # noqa: F401  (registers the Duo models with the Auto classes)
 from duo_llm_hf.oracle.run import main
 from duo_llm_hf.utils.errors import script_main
 
