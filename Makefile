@@ -76,7 +76,7 @@ lint: $(STAMP)
 # A re-run reuses the finished stages in $(STUDY_OUT).
 STUDY_OUT ?= study
 demo: $(STAMP)
-	$(BIN)/duo-llm study --out $(STUDY_OUT) --preset default
+	$(BIN)/duo-llm study --output-dir $(STUDY_OUT) --preset default
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,8 +1,8 @@
 """The paper's Fig. 8 ablations: Duo against dense models of equal FLOPs, from scratch against frozen-big.
 
-    python eval/ablation.py --preset cpu --out runs/ablation_cpu          # ~20 min on 2 CPU cores, offline
-    python eval/ablation.py --preset tiny --out /tmp/ablation_tiny        # seconds: a smoke test
-    accelerate launch --config_file training/configs/ddp.yaml eval/ablation.py --preset paper --out runs/fig8
+    python eval/ablation.py --preset cpu --output-dir runs/ablation_cpu   # ~20 min on 2 CPU cores, offline
+    python eval/ablation.py --preset tiny --output-dir /tmp/ablation_tiny # seconds: a smoke test
+    accelerate launch --config_file training/configs/ddp.yaml eval/ablation.py --preset paper --output-dir runs/fig8
 
 All flags: ``python eval/ablation.py --help``. The work is done by `duo_llm_hf.experiments.ablation`.
 """

@@ -61,7 +61,7 @@ COMMANDS: dict[str, Command] = {
         "duo_llm_hf.training.finetune:main",
         "Appendix A: finetune a pretrained OPT (Hub or local) as a Duo model: frozen weights, small FFNs, LoRA.",
         "training/finetune_duo_opt.py",
-        "duo_llm_hf.training.finetune_arguments:FinetuneArguments",
+        "duo_llm_hf.training.finetune:FinetuneArguments",
     ),
     "eval": Command(
         "duo_llm_hf.cli:eval_command",
@@ -72,7 +72,7 @@ COMMANDS: dict[str, Command] = {
         "duo_llm_hf.oracle.run:main",
         "Stage 2: the oracle over every route (or budgets): oracle, fixed, best-of-K, usage, token difficulty.",
         "eval/oracle_study.py",
-        "duo_llm_hf.oracle.arguments:OracleArguments",
+        "duo_llm_hf.oracle.run:OracleArguments",
     ),
     "train-router": Command(
         "duo_llm_hf.training.routers:main",
@@ -89,7 +89,7 @@ COMMANDS: dict[str, Command] = {
     "study": Command(
         "duo_llm_hf.experiments.study:main",
         "The main job: the paper's study end to end (train, oracle, routers, token difficulty) with a report.",
-        "duo-llm study --out DIR",
+        "duo-llm study --output-dir DIR",
         "duo_llm_hf.experiments.study:StudyArguments",
     ),
     "card": Command(

@@ -30,6 +30,8 @@ MAX_SEED = 2**32 - 1
 SNIFF_BYTES = 1 << 13
 
 Arguments = TypeVar("Arguments")
+# Field metadata read by the parser itself rather than handed to `argparse.ArgumentParser.add_argument`.
+METADATA_KEYS = ("positional", "aliases", "no_help", "flag")
 
 
 class HfArgumentParser(UsageErrors, argparse.ArgumentParser):
@@ -84,13 +86,23 @@ def string_to_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected yes/no, true/false, t/f, y/n or 1/0, got {text!r}")
 
 
+def flag_name(field: dataclasses.Field) -> str:
+    """The flag of a dataclass field, with underscores: its ``flag`` metadata where the flag follows a convention
+    its field name predates (the study's ``out`` is ``--output-dir``, as in transformers; ``--out`` stays an
+    alias), else the field name."""
+    return field.metadata.get("flag", field.name)
+
+
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) -> None:
     """Add the flag (or positional argument) of one dataclass field of type ``kind``."""
-    kwargs = {key: value for key, value in field.metadata.items() if key not in ("positional", "aliases", "no_help")}
+    kwargs = {key: value for key, value in field.metadata.items() if key not in METADATA_KEYS}
     if field.metadata.get("positional"):
         parser.add_argument(field.name, type=kind, **kwargs)
         return
-    names = [f"--{field.name.replace('_', '-')}", *([f"--{field.name}"] if "_" in field.name else [])]
+    flag = flag_name(field)
+    names = [f"--{flag.replace('_', '-')}", *([f"--{flag}"] if "_" in flag else [])]
+    if flag != field.name:
+        kwargs.update(dest=field.name, metavar=flag.upper())
     aliases = field.metadata.get("aliases", [])
     names += [alias for alias in ([aliases] if isinstance(aliases, str) else aliases) if alias not in names]
     args = typing.get_args(kind)
@@ -100,7 +112,7 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) 
     if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
         default = field.default_factory()
     if default is dataclasses.MISSING and kind is not bool:
-        kwargs["required"] = True
+        kwargs.update(required=True, default=argparse.SUPPRESS)  # ``--help`` shows no "(default: None)"
     else:
         kwargs["default"] = False if default is dataclasses.MISSING else default
     origin = typing.get_origin(kind)
@@ -116,11 +128,10 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) 
         kwargs["type"] = kind
     parser.add_argument(*names, **kwargs)
     if default is True and kwargs.get("type") is string_to_bool:
-        option = f"--{field.name.replace('_', '-')}"
-        no_help = field.metadata.get("no_help", f"Turn off {option}.")
+        no_help = field.metadata.get("no_help", f"Turn off {names[0]}.")
         parser.add_argument(
-            f"--no-{field.name.replace('_', '-')}",
-            f"--no_{field.name}",
+            f"--no-{flag.replace('_', '-')}",
+            f"--no_{flag}",
             action="store_false",
             dest=field.name,
             default=argparse.SUPPRESS,
@@ -152,8 +163,11 @@ def parse_arguments(arguments: type[Arguments], argv: Sequence[str] | None = Non
 
 def label(args, name: str) -> str:
     """How the user wrote argument ``name``: ``--name-with-dashes`` on a command whose messages name flags (its
-    arguments dataclass has ``flag_labels = True``), else the field name."""
-    return f"--{name.replace('_', '-')}" if getattr(args, "flag_labels", False) else name
+    arguments dataclass has ``flag_labels = True``), else the flag with underscores (`flag_name`: the field name
+    unless its metadata names another flag)."""
+    fields = {field.name: field for field in dataclasses.fields(args)} if dataclasses.is_dataclass(args) else {}
+    flag = flag_name(fields[name]) if name in fields else name
+    return f"--{flag.replace('_', '-')}" if getattr(args, "flag_labels", False) else flag
 
 
 def check_integer_fields(
@@ -274,6 +288,7 @@ __all__ = [
     "check_integer_fields",
     "check_output_dir",
     "check_text_file",
+    "flag_name",
     "label",
     "parse_arguments",
     "user_values",
