@@ -152,7 +152,7 @@ class Stages:
 def train_stage(stages: Stages) -> Path:
     """Stage 1: train the Duo model (resuming from its latest checkpoint when interrupted)."""
     from ..training.arguments import TrainArguments
-    from ..training.train import train
+    from ..training.train import perplexity_lines, train
 
     folder = stages.out / "model"
 
@@ -172,7 +172,9 @@ def train_stage(stages: Stages) -> Path:
         result = train(args)
         return {"global_step": result.global_step, "tokens_seen": result.tokens_seen, "eval": result.eval_metrics}
 
-    stages.run("stage 1: training", folder, work)
+    record = stages.run("stage 1: training", folder, work)
+    for line in perplexity_lines(record.get("eval", {})):
+        print(f"  {line}")
     return folder
 
 

@@ -314,6 +314,7 @@ def run_oracle_study(
         desc=f"oracle ({space.size:,} patterns)",
         disable=not (progress and main),
         dynamic_ncols=True,
+        postfix=f"sequences {sequences_done}/{input_ids.shape[0]}",
     )
     device = next(model.parameters()).device
     for ran, b in enumerate(todo):
@@ -321,7 +322,6 @@ def run_oracle_study(
             bar.close()
             return None
         batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
-        bar.set_postfix_str(f"sequences {b * batch_size}/{input_ids.shape[0]}")
         reduction = oracle_search(
             model, batch, space, best_of_k=best_of_k, seed=seed, uniform=uniform, causal=causal,
             chunk_tokens=chunk_tokens, roots=roots, reduce=reduce, on_progress=bar.update,
@@ -332,6 +332,9 @@ def run_oracle_study(
             hashes[b] = _save_batch(output_dir, b, reduction)
             _save_state(output_dir, fingerprint, num_batches, hashes)
         state.wait_for_everyone()
+        # Sequences finished (and saved): the bar's postfix counts them, so a full bar reads N/N.
+        sequences_done += batch.shape[0]
+        bar.set_postfix_str(f"sequences {sequences_done}/{input_ids.shape[0]}")
     bar.close()
     if not main:
         return None
