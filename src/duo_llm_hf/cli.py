@@ -44,7 +44,8 @@ def eval_command(argv: list[str]) -> None:
     with ``trust_remote_code=True`` and the routing as config overrides)."""
     from lm_eval.__main__ import cli_evaluate
 
-    from .integrations import lm_eval  # noqa: F401  (registers `duo` with the harness)
+    if not any(arg in ("-h", "--help") for arg in argv):  # the harness's --help needs no model (nor torch)
+        from .integrations import lm_eval  # noqa: F401  (registers `duo` with the harness)
 
     sys.argv = ["duo-llm eval", *argv]  # the harness parses sys.argv itself
     cli_evaluate()
@@ -61,7 +62,7 @@ COMMANDS: dict[str, Command] = {
         "duo_llm_hf.training.finetune:main",
         "Appendix A: finetune a pretrained OPT (Hub or local) as a Duo model: frozen weights, small FFNs, LoRA.",
         "training/finetune_duo_opt.py",
-        "duo_llm_hf.training.finetune:FinetuneArguments",
+        "duo_llm_hf.training.arguments:FinetuneArguments",
     ),
     "eval": Command(
         "duo_llm_hf.cli:eval_command",
@@ -72,7 +73,7 @@ COMMANDS: dict[str, Command] = {
         "duo_llm_hf.oracle.run:main",
         "Stage 2: the oracle over every route (or budgets): oracle, fixed, best-of-K, usage, token difficulty.",
         "eval/oracle_study.py",
-        "duo_llm_hf.oracle.run:OracleArguments",
+        "duo_llm_hf.oracle.arguments:OracleArguments",
     ),
     "train-router": Command(
         "duo_llm_hf.training.routers:main",

@@ -35,10 +35,8 @@ from torch.utils.data import Sampler
 
 from ..utils.arguments import check_text_file
 from ..utils.errors import MissingFileError, UsageError
+from . import BUILTIN, HUB_PREFIX, NONE
 
-BUILTIN = "builtin"
-NONE = "none"
-HUB_PREFIX = "hf:"
 # The held-out sets every run evaluates separately, as the paper holds out C4 (English) and Python code; the
 # built-in corpus has one holdout split per source, named ``holdout_<name>``.
 HOLDOUTS = ("english", "code")

@@ -39,12 +39,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
+from ..data import HUB_PREFIX
 from ..utils.arguments import label as flag_label
 from ..utils.arguments import parse_arguments
 from ..utils.errors import MissingFileError, UsageError
-from ..utils.files import atomic_write_text
-from ..utils.flops import choice_cost, flops_per_token
 from ..utils.run_files import (
     CONFIG_FILE,
     LM_EVAL_RESULTS_FILE,
@@ -99,6 +97,8 @@ def write_model_card(
 
     Returns the path written. See the module docstring for ``metrics``.
     """
+    from ..utils.files import atomic_write_text  # here, as torch and the models below: `--help` stays instant
+
     model_dir = Path(model_dir)
     card = build_model_card(model_dir, metrics, repo_id=repo_id, model_name=model_name)
     path = model_dir / filename
@@ -319,6 +319,9 @@ def architecture_rows(model_dir: Path, config: dict) -> list[tuple[str, str]]:
 
 
 def choice_rows(config: dict) -> list[dict]:
+    from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
+    from ..utils.flops import choice_cost
+
     allowed = set(config.get("route_options", []))
     rows = []
     for code, name in enumerate(CHOICE_NAMES):
@@ -340,6 +343,8 @@ def choice_rows(config: dict) -> list[dict]:
 
 def flop_rows(config: dict) -> list[dict]:
     """Forward FLOPs per token for every route on one allowed module, and for the config's ``route_probs``."""
+    from ..utils.flops import flops_per_token
+
     namespace = _config_namespace(config)
     settings = [(f"all {name}", {name: 1.0}) for name in config.get("route_options", []) if name != "skip"]
     if config.get("route_probs"):
@@ -611,8 +616,6 @@ def eval_results(rows: list[dict]) -> list:
 def hub_dataset(spec: Any) -> str | None:
     """The Hub dataset id of a training corpus spec (``hf:NAME[:CONFIG][@SPLIT]``), else None: the built-in corpus
     and local files are no Hub datasets, so the card's metadata does not list them."""
-    from ..data.corpus import HUB_PREFIX  # here: `duo-llm card --help` does not import datasets
-
     if not isinstance(spec, str) or not spec.startswith(HUB_PREFIX):
         return None
     return spec[len(HUB_PREFIX) :].partition("@")[0].partition(":")[0] or None
@@ -681,11 +684,15 @@ def _routing_detail(config: dict) -> str:
         probs = ", ".join(f"{k} {v:g}" for k, v in config["route_probs"].items())
         return f" with route probabilities {probs}"
     if mode == "fixed" and config.get("fixed_pattern"):
+        from ..models.routes import CHOICE_LETTERS
+
         return " with pattern `" + "".join(CHOICE_LETTERS[int(c)] for c in config["fixed_pattern"]) + "`"
     return ""
 
 
 def _example_pattern(config: dict) -> str:
+    from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
+
     letters = [CHOICE_LETTERS[CHOICE_NAMES.index(o)] for o in config.get("route_options", ["small", "big"])]
     return "".join(letters[i % len(letters)] for i in range(config.get("num_hidden_layers", 4)))
 
