@@ -7,8 +7,16 @@
 All flags: ``python eval/ablation.py --help``. The work is done by `duo_llm_hf.experiments.ablation`.
 """
 
-from duo_llm_hf.experiments.ablation import main
-from duo_llm_hf.utils.errors import script_main
+import sys
+
+from duo_llm_hf.cli import main as duo_llm
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``duo-llm ablation`` with these arguments (default: the command line): the same flags, ``--help`` at once, the
+    same one-line errors and exit codes."""
+    return duo_llm(["ablation", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    script_main("duo-llm ablation", main)  # one-line errors, exit 2, as the command shows them
+    sys.exit(main())
