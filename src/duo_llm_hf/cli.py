@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         command.print_help()
         return 0
     from .utils.errors import run_command
+    from .utils.processes import quiet_libraries
+
+    quiet_libraries()  # before the command imports the libraries, which read their switches then
 
     return run_command(f"duo-llm {argv[0]}", COMMANDS[argv[0]].load(), argv[1:])
 

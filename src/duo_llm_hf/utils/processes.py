@@ -50,9 +50,12 @@ def quiet_libraries() -> None:
     value) and, in a process other than the main one, every bar and every warning: only the main process prints.
 
     Sets the environment variables the libraries read when imported, and calls their switches where they are
-    imported already.
+    imported already (where the user set a variable to a false value before such an import, the library keeps it:
+    call this before importing them, as ``duo-llm`` does).
     """
     main = is_main_process()
+    if not main:
+        warnings.simplefilter("ignore")
     for name in LIBRARY_PROGRESS_ENV:
         asked = os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
         if not (main and asked):
@@ -72,4 +75,3 @@ def quiet_libraries() -> None:
     if "datasets" in sys.modules:
         sys.modules["datasets"].utils.logging.set_verbosity_error()
     logging.getLogger("duo_llm_hf").setLevel(logging.ERROR)
-    warnings.simplefilter("ignore")
