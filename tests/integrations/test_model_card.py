@@ -220,6 +220,15 @@ def test_card_refuses_lm_eval_results_of_another_model(model_dir, tmp_path, caps
         build_model_card(model_dir, [results])
     results.write_text(json.dumps(lm_eval_output(model_dir, model_args={"pretrained": "someone/duo-tiny"})))
     assert "hellaswag" in build_model_card(model_dir, [results], repo_id="someone/duo-tiny")
+    # A path that does not exist from here (lm-eval ran elsewhere): the folder's name and parameter count decide.
+    output = lm_eval_output(model_dir, model_args=f"pretrained=runs/{model_dir.name}")
+    output["config"]["model_num_parameters"] = DuoLlamaForCausalLM.from_pretrained(model_dir).num_parameters()
+    results.write_text(json.dumps(output))
+    assert "hellaswag" in build_model_card(model_dir, [results])
+    output["config"]["model_num_parameters"] += 1
+    results.write_text(json.dumps(output))
+    with pytest.raises(ValueError, match="results are of model 'runs/duo-tiny"):
+        build_model_card(model_dir, [results])
 
 
 def test_limited_lm_eval_run_is_a_smoke_test_not_a_benchmark_score(model_dir, tmp_path):

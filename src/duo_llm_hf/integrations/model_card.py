@@ -525,8 +525,10 @@ def lm_eval_model_args(lm_eval: Mapping) -> dict:
 
 def check_lm_eval_model(lm_eval: Any, model_dir: Path, repo_id: str | None = None) -> None:
     """lm-evaluation-harness's results must be of the model in ``model_dir``: their ``pretrained=`` (the model
-    lm-eval loaded) is this folder, or ``repo_id`` (its Hub copy). Hand-written ``{task: {metric: value}}``
-    figures carry no model and are the user's word (they never reach the ``model-index``)."""
+    lm-eval loaded) is this folder, or ``repo_id`` (its Hub copy). A ``pretrained=`` path that does not exist from
+    here (relative to where lm-eval ran, or moved since) must have this folder's name and the results' parameter
+    count (``model_num_parameters``) this checkpoint's. Hand-written ``{task: {metric: value}}`` figures carry no
+    model and are the user's word (they never reach the ``model-index``)."""
     if not _is_lm_eval_output(lm_eval) or "config" not in lm_eval:
         return
     pretrained = lm_eval_model_args(lm_eval).get("pretrained")
@@ -535,8 +537,12 @@ def check_lm_eval_model(lm_eval: Any, model_dir: Path, repo_id: str | None = Non
             "lm_eval: the results do not say which model they measured (no pretrained= in config.model_args); "
             "give the results of 'duo-llm eval --model duo --model_args pretrained=MODEL_DIR'."
         )
-    path = Path(pretrained).expanduser()
-    same = path.exists() and path.resolve() == Path(model_dir).resolve()
+    path, folder = Path(pretrained).expanduser(), Path(model_dir).resolve()
+    if path.exists():
+        same = path.resolve() == folder
+    else:
+        counted = lm_eval["config"].get("model_num_parameters")
+        same = path.name == folder.name and counted == (parameter_counts(folder) or {}).get("total")
     if not (same or pretrained == repo_id):
         raise UsageError(
             f"lm_eval: the results are of model {pretrained!r}, not of {str(model_dir)!r}; evaluate this folder "
