@@ -76,7 +76,7 @@ lint: $(STAMP)
 # A re-run reuses the finished stages in $(STUDY_OUT).
 STUDY_OUT ?= study
 demo: $(STAMP)
-	$(BIN)/duo-llm study --out $(STUDY_OUT) --preset default
+	$(BIN)/duo-llm study --output-dir $(STUDY_OUT) --preset default
 
 # The GPU check (benchmarks/device_check.py, at most 8 minutes on one H200). It runs with the python on the PATH and
 # no venv: the device machine's image has torch, transformers and accelerate but no datasets or lm-eval, and the
@@ -84,11 +84,11 @@ demo: $(STAMP)
 DEVICE_PYTHON ?= python3
 DEVICE_CHECK_OUT ?= device-check
 device-check:
-	PYTHONPATH=src PYTHONUNBUFFERED=1 $(DEVICE_PYTHON) benchmarks/device_check.py --out $(DEVICE_CHECK_OUT)
+	PYTHONPATH=src PYTHONUNBUFFERED=1 $(DEVICE_PYTHON) benchmarks/device_check.py --output-dir $(DEVICE_CHECK_OUT)
 
 # Every part of it at tiny sizes on the CPU (the suite runs this too: tests/test_device_check.py).
 device-check-dry-run: $(STAMP)
-	PYTHONPATH=src $(BIN)/python benchmarks/device_check.py --dry-run --out $(DEVICE_CHECK_OUT)
+	PYTHONPATH=src $(BIN)/python benchmarks/device_check.py --dry-run --output-dir $(DEVICE_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

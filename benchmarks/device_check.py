@@ -8,8 +8,8 @@ cut, and the next part starts. The parts reuse the benchmarks (``bench_train.mea
 ``bench_inference.run``) and the library; nothing here imports ``datasets`` or ``lm_eval``, which the device image
 lacks. On the device machine (its own python, no venv), from the repository root:
 
-    PYTHONPATH=src python benchmarks/device_check.py --out $OUT          # what `make device-check` runs
-    PYTHONPATH=src python benchmarks/device_check.py --dry-run --out /tmp/check   # every part, tiny, on CPU
+    PYTHONPATH=src python benchmarks/device_check.py --output-dir $OUT          # what `make device-check` runs
+    PYTHONPATH=src python benchmarks/device_check.py --dry-run --output-dir /tmp/check   # every part, tiny, on CPU
 
 ``--dry-run`` runs every part at tiny sizes on the CPU (the test suite runs it), so the script is known to work
 before a device is ever lent. ``--parts`` picks parts (comma-separated).
@@ -450,7 +450,7 @@ def part_fsdp(ctx: dict) -> dict:
         "--num_processes",
         "1",
         str(REPO / "benchmarks" / "fsdp_check.py"),
-        "--out",
+        "--output-dir",
         str(out_dir),
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -548,7 +548,9 @@ def markdown(report: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for device_check.json and device_check.md")
+    parser.add_argument(
+        "--output-dir", "--out", dest="out", required=True, help="folder for device_check.json and device_check.md"
+    )
     parser.add_argument("--dry-run", action="store_true", help="every part at tiny sizes on the CPU")
     parser.add_argument("--max-seconds", type=float, default=480.0, help="the whole run's time (parts scale to it)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run, in order")

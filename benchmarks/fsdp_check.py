@@ -4,9 +4,11 @@ Run under ``accelerate launch`` with ``training/configs/fsdp.yaml`` (the device 
 process on one GPU). Two runs of the same steps on the same random token blocks: one straight through, one that
 stops at a checkpoint and resumes from it in a fresh Accelerator. Each gathers its final model
 (``accelerator.get_state_dict``) and saves it with ``save_pretrained``; the saved model must load back equal to the
-gathered one, and the resumed run's weights must equal the straight run's. Writes ``fsdp_check.json`` to ``--out``.
+gathered one, and the resumed run's weights must equal the straight run's. Writes ``fsdp_check.json`` to
+``--output-dir``.
 
-    accelerate launch --config_file training/configs/fsdp.yaml --num_processes 1 benchmarks/fsdp_check.py --out DIR
+    accelerate launch --config_file training/configs/fsdp.yaml --num_processes 1 \\
+        benchmarks/fsdp_check.py --output-dir DIR
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--output-dir", "--out", dest="out", required=True)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args(argv)
     out = Path(args.out)

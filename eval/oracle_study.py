@@ -3,9 +3,16 @@
 The same command as ``duo-llm oracle``; the work is done by `duo_llm_hf.oracle.run`.
 """
 
-import duo_llm_hf  # noqa: F401  (registers the Duo models with the Auto classes)
-from duo_llm_hf.oracle.run import main
-from duo_llm_hf.utils.errors import script_main
+import sys
+
+from duo_llm_hf.cli import main as duo_llm
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``duo-llm oracle`` with these arguments (default: the command line): the same flags, ``--help`` at once, the
+    same one-line errors and exit codes."""
+    return duo_llm(["oracle", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    script_main("duo-llm oracle", main)  # one-line errors, exit 2, as the command shows them
+    sys.exit(main())

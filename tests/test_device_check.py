@@ -31,7 +31,7 @@ def test_device_check_dry_run_runs_every_part_without_datasets(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     script = str(REPO / "benchmarks" / "device_check.py")
     done = subprocess.run(
-        [sys.executable, "-c", BLOCKED_RUN, script, "--dry-run", "--out", str(tmp_path)],
+        [sys.executable, "-c", BLOCKED_RUN, script, "--dry-run", "--output-dir", str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
@@ -56,7 +56,14 @@ def test_device_check_dry_run_runs_every_part_without_datasets(tmp_path):
 @pytest.mark.slow
 def test_device_check_refuses_unknown_parts(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "device_check.py"), "--out", str(tmp_path), "--parts", "nope"],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "device_check.py"),
+            "--output-dir",
+            str(tmp_path),
+            "--parts",
+            "nope",
+        ],
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
         capture_output=True,
         text=True,

@@ -11,8 +11,16 @@ All flags: ``python training/finetune_duo_opt.py --help``. The work is done by `
 are trained on the result with ``training/train_router.py``.
 """
 
-from duo_llm_hf.training.finetune import main
-from duo_llm_hf.utils.errors import script_main
+import sys
+
+from duo_llm_hf.cli import main as duo_llm
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``duo-llm finetune`` with these arguments (default: the command line): the same flags, ``--help`` at once, the
+    same one-line errors and exit codes."""
+    return duo_llm(["finetune", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    script_main("duo-llm finetune", main)  # one-line errors, exit 2, as the command shows them
+    sys.exit(main())

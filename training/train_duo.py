@@ -6,8 +6,16 @@
 All flags: ``python training/train_duo.py --help``. The work is done by `duo_llm_hf.training.train`.
 """
 
-from duo_llm_hf.training.train import main
-from duo_llm_hf.utils.errors import script_main
+import sys
+
+from duo_llm_hf.cli import main as duo_llm
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``duo-llm train`` with these arguments (default: the command line): the same flags, ``--help`` at once, the
+    same one-line errors and exit codes."""
+    return duo_llm(["train", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    script_main("duo-llm train", main)  # one-line errors, exit 2, as the command shows them
+    sys.exit(main())

@@ -7,8 +7,16 @@
 All flags: ``python training/train_router.py --help``. The work is done by `duo_llm_hf.training.routers`.
 """
 
-from duo_llm_hf.training.routers import main
-from duo_llm_hf.utils.errors import script_main
+import sys
+
+from duo_llm_hf.cli import main as duo_llm
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``duo-llm train-router`` with these arguments (default: the command line): the same flags, the same one-line
+    errors and exit codes."""
+    return duo_llm(["train-router", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    script_main("duo-llm train-router", main)  # one-line errors, exit 2, as the command shows them
+    sys.exit(main())

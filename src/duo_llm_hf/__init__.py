@@ -1,63 +1,71 @@
 """duo-llm-hf: the Duo-LLM framework (big / small / skip routed FFNs, oracle, routers) on Hugging Face.
 
-Importing the package registers `duo_llama` and `duo_opt` with `AutoConfig` / `AutoModel` /
+The names below load on first use (``duo_llm_hf.DuoLlamaForCausalLM``, ``from duo_llm_hf import ...``), so that
+``import duo_llm_hf`` and ``duo-llm --help`` import neither torch nor transformers. Loading the models (any of these
+names, or ``import duo_llm_hf.models``) registers `duo_llama` and `duo_opt` with `AutoConfig` / `AutoModel` /
 `AutoModelForCausalLM`, and marks the classes for `register_for_auto_class`, so a folder written by
 `save_pretrained` also loads with `trust_remote_code=True` where this package is not installed (which is how the
 plain `lm_eval --model hf` command evaluates it; see `duo_llm_hf.integrations.lm_eval`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import importlib
 
-from .models.configuration_duo_llama import DuoLlamaConfig
-from .models.configuration_duo_opt import DuoOPTConfig
-from .models.losses import budget_loss, parse_budget_fractions, token_losses
-from .models.modeling_duo_llama import (
-    DuoCausalLMOutputWithPast,
-    DuoLlamaForCausalLM,
-    DuoLlamaModel,
-    DuoLlamaPreTrainedModel,
-)
-from .models.modeling_duo_opt import DuoOPTForCausalLM, DuoOPTModel, DuoOPTPreTrainedModel
-from .models.routed_ffn import (
-    DuoFFN,
-    DuoRouter,
-    TemperatureSchedule,
-    freeze_all_but_routers,
-    router_parameters,
-    router_probabilities,
-    set_ffn_dispatch,
-    set_router_temperature,
-)
-from .models.routes import (
-    BIG,
-    CHOICE_NAMES,
-    ROUTER_SETTINGS,
-    ROUTING_MODES,
-    SKIP,
-    SMALL,
-    UNIFORM_PATTERNS,
-    RouteSampler,
-    parse_pattern,
-    parse_routing,
-    pattern_to_str,
-    realised_fractions,
-    route_fractions,
-)
-from .utils.flops import FlopCount, dense_intermediate_size, flops_per_token, pattern_flops
+# Each public name and the module that defines it, imported when the name is first asked for.
+_LAZY = {
+    **dict.fromkeys(["DuoLlamaConfig"], ".models.configuration_duo_llama"),
+    **dict.fromkeys(["DuoOPTConfig"], ".models.configuration_duo_opt"),
+    **dict.fromkeys(["budget_loss", "parse_budget_fractions", "token_losses"], ".models.losses"),
+    **dict.fromkeys(
+        ["DuoCausalLMOutputWithPast", "DuoLlamaForCausalLM", "DuoLlamaModel", "DuoLlamaPreTrainedModel"],
+        ".models.modeling_duo_llama",
+    ),
+    **dict.fromkeys(["DuoOPTForCausalLM", "DuoOPTModel", "DuoOPTPreTrainedModel"], ".models.modeling_duo_opt"),
+    **dict.fromkeys(
+        [
+            "DuoFFN",
+            "DuoRouter",
+            "TemperatureSchedule",
+            "freeze_all_but_routers",
+            "router_parameters",
+            "router_probabilities",
+            "set_ffn_dispatch",
+            "set_router_temperature",
+        ],
+        ".models.routed_ffn",
+    ),
+    **dict.fromkeys(
+        [
+            "BIG",
+            "CHOICE_NAMES",
+            "ROUTER_SETTINGS",
+            "ROUTING_MODES",
+            "SKIP",
+            "SMALL",
+            "UNIFORM_PATTERNS",
+            "RouteSampler",
+            "parse_pattern",
+            "parse_routing",
+            "pattern_to_str",
+            "realised_fractions",
+            "route_fractions",
+        ],
+        ".models.routes",
+    ),
+    **dict.fromkeys(["FlopCount", "dense_intermediate_size", "flops_per_token", "pattern_flops"], ".utils.flops"),
+}
 
-# The Auto classes load both Duo models by model_type, and save_pretrained writes their auto_map (for
-# trust_remote_code loads without this package imported).
-for _config, _model, _causal_lm in (
-    (DuoLlamaConfig, DuoLlamaModel, DuoLlamaForCausalLM),
-    (DuoOPTConfig, DuoOPTModel, DuoOPTForCausalLM),
-):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
-    AutoModelForCausalLM.register(_config, _causal_lm, exist_ok=True)
-    _config.register_for_auto_class()
-    _model.register_for_auto_class("AutoModel")
-    _causal_lm.register_for_auto_class("AutoModelForCausalLM")
-del _config, _model, _causal_lm
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(".models", __name__)  # registers the Auto classes before any model is used
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """The ``duo-llm`` command: one subcommand per stage, each calling the same library function as its script.
 
-``duo-llm COMMAND --help`` shows a command's own flags. Commands are imported only when run, so
-``duo-llm --help`` answers at once.
+``duo-llm COMMAND --help`` shows a command's own flags. Commands are imported only when run, and ``--help`` builds
+the parser from the command's arguments dataclass alone (a module that imports neither torch nor transformers), so
+every ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -15,15 +16,26 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: ``module:function`` taking the remaining command-line arguments."""
+    """A subcommand: ``module:function`` taking the remaining command-line arguments, and ``module:Class``, its
+    arguments dataclass (None: the command parses its own ``--help``)."""
 
     target: str
     help: str
     script: str
+    arguments: str | None = None
 
     def load(self) -> Callable[[list[str]], object]:
-        module, function = self.target.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _load(self.target)
+
+    def print_help(self) -> None:
+        from .utils.arguments import build_parser
+
+        build_parser(_load(self.arguments)).print_help()
+
+
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def eval_command(argv: list[str]) -> None:
@@ -32,7 +44,8 @@ def eval_command(argv: list[str]) -> None:
     with ``trust_remote_code=True`` and the routing as config overrides)."""
     from lm_eval.__main__ import cli_evaluate
 
-    from .integrations import lm_eval  # noqa: F401  (registers `duo` with the harness)
+    if not any(arg in ("-h", "--help") for arg in argv):  # the harness's --help needs no model (nor torch)
+        from .integrations import lm_eval  # noqa: F401  (registers `duo` with the harness)
 
     sys.argv = ["duo-llm eval", *argv]  # the harness parses sys.argv itself
     cli_evaluate()
@@ -43,11 +56,13 @@ COMMANDS: dict[str, Command] = {
         "duo_llm_hf.training.train:main",
         "Stage 1: train a Duo model (random routing), a frozen-big model or the FLOP-matched dense baseline.",
         "training/train_duo.py",
+        "duo_llm_hf.training.arguments:TrainArguments",
     ),
     "finetune": Command(
         "duo_llm_hf.training.finetune:main",
         "Appendix A: finetune a pretrained OPT (Hub or local) as a Duo model: frozen weights, small FFNs, LoRA.",
         "training/finetune_duo_opt.py",
+        "duo_llm_hf.training.arguments:FinetuneArguments",
     ),
     "eval": Command(
         "duo_llm_hf.cli:eval_command",
@@ -58,26 +73,31 @@ COMMANDS: dict[str, Command] = {
         "duo_llm_hf.oracle.run:main",
         "Stage 2: the oracle over every route (or budgets): oracle, fixed, best-of-K, usage, token difficulty.",
         "eval/oracle_study.py",
+        "duo_llm_hf.oracle.arguments:OracleArguments",
     ),
     "train-router": Command(
         "duo_llm_hf.training.routers:main",
         "Stage 3: train routers on a frozen Duo model (CE + alpha * budget loss, or supervised by the oracle).",
         "training/train_router.py",
+        "duo_llm_hf.training.router_arguments:RouterTrainArguments",
     ),
     "ablation": Command(
         "duo_llm_hf.experiments.ablation:main",
         "Fig. 8: Duo at p_big 0..1 against FLOP-matched dense models, and from scratch against frozen-big.",
         "eval/ablation.py",
+        "duo_llm_hf.experiments.ablation.arguments:AblationArguments",
     ),
     "study": Command(
         "duo_llm_hf.experiments.study:main",
         "The main job: the paper's study end to end (train, oracle, routers, token difficulty) with a report.",
-        "duo-llm study --out DIR",
+        "duo-llm study --output-dir DIR",
+        "duo_llm_hf.experiments.study:StudyArguments",
     ),
     "card": Command(
         "duo_llm_hf.integrations.model_card:main",
         "Write the Hub model card (README.md) of a saved checkpoint, filled in with the run's figures.",
         "python -m duo_llm_hf.integrations.model_card",
+        "duo_llm_hf.integrations.model_card:CardArguments",
     ),
 }
 
@@ -108,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         parser.print_help()
         return 0
+    command = COMMANDS[argv[0]]
+    if command.arguments and any(arg in ("-h", "--help") for arg in argv[1:]):
+        command.print_help()
+        return 0
     from .utils.errors import run_command
+    from .utils.processes import quiet_libraries
+
+    quiet_libraries()  # before the command imports the libraries, which read their switches then
 
     return run_command(f"duo-llm {argv[0]}", COMMANDS[argv[0]].load(), argv[1:])
 

@@ -12,15 +12,29 @@ from duo_llm_hf.cli import main as cli_main
 from duo_llm_hf.integrations.model_card import NOT_EVALUATED, build_model_card, main, write_model_card
 from tests.helpers import tiny_llama_kwargs
 
-LM_EVAL_OUTPUT = {  # the layout lm-evaluation-harness 0.4 writes
-    "results": {
-        "arc_easy": {"alias": "arc_easy", "acc,none": 0.3125, "acc_stderr,none": 0.0118,
-                     "acc_norm,none": 0.2917, "acc_norm_stderr,none": 0.0121},
-        "hellaswag": {"alias": "hellaswag", "acc,none": 0.2611, "acc_stderr,none": 0.0044},
-    },
-    "n-shot": {"arc_easy": 0, "hellaswag": 0},
-    "config": {"model": "duo"},
-}
+
+def lm_eval_output(model_dir, limit=None, model_args=None) -> dict:
+    """The layout lm-evaluation-harness 0.4 writes, for a run on ``model_dir`` (``limit``: a ``--limit`` run)."""
+    totals = {"arc_easy": 2376, "hellaswag": 10042}
+    return {
+        "results": {
+            "arc_easy": {
+                "alias": "arc_easy",
+                "acc,none": 0.3125,
+                "acc_stderr,none": 0.0118,
+                "acc_norm,none": 0.2917,
+                "acc_norm_stderr,none": 0.0121,
+            },
+            "hellaswag": {"alias": "hellaswag", "acc,none": 0.2611, "acc_stderr,none": 0.0044},
+        },
+        "n-shot": {"arc_easy": 0, "hellaswag": 0},
+        "n-samples": {task: {"original": n, "effective": limit or n} for task, n in totals.items()},
+        "config": {
+            "model": "duo",
+            "model_args": f"pretrained={model_dir},routing=random,p_big=0.5" if model_args is None else model_args,
+            "limit": limit,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +70,13 @@ def test_card_without_figures_marks_every_result_not_evaluated(model_dir):
     text = path.read_text()
     assert "{{" not in text and "{%" not in text
     parts = sections(text)
-    for title in ("Oracle routes (stage 2)", "Learned router (stage 3)", "lm-evaluation-harness",
-                  "Stage 1: Duo model with random routing", "Stage 3: learned router"):
+    for title in (
+        "Oracle routes (stage 2)",
+        "Learned router (stage 3)",
+        "lm-evaluation-harness",
+        "Stage 1: Duo model with random routing",
+        "Stage 3: learned router",
+    ):
         assert NOT_EVALUATED in parts[title], title
     # Facts read from the folder: the config and the weights.
     assert "| layers | 2 |" in text and "| small FFN inner size | 4 |" in text
@@ -74,7 +93,7 @@ def test_card_shows_the_run_figures(model_dir, tmp_path):
             "k=2": {"oracle_ppl": 19.8, "fixed_ppl": 27.5},
         },
         "router": {"budget_big": 0.3, "realised": {"small": 0.68, "big": 0.32}, "ppl": 26.1},
-        "lm_eval": LM_EVAL_OUTPUT,
+        "lm_eval": lm_eval_output(model_dir),
         "limitations": ["Trained on 10M tokens only."],
     }
     text = build_model_card(model_dir, figures, repo_id="someone/duo-tiny")
@@ -84,7 +103,8 @@ def test_card_shows_the_run_figures(model_dir, tmp_path):
     assert "| k=1 | 21.4 | 30.2 |" in parts["Oracle routes (stage 2)"]
     router = parts["Learned router (stage 3)"]
     assert "| budget_big | 0.3 |" in router and "| big | 0.32 |" in router
-    assert "| arc_easy | acc_norm | 0.2917 | 0.0121 | 0 |" in parts["lm-evaluation-harness"]
+    assert "| arc_easy | acc_norm | 0.2917 | 0.0121 | 0 | 2,376 |" in parts["lm-evaluation-harness"]
+    assert "`routing=random`, `p_big=0.5`" in parts["lm-evaluation-harness"]
     for title in ("Oracle routes (stage 2)", "Learned router (stage 3)", "lm-evaluation-harness"):
         assert NOT_EVALUATED not in parts[title]
     assert 'repo = "someone/duo-tiny"' in text and "Trained on 10M tokens only." in text
@@ -100,9 +120,11 @@ def test_card_reads_run_files_and_json_paths(model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(model_dir, run, ignore=shutil.ignore_patterns("README.md"))  # the model, not its card
     (run / "train_results.json").write_text(json.dumps({"global_step": 50, "tokens_seen": 102400}))
-    (run / "training_args.json").write_text(json.dumps({"dataset": "tiny_corpus", "learning_rate": 0.001}))
+    (run / "training_args.json").write_text(
+        json.dumps({"dataset": "hf:wikitext:wikitext-2-raw-v1@train", "learning_rate": 0.001})
+    )
     lm_eval_file = tmp_path / "results_2024.json"
-    lm_eval_file.write_text(json.dumps(LM_EVAL_OUTPUT))
+    lm_eval_file.write_text(json.dumps(lm_eval_output(run)))
     oracle_file = tmp_path / "study" / "oracle_summary.json"
     oracle_file.parent.mkdir()
     oracle_file.write_text(json.dumps({"all_big_ppl": 25.0, "oracle_ppl": 18.0}))
@@ -117,7 +139,7 @@ def test_card_reads_run_files_and_json_paths(model_dir, tmp_path):
     assert "| oracle_ppl | 18 |" in parts["Oracle routes (stage 2)"]
     assert "| big_fraction | 0.29 |" in parts["Learned router (stage 3)"]
     assert "hellaswag" in parts["lm-evaluation-harness"]
-    assert ModelCard.load(path).data.datasets == ["tiny_corpus"]
+    assert ModelCard.load(path).data.datasets == ["wikitext"]  # the Hub id of the hf: corpus spec
 
 
 def test_oracle_summary_layout(model_dir):
@@ -179,3 +201,58 @@ def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         build_model_card(model_dir, [broken])
+
+
+def test_card_refuses_lm_eval_results_of_another_model(model_dir, tmp_path, capsys):
+    other = tmp_path / "other-run"
+    other.mkdir()
+    results = tmp_path / "lm_eval.json"
+    results.write_text(json.dumps(lm_eval_output(other)))
+    with pytest.raises(ValueError, match="results are of model .*other-run.*not of"):
+        build_model_card(model_dir, [results])
+    # On the command line: one line, exit 2, and no card written.
+    assert cli_main(["card", str(model_dir), "--metrics", str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("duo-llm card: error: lm_eval: the results are of model") and "\n" not in err
+    # Results that do not name their model are refused too; those of its Hub copy (--repo-id) are accepted.
+    results.write_text(json.dumps(lm_eval_output(model_dir, model_args="trust_remote_code=True")))
+    with pytest.raises(ValueError, match="do not say which model"):
+        build_model_card(model_dir, [results])
+    results.write_text(json.dumps(lm_eval_output(model_dir, model_args={"pretrained": "someone/duo-tiny"})))
+    assert "hellaswag" in build_model_card(model_dir, [results], repo_id="someone/duo-tiny")
+    # A path that does not exist from here (lm-eval ran elsewhere): the folder's name and parameter count decide.
+    output = lm_eval_output(model_dir, model_args=f"pretrained=runs/{model_dir.name}")
+    output["config"]["model_num_parameters"] = DuoLlamaForCausalLM.from_pretrained(model_dir).num_parameters()
+    results.write_text(json.dumps(output))
+    assert "hellaswag" in build_model_card(model_dir, [results])
+    output["config"]["model_num_parameters"] += 1
+    results.write_text(json.dumps(output))
+    with pytest.raises(ValueError, match="results are of model 'runs/duo-tiny"):
+        build_model_card(model_dir, [results])
+
+
+def test_limited_lm_eval_run_is_a_smoke_test_not_a_benchmark_score(model_dir, tmp_path):
+    results = tmp_path / "lm_eval.json"
+    results.write_text(json.dumps(lm_eval_output(model_dir, limit=4)))
+    text = build_model_card(model_dir, [results])
+    lm_eval = sections(text)["lm-evaluation-harness"]
+    assert "Smoke test, not a benchmark score" in lm_eval and "`--limit 4`" in lm_eval
+    assert "| arc_easy | acc | 0.3125 | 0.0118 | 0 | 4 of 2,376 |" in lm_eval
+    (tmp_path / "README.md").write_text(text)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.eval_results is None and card.data.metrics is None  # no model-index, no "accuracy"
+    assert "model-index:" not in text.split("---")[1]  # the metadata (its text mentions the model-index)
+    # Hand-written figures (no results file, so no item counts) are shown, but never as benchmark scores.
+    text = build_model_card(model_dir, {"lm_eval": {"arc_easy": {"acc": 0.5}}})
+    assert "| arc_easy | acc | 0.5 |  |  | not recorded |" in text and "model-index:" not in text.split("---")[1]
+
+
+def test_card_metadata_and_text_hold_no_builtin_dataset_nor_template_comment(model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run, ignore=shutil.ignore_patterns("README.md"))
+    (run / "training_args.json").write_text(json.dumps({"dataset": "builtin", "learning_rate": 0.001}))
+    text = write_model_card(run).read_text()
+    assert ModelCard.load(run / "README.md").data.datasets is None
+    assert "datasets" not in text.split("---")[1]
+    assert "This file is the template" not in text and "<!--" not in text
+    assert text.startswith("---\n") and "\n---\n\n# run\n" in text

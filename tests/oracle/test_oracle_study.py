@@ -110,14 +110,23 @@ def test_study_results_save_and_load(model, blocks, tmp_path):
             assert_same_choice(candidates, to_ranks(space, got), to_ranks(space, expected))
 
 
-def test_interrupted_run_resumes_to_the_same_result(model, blocks, tmp_path):
+def last_bar(err: str) -> str:
+    """The final render of the last progress bar written to ``err`` (tqdm redraws a bar after each \\r)."""
+    return err.rstrip("\n").split("\n")[-1].split("\r")[-1]
+
+
+def test_interrupted_run_resumes_to_the_same_result(model, blocks, tmp_path, capsys):
     space = study_space(model.config, BUDGETS, ["small", "big", "skip"])
     straight = run_oracle_study(model, blocks, space, tmp_path / "straight", **KWARGS)
-    assert run_oracle_study(model, blocks, space, tmp_path / "cut", stop_after_batches=1, **KWARGS) is None
+    shown = {**KWARGS, "progress": True}
+    assert run_oracle_study(model, blocks, space, tmp_path / "cut", stop_after_batches=1, **shown) is None
+    assert last_bar(capsys.readouterr().err).endswith("sequences 2/5]")  # the bar counts finished sequences
     state = json.loads((tmp_path / "cut" / "oracle_state.json").read_text())
     assert state["batches_done"] == 1 and state["num_batches"] == 3
     assert not (tmp_path / "cut" / ORACLE_RESULTS_FILE).exists()
-    resumed = run_oracle_study(model, blocks, space, tmp_path / "cut", **KWARGS)
+    resumed = run_oracle_study(model, blocks, space, tmp_path / "cut", **shown)
+    bar = last_bar(capsys.readouterr().err)
+    assert " 100%|" in bar and bar.endswith("sequences 5/5]")  # a full bar says every sequence is done
     assert_same(straight, resumed)  # the resumed batches run exactly as in the straight run: bit for bit
     with pytest.raises(ValueError, match="best_of_k: was 3, now 4"):
         run_oracle_study(model, blocks, space, tmp_path / "cut", **{**KWARGS, "best_of_k": 4})

@@ -25,14 +25,9 @@ from duo_llm_hf.models.routes import CHOICE_CODES, ROUTER_SETTINGS
 from duo_llm_hf.oracle.engine import pattern_losses
 from duo_llm_hf.oracle.spaces import RouteSpace
 from duo_llm_hf.training import finetune as finetuning
-from duo_llm_hf.training.arguments import parse_arguments
+from duo_llm_hf.training.arguments import FinetuneArguments, parse_arguments
 from duo_llm_hf.training.building import build_model, freeze_all_but_small
-from duo_llm_hf.training.finetune import (
-    AttentionLoRA,
-    FinetuneArguments,
-    estimate_memory,
-    finetune,
-)
+from duo_llm_hf.training.finetune import AttentionLoRA, estimate_memory, finetune
 from duo_llm_hf.training.routers import train_router
 from tests.helpers import (
     FLOAT_TOL,

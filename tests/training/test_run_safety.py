@@ -24,9 +24,9 @@ from duo_llm_hf import cli
 from duo_llm_hf.data.corpus import builtin_documents
 from duo_llm_hf.experiments.ablation import parse_ablation_args, run_is_finished
 from duo_llm_hf.experiments.study import StudyArguments, StudyConfig, _check_same_settings
-from duo_llm_hf.training.arguments import TrainArguments, parse_arguments
+from duo_llm_hf.training.arguments import FinetuneArguments, TrainArguments, parse_arguments
 from duo_llm_hf.training.checkpointing import CorruptCheckpointError, TrainingDiverged, UnsafeCheckpointError
-from duo_llm_hf.training.finetune import FinetuneArguments, finetune
+from duo_llm_hf.training.finetune import finetune
 from duo_llm_hf.training.router_arguments import RouterTrainArguments
 from duo_llm_hf.training.routers import train_router
 from duo_llm_hf.training.train import train

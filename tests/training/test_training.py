@@ -2,6 +2,7 @@
 baseline, early errors on bad input, and the training script."""
 
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -246,7 +247,7 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, builtin_tokenizer):
         assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists(), overrides
 
 
-def test_script_and_parser(tmp_path):
+def test_script_and_parser(tmp_path, capsys):
     args = parse_arguments(TrainArguments, ["--output-dir", "x", "--p-big", "0.25", "--mode", "dense", "--no-progress"])
     assert (args.p_big, args.mode, args.progress) == (0.25, "dense", False)
     out = tmp_path / "cli"
@@ -254,6 +255,9 @@ def test_script_and_parser(tmp_path):
     main(train_duo_argv(out, tmp_path / "cache", holdout_code="none"))
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "train_results.json").read_text())["global_step"] == 2
+    printed = capsys.readouterr().out  # where the model went, then its held-out perplexity (as train-router prints)
+    assert f"Saved the model to {out} after 2 steps" in printed
+    assert re.search(r"\n  english: perplexity random \d+\.\d{3}, all-big \d+\.\d{3}", printed), printed
 
 
 def test_streamed_local_corpus_trains_and_resumes_exactly(tmp_path):

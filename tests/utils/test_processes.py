@@ -60,3 +60,45 @@ def test_two_process_training_shares_the_work_and_resumes_exactly(tmp_path):
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     at_step_3 = load_file(step_3 / "model.safetensors")
     assert not all(torch.equal(at_step_3[k], full[k]) for k in full)  # the resumed run did train steps 4 to 6
+
+
+QUIET_CHECK = """
+import logging, sys, warnings
+if sys.argv[1] == "before":  # imported first, as a script importing its command: the switches still apply
+    import datasets
+from duo_llm_hf.utils.processes import quiet_libraries
+quiet_libraries()
+import datasets, transformers
+from huggingface_hub.utils import are_progress_bars_disabled
+print(datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled(),
+      not are_progress_bars_disabled())
+warnings.warn("a library warning")
+logging.getLogger("duo_llm_hf.training").warning("our warning")
+"""
+QUIET_ENV = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
+ASKED = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "0"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("env", "imported", "bars", "warns"),
+    [
+        ({}, "before", "False False False", True),  # the libraries' bars are off
+        ({"RANK": "0", **ASKED}, "before", "True True True", True),  # unless the user asks for them
+        # A process other than the main one prints neither bars nor warnings (`duo-llm` switches before importing).
+        ({"RANK": "1", **ASKED}, "after", "False False False", False),
+    ],
+)
+def test_library_bars_are_off_and_only_the_main_process_prints(env, imported, bars, warns):
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", *QUIET_ENV)}
+    done = subprocess.run(
+        [sys.executable, "-c", QUIET_CHECK, imported],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == bars
+    assert ("a library warning" in done.stderr and "our warning" in done.stderr) is warns
+    assert warns or done.stderr == ""

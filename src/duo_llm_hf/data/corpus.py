@@ -34,13 +34,11 @@ from torch.utils.data import Sampler
 
 from ..utils.arguments import check_text_file
 from ..utils.errors import MissingFileError, UsageError
+from . import BUILTIN, HUB_PREFIX, NONE
 
 if TYPE_CHECKING:  # imported where used: the model and benchmark code paths run where `datasets` is not installed
     import datasets
 
-BUILTIN = "builtin"
-NONE = "none"
-HUB_PREFIX = "hf:"
 # The held-out sets every run evaluates separately, as the paper holds out C4 (English) and Python code; the
 # built-in corpus has one holdout split per source, named ``holdout_<name>``.
 HOLDOUTS = ("english", "code")

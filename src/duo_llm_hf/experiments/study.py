@@ -1,6 +1,6 @@
 """The main job: the paper's study end to end (``duo-llm study``), with a report and figures.
 
-Stages, each kept in its own folder of ``--out`` and reused by a re-run once finished (so an interrupted study
+Stages, each kept in its own folder of ``--output-dir`` and reused by a re-run once finished (so an interrupted study
 resumes; the stage-1 training and the oracle runs also resume from inside a stage):
 
 1. ``model/``: stage 1, a 12-layer Duo model trained with random routing on the training corpus;
@@ -52,7 +52,7 @@ from .presets import preset_names, study_preset
 logger = logging.getLogger(__name__)
 
 ROUTER_SHORT = {"conventional": "router", "oracle": "oracle-sup."}
-# The stages' folders in --out: what a study started over with other settings removes first.
+# The stages' folders in --output-dir: what a study started over with other settings removes first.
 STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "routers")
 
 
@@ -152,7 +152,7 @@ class Stages:
 def train_stage(stages: Stages) -> Path:
     """Stage 1: train the Duo model (resuming from its latest checkpoint when interrupted)."""
     from ..training.arguments import TrainArguments
-    from ..training.train import train
+    from ..training.train import perplexity_lines, train
 
     folder = stages.out / "model"
 
@@ -172,7 +172,9 @@ def train_stage(stages: Stages) -> Path:
         result = train(args)
         return {"global_step": result.global_step, "tokens_seen": result.tokens_seen, "eval": result.eval_metrics}
 
-    stages.run("stage 1: training", folder, work)
+    record = stages.run("stage 1: training", folder, work)
+    for line in perplexity_lines(record.get("eval", {})):
+        print(f"  {line}")
     return folder
 
 
@@ -358,8 +360,8 @@ def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False
         if changed and not overwrite:
             raise UsageError(
                 f"{out} holds a study run with other settings ({', '.join(changed)} differ); finished stages "
-                f"would not match. Use another --out, or pass {OVERWRITE_FLAG} to start over there (removes that "
-                "study's stages)."
+                f"would not match. Use another --output-dir, or pass {OVERWRITE_FLAG} to start over there (removes "
+                "that study's stages)."
             )
         if changed:
             logger.warning("study: %s held a study with other settings (%s); starting over", out, ", ".join(changed))
@@ -401,11 +403,17 @@ class StudyArguments:
     description = (
         "The Duo-LLM study end to end: stage 1 training, the oracle (all budgets, fixed, best-of-100, skip, position "
         "budgets, causal), routers, token difficulty; report.md/.html, metrics.json, figures. A re-run with the "
-        "same --out reuses the finished stages."
+        "same --output-dir reuses the finished stages."
     )
-    flag_labels = True  # messages name the flags (--out), as the study's always did
+    flag_labels = True  # messages name the flags (--output-dir), as the study's always did
 
-    out: str = field(metadata={"help": "Folder of the study (stages, report, figures)."})
+    out: str = field(
+        metadata={
+            "flag": "output_dir",
+            "aliases": ["--out"],
+            "help": "Folder of the study (stages, report, figures). (--out: the former spelling, still accepted.)",
+        }
+    )
     preset: str = field(default="default", metadata={"help": "Sizes of every stage.", "choices": list(PRESETS)})
     model: str | None = field(
         default=None,
@@ -418,12 +426,13 @@ class StudyArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "If --out holds a study with other settings, remove its stages and start over (else refused)."
+            "help": "If --output-dir holds a study with other settings, remove its stages and start over (else "
+            "refused)."
         },
     )
 
     def validate(self) -> None:
-        """Check the flags before any work is done: ``--out`` is not a file, and ``--model``, if given, is a Duo
+        """Check the flags before any work is done: ``--output-dir`` is not a file, and ``--model``, if given, is a Duo
         model folder (its config, no weights, is read) with its tokenizer; raise `UsageError`."""
         from ..data.tokenization import has_tokenizer
 

@@ -39,14 +39,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
+from ..data import HUB_PREFIX
 from ..utils.arguments import label as flag_label
 from ..utils.arguments import parse_arguments
 from ..utils.errors import MissingFileError, UsageError
-from ..utils.files import atomic_write_text
-from ..utils.flops import choice_cost, flops_per_token
 from ..utils.run_files import (
     CONFIG_FILE,
     LM_EVAL_RESULTS_FILE,
@@ -101,6 +97,8 @@ def write_model_card(
 
     Returns the path written. See the module docstring for ``metrics``.
     """
+    from ..utils.files import atomic_write_text  # here, as torch and the models below: `--help` stays instant
+
     model_dir = Path(model_dir)
     card = build_model_card(model_dir, metrics, repo_id=repo_id, model_name=model_name)
     path = model_dir / filename
@@ -115,13 +113,21 @@ def build_model_card(
     repo_id: str | None = None,
     model_name: str | None = None,
 ) -> str:
-    """The filled-in model card (YAML metadata and Markdown) as a string."""
+    """The filled-in model card (YAML metadata and Markdown) as a string.
+
+    lm-evaluation-harness results must name this model (`check_lm_eval_model`); only a full run (no ``--limit``,
+    every item of each task) goes into the Hub's ``model-index``, a limited one is shown as a smoke test.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     figures = collect_figures(model_dir, metrics)
     name = model_name or figures.get("model_name") or model_dir.resolve().name
     repo = repo_id or figures.get("repo_id") or name
+    check_lm_eval_model(figures.get("lm_eval"), model_dir, repo)
     lm_eval = lm_eval_rows(figures.get("lm_eval"))
+    benchmark = [row for row in lm_eval if row["full"]]
 
     card_data = ModelCardData(
         library_name="transformers",
@@ -132,8 +138,8 @@ def build_model_card(
         base_model=figures.get("base_model"),
         license=figures.get("license"),
         language=figures.get("language"),
-        model_name=name if lm_eval else None,
-        eval_results=eval_results(lm_eval) or None,
+        model_name=name if benchmark else None,
+        eval_results=eval_results(benchmark) or None,
     )
     template = resources.files("duo_llm_hf.integrations").joinpath("MODEL_CARD.md").read_text(encoding="utf-8")
     known = set(SECTIONS) | set(CARD_FIELDS)
@@ -155,7 +161,7 @@ def build_model_card(
         training=training_stages(figures.get("training")),
         oracle=render_figures(figures.get("oracle"), "no oracle summary was given for this checkpoint"),
         router=render_figures(figures.get("router"), "no router report was given for this checkpoint"),
-        lm_eval=render_lm_eval(lm_eval),
+        lm_eval=render_lm_eval(lm_eval, figures.get("lm_eval")),
         other=render_figures(other, "") if other else "",
         example_pattern=_example_pattern(config),
         has_tokenizer=any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")),
@@ -192,8 +198,8 @@ def collect_figures(model_dir: Path, metrics=None) -> dict:
         if section == "training":
             stage = "router" if router_run else stage
             figures.setdefault("training", {}).setdefault(stage, {})[part] = _scalars(data)
-            if part == "hyperparameters" and isinstance(data, Mapping) and data.get("dataset"):
-                figures.setdefault("datasets", _as_list(data["dataset"]))
+            if part == "hyperparameters" and isinstance(data, Mapping) and hub_dataset(data.get("dataset")):
+                figures.setdefault("datasets", [hub_dataset(data["dataset"])])
         else:
             figures[section] = data
     _deep_update(figures, load_metrics(metrics))
@@ -313,6 +319,9 @@ def architecture_rows(model_dir: Path, config: dict) -> list[tuple[str, str]]:
 
 
 def choice_rows(config: dict) -> list[dict]:
+    from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
+    from ..utils.flops import choice_cost
+
     allowed = set(config.get("route_options", []))
     rows = []
     for code, name in enumerate(CHOICE_NAMES):
@@ -320,13 +329,22 @@ def choice_rows(config: dict) -> list[dict]:
             cost = f"{choice_cost(_config_namespace(config), code):.4g}"
         except (AttributeError, TypeError, ZeroDivisionError):
             cost = "not recorded"
-        rows.append({"name": name, "code": code, "letter": CHOICE_LETTERS[code], "cost": cost,
-                     "allowed": "yes" if name in allowed else "no"})
+        rows.append(
+            {
+                "name": name,
+                "code": code,
+                "letter": CHOICE_LETTERS[code],
+                "cost": cost,
+                "allowed": "yes" if name in allowed else "no",
+            }
+        )
     return rows
 
 
 def flop_rows(config: dict) -> list[dict]:
     """Forward FLOPs per token for every route on one allowed module, and for the config's ``route_probs``."""
+    from ..utils.flops import flops_per_token
+
     namespace = _config_namespace(config)
     settings = [(f"all {name}", {name: 1.0}) for name in config.get("route_options", []) if name != "skip"]
     if config.get("route_probs"):
@@ -340,14 +358,16 @@ def flop_rows(config: dict) -> list[dict]:
         except (AttributeError, TypeError, ValueError, KeyError):
             return []
         base = base or big.total
-        rows.append({
-            "routes": label,
-            "attention": _mega(count.attention),
-            "ffn": _mega(count.ffn),
-            "lm_head": _mega(count.lm_head),
-            "total": _mega(count.total),
-            "fraction": f"{count.total / base:.3f}",
-        })
+        rows.append(
+            {
+                "routes": label,
+                "attention": _mega(count.attention),
+                "ffn": _mega(count.ffn),
+                "lm_head": _mega(count.lm_head),
+                "total": _mega(count.total),
+                "fraction": f"{count.total / base:.3f}",
+            }
+        )
     return rows
 
 
@@ -447,55 +467,170 @@ def _same_columns(rows: Iterable[Any]) -> bool:
 
 
 def lm_eval_rows(lm_eval: Any) -> list[dict]:
-    """(task, metric, value, stderr, n-shot) rows from lm-eval's output or ``{task: {metric: value}}``."""
+    """(task, metric, value, stderr, n-shot, items, full) rows from lm-eval's output or ``{task: {metric: value}}``.
+
+    ``items`` is the number of items scored (lm-eval's ``n-samples``, None when not recorded); ``full`` says the
+    row is a benchmark score: the harness's own output, run without ``--limit`` on every item of the task.
+    """
     if not lm_eval:
         return []
     if not isinstance(lm_eval, Mapping):
         raise UsageError("lm_eval: expected lm-evaluation-harness's results JSON or {task: {metric: value}}.")
     results = lm_eval.get("results", lm_eval)
     n_shot = lm_eval.get("n-shot", {})
+    samples = lm_eval.get("n-samples") if isinstance(lm_eval.get("n-samples"), Mapping) else {}
+    limit = lm_eval.get("config", {}).get("limit") if _is_lm_eval_output(lm_eval) else None
     rows = []
     for task, values in results.items():
         if not isinstance(values, Mapping):
             continue
+        counts = samples.get(task) if isinstance(samples.get(task), Mapping) else {}
+        items, total = counts.get("effective"), counts.get("original")
+        full = _is_lm_eval_output(lm_eval) and limit is None and items is not None and items == total
         for key, value in values.items():
             metric, _, filt = key.partition(",")
             if metric in _LM_EVAL_SKIP or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = values.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
-            rows.append({
-                "task": task,
-                "metric": metric if filt in ("", "none") else f"{metric} ({filt})",
-                "value": value,
-                "stderr": stderr if isinstance(stderr, (int, float)) else None,
-                "n_shot": n_shot.get(task),
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric if filt in ("", "none") else f"{metric} ({filt})",
+                    "value": value,
+                    "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                    "n_shot": n_shot.get(task),
+                    "items": items,
+                    "of": total,
+                    "full": full,
+                }
+            )
     return rows
 
 
-def render_lm_eval(rows: list[dict]) -> str:
+def lm_eval_model_args(lm_eval: Mapping) -> dict:
+    """The ``--model_args`` of an lm-eval run (``k=v,k=v``, a JSON object, or a dict) as a dict."""
+    args = lm_eval.get("config", {}).get("model_args")
+    if isinstance(args, Mapping):
+        return dict(args)
+    if not isinstance(args, str) or not args.strip():
+        return {}
+    if args.strip().startswith("{"):
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+    return dict(item.partition("=")[::2] for item in args.split(",") if "=" in item)
+
+
+def check_lm_eval_model(lm_eval: Any, model_dir: Path, repo_id: str | None = None) -> None:
+    """lm-evaluation-harness's results must be of the model in ``model_dir``: their ``pretrained=`` (the model
+    lm-eval loaded) is this folder, or ``repo_id`` (its Hub copy). A ``pretrained=`` path that does not exist from
+    here (relative to where lm-eval ran, or moved since) must have this folder's name and the results' parameter
+    count (``model_num_parameters``) this checkpoint's. Hand-written ``{task: {metric: value}}`` figures carry no
+    model and are the user's word (they never reach the ``model-index``)."""
+    if not _is_lm_eval_output(lm_eval) or "config" not in lm_eval:
+        return
+    pretrained = lm_eval_model_args(lm_eval).get("pretrained")
+    if not isinstance(pretrained, str) or not pretrained.strip():
+        raise UsageError(
+            "lm_eval: the results do not say which model they measured (no pretrained= in config.model_args); "
+            "give the results of 'duo-llm eval --model duo --model_args pretrained=MODEL_DIR'."
+        )
+    path, folder = Path(pretrained).expanduser(), Path(model_dir).resolve()
+    if path.exists():
+        same = path.resolve() == folder
+    else:
+        counted = lm_eval["config"].get("model_num_parameters")
+        same = path.name == folder.name and counted == (parameter_counts(folder) or {}).get("total")
+    if not (same or pretrained == repo_id):
+        raise UsageError(
+            f"lm_eval: the results are of model {pretrained!r}, not of {str(model_dir)!r}; evaluate this folder "
+            "(pretrained=MODEL_DIR) or leave that results file out."
+        )
+
+
+def render_lm_eval(rows: list[dict], lm_eval: Any = None) -> str:
+    """The lm-eval table, benchmark scores apart from smoke tests (a ``--limit`` or partial run), and what was
+    measured: the model arguments and the number of items of each task."""
     if not rows:
         return f"{NOT_EVALUATED}: no lm-evaluation-harness results were given for this checkpoint."
+    parts = []
+    if _is_lm_eval_output(lm_eval):
+        args = ", ".join(f"`{k}={v}`" for k, v in lm_eval_model_args(lm_eval).items() if k != "pretrained")
+        limit = lm_eval.get("config", {}).get("limit")
+        parts.append(
+            f"Measured by lm-evaluation-harness (`--model {lm_eval.get('config', {}).get('model', '?')}`"
+            + (f", {args}" if args else "")
+            + (f", `--limit {limit}`" if limit is not None else "")
+            + ")."
+        )
+    else:
+        parts.append("Figures given by hand (not lm-evaluation-harness's results file): not in the model-index.")
+    full = [row for row in rows if row["full"]]
+    smoke = [row for row in rows if not row["full"]]
+    if full:
+        parts.append(_lm_eval_table(full))
+    if smoke:
+        parts.append(
+            "**Smoke test, not a benchmark score**: scored on part of each task (or with no record of how many "
+            "items), so these numbers only show that evaluation runs; they are left out of the model-index."
+        )
+        parts.append(_lm_eval_table(smoke))
+    return "\n\n".join(parts)
+
+
+def _lm_eval_table(rows: list[dict]) -> str:
+    def items(row: dict) -> str:
+        if row["items"] is None:
+            return "not recorded"
+        return f"{row['items']:,}" + (f" of {row['of']:,}" if row["of"] not in (None, row["items"]) else "")
+
     return markdown_table(
-        ["task", "metric", "value", "stderr", "n-shot"],
-        [[r["task"], r["metric"], _fmt(r["value"]), _fmt(r["stderr"]) if r["stderr"] is not None else "",
-          "" if r["n_shot"] is None else str(r["n_shot"])] for r in rows],
+        ["task", "metric", "value", "stderr", "n-shot", "items"],
+        [
+            [
+                r["task"],
+                r["metric"],
+                _fmt(r["value"]),
+                _fmt(r["stderr"]) if r["stderr"] is not None else "",
+                "" if r["n_shot"] is None else str(r["n_shot"]),
+                items(r),
+            ]
+            for r in rows
+        ],
     )
 
 
 def eval_results(rows: list[dict]) -> list:
-    """lm-eval figures as the Hub's model-index entries."""
+    """lm-eval benchmark scores (full runs only) as the Hub's model-index entries."""
+    from huggingface_hub import EvalResult
+
     return [
-        EvalResult(task_type="text-generation", dataset_type=r["task"], dataset_name=r["task"],
-                   metric_type=r["metric"], metric_value=r["value"])
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=r["task"],
+            dataset_name=r["task"],
+            metric_type=r["metric"],
+            metric_value=r["value"],
+        )
         for r in rows
+        if r["full"]
     ]
+
+
+def hub_dataset(spec: Any) -> str | None:
+    """The Hub dataset id of a training corpus spec (``hf:NAME[:CONFIG][@SPLIT]``), else None: the built-in corpus
+    and local files are no Hub datasets, so the card's metadata does not list them."""
+    if not isinstance(spec, str) or not spec.startswith(HUB_PREFIX):
+        return None
+    return spec[len(HUB_PREFIX) :].partition("@")[0].partition(":")[0] or None
 
 
 def metric_ids(figures: Mapping) -> list[str]:
     """The Hub ``metrics`` ids the card has figures for."""
     ids = []
-    if any(r["metric"].startswith("acc") for r in lm_eval_rows(figures.get("lm_eval"))):
+    if any(r["metric"].startswith("acc") and r["full"] for r in lm_eval_rows(figures.get("lm_eval"))):
         ids.append("accuracy")
     text = json.dumps({k: figures.get(k) for k in ("training", "oracle", "router")}).lower()
     if "ppl" in text or "perplexity" in text:
@@ -555,11 +690,15 @@ def _routing_detail(config: dict) -> str:
         probs = ", ".join(f"{k} {v:g}" for k, v in config["route_probs"].items())
         return f" with route probabilities {probs}"
     if mode == "fixed" and config.get("fixed_pattern"):
+        from ..models.routes import CHOICE_LETTERS
+
         return " with pattern `" + "".join(CHOICE_LETTERS[int(c)] for c in config["fixed_pattern"]) + "`"
     return ""
 
 
 def _example_pattern(config: dict) -> str:
+    from ..models.routes import CHOICE_LETTERS, CHOICE_NAMES
+
     letters = [CHOICE_LETTERS[CHOICE_NAMES.index(o)] for o in config.get("route_options", ["small", "big"])]
     return "".join(letters[i % len(letters)] for i in range(config.get("num_hidden_layers", 4)))
 
@@ -570,7 +709,11 @@ class CardArguments:
 
     # The command's name and description in --help and errors (`build_parser`); unannotated, so not fields.
     prog = "duo-llm card"
-    description = write_model_card.__doc__.split("\n")[0]
+    description = (
+        "Write the Hub model card (README.md) of a saved Duo checkpoint, filled in with the run's figures. "
+        "lm-evaluation-harness results must be of this model; a --limit run is shown as a smoke test, never put "
+        "in the model-index."
+    )
     flag_labels = True  # messages name the flags (--repo-id), as the card's always did
 
     model_dir: str = field(metadata={"positional": True, "help": "folder written by save_pretrained"})
@@ -596,9 +739,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """``duo-llm card``: write the model card of a saved Duo checkpoint."""
     args = parse_arguments(CardArguments, argv)
     args.validate()
-    path = write_model_card(
-        args.model_dir, args.metrics or None, repo_id=args.repo_id, model_name=args.model_name
-    )
+    path = write_model_card(args.model_dir, args.metrics or None, repo_id=args.repo_id, model_name=args.model_name)
     print(path)
     return path
 

@@ -10,21 +10,19 @@ project's `HfArgumentParser` (`utils.arguments.parse_arguments`). The groups:
 
 Stage 1 (`TrainArguments`) takes all four; the router training (`router_arguments.RouterTrainArguments`) takes
 the run, data and optimisation groups with its own defaults (`with_default`) and its router fields; the Appendix A
-finetuning (`finetune.FinetuneArguments`) is stage 1 in frozen-big mode. A run is an instance of one flat
+finetuning (`FinetuneArguments`, run by `finetune`) is stage 1 in frozen-big mode. A run is an instance of one flat
 dataclass, so ``dataclasses.asdict(args)`` is its ``training_args.json`` and the base of its fingerprint.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import SchedulerType
-
-from ..data.corpus import BUILTIN, parse_corpus_spec
-from ..data.tokenization import MIN_VOCAB_SIZE, has_tokenizer
-from ..models.routes import UNIFORM_PATTERNS
+from ..data import BUILTIN
 from ..utils.arguments import (
     build_parser,
     check_choices,
@@ -34,13 +32,11 @@ from ..utils.arguments import (
     check_output_dir,
     parse_arguments,
 )
-from ..utils.errors import MissingFileError, UsageError
-from .building import inspect_init_source, is_hub_id
+from ..utils.errors import MissingDependencyError, MissingFileError, UsageError
 
+# Only light modules above: ``--help`` builds its parser from these dataclasses without torch, transformers or
+# datasets, which the checks (`validate`) import when a command runs.
 MODES = ("random", "frozen-big", "dense")
-# The routings a stage 1 model is evaluated under: names of the routing vocabulary (`models.routes.parse_routing`).
-EVAL_ROUTES = ("random", *UNIFORM_PATTERNS)
-SCHEDULERS = [kind.value for kind in SchedulerType]  # what --lr-scheduler may name (transformers' get_scheduler)
 
 def with_default(group: type, name: str, default=MISSING, help: str | None = None):
     """The field ``name`` of ``group`` for a command whose default (or, with ``help``, meaning) differs.
@@ -281,6 +277,8 @@ class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunAr
             raise UsageError(f"block_size: {self.block_size} must be at least 2 tokens.")
         if self.mode not in MODES:
             raise UsageError(f"mode: {self.mode!r} is not a training mode; use one of {list(MODES)}.")
+        from ..data.tokenization import MIN_VOCAB_SIZE
+
         if not isinstance(self.vocab_size, int) or self.vocab_size < MIN_VOCAB_SIZE:
             raise UsageError(
                 f"vocab_size: {self.vocab_size!r} is too small; a byte-level BPE tokenizer needs at least "
@@ -295,7 +293,7 @@ class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunAr
                 f"p_big={self.p_big!r}, p_skip={self.p_skip!r}: each must be in [0, 1] and together at most "
                 "1 (the small FFN gets 1 - p_big - p_skip)."
             )
-        routes = check_choices(self, "eval_routes", EVAL_ROUTES)
+        routes = check_choices(self, "eval_routes", eval_routings())
         if "all-skip" in routes and self.p_skip == 0:
             raise UsageError(
                 "eval_routes: 'all-skip' needs a model that allows skipping (train with --p-skip > 0)."
@@ -311,9 +309,109 @@ class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunAr
         check_data_fields(self)
 
 
+def _hidden(name: str):
+    """A from-scratch field of `ModelArguments` that a finetuning run takes from the checkpoint instead: no flag,
+    its stage 1 default (kept in ``training_args.json`` and the fingerprint, as stage 1 writes them)."""
+    default = ModelArguments.__dataclass_fields__[name].default
+    return field(default=default, init=False, repr=False)
+
+
+@dataclass(kw_only=True)
+class FinetuneArguments(TrainArguments):
+    """Arguments of the Appendix A finetuning run: `TrainArguments` in frozen-big mode, plus LoRA.
+
+    The model's shape and vocabulary come from the checkpoint and its tokenizer, so the from-scratch flags
+    (``--hidden-size``, ``--vocab-size``, ...) do not exist here.
+    """
+
+    prog = "duo-llm finetune"
+    description = (
+        "Finetune a pretrained OPT as a Duo-LLM model (the paper's Appendix A): frozen pretrained weights, small "
+        "FFNs trained with random routing, optional LoRA on the attention."
+    )
+
+    mode: str = field(default="frozen-big", init=False)
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--model-name-or-path", "--model_name_or_path"],
+            "help": "The pretrained OPT model (or a Llama-family one): a Hub name such as facebook/opt-1.3b, or a "
+            "local folder written by save_pretrained. Its tokenizer is loaded from the same place.",
+        },
+    )
+    vocab_size: int = _hidden("vocab_size")
+    tokenizer_train_chars: int = _hidden("tokenizer_train_chars")
+    hidden_size: int = _hidden("hidden_size")
+    num_layers: int = _hidden("num_layers")
+    num_heads: int = _hidden("num_heads")
+    num_kv_heads: int | None = _hidden("num_kv_heads")
+    intermediate_size: int | None = _hidden("intermediate_size")
+    max_position_embeddings: int | None = _hidden("max_position_embeddings")
+    run_name: str = with_default(RunArguments, "run_name", "finetune_duo")
+    lora: bool = field(
+        default=False,
+        metadata={"help": "Also train LoRA adapters (peft) on the attention projections; merged on save."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names for LoRA (default: the attention projections, "
+            "q_proj,k_proj,v_proj,out_proj for OPT and q_proj,k_proj,v_proj,o_proj for Llama)."
+        },
+    )
+
+    def validate(self) -> None:
+        """`TrainArguments.validate`, then the LoRA flags (and, when LoRA is on, that peft is installed)."""
+        if not self.init_from:
+            raise UsageError(
+                "init_from: give the pretrained model, e.g. --init-from facebook/opt-1.3b (Hub) or a local folder."
+            )
+        super().validate()
+        check_integer_fields(self, positive=("lora_r",))
+        check_float_fields(self, positive=("lora_alpha",), fractions=("lora_dropout",))
+        if self.lora_target_modules is not None and not self.lora_target_list():
+            raise UsageError("lora_target_modules: name at least one module (or leave it out for the attention).")
+        if not self.lora:
+            return
+        if importlib.util.find_spec("peft") is None:
+            raise MissingDependencyError("--lora needs peft: pip install 'duo-llm-hf[peft]' (or pip install peft).")
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            raise UsageError(
+                "--lora is not supported under FSDP (the adapters are merged on one full copy of the model); "
+                "use DDP or one process (a Duo OPT-1.3B fits one GPU)."
+            )
+
+    def lora_target_list(self) -> list[str] | None:
+        """The LoRA target module names, or None for the architecture's attention projections."""
+        if self.lora_target_modules is None:
+            return None
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+
+def eval_routings() -> tuple[str, ...]:
+    """The routings a stage 1 model may be evaluated under (``--eval-routes``): names of the routing vocabulary
+    (`models.routes.parse_routing`)."""
+    from ..models.routes import UNIFORM_PATTERNS
+
+    return ("random", *UNIFORM_PATTERNS)
+
+
+def schedulers() -> list[str]:
+    """What ``--lr-scheduler`` may name: transformers' schedulers (`get_scheduler`)."""
+    from transformers import SchedulerType
+
+    return [kind.value for kind in SchedulerType]
+
+
 def check_init_source(args: TrainArguments) -> None:
     """``init_from`` is given exactly in frozen-big mode, names a supported model (a folder or a Hub name) long
     enough for the blocks, and a local one holds a tokenizer unless ``--tokenizer`` is given."""
+    from ..data.tokenization import has_tokenizer
+    from .building import inspect_init_source, is_hub_id
+
     if args.mode == "frozen-big" and not args.init_from:
         raise UsageError(
             "mode 'frozen-big' needs --init-from: a dense Llama folder or a Duo model folder."
@@ -363,8 +461,8 @@ def check_run_fields(args) -> None:
         non_negative=("weight_decay", "max_grad_norm"),
         fractions=("adam_beta1", "adam_beta2"),
     )
-    if args.lr_scheduler not in SCHEDULERS:
-        raise UsageError(f"lr_scheduler: {args.lr_scheduler!r} is not a scheduler; use one of {SCHEDULERS}.")
+    if args.lr_scheduler not in schedulers():
+        raise UsageError(f"lr_scheduler: {args.lr_scheduler!r} is not a scheduler; use one of {schedulers()}.")
     for name in ("run_name", "report_to", "text_column"):
         if not getattr(args, name).strip():
             raise UsageError(f"{name}: {getattr(args, name)!r} is empty; give a name (see --help).")
@@ -376,6 +474,9 @@ def check_data_fields(args) -> None:
     The tokenizer folder, if given, holds a tokenizer; the datasets cache is not a file; a streamed corpus comes
     with ``max_steps``; the corpus specs parse (`data.parse_corpus_spec`) and the training corpus is not ``none``.
     """
+    from ..data.corpus import parse_corpus_spec
+    from ..data.tokenization import has_tokenizer
+
     if args.tokenizer is not None:
         folder = check_folder("tokenizer", args.tokenizer, "tokenizer folder")
         if not has_tokenizer(folder):
@@ -392,18 +493,19 @@ def check_data_fields(args) -> None:
 
 __all__ = [
     "DataArguments",
-    "EVAL_ROUTES",
+    "FinetuneArguments",
     "MODES",
     "ModelArguments",
     "OptimizationArguments",
     "RunArguments",
-    "SCHEDULERS",
     "TrainArguments",
     "build_parser",
     "check_data_fields",
     "check_init_source",
     "check_model_shape",
     "check_run_fields",
+    "eval_routings",
     "parse_arguments",
+    "schedulers",
     "with_default",
 ]

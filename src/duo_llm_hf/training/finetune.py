@@ -20,18 +20,14 @@ finetuned model is always saved whole.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
-from ..utils.arguments import check_float_fields, check_integer_fields
-from ..utils.errors import MissingDependencyError, UsageError
-from .arguments import ModelArguments, RunArguments, TrainArguments, parse_arguments, with_default
+from .arguments import FinetuneArguments, parse_arguments
 from .building import FROZEN_BIG_SOURCES
 from .checkpointing import TrainState
 from .train import ModelHooks, TrainResult, print_saved, train
@@ -41,88 +37,6 @@ ATTENTION_PROJECTIONS = {
     DuoOPTConfig.model_type: ("q_proj", "k_proj", "v_proj", "out_proj"),
     DuoLlamaConfig.model_type: ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
-
-
-def _hidden(name: str):
-    """A from-scratch field of `ModelArguments` that a finetuning run takes from the checkpoint instead: no flag,
-    its stage 1 default (kept in ``training_args.json`` and the fingerprint, as stage 1 writes them)."""
-    default = ModelArguments.__dataclass_fields__[name].default
-    return field(default=default, init=False, repr=False)
-
-
-@dataclass(kw_only=True)
-class FinetuneArguments(TrainArguments):
-    """Arguments of the Appendix A finetuning run: `TrainArguments` in frozen-big mode, plus LoRA.
-
-    The model's shape and vocabulary come from the checkpoint and its tokenizer, so the from-scratch flags
-    (``--hidden-size``, ``--vocab-size``, ...) do not exist here.
-    """
-
-    prog = "duo-llm finetune"
-    description = (
-        "Finetune a pretrained OPT as a Duo-LLM model (the paper's Appendix A): frozen pretrained weights, small "
-        "FFNs trained with random routing, optional LoRA on the attention."
-    )
-
-    mode: str = field(default="frozen-big", init=False)
-    init_from: str | None = field(
-        default=None,
-        metadata={
-            "aliases": ["--model-name-or-path", "--model_name_or_path"],
-            "help": "The pretrained OPT model (or a Llama-family one): a Hub name such as facebook/opt-1.3b, or a "
-            "local folder written by save_pretrained. Its tokenizer is loaded from the same place.",
-        },
-    )
-    vocab_size: int = _hidden("vocab_size")
-    tokenizer_train_chars: int = _hidden("tokenizer_train_chars")
-    hidden_size: int = _hidden("hidden_size")
-    num_layers: int = _hidden("num_layers")
-    num_heads: int = _hidden("num_heads")
-    num_kv_heads: int | None = _hidden("num_kv_heads")
-    intermediate_size: int | None = _hidden("intermediate_size")
-    max_position_embeddings: int | None = _hidden("max_position_embeddings")
-    run_name: str = with_default(RunArguments, "run_name", "finetune_duo")
-    lora: bool = field(
-        default=False,
-        metadata={"help": "Also train LoRA adapters (peft) on the attention projections; merged on save."},
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated module names for LoRA (default: the attention projections, "
-            "q_proj,k_proj,v_proj,out_proj for OPT and q_proj,k_proj,v_proj,o_proj for Llama)."
-        },
-    )
-
-    def validate(self) -> None:
-        """`TrainArguments.validate`, then the LoRA flags (and, when LoRA is on, that peft is installed)."""
-        if not self.init_from:
-            raise UsageError(
-                "init_from: give the pretrained model, e.g. --init-from facebook/opt-1.3b (Hub) or a local folder."
-            )
-        super().validate()
-        check_integer_fields(self, positive=("lora_r",))
-        check_float_fields(self, positive=("lora_alpha",), fractions=("lora_dropout",))
-        if self.lora_target_modules is not None and not self.lora_target_list():
-            raise UsageError("lora_target_modules: name at least one module (or leave it out for the attention).")
-        if not self.lora:
-            return
-        if importlib.util.find_spec("peft") is None:
-            raise MissingDependencyError("--lora needs peft: pip install 'duo-llm-hf[peft]' (or pip install peft).")
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-            raise UsageError(
-                "--lora is not supported under FSDP (the adapters are merged on one full copy of the model); "
-                "use DDP or one process (a Duo OPT-1.3B fits one GPU)."
-            )
-
-    def lora_target_list(self) -> list[str] | None:
-        """The LoRA target module names, or None for the architecture's attention projections."""
-        if self.lora_target_modules is None:
-            return None
-        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
 
 
 class AttentionLoRA:
@@ -264,7 +178,6 @@ def main(argv: list[str] | None = None) -> TrainResult:
 __all__ = [
     "ATTENTION_PROJECTIONS",
     "AttentionLoRA",
-    "FinetuneArguments",
     "MemoryEstimate",
     "estimate_memory",
     "finetune",

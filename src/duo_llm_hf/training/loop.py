@@ -206,13 +206,13 @@ class StepMeter:
 
 
 def progress_bar(args, accelerator: Accelerator, state: TrainState, total_steps: int, desc: str) -> tqdm:
-    """The run's bar of optimizer steps, from the step it resumes at; shown by the local main process unless
+    """The run's bar of optimizer steps, from the step it resumes at; shown by the main process unless
     ``args.progress`` is off."""
     return tqdm(
         total=total_steps,
         initial=state.global_step,
         desc=desc,
-        disable=not (args.progress and accelerator.is_local_main_process),
+        disable=not (args.progress and accelerator.is_main_process),
     )
 
 

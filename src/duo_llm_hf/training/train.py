@@ -260,16 +260,31 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 
 def print_saved(result: TrainResult, what: str) -> None:
-    """On the main process: where ``what`` was saved, after how many optimizer steps and tokens."""
-    if process_state().is_main_process:
-        steps, tokens = result.global_step, result.tokens_seen
-        print(f"Saved {what} to {result.output_dir} after {steps} steps ({tokens:,} tokens).")
+    """On the main process: where ``what`` was saved, after how many optimizer steps and tokens, and its held-out
+    perplexity under each evaluated routing (as router training prints its own)."""
+    if not process_state().is_main_process:
+        return
+    steps, tokens = result.global_step, result.tokens_seen
+    print(f"Saved {what} to {result.output_dir} after {steps} steps ({tokens:,} tokens).")
+    for line in perplexity_lines(result.eval_metrics):
+        print(f"  {line}")
+
+
+def perplexity_lines(eval_metrics: dict[str, float]) -> list[str]:
+    """``eval/<set>/<routing>/ppl`` metrics as one line per held-out set: ``<set>: perplexity <routing> <ppl>, ...``."""
+    by_set: dict[str, list[str]] = {}
+    for key, value in eval_metrics.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "eval" and parts[3] == "ppl":
+            by_set.setdefault(parts[1], []).append(f"{parts[2]} {value:.3f}")
+    return [f"{name}: perplexity {', '.join(values)}" for name, values in by_set.items()]
 
 
 __all__ = [
     "ModelHooks",
     "TrainResult",
     "main",
+    "perplexity_lines",
     "print_saved",
     "save_final",
     "train",

@@ -15,12 +15,12 @@ import codecs
 import dataclasses
 import math
 import re
+import types
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
-
-from transformers import HfArgumentParser as _HfArgumentParser
 
 from .errors import MissingFileError, UsageError, UsageErrors
 
@@ -30,40 +30,113 @@ MAX_SEED = 2**32 - 1
 SNIFF_BYTES = 1 << 13
 
 Arguments = TypeVar("Arguments")
+# Field metadata read by the parser itself rather than handed to `argparse.ArgumentParser.add_argument`.
+METADATA_KEYS = ("positional", "aliases", "no_help", "flag")
 
 
-class HfArgumentParser(UsageErrors, _HfArgumentParser):
-    """transformers' `HfArgumentParser` whose errors are `UsageError`s, with `parse` for one or more dataclasses.
+class HfArgumentParser(UsageErrors, argparse.ArgumentParser):
+    """transformers' `HfArgumentParser` (a flag per dataclass field, typed by its annotation), rebuilt on argparse
+    alone so that ``--help`` imports neither transformers nor torch; its errors are `UsageError`s.
 
     Each flag is spelled ``--name-with-dashes`` first (then ``--name_with_underscores``) in ``--help``, and only
-    so in errors; a field whose metadata has ``positional=True`` is a positional argument instead of a flag.
+    so in errors; a field whose metadata has ``positional=True`` is a positional argument instead of a flag. As in
+    transformers: ``X | None`` is ``X``; a ``Literal`` gives choices; a ``list[X]`` takes one or more values; a
+    ``bool`` flag takes an optional yes/no value, and one that defaults to True also has ``--no-name``, whose help is
+    the field's ``no_help`` metadata (default: "Turn off --name.").
     """
 
     def __init__(self, dataclass_types=None, **kwargs):
-        super().__init__(dataclass_types, **kwargs)
-        for action in self._actions:
-            action.option_strings.sort(key=lambda option: "_" in option)  # stable: only moves dashes first
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+        if dataclass_types is None:
+            dataclass_types = []
+        elif dataclasses.is_dataclass(dataclass_types):
+            dataclass_types = [dataclass_types]
+        self.dataclass_types = list(dataclass_types)
+        for dataclass_type in self.dataclass_types:
+            hints = typing.get_type_hints(dataclass_type)
+            for field in dataclasses.fields(dataclass_type):
+                if field.init:
+                    _add_field(self, field, hints[field.name])
 
     def error(self, message: str):
         # argparse names a flag by all its spellings (``--best-of-k/--best_of_k``): keep the first, as users write it.
         super().error(re.sub(r"(--[\w-]+)(?:/--[\w-]+)+", r"\1", message))
 
-    @staticmethod
-    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-        # transformers makes every field a flag; a positional one (`duo-llm card MODEL_DIR`) is added here.
-        if not field.metadata.get("positional"):
-            return _HfArgumentParser._parse_dataclass_field(parser, field)
-        kwargs = {key: value for key, value in field.metadata.items() if key != "positional"}
-        parser.add_argument(field.name, type=field.type, **kwargs)
-
     def parse(self, argv: Sequence[str] | None = None) -> tuple:
-        """The dataclasses of ``argv``; an unknown flag is a `UsageError` (transformers raises a bare ValueError)."""
-        *outputs, remaining = self.parse_args_into_dataclasses(
-            args=argv, look_for_args_file=False, return_remaining_strings=True
-        )
+        """The dataclasses of ``argv`` (default: the command line); an unknown flag is a `UsageError`."""
+        namespace, remaining = self.parse_known_args(args=argv)
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
-        return tuple(outputs)
+        values = vars(namespace)
+        return tuple(
+            dataclass_type(**{f.name: values.pop(f.name) for f in dataclasses.fields(dataclass_type) if f.init})
+            for dataclass_type in self.dataclass_types
+        )
+
+
+def string_to_bool(text: str | bool) -> bool:
+    """``yes/no``, ``true/false``, ``t/f``, ``y/n``, ``1/0`` (any case), as transformers reads a bool flag's value."""
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if text.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes/no, true/false, t/f, y/n or 1/0, got {text!r}")
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """The flag of a dataclass field, with underscores: its ``flag`` metadata where the flag follows a convention
+    its field name predates (the study's ``out`` is ``--output-dir``, as in transformers; ``--out`` stays an
+    alias), else the field name."""
+    return field.metadata.get("flag", field.name)
+
+
+def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) -> None:
+    """Add the flag (or positional argument) of one dataclass field of type ``kind``."""
+    kwargs = {key: value for key, value in field.metadata.items() if key not in METADATA_KEYS}
+    if field.metadata.get("positional"):
+        parser.add_argument(field.name, type=kind, **kwargs)
+        return
+    flag = flag_name(field)
+    names = [f"--{flag.replace('_', '-')}", *([f"--{flag}"] if "_" in flag else [])]
+    if flag != field.name:
+        kwargs.update(dest=field.name, metavar=flag.upper())
+    aliases = field.metadata.get("aliases", [])
+    names += [alias for alias in ([aliases] if isinstance(aliases, str) else aliases) if alias not in names]
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args and bool not in args:
+        (kind,) = [arg for arg in args if arg is not type(None)]  # ``X | None`` is read as X
+    default = field.default
+    if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    if default is dataclasses.MISSING and kind is not bool:
+        kwargs.update(required=True, default=argparse.SUPPRESS)  # ``--help`` shows no "(default: None)"
+    else:
+        kwargs["default"] = False if default is dataclasses.MISSING else default
+    origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        choices = typing.get_args(kind)
+        by_text = {str(choice): choice for choice in choices}
+        kwargs.update(choices=choices, type=lambda text: by_text.get(text, text))
+    elif kind is bool or kind == (bool | None):
+        kwargs.update(type=string_to_bool, nargs="?", const=True)
+    elif origin is list or kind is list:
+        kwargs.update(type=typing.get_args(kind)[0] if typing.get_args(kind) else str, nargs="+")
+    else:
+        kwargs["type"] = kind
+    parser.add_argument(*names, **kwargs)
+    if default is True and kwargs.get("type") is string_to_bool:
+        no_help = field.metadata.get("no_help", f"Turn off {names[0]}.")
+        parser.add_argument(
+            f"--no-{flag.replace('_', '-')}",
+            f"--no_{flag}",
+            action="store_false",
+            dest=field.name,
+            default=argparse.SUPPRESS,
+            help=no_help,
+        )
 
 
 class RawDescriptionDefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -90,8 +163,11 @@ def parse_arguments(arguments: type[Arguments], argv: Sequence[str] | None = Non
 
 def label(args, name: str) -> str:
     """How the user wrote argument ``name``: ``--name-with-dashes`` on a command whose messages name flags (its
-    arguments dataclass has ``flag_labels = True``), else the field name."""
-    return f"--{name.replace('_', '-')}" if getattr(args, "flag_labels", False) else name
+    arguments dataclass has ``flag_labels = True``), else the flag with underscores (`flag_name`: the field name
+    unless its metadata names another flag)."""
+    fields = {field.name: field for field in dataclasses.fields(args)} if dataclasses.is_dataclass(args) else {}
+    flag = flag_name(fields[name]) if name in fields else name
+    return f"--{flag.replace('_', '-')}" if getattr(args, "flag_labels", False) else flag
 
 
 def check_integer_fields(
@@ -177,7 +253,7 @@ def check_text_file(field: str, path: str | Path) -> None:
         text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
     except UnicodeDecodeError as err:
         raise UsageError(
-            f"{field}: {str(path)!r} is not UTF-8 text (byte {err.start} is {head[err.start:err.start + 1]!r}); "
+            f"{field}: {str(path)!r} is not UTF-8 text (byte {err.start} is {head[err.start : err.start + 1]!r}); "
             "give a text file (or, for the oracle, token blocks as .safetensors)."
         ) from None
     if "\x00" in text:
@@ -212,6 +288,7 @@ __all__ = [
     "check_integer_fields",
     "check_output_dir",
     "check_text_file",
+    "flag_name",
     "label",
     "parse_arguments",
     "user_values",

@@ -52,8 +52,12 @@ def debug_requested(argv: Sequence[str]) -> bool:
 def run_command(prog: str, function: Callable[[list[str]], object], argv: Sequence[str]) -> int:
     """Run ``function(argv)`` (``--debug`` removed) as the command ``prog``; return its exit code.
 
-    A `UsageError` becomes one line on stderr and exit code 2 unless debugging was asked for.
+    A `UsageError` becomes one line on stderr and exit code 2 unless debugging was asked for. The libraries' own
+    progress bars are off first, and a process other than the main one prints no warnings (`quiet_libraries`).
     """
+    from .processes import quiet_libraries
+
+    quiet_libraries()  # one bar per stage of ours, and only the main process prints
     debug = debug_requested(argv)
     try:
         result = function([arg for arg in argv if arg != DEBUG_FLAG])

@@ -6,12 +6,32 @@ bottom through ``arguments.py`` (flags and presets), ``plan.py`` (the runs to tr
 table files) and ``figure.py`` (``fig8.png``).
 """
 
-from .arguments import PRESETS, AblationArguments, build_arg_parser, parse_ablation_args
-from .benchmarks import BenchmarkSpec
-from .plan import P_BIGS, AblationPlan, PlannedRun, plan_ablation
-from .results import model_flops, planned_config
-from .run import AblationResult, main, run_ablation
-from .runs import run_is_finished
+import importlib
+
+# Each public name and the module that defines it, imported on first use, so that ``duo-llm ablation --help``
+# (which reads `arguments` only) imports neither torch nor the training code.
+_NAMES = {
+    "arguments": ["PRESETS", "AblationArguments", "build_arg_parser", "parse_ablation_args"],
+    "benchmarks": ["BenchmarkSpec"],
+    "plan": ["P_BIGS", "AblationPlan", "PlannedRun", "plan_ablation"],
+    "results": ["model_flops", "planned_config"],
+    "run": ["AblationResult", "main", "run_ablation"],
+    "runs": ["run_is_finished"],
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF])
+
 
 __all__ = [
     "AblationArguments",

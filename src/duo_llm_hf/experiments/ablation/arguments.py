@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...training.arguments import TrainArguments
-from ...utils.arguments import HfArgumentParser
+from ...utils.arguments import HfArgumentParser, build_parser
 from ...utils.errors import UsageError
 from ..presets import ablation_preset, preset_names
 
@@ -90,7 +90,21 @@ TrainingFlags.__doc__ = "The ablation's flags that are `TrainArguments` fields, 
 class AblationArguments(TrainingFlags):
     """Arguments of the ablation (each is also a flag, ``--name-with-dashes``). Unset values come from the preset."""
 
-    out: str = field(metadata={"help": "Output folder: trained runs, evaluations, table and plots."})
+    # The command's name and description in --help and errors (`build_parser`); unannotated, so not fields.
+    prog = "duo-llm ablation"
+    description = (
+        "The paper's Fig. 8 ablations: Duo vs dense at equal FLOPs, scratch vs frozen-big. Flags shown with "
+        "default None take the preset's value (the data files in duo_llm_hf/experiments/presets/)."
+    )
+
+    out: str = field(
+        metadata={
+            "flag": "output_dir",
+            "aliases": ["--out"],
+            "help": "Output folder: trained runs, evaluations, table and plots. (--out: the former spelling, "
+            "still accepted.)",
+        }
+    )
     preset: Literal["tiny", "cpu", "paper"] = field(
         default="cpu",
         metadata={
@@ -146,13 +160,7 @@ class AblationArguments(TrainingFlags):
 
 def build_arg_parser(**kwargs) -> HfArgumentParser:
     """The command-line parser of `AblationArguments` (kwargs go to `argparse.ArgumentParser`)."""
-    kwargs.setdefault("prog", "duo-llm ablation")
-    kwargs.setdefault(
-        "description",
-        "The paper's Fig. 8 ablations: Duo vs dense at equal FLOPs, scratch vs frozen-big. Flags shown with "
-        "default None take the preset's value (the data files in duo_llm_hf/experiments/presets/).",
-    )
-    return HfArgumentParser(AblationArguments, **kwargs)
+    return build_parser(AblationArguments, **kwargs)
 
 
 def parse_ablation_args(argv: Sequence[str] | None = None) -> AblationArguments:

@@ -1,6 +1,6 @@
 """The paper's ablations of stage 1 training (Section 3.4, Fig. 8): Duo against dense, scratch against frozen-big.
 
-One call, `run_ablation` (``python eval/ablation.py --preset cpu --out DIR``; later ``duo-llm ablation``), trains
+One call, `run_ablation` (``python eval/ablation.py --preset cpu --output-dir DIR``; later ``duo-llm ablation``), trains
 every model the figure needs with `duo_llm_hf.training.train.train`, evaluates them, and writes the table and the plots:
 
 - (a), (b) Duo against dense. One Duo model is trained from scratch with random routing at p_big = 0.5 (the
@@ -99,7 +99,7 @@ def run_ablation(args: AblationArguments) -> AblationResult:
 
 
 def main(argv: Sequence[str] | None = None) -> AblationResult:
-    """Command line: ``python eval/ablation.py --preset cpu --out runs/ablation`` (``--help`` for all flags)."""
+    """Command line: ``python eval/ablation.py --preset cpu --output-dir runs/ablation`` (``--help`` for all flags)."""
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("duo_llm_hf").setLevel(logging.INFO)
     # The harness warns on every load of a local-data task (its custom_dataset hook); that is not news here.

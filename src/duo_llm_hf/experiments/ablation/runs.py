@@ -50,8 +50,8 @@ def run_is_finished(run: PlannedRun, overwrite: bool = False) -> bool:
     if changed and not overwrite:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {planned[k]!r}" for k in changed)
         raise UsageError(
-            f"{folder} holds a finished run '{run.name}' trained with other arguments ({detail}). Use a new --out "
-            f"for other settings, or pass {OVERWRITE_FLAG} to retrain it."
+            f"{folder} holds a finished run '{run.name}' trained with other arguments ({detail}). Use a new "
+            f"--output-dir for other settings, or pass {OVERWRITE_FLAG} to retrain it."
         )
     return not changed
 
@@ -84,7 +84,7 @@ def prepare_tokenizer(plan: AblationPlan):
     if settings["tokenizer"] is None and len(tokenizer) > settings["vocab_size"]:
         raise UsageError(
             f"{folder} holds a tokenizer of {len(tokenizer)} tokens, more than vocab_size {settings['vocab_size']}; "
-            "use a new --out or pass --tokenizer."
+            "use a new --output-dir or pass --tokenizer."
         )
     return tokenizer
 

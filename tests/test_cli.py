@@ -1,0 +1,73 @@
+"""The ``duo-llm`` command line around the commands: ``--help`` answers at once, and the flags' spellings."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from duo_llm_hf.cli import COMMANDS
+from duo_llm_hf.utils.arguments import build_parser
+from duo_llm_hf.utils.errors import UsageError
+
+# What --help must not import: each takes seconds, and none is needed to list a command's flags.
+HEAVY = ("torch", "transformers", "datasets", "accelerate", "safetensors", "lm_eval", "huggingface_hub")
+# The commands whose arguments dataclasses still live next to torch code (to be moved out).
+NOT_YET_LIGHT = {"train-router", "study"}
+
+
+def help_imports(argv: list[str]) -> tuple[str, list[str]]:
+    """The output of ``duo-llm ARGV`` in a fresh interpreter, and which heavy modules it imported."""
+    code = f"""
+        import json, sys
+        from duo_llm_hf.cli import main
+        code = main({argv!r})
+        print("HEAVY", json.dumps([name for name in {HEAVY!r} if name in sys.modules]), code)
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out, _, last = done.stdout.rpartition("HEAVY ")
+    heavy, code = last.rsplit(" ", 1)
+    assert code.strip() == "0"
+    return out, json.loads(heavy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [None, *(name for name in COMMANDS if name not in ("eval", *NOT_YET_LIGHT))])
+def test_help_imports_neither_torch_nor_transformers(command):
+    out, heavy = help_imports(["--help"] if command is None else [command, "--help"])
+    assert out.startswith(f"usage: duo-llm {command or ''}".rstrip())
+    assert heavy == [], f"duo-llm {command or ''} --help imported {heavy}"
+
+
+@pytest.mark.slow
+def test_import_of_the_package_is_light_and_its_names_load_on_use():
+    code = """
+        import sys
+        import duo_llm_hf
+        print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
+        from duo_llm_hf import BIG, DuoLlamaConfig
+        from transformers import AutoConfig
+        print(BIG, AutoConfig.for_model("duo_llama").__class__ is DuoLlamaConfig)
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["[]", "1 True"]  # registered with the Auto classes on first use
+
+
+def test_negative_flags_have_their_own_help_and_output_dir_is_one_spelling(capsys):
+    from duo_llm_hf.experiments.ablation.arguments import AblationArguments
+    from duo_llm_hf.training.arguments import TrainArguments
+
+    text = build_parser(TrainArguments).format_help()
+    no_progress = text[text.index("--no-progress, --no_progress") :].split("\n")[1]
+    assert "Turn off --progress." in no_progress
+    for arguments in (AblationArguments, TrainArguments):
+        assert "  --output-dir OUTPUT_DIR, --output_dir OUTPUT_DIR" in build_parser(arguments).format_help()
+    (args,) = build_parser(AblationArguments).parse(["--out", "old", "--no-progress"])  # the former spelling
+    assert args.out == "old" and args.progress is False
+    (args,) = build_parser(AblationArguments).parse(["--output-dir", "new"])
+    assert args.out == "new"
+    with pytest.raises(UsageError, match=r"required: --output-dir \(see 'duo-llm ablation --help'\)"):
+        build_parser(AblationArguments).parse([])
