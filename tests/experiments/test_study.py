@@ -80,8 +80,10 @@ def test_report_numbers_are_those_of_metrics_json(study):
         for by_k in by_kind.values():
             for gap in by_k.values():
                 assert fmt(gap["gap_closed"]) in report and fmt(gap["realised_big_layers"]) in report
-    # Each finding of the paper, stated per holdout.
-    assert [f["holdout"] for f in metrics["findings"]] == [h for h in HOLDOUTS for _ in range(7)] and n == 6
+    # Each finding of the paper, and whether each distilled router beats the conventional one, stated per holdout.
+    assert [f["holdout"] for f in metrics["findings"]] == [h for h in HOLDOUTS for _ in range(9)] and n == 6
+    beats = next(f for f in metrics["findings"] if f["id"] == "distilled_beats_conventional")
+    assert beats["reproduced"] == all(p["distilled"] < p["conventional"] for p in beats["numbers"].values())
 
 
 @pytest.mark.slow

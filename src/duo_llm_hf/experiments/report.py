@@ -268,6 +268,20 @@ def holdout_findings(metrics: dict, holdout: str) -> list[dict]:
             distances,
         )
 
+    routers = metrics["routers"]
+    for kind in (k for k in ROUTER_LABELS if k != "conventional" and k in routers and "conventional" in routers):
+        pairs = {
+            k: {"conventional": routers["conventional"][k][holdout]["ppl"], kind: routers[kind][k][holdout]["ppl"]}
+            for k in budgets
+            if k in routers[kind] and k in routers["conventional"]
+        }
+        finding(
+            f"{kind}_beats_conventional",
+            f"beyond the paper: the {ROUTER_LABELS[kind]} beats the conventional router at every budget (perplexity)",
+            all(p[kind] < p["conventional"] for p in pairs.values()),
+            pairs,
+        )
+
     centers = m["big_layer_center"]
     low, high = budgets[0], budgets[-1]
     middle_layer = (n - 1) / 2
