@@ -132,7 +132,8 @@ def test_findings_follow_from_the_numbers(study):
 @pytest.mark.slow
 def test_rerun_reuses_finished_stages(study, capsys):
     before = (study / "metrics.json").read_text()
-    run_study(study, "tiny", progress=False)
+    holdouts = json.loads((study / "study_settings.json").read_text())["holdouts"]
+    run_study(study, "tiny", progress=False, holdouts=holdouts)
     assert "[duo-llm study]" not in capsys.readouterr().out  # no stage ran again
     assert json.loads((study / "metrics.json").read_text())["oracle"] == json.loads(before)["oracle"]
 

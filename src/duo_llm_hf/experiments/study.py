@@ -411,6 +411,10 @@ def router_stages(
     for kind in config.router_kinds:
         supervision, causal = ROUTER_SUPERVISION[kind]
         distilled = supervision == "oracle"
+        settings = {**config.router, **(config.distill_router if distilled else {})}
+        if distilled:  # a batch can hold at most the target blocks there are (the causal oracle labels few)
+            blocks_labelled = config.distill_causal_blocks if causal else config.distill_blocks
+            settings["batch_size"] = min(settings.get("batch_size", 16), blocks_labelled)
         for k in config.router_budgets:
             folder = stages.out / "routers" / f"{kind}-k{k}"
             layer_budget = parse_layer_budget(k)
@@ -431,7 +435,7 @@ def router_stages(
                 checkpoint_every=0,
                 seed=config.seed,
                 progress=stages.progress,
-                **{**config.router, **(config.distill_router if distilled else {})},
+                **settings,
             )
             record = stages.run(
                 f"router ({kind}, {k} BIG layers)",
