@@ -47,6 +47,7 @@ def test_cpu_presets_keep_their_values():
     default = STUDY_PRESETS["default"]
     assert default.train["max_steps"] == 900 and default.train["hidden_size"] == 64 and default.causal_budget == 2
     assert default.router == {"max_steps": 120, "batch_size": 16, "eval_blocks": 16, "eval_every": 20}
-    assert default.distill_router == {"max_steps": 240, "eval_every": 40} and default.best_of_k == 100
+    assert default.distill_router == {"max_steps": 160, "eval_every": 40} and default.best_of_k == 100
+    assert (default.distill_blocks, default.distill_causal_blocks) == (128, 8)
     assert STUDY_PRESETS["tiny"].router_budgets == (2, 3, 4) and STUDY_PRESETS["tiny"].distill_router == {}
     assert ABLATION_PRESETS["cpu"]["train_tokens"] == 800 * 16 * 64 and ABLATION_PRESETS["tiny"]["threads"] == 1
