@@ -23,7 +23,7 @@ def test_every_preset_key_is_a_setting():
     for name, config in STUDY_PRESETS.items():
         assert isinstance(config, StudyConfig) and config.preset == name
         assert set(config.train) <= train, (name, set(config.train) - train)
-        assert set(config.router) | set(config.oracle_router) <= router, name
+        assert set(config.router) | set(config.distill_router) <= router, name
         assert all(isinstance(getattr(config, f), tuple) for f in ("schedules", "router_budgets", "router_kinds"))
     # Ablation settings: its flags, or training fields the runs take (max_position_embeddings, checkpoint_every...).
     known = _names(AblationArguments) | train
@@ -46,7 +46,8 @@ def test_cpu_presets_keep_their_values():
     """`make demo` runs the default study preset; its metrics must not move with the presets' format."""
     default = STUDY_PRESETS["default"]
     assert default.train["max_steps"] == 900 and default.train["hidden_size"] == 64 and default.causal_budget == 2
-    assert default.router == {"max_steps": 120, "batch_size": 16, "eval_blocks": 16}
-    assert default.oracle_router == {"max_steps": 30, "batch_size": 8} and default.best_of_k == 100
-    assert STUDY_PRESETS["tiny"].router_budgets == (2, 3, 4) and STUDY_PRESETS["tiny"].oracle_router == {}
+    assert default.router == {"max_steps": 120, "batch_size": 16, "eval_blocks": 16, "eval_every": 20}
+    assert default.distill_router == {"max_steps": 160, "eval_every": 40} and default.best_of_k == 100
+    assert (default.distill_blocks, default.distill_causal_blocks) == (128, 8)
+    assert STUDY_PRESETS["tiny"].router_budgets == (2, 3, 4) and STUDY_PRESETS["tiny"].distill_router == {}
     assert ABLATION_PRESETS["cpu"]["train_tokens"] == 800 * 16 * 64 and ABLATION_PRESETS["tiny"]["threads"] == 1

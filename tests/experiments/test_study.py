@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from duo_llm_hf.cli import main as cli_main
-from duo_llm_hf.experiments.report import fmt
+from duo_llm_hf.experiments.report import fmt, gap_closed, interpolated_log_ppl
 from duo_llm_hf.experiments.study import PRESETS, run_study, study_config
 from tests.helpers import save_model_folder
+
+HOLDOUTS = ("english", "code", "mine")
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    assert cli_main(["study", "--out", str(out), "--preset", "tiny", "--no-progress"]) == 0
+    # A holdout of the user's own: text the built-in corpus does not hold, tokenized with the study's tokenizer.
+    mine = out.parent / "mine.txt"
+    mine.write_text("".join(f"Line {i}: the router decides, the oracle knows the next word.\n" for i in range(400)))
+    argv = ["study", "--out", str(out), "--preset", "tiny", "--no-progress", "--holdout", f"mine={mine}"]
+    assert cli_main(argv) == 0
     return out
 
 
@@ -32,14 +39,16 @@ def test_every_output_exists(study):
     for name in ("report.md", "report.html", "metrics.json"):
         assert (study / name).stat().st_size > 0
     figures = {p.name for p in (study / "figures").iterdir()}
-    for holdout in ("english", "code"):
+    for holdout in HOLDOUTS:
         stems = (
             "ppl_vs_budget",
             "methods",
             "schedules",
             "oracle_usage",
             "router_conventional_usage",
-            "router_oracle_usage",
+            "router_distilled_usage",
+            "router_distilled_causal_usage",
+            "router_curves",
         )
         for stem in stems:
             assert f"{stem}_{holdout}.png" in figures
@@ -67,7 +76,46 @@ def test_report_numbers_are_those_of_metrics_json(study):
         assert finding["statement"] in report
         for value in _numbers(finding["numbers"]):
             assert fmt(value) in report
-    assert len(metrics["findings"]) == 7 and n == 6
+    for by_kind in metrics["router_gap"].values():
+        for by_k in by_kind.values():
+            for gap in by_k.values():
+                assert fmt(gap["gap_closed"]) in report and fmt(gap["realised_big_layers"]) in report
+    # Each finding of the paper, and whether each distilled router beats the conventional one, stated per holdout.
+    assert [f["holdout"] for f in metrics["findings"]] == [h for h in HOLDOUTS for _ in range(9)] and n == 6
+    beats = next(f for f in metrics["findings"] if f["id"] == "distilled_beats_conventional")
+    assert beats["reproduced"] == all(p["distilled"] < p["conventional"] for p in beats["numbers"].values())
+
+
+@pytest.mark.slow
+def test_every_router_is_measured_on_every_holdout_with_its_curve(study):
+    metrics = json.loads((study / "metrics.json").read_text())
+    assert list(metrics["oracle"]) == list(HOLDOUTS)
+    assert set(metrics["routers"]) == {"conventional", "distilled", "distilled_causal"}
+    for kind, by_k in metrics["routers"].items():
+        for k, per_holdout in by_k.items():
+            steps = PRESETS["tiny"].router["max_steps"]
+            for holdout in HOLDOUTS:
+                entry = per_holdout[holdout]
+                assert [step for step, _ in entry["curve"]] == list(range(1, steps + 1)), (kind, k)
+                assert entry["curve"][-1][1] == pytest.approx(entry["ppl"], rel=1e-6)  # the last is the final one
+                gap = metrics["router_gap"][holdout][kind][k]
+                assert gap["ppl"] == entry["ppl"] and gap["realised_big_layers"] == pytest.approx(
+                    entry["realised"]["big"] * 6
+                )
+    # The distilled routers trained on stored targets: the oracle's over distill_blocks training blocks.
+    assert metrics["seconds"]["oracle_train"] > 0 and metrics["seconds"]["oracle_train_causal"] > 0
+
+
+def test_gap_closed_and_interpolation():
+    by_budget = {"0": {"fixed": 100.0, "oracle": 100.0}, "1": {"fixed": 80.0, "oracle": 40.0}, "2": {"fixed": 60.0,
+                 "oracle": 30.0}}  # fmt: skip
+    assert gap_closed(80.0, 80.0, 40.0) == 0 and gap_closed(40.0, 80.0, 40.0) == pytest.approx(1.0)
+    assert gap_closed(math.sqrt(80.0 * 40.0), 80.0, 40.0) == pytest.approx(0.5)  # half way in log perplexity
+    assert gap_closed(90.0, 80.0, 40.0) < 0  # worse than fixed
+    assert math.isnan(gap_closed(50.0, 40.0, 40.0))
+    assert interpolated_log_ppl(by_budget, "fixed", 1.0) == pytest.approx(math.log(80.0))
+    assert interpolated_log_ppl(by_budget, "oracle", 1.5) == pytest.approx((math.log(40.0) + math.log(30.0)) / 2)
+    assert interpolated_log_ppl(by_budget, "fixed", 2.0) == pytest.approx(math.log(60.0))
 
 
 @pytest.mark.slow
@@ -84,7 +132,8 @@ def test_findings_follow_from_the_numbers(study):
 @pytest.mark.slow
 def test_rerun_reuses_finished_stages(study, capsys):
     before = (study / "metrics.json").read_text()
-    run_study(study, "tiny", progress=False)
+    holdouts = json.loads((study / "study_settings.json").read_text())["holdouts"]
+    run_study(study, "tiny", progress=False, holdouts=holdouts)
     assert "[duo-llm study]" not in capsys.readouterr().out  # no stage ran again
     assert json.loads((study / "metrics.json").read_text())["oracle"] == json.loads(before)["oracle"]
 
@@ -135,4 +184,5 @@ def test_study_of_a_given_duo_opt_model(tmp_path):
     metrics = run_study(tmp_path / "study", "tiny", progress=False, model=folder)
     assert metrics["model"]["type"] == "duo_opt" and metrics["model"]["layers"] == 6
     assert not (tmp_path / "study" / "model").exists()  # no stage 1
-    assert set(metrics["routers"]) == {"conventional", "oracle"} and (tmp_path / "study" / "report.md").exists()
+    assert set(metrics["routers"]) == {"conventional", "distilled", "distilled_causal"}
+    assert (tmp_path / "study" / "report.md").exists()

@@ -15,12 +15,18 @@ from duo_llm_hf.data.corpus import pack_corpus
 from duo_llm_hf.data.tokenization import load_tokenizer
 from duo_llm_hf.experiments.router_comparison import ComparisonArguments, compare_routers, comparison_table
 from duo_llm_hf.models.routed_ffn import router_probabilities, router_temperature, routers
+from duo_llm_hf.oracle.results import OracleResult
 from duo_llm_hf.training.arguments import parse_arguments
 from duo_llm_hf.training.checkpointing import list_checkpoints
 from duo_llm_hf.training.loaders import load_corpora, make_eval_loaders
 from duo_llm_hf.training.router_arguments import RouterTrainArguments, budget_flag, parse_budget_flag
 from duo_llm_hf.training.router_evaluation import evaluate_router
-from duo_llm_hf.training.router_oracle import oracle_router_targets, router_agreement
+from duo_llm_hf.training.router_oracle import (
+    compute_oracle_targets,
+    oracle_target_blocks,
+    router_agreement,
+    targets_folder,
+)
 from duo_llm_hf.training.routers import add_routers, train_router
 from duo_llm_hf.training.train import train
 from duo_llm_hf.utils.loading import load_duo_model
@@ -200,7 +206,29 @@ def stage1(tmp_path_factory) -> str:
     return args.output_dir
 
 
-def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path, stage1):
+def test_stored_oracle_targets_round_trip(tmp_path, stage1):
+    """The oracle's targets are an oracle result folder: read back, they give the routes the engine found, under
+    the exact budget, for the independent and the causal oracle; a budget not computed is refused."""
+    model = load_duo_model(stage1)
+    blocks = torch.randint(0, model.config.vocab_size, (3, 16))
+    result = compute_oracle_targets(
+        model, blocks, ["big=1"], tmp_path / "targets", causal=True, batch_size=2, progress=False
+    )
+    again = OracleResult.load(tmp_path / "targets")
+    for causal, method in ((False, "oracle"), (True, "causal_oracle")):
+        rows = oracle_target_blocks(again, "big=1", causal)
+        assert len(rows) == 3
+        torch.testing.assert_close(rows[:]["routes"], result.routes("big=1", method), rtol=0, atol=0)
+        torch.testing.assert_close(rows[:]["input_ids"], blocks, rtol=0, atol=0)
+        mask = rows[:]["token_mask"]
+        assert mask.dtype == torch.bool and not mask[:, -1].any() and mask[:, :-1].all()
+        assert (rows[:]["routes"][mask] == BIG).sum(-1).eq(1).all()  # exactly one BIG layer of 2
+    with pytest.raises(ValueError, match="not 'big=2'"):
+        oracle_target_blocks(again, 2)
+
+
+@pytest.mark.slow
+def test_distilled_router_learns_the_oracles_choices(tmp_path, stage1):
     args = tiny_router_args(
         tmp_path,
         stage1,
@@ -211,6 +239,8 @@ def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path, stage1):
         max_steps=40,
         learning_rate=0.05,
         eval_blocks=4,
+        eval_every=20,
+        oracle_blocks=64,
         holdout_code="none",
     )
     result = train_router(args)
@@ -219,14 +249,22 @@ def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path, stage1):
     assert 0 < report["train_oracle_agreement_last_window"] <= 1
     realised = report["holdouts"]["english"]["realised"]
     assert len(realised["per_layer"]) == LAYERS and sum(realised["overall"].values()) == pytest.approx(1.0)
+    # Its training loss (cross-entropy towards the stored oracle routes) goes down.
+    losses = [result.losses[step] for step in sorted(result.losses)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.01, losses
 
-    # On training blocks, each layer's hard choice (teacher forced on the oracle's route) agrees with the oracle
-    # more often than the fresh routers do, and more often than always taking each layer's commoner choice.
+    # The targets were computed once, by the oracle engine, on the first training blocks, and stored.
+    stored = OracleResult.load(targets_folder(args.output_dir))
     train_texts, _ = load_corpora(args)
+    packed = pack_corpus(train_texts, load_tokenizer(args.output_dir), 16)
+    count = min(64, len(packed))
+    torch.testing.assert_close(stored.tensors["input_ids"], packed["input_ids"][:count], rtol=0, atol=0)
+    rows = oracle_target_blocks(stored, "big=1")
+    blocks, routes, mask = rows[:]["input_ids"], rows[:]["routes"], rows[:]["token_mask"]
+
+    # On those blocks, each layer's hard choice (teacher forced on the oracle's route) agrees with the oracle
+    # more often than the fresh routers do, and more often than always taking each layer's commoner choice.
     trained = load_duo_model(args.output_dir)
-    blocks = pack_corpus(train_texts, load_tokenizer(args.output_dir), 16)["input_ids"][:64]
-    routes, mask = oracle_router_targets(trained, blocks, report["oracle_budget"])
-    assert routes.shape == (64, 16, LAYERS) and (routes[mask] == BIG).sum(-1).eq(1).all()
     fresh = add_routers(load_duo_model(stage1), ["small", "big"], seed=args.seed)
     agreement = {}
     for name, model in (("trained", trained), ("fresh", fresh)):
@@ -241,10 +279,18 @@ def test_oracle_supervised_router_learns_the_oracles_choices(tmp_path, stage1):
     majority = torch.maximum(p_big, 1 - p_big).mean().item()
     assert agreement["trained"] > max(majority, agreement["fresh"]) + 0.05, (agreement, majority)
     calibration = report["oracle_calibration"]
-    assert calibration["blocks"] == min(64, len(pack_corpus(train_texts, load_tokenizer(args.output_dir), 16)))
+    assert calibration["blocks"] == count
     assert len(calibration["bias_offsets"]) == LAYERS and calibration["agreement_after"] == pytest.approx(
         agreement["trained"]
     )
+
+    # A second router reads the stored targets instead of running the oracle again.
+    reader = tiny_router_args(
+        tmp_path, stage1, "reader", supervision="oracle", oracle_targets=str(targets_folder(args.output_dir)),
+        max_steps=2, batch_size=8, holdout_code="none",
+    )  # fmt: skip
+    train_router(reader)
+    assert not targets_folder(reader.output_dir).exists()
 
 
 def test_router_vs_oracle_table(tmp_path, stage1, monkeypatch):
@@ -272,7 +318,7 @@ def test_router_vs_oracle_table(tmp_path, stage1, monkeypatch):
     assert table == comparison_table(results) + "\n"
     methods = [line.split("|")[2].strip() for line in table.splitlines()[2:]]
     assert methods[:2] == ["all small", "oracle"] and methods[2].startswith("fixed `")
-    assert methods[3:] == ["router (conventional)", "router (oracle-supervised)", "all big"]
+    assert methods[3:] == ["router (conventional)", "router (distilled from the oracle)", "all big"]
 
     # A rerun with the same arguments reuses the finished routers and oracle studies.
     monkeypatch.setattr("duo_llm_hf.experiments.router_comparison.train_router", None)

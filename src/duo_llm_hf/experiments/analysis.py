@@ -80,6 +80,30 @@ def plot_usage_heatmaps(
     return _save(fig, path, tight=False)
 
 
+def plot_router_curves(
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    references: Mapping[str, float],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Held-out perplexity against training steps, one line per router (``[[step, ppl], ...]``), with horizontal
+    reference lines (fixed and oracle at the same budget): whether a router converged, and where to."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+    for i, (label, value) in enumerate(references.items()):
+        ax.axhline(value, color="grey", linestyle=("--", ":", "-.")[i % 3], linewidth=1, label=label)
+    ax.set_xlabel("router training step")
+    ax.set_ylabel("held-out perplexity (hard routing)")
+    ax.set_yscale("log")
+    ax.set_title(title or "Router training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def usage_fraction(usage: torch.Tensor, choice: int = BIG) -> torch.Tensor:
     """``[layers, positions]`` fraction of tokens taking ``choice`` from ``[choices, layers, positions]`` usage."""
     usage = usage.double()

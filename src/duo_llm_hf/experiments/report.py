@@ -28,7 +28,11 @@ from ..utils.run_files import (
 from ..utils.tables import markdown_table
 from . import analysis
 
-ROUTER_LABELS = {"conventional": "router", "oracle": "oracle-supervised router"}
+ROUTER_LABELS = {
+    "conventional": "router",
+    "distilled": "distilled router",
+    "distilled_causal": "distilled router (causal oracle)",
+}
 
 
 def collect_metrics(config, model, stages, oracle, skip, causal, routers, n_layers: int) -> dict:
@@ -59,6 +63,7 @@ def collect_metrics(config, model, stages, oracle, skip, causal, routers, n_laye
         },
         "token_difficulty": {h: difficulty_metrics(r) for h, r in oracle.items()},
     }
+    metrics["router_gap"] = router_gaps(metrics)
     metrics["findings"] = findings(metrics)
     metrics["seconds"] = stage_seconds(stages.out)
     return metrics
@@ -160,6 +165,45 @@ def _router_numbers(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k != "usage"}
 
 
+def interpolated_log_ppl(by_budget: dict, method: str, big_layers: float) -> float:
+    """Log perplexity of ``method`` (``oracle`` or ``fixed``) at a fractional number of BIG layers, linear in log
+    perplexity between the two whole budgets around it (the routers realise budgets between whole numbers)."""
+    low = max(0, min(int(math.floor(big_layers)), len(by_budget) - 1))
+    high = min(low + 1, len(by_budget) - 1)
+    share = min(max(big_layers - low, 0.0), 1.0) if high > low else 0.0
+    a, b = math.log(by_budget[str(low)][method]), math.log(by_budget[str(high)][method])
+    return a + share * (b - a)
+
+
+def gap_closed(router_ppl: float, fixed_ppl: float, oracle_ppl: float) -> float:
+    """Share of the fixed-to-oracle gap in log perplexity that a router closes: 0 at the fixed pattern, 1 at the
+    oracle, negative when worse than fixed (NaN when the oracle is no better than fixed)."""
+    gap = math.log(fixed_ppl) - math.log(oracle_ppl)
+    return (math.log(fixed_ppl) - math.log(router_ppl)) / gap if gap > 0 else float("nan")
+
+
+def router_gaps(metrics: dict) -> dict:
+    """Per holdout, router kind and target budget: the router's realised BIG layers and perplexity, fixed and
+    oracle at that realised budget (`interpolated_log_ppl`) and the share of their gap it closes (`gap_closed`)."""
+    n = metrics["model"]["layers"]
+    gaps: dict[str, dict] = {}
+    for holdout, m in metrics["oracle"].items():
+        for kind, by_k in metrics["routers"].items():
+            for k, per_holdout in by_k.items():
+                entry = per_holdout[holdout]
+                big_layers = entry["realised"].get("big", 0.0) * n
+                fixed = math.exp(interpolated_log_ppl(m["by_budget"], "fixed", big_layers))
+                oracle = math.exp(interpolated_log_ppl(m["by_budget"], "oracle", big_layers))
+                gaps.setdefault(holdout, {}).setdefault(kind, {})[k] = {
+                    "realised_big_layers": big_layers,
+                    "ppl": entry["ppl"],
+                    "fixed": fixed,
+                    "oracle": oracle,
+                    "gap_closed": gap_closed(entry["ppl"], fixed, oracle),
+                }
+    return gaps
+
+
 def stage_seconds(out: Path) -> dict[str, float]:
     seconds = {}
     for marker in sorted(out.glob(f"**/{STAGE_DONE_FILE}")):
@@ -172,98 +216,98 @@ def stage_seconds(out: Path) -> dict[str, float]:
 
 
 def findings(metrics: dict) -> list[dict]:
-    """The paper's findings, each with the numbers that decide it and whether this run reproduces it."""
+    """The paper's findings on each holdout, each with the numbers that decide it and whether this run reproduces
+    it there (`holdout_findings`)."""
+    return [finding for holdout in metrics["oracle"] for finding in holdout_findings(metrics, holdout)]
+
+
+def holdout_findings(metrics: dict, holdout: str) -> list[dict]:
+    """The paper's findings checked on the numbers of one holdout."""
     out = []
-    english = metrics["oracle"]["english"]
+    m = metrics["oracle"][holdout]
     n = metrics["model"]["layers"]
     budgets = [str(k) for k in metrics["settings"]["router_budgets"]]
     best_of = f"best_of_{metrics['settings']['best_of_k']}"
 
-    numbers = {k: {m: english["by_budget"][k][m] for m in ("oracle", best_of, "fixed")} for k in budgets}
+    def finding(key: str, statement: str, reproduced: bool, numbers: dict) -> None:
+        out.append({**_finding(key, statement, reproduced, numbers), "holdout": holdout})
+
+    numbers = {k: {method: m["by_budget"][k][method] for method in ("oracle", best_of, "fixed")} for k in budgets}
     ok = all(v["oracle"] < v[best_of] < v["fixed"] for v in numbers.values())
-    out.append(
-        _finding("oracle_beats_random_beats_fixed", f"oracle < {best_of.replace('_', '-')} < fixed", ok, numbers)
+    finding("oracle_beats_random_beats_fixed", f"oracle < {best_of.replace('_', '-')} < fixed", ok, numbers)
+
+    one, all_big = m["by_budget"]["1"]["oracle"], m["all_big"]
+    finding(
+        "one_big_layer_beats_all_big",
+        "oracle with 1 BIG layer beats all-BIG",
+        one < all_big,
+        {"oracle_1_big": one, "all_big": all_big},
     )
 
-    one, all_big = english["by_budget"]["1"]["oracle"], english["all_big"]
-    out.append(
-        _finding(
-            "one_big_layer_beats_all_big",
-            "oracle with 1 BIG layer beats all-BIG",
-            one < all_big,
-            {"oracle_1_big": one, "all_big": all_big},
-        )
-    )
-
-    curve = {k: v["oracle"] for k, v in english["by_budget"].items()}
+    curve = {k: v["oracle"] for k, v in m["by_budget"].items()}
     best_k = min(curve, key=curve.get)
-    out.append(
-        _finding(
-            "oracle_lowest_at_middle_budget",
-            "oracle perplexity is lowest at a middle budget (0 < k < n)",
-            0 < int(best_k) < n,
-            {
-                "best_k": int(best_k),
-                "ppl_at_best_k": curve[best_k],
-                "ppl_at_0": curve["0"],
-                f"ppl_at_{n}": curve[str(n)],
-            },
-        )
+    finding(
+        "oracle_lowest_at_middle_budget",
+        "oracle perplexity is lowest at a middle budget (0 < k < n)",
+        0 < int(best_k) < n,
+        {"best_k": int(best_k), "ppl_at_best_k": curve[best_k], "ppl_at_0": curve["0"], f"ppl_at_{n}": curve[str(n)]},
     )
 
     distances = {}
-    for kind, by_k in metrics["routers"].items():
-        for k in budgets:
-            router = math.log(by_k[k]["english"]["ppl"])
-            fixed, oracle = math.log(english["by_budget"][k]["fixed"]), math.log(english["by_budget"][k]["oracle"])
-            distances[f"{kind}@{k}"] = {"to_fixed": abs(router - fixed), "to_oracle": abs(router - oracle)}
+    for k in budgets:
+        if k not in metrics["routers"].get("conventional", {}):
+            continue
+        router = math.log(metrics["routers"]["conventional"][k][holdout]["ppl"])
+        fixed, oracle = math.log(m["by_budget"][k]["fixed"]), math.log(m["by_budget"][k]["oracle"])
+        distances[k] = {"to_fixed": abs(router - fixed), "to_oracle": abs(router - oracle)}
     if distances:
-        ok = all(d["to_fixed"] < d["to_oracle"] for k, d in distances.items() if k.startswith("conventional"))
-        out.append(
-            _finding(
-                "routers_closer_to_fixed",
-                "the conventional router sits closer to fixed than to the oracle (distance in log perplexity)",
-                ok,
-                distances,
-            )
+        finding(
+            "routers_closer_to_fixed",
+            "the conventional router sits closer to fixed than to the oracle (distance in log perplexity)",
+            all(d["to_fixed"] < d["to_oracle"] for d in distances.values()),
+            distances,
         )
 
-    centers = {h: metrics["oracle"][h]["big_layer_center"] for h in metrics["oracle"]}
+    routers = metrics["routers"]
+    for kind in (k for k in ROUTER_LABELS if k != "conventional" and k in routers and "conventional" in routers):
+        pairs = {
+            k: {"conventional": routers["conventional"][k][holdout]["ppl"], kind: routers[kind][k][holdout]["ppl"]}
+            for k in budgets
+            if k in routers[kind] and k in routers["conventional"]
+        }
+        finding(
+            f"{kind}_beats_conventional",
+            f"beyond the paper: the {ROUTER_LABELS[kind]} beats the conventional router at every budget (perplexity)",
+            all(p[kind] < p["conventional"] for p in pairs.values()),
+            pairs,
+        )
+
+    centers = m["big_layer_center"]
     low, high = budgets[0], budgets[-1]
     middle_layer = (n - 1) / 2
-    ok = all(c[low] > middle_layer > c[high] for c in centers.values())
-    out.append(
-        _finding(
-            "oracle_later_layers_at_low_budget",
-            f"the oracle favours later layers at low budgets (k={low}) and earlier ones at high budgets "
-            f"(k={high}): mean BIG layer index above / below the middle layer {middle_layer:g}",
-            ok,
-            centers,
-        )
+    finding(
+        "oracle_later_layers_at_low_budget",
+        f"the oracle favours later layers at low budgets (k={low}) and earlier ones at high budgets "
+        f"(k={high}): mean BIG layer index above / below the middle layer {middle_layer:g}",
+        centers[low] > middle_layer > centers[high],
+        centers,
     )
 
-    difficulty = metrics["token_difficulty"]
-    ok = all(d["spearman_small_vs_gap"] < 0.9 and d["top_decile_overlap"] < 0.5 for d in difficulty.values())
-    out.append(
-        _finding(
-            "gap_ranks_tokens_differently",
-            "the loss gap ranks tokens differently from the small model's loss (Spearman < 0.9 and "
-            "top-10% overlap < 0.5)",
-            ok,
-            difficulty,
-        )
+    difficulty = metrics["token_difficulty"][holdout]
+    finding(
+        "gap_ranks_tokens_differently",
+        "the loss gap ranks tokens differently from the small model's loss (Spearman < 0.9 and top-10% overlap < 0.5)",
+        difficulty["spearman_small_vs_gap"] < 0.9 and difficulty["top_decile_overlap"] < 0.5,
+        difficulty,
     )
 
-    schedules = {h: metrics["oracle"][h]["schedules"] for h in metrics["oracle"]}
+    schedules = m["schedules"]
     constant = str(metrics["settings"]["constant_budget"])
-    ok = all(s[constant] < min(v for k, v in s.items() if k != constant) for s in schedules.values())
-    out.append(
-        _finding(
-            "oracle_prefers_constant_budget",
-            f"a constant budget of {constant} BIG layers beats budgets that change along the sequence",
-            ok,
-            schedules,
-        )
+    finding(
+        "oracle_prefers_constant_budget",
+        f"a constant budget of {constant} BIG layers beats budgets that change along the sequence",
+        schedules[constant] < min(v for k, v in schedules.items() if k != constant),
+        schedules,
     )
     return out
 
@@ -326,8 +370,28 @@ def write_figures(out: Path, metrics: dict, oracle: dict[str, OracleResult], rou
                 figures / f"router_{kind}_usage_{holdout}.png",
                 f"{ROUTER_LABELS[kind]}: BIG usage ({holdout}; Fig. 3)",
             )
+        paths.update(_curve_figures(figures, metrics, holdout))
         paths.update(_difficulty_figures(figures, holdout, oracle[holdout], model_dir))
     return paths
+
+
+def _curve_figures(figures: Path, metrics: dict, holdout: str) -> dict:
+    """The routers' held-out perplexity along training at the middle router budget, against fixed and oracle."""
+    if not metrics["routers"]:
+        return {}
+    budgets = metrics["settings"]["router_budgets"]
+    k = str(budgets[len(budgets) // 2])
+    curves = {ROUTER_LABELS[kind]: by_k[k][holdout].get("curve", []) for kind, by_k in metrics["routers"].items()}
+    if not any(curves.values()):
+        return {}
+    entry = metrics["oracle"][holdout]["by_budget"][k]
+    path = analysis.plot_router_curves(
+        curves,
+        {f"fixed (k={k})": entry["fixed"], f"oracle (k={k})": entry["oracle"]},
+        figures / f"router_curves_{holdout}.png",
+        f"Routers along training, {k} BIG layers of {metrics['model']['layers']} ({holdout})",
+    )
+    return {f"router_curves_{holdout}": path}
 
 
 def _difficulty_figures(figures: Path, holdout: str, result: OracleResult, model_dir: Path) -> dict:
@@ -362,14 +426,17 @@ def report_blocks(metrics: dict, figures: dict) -> list[tuple]:
             f"big FFN {model['big_inner_size']}, small FFN {model['small_inner_size']}, "
             f"{fmt(model['parameters'])} parameters; from {model['source']}) "
             f"trained with random routing for {fmt(model['training_steps'])} steps "
-            f"({fmt(model['training_tokens'])} tokens), then the oracle, routers and token difficulty on the English "
-            "and code holdouts. Every number below is in metrics.json.",
+            f"({fmt(model['training_tokens'])} tokens), then the oracle, routers and token difficulty on the "
+            f"holdouts {', '.join(metrics['oracle'])}. Every number below is in metrics.json.",
         ),
         ("h", 2, "Findings of the paper"),
         (
             "table",
-            ["finding", "reproduced", "numbers"],
-            [[f["statement"], fmt(f["reproduced"]), _numbers_text(f["numbers"])] for f in metrics["findings"]],
+            ["finding", "holdout", "reproduced", "numbers"],
+            [
+                [f["statement"], f["holdout"], fmt(f["reproduced"]), _numbers_text(f["numbers"])]
+                for f in metrics["findings"]
+            ],
         ),
     ]
     for holdout, m in metrics["oracle"].items():
@@ -411,7 +478,7 @@ def report_blocks(metrics: dict, figures: dict) -> list[tuple]:
         ]
         for kind in metrics["routers"]:
             blocks.append(("img", figures[f"router_{kind}_usage_{holdout}"], f"{ROUTER_LABELS[kind]} usage heatmaps"))
-    blocks += _router_blocks(metrics) + _skip_blocks(metrics) + _causal_blocks(metrics)
+    blocks += _router_blocks(metrics) + _gap_blocks(metrics, figures) + _skip_blocks(metrics) + _causal_blocks(metrics)
     blocks += [
         ("h", 2, "Token difficulty (Fig. 5 and 6)"),
         (
@@ -455,6 +522,64 @@ def _router_blocks(metrics: dict) -> list[tuple]:
         ("h", 2, "Routers at their realised budgets"),
         ("table", ["router", "target BIG layers", "holdout", "perplexity", "realised BIG", "realised small"], rows),
     ]
+
+
+def _gap_blocks(metrics: dict, figures: dict) -> list[tuple]:
+    """The routers against fixed and oracle at their realised budgets, the share of the gap each closes, whether
+    the distilled router beats the conventional one, and the training curves."""
+    gaps = metrics.get("router_gap", {})
+    if not gaps:
+        return []
+    rows = [
+        [h, ROUTER_LABELS[kind], k, fmt(g["realised_big_layers"]), fmt(g["ppl"]), fmt(g["fixed"]), fmt(g["oracle"]),
+         fmt(g["gap_closed"])]
+        for h, by_kind in gaps.items()
+        for kind, by_k in by_kind.items()
+        for k, g in by_k.items()
+    ]  # fmt: skip
+    blocks = [
+        ("h", 2, "Routers against fixed and oracle: the share of the gap closed"),
+        (
+            "p",
+            "Each router is evaluated with hard routing at the budget it realises (realised BIG layers, mean over "
+            "tokens); fixed and oracle are taken at that same budget, linear in log perplexity between the two whole "
+            "budgets around it. Gap closed = (log fixed - log router) / (log fixed - log oracle): 0 is the fixed "
+            "pattern, 1 the oracle. The distilled routers learn the oracle's per-token routes on training blocks "
+            f"({fmt(metrics['settings']['distill_blocks'])} blocks for the oracle, "
+            f"{fmt(metrics['settings']['distill_causal_blocks'])} for the causal oracle, which decides without the "
+            "next token and so is realisable by a router).",
+        ),
+        (
+            "table",
+            [
+                "holdout",
+                "router",
+                "target BIG layers",
+                "realised BIG layers",
+                "router",
+                "fixed",
+                "oracle",
+                "gap closed",
+            ],
+            rows,
+        ),  # fmt: skip
+    ]
+    for kind in (k for k in gaps[next(iter(gaps))] if k != "conventional"):
+        wins = {
+            h: {k: by_kind[kind][k]["ppl"] < by_kind["conventional"][k]["ppl"] for k in by_kind[kind]}
+            for h, by_kind in gaps.items()
+            if "conventional" in by_kind
+        }
+        won = [h for h, w in wins.items() if all(w.values())]
+        lost = {h: [k for k, ok in w.items() if not ok] for h, w in wins.items() if not all(w.values())}
+        text = f"The {ROUTER_LABELS[kind]} beats the conventional router at every budget on: {', '.join(won) or 'none'}"
+        if lost:
+            text += "; not on " + "; ".join(f"{h} (budgets {', '.join(ks)})" for h, ks in lost.items())
+        blocks.append(("p", text + "."))
+    for holdout in gaps:
+        if f"router_curves_{holdout}" in figures:
+            blocks.append(("img", figures[f"router_curves_{holdout}"], f"router training curves ({holdout})"))
+    return blocks
 
 
 def _skip_blocks(metrics: dict) -> list[tuple]:

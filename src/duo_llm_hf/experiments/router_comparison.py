@@ -1,4 +1,4 @@
-"""Held-out perplexity against realised budget: conventional router, oracle-supervised router, fixed, oracle.
+"""Held-out perplexity against realised budget: conventional router, router distilled from the oracle, fixed, oracle.
 
 `compare_routers` takes a stage 1 Duo model over small / big and, for each budget of ``k`` BIG layers out of ``L``:
 
@@ -6,9 +6,9 @@
   ``k`` BIG layers: each token's best pattern, and the best single pattern. Both are chosen *on the held-out tokens
   themselves* (they see the labels), as in the paper; their BIG fraction is exactly ``k / L``;
 - **router**: the paper's router, trained by `training.routers.train_router` with the budget ``k / L``
-  (``supervision="conventional"``), and the **oracle-supervised router** (``supervision="oracle"``, the oracle's budget
-  ``big=k`` on the training text); both are evaluated with hard routing on the same held-out blocks, at the BIG
-  fraction they realise there.
+  (``supervision="conventional"``), and the **distilled router** (``supervision="oracle"``: trained on the oracle's
+  routes under ``big=k``, computed once on ``oracle_blocks`` training blocks); both are evaluated with hard routing
+  on the same held-out blocks, at the BIG fraction they realise there.
 
 The all-small and all-big patterns are the references at ``k = 0`` and ``k = L``. Results go to
 ``<output_dir>/router_vs_oracle.json`` and a markdown table ``router_vs_oracle.md``; the oracle studies and router
@@ -41,7 +41,7 @@ from ..utils.tables import markdown_table
 PROG = "eval/router_vs_oracle.py"
 RESULT_FILE = "router_vs_oracle.json"
 TABLE_FILE = "router_vs_oracle.md"
-ROUTERS = {"conventional": "router (conventional)", "oracle": "router (oracle-supervised)"}
+ROUTERS = {"conventional": "router (conventional)", "oracle": "router (distilled from the oracle)"}
 
 
 @dataclass
@@ -65,6 +65,9 @@ class ComparisonArguments:
         default=500_000, metadata={"help": "Characters of each built-in split to read (the training text)."}
     )
     oracle_batch_size: int = field(default=8, metadata={"help": "Sequences per oracle batch (and checkpoint)."})
+    oracle_blocks: int = field(
+        default=256, metadata={"help": "Training blocks the distilled router's oracle targets are computed on."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the routers' weights and data order."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -74,7 +77,7 @@ class ComparisonArguments:
         check_output_dir(self)
         check_integer_fields(
             self,
-            positive=("router_steps", "batch_size", "eval_blocks", "oracle_batch_size"),
+            positive=("router_steps", "batch_size", "eval_blocks", "oracle_batch_size", "oracle_blocks"),
             optional=("block_size", "builtin_max_chars"),
             seeds=("seed",),
         )
@@ -98,7 +101,8 @@ def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, sup
         alpha=args.alpha,
         supervision=supervision,
         oracle_budget=layer_budget.label if oracle else None,
-        # Oracle supervision fits P = softmax(logits) to the oracle's choices: no annealing needed.
+        **({"oracle_blocks": args.oracle_blocks, "oracle_batch_size": args.oracle_batch_size} if oracle else {}),
+        # Distillation fits P = softmax(logits) to the oracle's choices: no annealing needed.
         temperature_schedule="constant" if oracle else "exponential",
         builtin_max_chars=args.builtin_max_chars,
         block_size=args.block_size,

@@ -6,10 +6,13 @@ resumes; the stage-1 training and the oracle runs also resume from inside a stag
 1. ``model/``: stage 1, a 12-layer Duo model trained with random routing on the training corpus;
 2. ``oracle/<holdout>/``: the oracle over every pattern of SMALL/BIG (all budgets of BIG layers from one
    enumeration), the fixed pattern, best-of-100 random patterns, the position-dependent budgets of Fig. 4c and
-   token difficulty, on the English and code holdouts; ``oracle_skip/<holdout>/``: the BIG-or-SKIP setting;
-   ``oracle_causal/<holdout>/``: the causally consistent oracle at one budget;
-3. ``routers/<kind>-k<k>/``: the conventional router and the oracle-supervised router at budgets 4, 6, 8 of 12,
-   evaluated on both holdouts;
+   token difficulty, on every holdout (the built-in English and code ones, and the user's ``--holdout`` texts);
+   ``oracle_skip/<holdout>/``: the BIG-or-SKIP setting; ``oracle_causal/<holdout>/``: the causally consistent
+   oracle at one budget;
+3. ``oracle_train/`` and ``oracle_train_causal/``: the oracle's (and the causal oracle's) routes on training
+   blocks at the router budgets, the targets of the distilled routers; ``routers/<kind>-k<k>/``: the conventional
+   router and the routers distilled from the oracle and from the causal oracle at budgets 4, 6, 8 of 12, each with
+   its held-out perplexity along training, evaluated with hard routing on every holdout;
 4. ``report.md``, ``report.html``, ``metrics.json`` and the figures in ``figures/``.
 
 Every number of the report is read from ``metrics.json``; the findings of the paper are checked against those
@@ -51,9 +54,17 @@ from .presets import preset_names, study_preset
 
 logger = logging.getLogger(__name__)
 
-ROUTER_SHORT = {"conventional": "router", "oracle": "oracle-sup."}
+ROUTER_SHORT = {"conventional": "router", "distilled": "distilled", "distilled_causal": "dist.causal"}
+# Router kind -> (supervision, targets from the causal oracle).
+ROUTER_SUPERVISION = {
+    "conventional": ("conventional", False),
+    "distilled": ("oracle", False),
+    "distilled_causal": ("oracle", True),
+}
 # The stages' folders in --output-dir: what a study started over with other settings removes first.
-STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "routers")
+STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "oracle_train", "oracle_train_causal", "routers")
+# Names a user holdout cannot take: the built-in holdouts', and the evaluation's name of all sets together.
+RESERVED_HOLDOUT_NAMES = ("all",)
 
 
 @dataclass
@@ -78,10 +89,17 @@ class StudyConfig:
     causal_blocks: int = 4
     # Stage 3.
     router_budgets: tuple[int, ...] = (4, 6, 8)
-    router_kinds: tuple[str, ...] = ("conventional", "oracle")
+    router_kinds: tuple[str, ...] = ("conventional", "distilled", "distilled_causal")
     router: dict = field(default_factory=dict)
-    # Overrides of `router` for the oracle-supervised router, which runs the oracle on every training batch.
-    oracle_router: dict = field(default_factory=dict)
+    # Training blocks the oracle (and the causal oracle, one tree walk per token) labels for the distilled routers.
+    distill_blocks: int = 256
+    distill_causal_blocks: int = 16
+    # Overrides of `router` for the distilled routers (their steps are cheap: no oracle, no LM loss backward).
+    distill_router: dict = field(default_factory=dict)
+    # Holdouts: the built-in English and code ones (unless builtin_holdouts is false) and the user's, name -> text
+    # file or folder (tokenized with the model's tokenizer).
+    builtin_holdouts: bool = True
+    holdouts: dict = field(default_factory=dict)
     seed: int = 0
 
     @property
@@ -114,7 +132,7 @@ def study_config(preset: str = "default", **overrides) -> StudyConfig:
             raise ValueError(
                 f"{key!r} is not a study setting; settings: {[f.name for f in dataclasses.fields(config)]}."
             )
-        if key in ("train", "router", "oracle_router"):
+        if key in ("train", "router", "distill_router"):
             value = {**getattr(config, key), **value}
         setattr(config, key, value)
     return config
@@ -178,20 +196,71 @@ def train_stage(stages: Stages) -> Path:
     return folder
 
 
+def study_holdouts(config: StudyConfig) -> dict[str, str]:
+    """Every holdout of a study, name -> corpus spec: the built-in ones (unless ``builtin_holdouts`` is false;
+    ``train["holdout_<name>"]`` may replace their corpus), then the user's ``holdouts``."""
+    from ..data.corpus import HOLDOUTS
+
+    specs = {h: config.train.get(f"holdout_{h}", "builtin") for h in HOLDOUTS} if config.builtin_holdouts else {}
+    specs.update(config.holdouts)
+    if not specs:
+        raise UsageError("the study has no holdout: give --holdout NAME=PATH, or leave out --holdout-only.")
+    return specs
+
+
+def parse_holdouts(values: list) -> dict[str, str]:
+    """``--holdout NAME=PATH`` values (repeated, or several after one flag) as name -> path; each path an existing
+    text file or folder of text files (`data.corpus.parse_corpus_spec`); raise `UsageError` on a malformed value,
+    a name used twice or taken by a built-in holdout, or a missing file."""
+    from ..data.corpus import HOLDOUTS, parse_corpus_spec
+
+    flat = [v for item in values for v in (item if isinstance(item, list) else [item])]
+    holdouts: dict[str, str] = {}
+    for value in flat:
+        name, sep, path = value.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise UsageError(f"--holdout: {value!r} is not NAME=PATH (e.g. --holdout wiki=valid.txt).")
+        if not all(c.isalnum() or c in "_-" for c in name):
+            raise UsageError(f"--holdout: name {name!r} may hold only letters, digits, '_' and '-' (it names folders).")
+        if name in HOLDOUTS or name in RESERVED_HOLDOUT_NAMES:
+            raise UsageError(f"--holdout: name {name!r} is taken by a built-in holdout or the report; choose another.")
+        if name in holdouts:
+            raise UsageError(f"--holdout: name {name!r} is given twice; give each holdout its own name.")
+        spec = parse_corpus_spec(path, "train", f"--holdout {name}")
+        if spec.kind != "local":
+            raise UsageError(f"--holdout {name}: {path!r} is not a local text file or folder.")
+        holdouts[name] = str(Path(path).expanduser().resolve())
+    return holdouts
+
+
 def holdout_blocks(model_dir: Path, config: StudyConfig, name: str, num_blocks: int) -> torch.LongTensor:
-    """``num_blocks`` token blocks of a holdout set, tokenized with the model's tokenizer."""
+    """``num_blocks`` token blocks of a holdout set (`study_holdouts`), tokenized with the model's tokenizer."""
     from ..data.corpus import load_corpus, pack_corpus
     from ..data.tokenization import load_tokenizer
 
     train = config.train
-    spec = train.get(f"holdout_{name}", "builtin")
+    spec = study_holdouts(config)[name]
     texts = load_corpus(spec, f"holdout_{name}", builtin_max_chars=train.get("builtin_max_chars"))
-    blocks = pack_corpus(texts, load_tokenizer(model_dir), train["block_size"], f"holdout_{name}", num_blocks)
+    blocks = pack_corpus(texts, load_tokenizer(model_dir), train["block_size"], f"holdout {name}", num_blocks)
     if len(blocks) < num_blocks:
         raise UsageError(
-            f"holdout {name!r} has only {len(blocks)} blocks of {train['block_size']} tokens; asked for {num_blocks}."
+            f"holdout {name!r} has only {len(blocks)} blocks of {train['block_size']} tokens; the study needs "
+            f"{num_blocks}: give it more text."
         )
     return torch.as_tensor(blocks["input_ids"][:num_blocks]).long()
+
+
+def training_blocks(model_dir: Path, config: StudyConfig):
+    """The training corpus packed in blocks with the model's tokenizer, once per study: the routers train on it
+    and the distilled routers' oracle labels its first blocks."""
+    from ..data.corpus import load_corpus, pack_corpus
+    from ..data.tokenization import load_tokenizer
+
+    train = config.train
+    dataset = train.get("dataset", "builtin")
+    texts = load_corpus(dataset, "train", builtin_max_chars=train.get("builtin_max_chars"))
+    return pack_corpus(texts, load_tokenizer(model_dir), train["block_size"], f"dataset {dataset!r}")
 
 
 def oracle_stage(
@@ -222,7 +291,7 @@ def oracle_stage(
             seed=config.seed,
             causal=causal,
             model_id=str(model_dir),
-            data_id=f"builtin holdout_{holdout}",
+            data_id=f"holdout {holdout}: {study_holdouts(config)[holdout]}",
             progress=stages.progress,
         )
         result.save(folder)
@@ -244,7 +313,6 @@ def run_study(
     A re-run of the same study reuses its finished stages. ``out`` holding a study with other settings is refused,
     unless ``overwrite``: then that study's stages are removed and this one starts over.
     """
-    from ..data.corpus import HOLDOUTS  # here, like the corpus loading: `--help` does not import datasets
     from .report import collect_metrics, write_report
 
     out = Path(out)
@@ -259,7 +327,7 @@ def run_study(
     n = model.config.num_hidden_layers
 
     oracle, skip, causal = {}, {}, {}
-    for holdout in HOLDOUTS:
+    for holdout in study_holdouts(config):
         budgets = ["all", "classes", *config.schedules]
         oracle[holdout] = oracle_stage(stages, model, model_dir, holdout, "oracle", budgets, ["small", "big"])
         skip[holdout] = oracle_stage(stages, model, model_dir, holdout, "oracle_skip", ["classes"], ["big", "skip"])
@@ -277,16 +345,62 @@ def run_study(
             )
 
     blocks = {h: result.tensors["input_ids"] for h, result in oracle.items()}
-    routers = router_stages(stages, model_dir, blocks, n)
+    train_blocks = training_blocks(model_dir, config) if config.router_kinds else None
+    targets = distill_stages(stages, model, model_dir, train_blocks)
+    routers = router_stages(stages, model_dir, blocks, n, train_blocks, targets)
     metrics = collect_metrics(config, model, stages, oracle, skip, causal, routers, n)
     write_report(out, metrics, oracle, routers, model_dir)
     return metrics
 
 
-def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongTensor], n: int) -> dict:
+def distill_stages(stages: Stages, model, model_dir: Path, train_blocks) -> dict[bool, Path]:
+    """The distilled routers' targets: the oracle's routes on the first training blocks at every router budget,
+    from one enumeration (``oracle_train/``), and the causal oracle's (``oracle_train_causal/``); returns the
+    result folder of each (keyed by ``causal``) that a router kind needs."""
+    from ..training.router_oracle import compute_oracle_targets
+
+    config = stages.config
+    wanted = sorted({ROUTER_SUPERVISION[kind][1] for kind in config.router_kinds if kind != "conventional"})
+    folders = {}
+    for causal in wanted:
+        folder = stages.out / ("oracle_train_causal" if causal else "oracle_train")
+        count = min(config.distill_causal_blocks if causal else config.distill_blocks, len(train_blocks))
+
+        def work(folder=folder, count=count, causal=causal) -> dict:
+            ids = torch.as_tensor(train_blocks["input_ids"][:count]).long()
+            result = compute_oracle_targets(
+                model,
+                ids,
+                [f"big={k}" for k in config.router_budgets],
+                folder,
+                route_options=["small", "big"],
+                causal=causal,
+                batch_size=config.oracle_batch_size,
+                model_id=str(model_dir),
+                data_id=f"first {count} training blocks of {config.train.get('dataset', 'builtin')}",
+                progress=stages.progress,
+            )
+            return {"blocks": count, "tokens": result.num_tokens}
+
+        what = "causal oracle" if causal else "oracle"
+        stages.run(f"{what} targets ({count} training blocks)", folder, work)
+        folders[causal] = folder
+    return folders
+
+
+def router_stages(
+    stages: Stages,
+    model_dir: Path,
+    blocks: dict[str, torch.LongTensor],
+    n: int,
+    train_blocks=None,
+    targets: dict[bool, Path] | None = None,
+) -> dict:
     """Stage 3: train each router kind at each budget, then evaluate it with hard routing on the oracle's blocks.
 
-    Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage"}`` (usage: ``[3, layers, positions]``).
+    ``train_blocks`` is the packed training corpus (`training_blocks`), ``targets`` the distilled routers' oracle
+    results (`distill_stages`). Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage", "curve"}``
+    (usage: ``[3, layers, positions]``; curve: ``[[step, ppl], ...]``, the held-out perplexity along training).
     """
     from ..training.router_arguments import budget_flag
     from ..training.routers import RouterTrainArguments, evaluate_router
@@ -297,32 +411,48 @@ def router_stages(stages: Stages, model_dir: Path, blocks: dict[str, torch.LongT
         h: DataLoader([{"input_ids": row} for row in ids.to(_device())], batch_size=8) for h, ids in blocks.items()
     }
     for kind in config.router_kinds:
+        supervision, causal = ROUTER_SUPERVISION[kind]
+        distilled = supervision == "oracle"
+        settings = {**config.router, **(config.distill_router if distilled else {})}
+        if distilled:  # a batch can hold at most the target blocks there are (the causal oracle labels few)
+            blocks_labelled = config.distill_causal_blocks if causal else config.distill_blocks
+            settings["batch_size"] = min(settings.get("batch_size", 16), blocks_labelled)
         for k in config.router_budgets:
             folder = stages.out / "routers" / f"{kind}-k{k}"
-            oracle = kind == "oracle"
             layer_budget = parse_layer_budget(k)
             args = RouterTrainArguments(
                 model=str(model_dir),
                 output_dir=str(folder),
                 route_options="small,big",
                 budget=budget_flag(layer_budget.fractions(n)),
-                supervision=kind,
-                oracle_budget=layer_budget.label if oracle else None,
-                # Oracle supervision fits P = softmax(logits) to the oracle's choices: no annealing needed.
-                temperature_schedule="constant" if oracle else "exponential",
+                supervision=supervision,
+                oracle_budget=layer_budget.label if distilled else None,
+                oracle_targets=str(targets[causal]) if distilled else None,
+                oracle_causal=causal,
+                # Distillation fits P = softmax(logits) to the oracle's choices: no annealing needed.
+                temperature_schedule="constant" if distilled else "exponential",
                 block_size=config.train["block_size"],
                 builtin_max_chars=config.train.get("builtin_max_chars"),
                 report_to="jsonl",
                 checkpoint_every=0,
                 seed=config.seed,
                 progress=stages.progress,
-                **{**config.router, **(config.oracle_router if oracle else {})},
+                **settings,
             )
-            stages.run(f"router ({kind}, {k} BIG layers)", folder, lambda args=args: _train_router_record(args))
+            record = stages.run(
+                f"router ({kind}, {k} BIG layers)",
+                folder,
+                lambda args=args: _train_router_record(args, train_blocks, loaders),
+            )
             model = load_duo_model(folder).to(_device()).eval()
             evaluation = evaluate_router(model, loaders)
             results[kind][k] = {
-                h: {"ppl": e["ppl"], "realised": e["realised"]["overall"], "usage": e["usage"]}
+                h: {
+                    "ppl": e["ppl"],
+                    "realised": e["realised"]["overall"],
+                    "usage": e["usage"],
+                    "curve": [[step, ppl[h]] for step, ppl in record.get("curve", []) if h in ppl],
+                }
                 for h, e in evaluation.items()
                 if h in blocks
             }
@@ -333,14 +463,22 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _train_router_record(args) -> dict:
+def _train_router_record(args, train_blocks, loaders: dict) -> dict:
+    """Train one router of the study; record its steps and held-out perplexity at each evaluation (the curve)."""
     from ..training.routers import train_router
 
     finished = _read_finished(Path(args.output_dir))
-    if finished is not None:  # trained, then stopped before the stage was marked done
+    if finished is not None:  # trained, then stopped before the stage was marked done (its curve is lost)
         return {"global_step": finished["global_step"]}
-    result = train_router(args)
-    return {"global_step": result.global_step}
+    curve = []
+
+    def record(state, metrics: dict) -> None:
+        ppl = {h: metrics[f"eval/{h}/learned/ppl"] for h in loaders if f"eval/{h}/learned/ppl" in metrics}
+        if ppl:
+            curve.append([state.global_step, ppl])
+
+    result = train_router(args, record, train_blocks=train_blocks, eval_loaders=loaders)
+    return {"global_step": result.global_step, "curve": curve}
 
 
 def _read_finished(folder: Path) -> dict | None:
@@ -390,7 +528,17 @@ def summary_table(metrics: dict) -> str:
         lines.append("")
     lines.append("Findings of the paper:")
     for finding in metrics["findings"]:
-        lines.append(f"  [{'reproduced' if finding['reproduced'] else 'NOT reproduced'}] {finding['statement']}")
+        mark = "reproduced" if finding["reproduced"] else "NOT reproduced"
+        lines.append(f"  [{mark}] ({finding['holdout']}) {finding['statement']}")
+    gaps = metrics.get("router_gap", {})
+    if gaps:
+        lines += ["", "Share of the fixed-to-oracle gap (log perplexity) each router closes, at its realised budget:"]
+        for holdout, by_kind in gaps.items():
+            cells = "; ".join(
+                f"{ROUTER_SHORT[kind]} " + " ".join(f"k{k}:{g['gap_closed']:+.3f}" for k, g in by_k.items())
+                for kind, by_k in by_kind.items()
+            )
+            lines.append(f"  {holdout}: {cells}")
     return "\n".join(lines)
 
 
@@ -422,6 +570,18 @@ class StudyArguments:
             "training one."
         },
     )
+    holdout: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "A holdout of your own, NAME=PATH (a text file or folder of them, tokenized with the model's "
+            "tokenizer); repeat the flag for several. The oracle, routers, token difficulty and report run on it too.",
+            "action": "append",
+            "metavar": "NAME=PATH",
+        },
+    )
+    holdout_only: bool = field(
+        default=False, metadata={"help": "Evaluate only the --holdout sets, not the built-in English and code ones."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars (--no-progress hides them)."})
     overwrite_output_dir: bool = field(
         default=False,
@@ -437,6 +597,9 @@ class StudyArguments:
         from ..data.tokenization import has_tokenizer
 
         check_output_dir(self, "out")
+        self.holdouts = parse_holdouts(self.holdout)
+        if self.holdout_only and not self.holdouts:
+            raise UsageError("--holdout-only leaves no holdout: give at least one --holdout NAME=PATH.")
         if self.model is not None:
             folder = check_folder("--model", self.model, "Duo model folder")
             inspect_duo_source(folder, "--model")
@@ -449,7 +612,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(StudyArguments, argv)
     args.validate()
     metrics = run_study(
-        args.out, args.preset, progress=args.progress, overwrite=args.overwrite_output_dir, model=args.model
+        args.out,
+        args.preset,
+        progress=args.progress,
+        overwrite=args.overwrite_output_dir,
+        model=args.model,
+        holdouts=args.holdouts,
+        builtin_holdouts=not args.holdout_only,
     )
     print()
     print(summary_table(metrics))

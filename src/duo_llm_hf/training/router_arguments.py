@@ -18,7 +18,7 @@ from ..models.losses import parse_budget_fractions
 from ..models.routed_ffn import SCHEDULE_KINDS, TemperatureSchedule
 from ..models.routes import BIG, CHOICE_NAMES, ROUTER_SETTINGS, SKIP, choice_code
 from ..oracle.spaces import RouteSpace, UnevenLayerBudget, layer_budget_of_fractions
-from ..utils.arguments import check_integer_fields, check_output_dir, user_values
+from ..utils.arguments import check_folder, check_integer_fields, check_output_dir, user_values
 from ..utils.errors import UsageError
 from ..utils.loading import inspect_duo_source
 from .arguments import (
@@ -32,7 +32,16 @@ from .arguments import (
 
 DEFAULT_BLOCK_SIZE = 256
 SUPERVISIONS = ("conventional", "oracle")
-ORACLE_FIELDS = ("oracle_budget", "oracle_causal", "oracle_chunk_tokens", "oracle_calibration_blocks")
+ORACLE_FIELDS = (
+    "oracle_targets",
+    "oracle_blocks",
+    "oracle_batch_size",
+    "oracle_budget",
+    "oracle_causal",
+    "oracle_chunk_tokens",
+    "oracle_calibration_blocks",
+    "oracle_label_smoothing",
+)
 
 
 @dataclass(kw_only=True)
@@ -72,10 +81,25 @@ class RouterArguments:
         default="conventional",
         metadata={
             "help": "conventional: the paper's router, trained by the LM loss through the soft mixture (plus "
-            "alpha * budget loss). oracle (beyond the paper): each layer's router learns the oracle's choice in that "
-            "layer on the training text (cross-entropy, on the FFN inputs of the oracle's route), plus alpha * "
-            "budget loss."
+            "alpha * budget loss). oracle (beyond the paper): a router distilled from the oracle: the oracle is run "
+            "once over --oracle-blocks training blocks (or read from --oracle-targets) and each layer's router "
+            "learns the oracle's choice in that layer (cross-entropy, on the FFN inputs of the oracle's route), "
+            "plus alpha * budget loss."
         },
+    )
+    oracle_targets: str | None = field(
+        default=None,
+        metadata={
+            "help": "supervision oracle: an oracle result folder over training blocks (duo-llm oracle, or the "
+            "oracle_targets/ folder of an earlier run) holding --oracle-budget; default: computed by this run over "
+            "--oracle-blocks training blocks into <output-dir>/oracle_targets (resumable)."
+        },
+    )
+    oracle_blocks: int = field(
+        default=256, metadata={"help": "supervision oracle: training blocks the oracle's targets are computed on."}
+    )
+    oracle_batch_size: int = field(
+        default=8, metadata={"help": "supervision oracle: sequences per oracle batch (and per resumable result)."}
     )
     oracle_budget: str | None = field(
         default=None,
@@ -86,7 +110,10 @@ class RouterArguments:
     )
     oracle_causal: bool = field(
         default=False,
-        metadata={"help": "supervision oracle: targets from the causally consistent oracle (realisable routes)."},
+        metadata={
+            "help": "supervision oracle: learn the causally consistent oracle's routes (realisable in one forward "
+            "pass; no use of the next token) instead of the independent oracle's."
+        },
     )
     oracle_chunk_tokens: int | None = field(
         default=None, metadata={"help": "supervision oracle: tokens per forward batch of the oracle's tree walk."}
@@ -97,6 +124,11 @@ class RouterArguments:
             "help": "supervision oracle: after training, shift each layer's router biases so that on this many "
             "training blocks its hard choices take each choice as often as the oracle does in that layer (0: off)."
         },
+    )
+
+    oracle_label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "supervision oracle: label smoothing of the routers' cross-entropy towards the oracle."},
     )
 
     def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
@@ -148,7 +180,8 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
         check_integer_fields(
             self,
             positive=(
-                "batch_size", "gradient_accumulation_steps", "eval_blocks", "log_every", "num_epochs", "shuffle_buffer"
+                "batch_size", "gradient_accumulation_steps", "eval_blocks", "log_every", "num_epochs", "shuffle_buffer",
+                "oracle_blocks", "oracle_batch_size",
             ),
             optional=(
                 "max_steps", "eval_batch_size", "block_size", "builtin_max_chars", "checkpoints_to_keep",
@@ -164,6 +197,10 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
             given = [f"--{n.replace('_', '-')}" for n in ORACLE_FIELDS if getattr(self, n) != _ORACLE_DEFAULTS[n]]
             if given:
                 raise UsageError(f"{given} set the oracle's targets; they need --supervision oracle.")
+        if not 0 <= self.oracle_label_smoothing < 1:
+            raise UsageError(f"oracle_label_smoothing: {self.oracle_label_smoothing!r} must be in [0, 1).")
+        if self.oracle_targets is not None:
+            check_folder("oracle_targets", self.oracle_targets, "oracle result folder")
         if self.temperature_steps is not None and self.temperature_steps < 0:
             raise UsageError(f"temperature_steps: {self.temperature_steps!r} must be >= 0 (or left unset).")
         if self.block_size is not None and self.block_size < 2:

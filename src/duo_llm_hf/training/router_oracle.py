@@ -1,51 +1,116 @@
-"""Oracle supervision of the routers (beyond the paper): the oracle's routes as targets, the routers' loss towards
-them, and the calibration of the routers' biases after training.
+"""A router distilled from the oracle (beyond the paper): stored oracle targets, the routers' loss towards them,
+and the calibration of the routers' biases.
 
-Per training batch the oracle (`oracle.oracle_routing`) finds each token's best pattern under an exact budget
-(`oracle_router_targets`); the model follows those routes (teacher forcing) and each layer's router learns the
-oracle's choice in that layer by cross-entropy (`oracle_router_loss`). After training, `calibrate_routers` shifts
-the router biases so that hard routing takes each choice as often as the oracle does per layer.
+The oracle is run once, with the oracle engine (`oracle.run.run_oracle_study`: resumable, multi-process, result
+files), over many training blocks and every budget the routers need (`compute_oracle_targets`); the result is an
+oracle result folder (``oracle_results.safetensors`` + ``oracle_summary.json``), so one enumeration serves the
+routers of several budgets and a rerun reads it back. `oracle_target_blocks` turns it into training rows (token
+ids, the oracle's route of every token, which tokens count): the independent oracle's routes (the paper's, which
+see the next token), or the causally consistent oracle's (realisable in one forward pass; present when the result
+was computed with ``causal=True``). The model follows those routes (teacher forcing: each router sees the FFN input
+the oracle's route gives) and each layer's router learns the oracle's choice in that layer by cross-entropy
+(`oracle_router_loss`). `calibrate_routers` shifts the router biases so that hard routing takes each choice as
+often as the oracle does per layer.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import datasets
 import torch
 
-from ..models.losses import IGNORE_INDEX, next_token_targets
 from ..models.routed_ffn import router_probabilities, router_temperature, routers
 from ..models.routes import CHOICE_NAMES
-from ..oracle.engine import oracle_routing
+from ..oracle.results import OracleResult
+from ..oracle.run import run_oracle_study, study_space
+from ..utils.errors import UsageError
+from ..utils.processes import process_state
 
 
-def oracle_router_targets(
-    model, input_ids: torch.LongTensor, budget, *, causal: bool = False, chunk_tokens: int | None = None
-) -> tuple[torch.LongTensor, torch.Tensor]:
-    """The oracle's route of every token (``[batch, seq, layers]``) and which tokens count (``[batch, seq]``).
+def compute_oracle_targets(
+    model,
+    input_ids: torch.LongTensor,
+    budgets: Sequence,
+    output_dir: str | os.PathLike,
+    *,
+    route_options: Sequence[str] | None = None,
+    causal: bool = False,
+    batch_size: int = 8,
+    chunk_tokens: int | None = None,
+    data_id: str = "",
+    model_id: str = "",
+    progress: bool = True,
+) -> OracleResult:
+    """The oracle's per-token routes over ``input_ids`` (training blocks ``[N, T]``) for every budget in
+    ``budgets``, from one enumeration; saved in ``output_dir`` as an oracle result and returned.
 
-    The oracle (`oracle.oracle_routing`, independent by default, ``causal`` for the causally consistent one)
-    picks each token's best pattern under ``budget`` over the model's ``route_options``, given the next tokens
-    of ``input_ids``; tokens without a next token (the last of each block) do not count. Runs without gradients
-    in evaluation mode, and leaves the model's mode as it was.
+    A run already there with the same fingerprint resumes (or is read back when finished); ``causal`` adds the
+    causally consistent oracle's routes. Every process returns the result.
     """
+    space = study_space(model.config, list(budgets), route_options=route_options)
     was_training = model.training
     model.eval()
     try:
-        found = oracle_routing(model, input_ids, input_ids, budget, causal=causal, chunk_tokens=chunk_tokens)
+        run_oracle_study(
+            model,
+            input_ids,
+            space,
+            output_dir,
+            batch_size=batch_size,
+            causal=causal,
+            chunk_tokens=chunk_tokens,
+            model_id=model_id,
+            data_id=data_id,
+            progress=progress,
+        )
     finally:
         model.train(was_training)
-    return found.routes, next_token_targets(input_ids) != IGNORE_INDEX
+    process_state().wait_for_everyone()
+    return OracleResult.load(output_dir)
 
 
-def oracle_router_loss(router_probs: torch.Tensor, routes: torch.LongTensor, mask: torch.Tensor) -> torch.Tensor:
+def oracle_target_blocks(result: OracleResult, budget, causal: bool = False, source: str = "") -> datasets.Dataset:
+    """Training rows of a router distilled from ``result`` under ``budget``: ``input_ids`` ``[T]``, ``routes``
+    ``[T, layers]`` (the independent oracle's, or with ``causal`` the causal oracle's) and ``token_mask`` ``[T]``
+    (tokens with a next token), as a torch-formatted `datasets.Dataset`."""
+    label = f"big={budget}" if isinstance(budget, int) else str(budget)
+    where = f"oracle targets {source!r}" if source else "oracle targets"
+    if label not in result.budgets:
+        raise UsageError(f"{where} hold budgets {result.budgets}, not {label!r}; compute them for that budget.")
+    method = "causal_oracle" if causal else "oracle"
+    if causal and "causal_index" not in result.tensors:
+        raise UsageError(f"{where} hold no causal oracle's routes; compute them with the causal oracle.")
+    routes = result.routes(label, method)
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": result.tensors["input_ids"].tolist(),
+            "routes": routes.tolist(),
+            "token_mask": result.tensors["token_mask"].bool().tolist(),
+        }
+    ).with_format("torch")
+
+
+def oracle_router_loss(
+    router_probs: torch.Tensor, routes: torch.LongTensor, mask: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy of the routers' probabilities (``[batch, seq, layers, 3]``) at the oracle's ``routes``.
 
     Averaged over the layers and the counted tokens (``mask``, ``[batch, seq]``): each layer's router learns to
-    predict the oracle's choice in that layer.
+    predict the oracle's choice in that layer. ``label_smoothing`` spreads that share of the target uniformly
+    over the choices the router allows (those with a non-zero probability).
     """
-    chosen = router_probs.gather(-1, routes.to(router_probs.device)[..., None]).squeeze(-1)  # [B, T, L]
-    log_p = torch.log(chosen.clamp_min(torch.finfo(chosen.dtype).tiny))
-    weights = mask.to(log_p.device, log_p.dtype)[..., None].expand_as(log_p)
-    return -(log_p * weights).sum() / weights.sum().clamp_min(1)
+    log_p = torch.log(router_probs.clamp_min(torch.finfo(router_probs.dtype).tiny))
+    chosen = log_p.gather(-1, routes.to(router_probs.device)[..., None]).squeeze(-1)  # [B, T, L]
+    if label_smoothing:
+        allowed = router_probs > 0
+        uniform = (log_p * allowed).sum(-1) / allowed.sum(-1).clamp_min(1)
+        chosen = (1 - label_smoothing) * chosen + label_smoothing * uniform
+    weights = mask.to(chosen.device, chosen.dtype)[..., None].expand_as(chosen)
+    return -(chosen * weights).sum() / weights.sum().clamp_min(1)
 
 
 def router_agreement(router_probs: torch.Tensor, routes: torch.LongTensor, mask: torch.Tensor) -> float:
@@ -76,25 +141,27 @@ def _match_fractions(scores: torch.Tensor, target: torch.Tensor, rounds: int = 8
     return offsets
 
 
+def _teacher_forced_probs(model, input_ids: torch.LongTensor, routes: torch.LongTensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=input_ids, routes=routes, output_router_logits=True, logits_to_keep=1).router_logits
+    model.train(was_training)
+    return router_probabilities(logits, router_temperature(model))
+
+
 @torch.no_grad()
-def calibrate_routers(
-    model, input_ids: torch.LongTensor, budget, *, causal: bool = False, chunk_tokens: int | None = None
-) -> dict:
+def calibrate_routers(model, input_ids: torch.LongTensor, routes: torch.LongTensor, mask: torch.Tensor) -> dict:
     """Shift each layer's router biases so that its hard choices match the oracle's per-layer shares.
 
     A router trained to predict the oracle's choice in its layer is a classifier, and the argmax of a classifier
     that is unsure favours the commoner class: under a budget of 1 BIG layer in 4, every layer may prefer small
-    and hard routing then spends almost no BIG. On ``input_ids`` (training blocks), with the model teacher
-    forced on the oracle's routes, each router's biases get offsets (`_match_fractions`) such that its argmax
-    takes each choice as often as the oracle does in that layer. Returns the offsets per layer and the hard
-    choice shares and agreement with the oracle before and after.
+    and hard routing then spends almost no BIG. On ``input_ids`` (training blocks) with the oracle's ``routes``
+    (``[N, T, layers]``; ``mask`` ``[N, T]`` the tokens that count), the model teacher forced on those routes,
+    each router's biases get offsets (`_match_fractions`) such that its argmax takes each choice as often as the
+    oracle does in that layer. Returns the offsets per layer and the hard choice shares and agreement with the
+    oracle before and after.
     """
-    routes, mask = oracle_router_targets(model, input_ids, budget, causal=causal, chunk_tokens=chunk_tokens)
-    was_training = model.training
-    model.eval()
-    logits = model(input_ids=input_ids, routes=routes, output_router_logits=True, logits_to_keep=1).router_logits
-    probs = router_probabilities(logits, router_temperature(model))
-    model.train(was_training)
+    probs = _teacher_forced_probs(model, input_ids, routes)
     counted = mask.to(probs.device).bool()
     before = router_agreement(probs, routes, mask)
     offsets, shares = [], []
@@ -109,18 +176,46 @@ def calibrate_routers(
         )
         offsets.append({CHOICE_NAMES[code]: offset[code].item() * router.temperature for code in router.choices})
         shares.append({CHOICE_NAMES[c]: target[c].item() for c in router.choices})
-    model.eval()
-    after = model(input_ids=input_ids, routes=routes, output_router_logits=True, logits_to_keep=1).router_logits
-    after_probs = router_probabilities(after, router_temperature(model))
-    model.train(was_training)
     return {
         "blocks": int(input_ids.shape[0]),
         "oracle_shares": shares,
         "bias_offsets": offsets,
         "agreement_before": before,
-        "agreement_after": router_agreement(after_probs, routes, mask),
+        "agreement_after": router_agreement(_teacher_forced_probs(model, input_ids, routes), routes, mask),
     }
 
 
+@contextmanager
+def calibrated(model, input_ids: torch.LongTensor, routes: torch.LongTensor, mask: torch.Tensor) -> Iterator[dict]:
+    """`calibrate_routers` for the time of a ``with`` block (an evaluation during training); the router biases
+    are restored afterwards, so that training goes on from its own weights."""
+    saved = [router.bias.detach().clone() for router in routers(model)]
+    try:
+        yield calibrate_routers(model, input_ids, routes, mask)
+    finally:
+        with torch.no_grad():
+            for router, bias in zip(routers(model), saved):
+                router.bias.copy_(bias)
 
-__all__ = ["calibrate_routers", "oracle_router_loss", "oracle_router_targets", "router_agreement"]
+
+def calibration_rows(blocks: datasets.Dataset, count: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``count`` rows of `oracle_target_blocks` as stacked ``input_ids``, ``routes``, ``token_mask``."""
+    rows = blocks.select(range(min(count, len(blocks))))[:]
+    return tuple(rows[key].to(device) for key in ("input_ids", "routes", "token_mask"))
+
+
+def targets_folder(output_dir: str | os.PathLike) -> Path:
+    """Where a router run that computes its own oracle targets keeps them."""
+    return Path(output_dir) / "oracle_targets"
+
+
+__all__ = [
+    "calibrate_routers",
+    "calibrated",
+    "calibration_rows",
+    "compute_oracle_targets",
+    "oracle_router_loss",
+    "oracle_target_blocks",
+    "router_agreement",
+    "targets_folder",
+]

@@ -9,12 +9,14 @@ token takes its argmax choice and only that module runs, and reports the *realis
 (overall, per layer, and the per-layer x per-position usage counts that the oracle's analysis also draws) with
 the perplexity at that realised budget.
 
-Beyond the paper, ``supervision="oracle"`` trains the same routers to predict the oracle's choices instead: per
-training batch the oracle (`oracle.oracle_routing`) finds each token's best pattern under an exact budget, the
-model follows those routes (teacher forcing: each router sees the FFN input the oracle's route gives) and each
-layer's router learns the oracle's choice in that layer by cross-entropy (`oracle_router_loss`), plus ``alpha *
-budget_loss``. Afterwards `calibrate_routers` shifts the router biases so that hard routing takes each choice as
-often as the oracle does per layer; the evaluation is the conventional router's.
+Beyond the paper, ``supervision="oracle"`` distils the oracle into the same routers: the oracle engine is run
+once over ``oracle_blocks`` training blocks (or its result is read from ``oracle_targets``; `router_oracle`), each
+token's best pattern under an exact budget is stored, and the routers train on those rows for as many steps as
+asked: the model follows the stored routes (teacher forcing: each router sees the FFN input the oracle's route gives)
+and each layer's router learns the oracle's choice in that layer by cross-entropy (`oracle_router_loss`), plus
+``alpha * budget_loss``. ``oracle_causal`` learns the causally consistent oracle's routes instead. Afterwards (and
+for each evaluation during training) `calibrate_routers` shifts the router biases so that hard routing takes each
+choice as often as the oracle does per layer; the evaluation is the conventional router's.
 
 Which choices a model can route: those of its ``route_options`` (its small and big FFNs were trained for them
 in stage 1), plus ``skip``, which needs no module (the paper lets the oracle and the router skip layers of a
@@ -33,12 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
 
 from ..data.corpus import pack_corpus
 from ..data.tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer
@@ -51,6 +55,7 @@ from ..models.routed_ffn import (
     set_router_temperature,
 )
 from ..models.routes import CHOICE_NAMES
+from ..oracle.results import OracleResult
 from ..utils.errors import MissingFileError, UsageError
 from ..utils.files import atomic_write_json
 from ..utils.loading import inspect_duo_source, load_duo_model
@@ -85,7 +90,15 @@ from .router_arguments import (
     resolve_router_budget,
 )
 from .router_evaluation import eval_metrics, evaluate_router, router_report
-from .router_oracle import calibrate_routers, oracle_router_loss, oracle_router_targets
+from .router_oracle import (
+    calibrate_routers,
+    calibrated,
+    calibration_rows,
+    compute_oracle_targets,
+    oracle_router_loss,
+    oracle_target_blocks,
+    targets_folder,
+)
 from .train import save_final
 
 
@@ -136,12 +149,19 @@ def add_routers(model, route_options: Sequence[str | int], seed: int = 0, temper
 
 
 def train_router(
-    args: RouterTrainArguments, step_callback: Callable[[TrainState, dict], None] | None = None
+    args: RouterTrainArguments,
+    step_callback: Callable[[TrainState, dict], None] | None = None,
+    *,
+    train_blocks: datasets.Dataset | None = None,
+    eval_loaders: Mapping[str, DataLoader] | None = None,
 ) -> RouterTrainResult:
     """Train the routers of a frozen Duo model as ``args`` say (see the module docstring); return the result.
 
     Every check on the inputs runs before any training time is spent. ``step_callback(state, metrics)`` is
     called after each optimizer step (and its logging, evaluation and checkpoint) on every process.
+    ``train_blocks`` (the training corpus already packed in ``args.block_size`` blocks, column ``input_ids``) and
+    ``eval_loaders`` (held-out loaders by name) replace reading and packing ``args.dataset`` and the holdouts, so
+    that several runs on the same data (a study) pack it once.
     """
     args.validate()
     source_config = inspect_duo_source(args.model)  # checked by validate; read again for the run
@@ -161,17 +181,20 @@ def train_router(
 
     router_budget = RouterBudget(options, targets, oracle_budget)
     with accelerated_run(args, resume_dir) as accelerator:
+        data = (train_blocks, eval_loaders)
         return _train_router(
-            args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback
+            args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback, data
         )
 
 
-def _train_router(args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback):
+def _train_router(args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback, data):
     output_dir = Path(args.output_dir)
     run = run_identity(resume_dir, training_fingerprint(args, accelerator), "router training run")
     set_seed(args.seed)
 
-    train_texts, holdout_texts = load_corpora(args)
+    train_blocks, eval_loaders = data
+    if train_blocks is None or eval_loaders is None:
+        train_texts, holdout_texts = load_corpora(args)
     tokenizer_dir = args.tokenizer or args.model
     if args.tokenizer is None and not has_tokenizer(args.model):
         raise MissingFileError(
@@ -179,10 +202,38 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
         )
     tokenizer = load_tokenizer(tokenizer_dir)
     check_tokenizer_fits(tokenizer, source_config.vocab_size, f"model {args.model!r}")
-    train_blocks = pack_corpus(train_texts, tokenizer, args.block_size, f"dataset {args.dataset!r}")
-    eval_loaders = make_eval_loaders(holdout_texts, tokenizer, args)
+    if train_blocks is None:
+        train_blocks = pack_corpus(train_texts, tokenizer, args.block_size, f"dataset {args.dataset!r}")
+    if eval_loaders is None:
+        eval_loaders = make_eval_loaders(holdout_texts, tokenizer, args)
 
     model = load_duo_model(args.model)
+    calibration_set = None
+    if args.supervision == "oracle":
+        # The oracle's targets are computed once (or read), before the routers are added: the oracle routes the
+        # Duo model over the router's options; the rows then replace the packed corpus as training data.
+        if args.oracle_targets is not None:
+            result, source = OracleResult.load(args.oracle_targets), args.oracle_targets
+        else:
+            count = min(args.oracle_blocks, len(train_blocks))
+            ids = torch.stack([row["input_ids"] for row in train_blocks.select(range(count))])
+            source = str(targets_folder(output_dir))
+            result = compute_oracle_targets(
+                model.to(accelerator.device),
+                ids,
+                [router_budget.oracle_budget],
+                source,
+                route_options=router_budget.options,
+                causal=args.oracle_causal,
+                batch_size=args.oracle_batch_size,
+                chunk_tokens=args.oracle_chunk_tokens,
+                data_id=f"{args.dataset}: first {count} training blocks of {args.block_size} tokens",
+                model_id=str(args.model),
+                progress=args.progress,
+            )
+        train_blocks = oracle_target_blocks(result, router_budget.oracle_budget, args.oracle_causal, source)
+        if args.oracle_calibration_blocks:
+            calibration_set = calibration_rows(train_blocks, args.oracle_calibration_blocks, accelerator.device)
     schedule = args.temperature_plan(1)  # replaced below once the number of steps is known
     router_seed = args.seed if args.router_seed is None else args.router_seed
     add_routers(model, router_budget.options, seed=router_seed, temperature=schedule(0))
@@ -230,7 +281,7 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
     agreement = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # hits, counted pairs
     train_realised: dict[str, float] = {}
     train_agreement = None
-    calibrate = args.supervision == "oracle" and args.oracle_calibration_blocks > 0  # the final eval comes after
+    calibrate = calibration_set is not None  # the final eval comes after
     model.train()
     for batch in training_batches(train_loader, accelerator, state, total_steps, args):
         temperature = schedule(state.global_step)
@@ -238,16 +289,11 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
         with accelerator.accumulate(model):
             ids = batch["input_ids"]
             if args.supervision == "oracle":
-                routes, mask = oracle_router_targets(
-                    unwrapped,
-                    ids,
-                    router_budget.oracle_budget,
-                    causal=args.oracle_causal,
-                    chunk_tokens=args.oracle_chunk_tokens,
-                )
+                routes, mask = batch["routes"], batch["token_mask"]
                 # Teacher forcing: the model follows the oracle's routes, each router sees the FFN input there.
                 out = model(input_ids=ids, routes=routes, output_router_logits=True, logits_to_keep=1)
-                main = oracle_router_loss(router_probabilities(out.router_logits, temperature), routes, mask)
+                probs = router_probabilities(out.router_logits, temperature)
+                main = oracle_router_loss(probs, routes, mask, args.oracle_label_smoothing)
             else:
                 out = model(input_ids=ids, labels=ids, routing="learned")
                 main = out.loss
@@ -295,7 +341,11 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
         if eval_loaders and (
             (args.eval_every and state.global_step % args.eval_every == 0) or (last and not calibrate)
         ):
-            results = evaluate_router(model, eval_loaders, accelerator)
+            if calibrate:  # the distilled routers are measured as they will be used: calibrated
+                with calibrated(unwrapped, *calibration_set):
+                    results = evaluate_router(model, eval_loaders, accelerator)
+            else:
+                results = evaluate_router(model, eval_loaders, accelerator)
             metrics.update(eval_metrics(results))
             meter.restart_clock()  # evaluation time is not training throughput
         if metrics:
@@ -312,16 +362,7 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
     calibration = None
     if calibrate:
         # Every process calibrates on the same blocks, so the routers stay identical.
-        count = min(args.oracle_calibration_blocks, len(train_blocks)) if hasattr(train_blocks, "__len__") else None
-        blocks = train_blocks.select(range(count)) if count else train_blocks.take(args.oracle_calibration_blocks)
-        ids = torch.stack([row["input_ids"] for row in blocks]).to(accelerator.device)
-        calibration = calibrate_routers(
-            unwrapped,
-            ids,
-            router_budget.oracle_budget,
-            causal=args.oracle_causal,
-            chunk_tokens=args.oracle_chunk_tokens,
-        )
+        calibration = calibrate_routers(unwrapped, *calibration_set)
     if eval_loaders and (calibration is not None or not results):  # after calibration, or a resumed finished run
         results = evaluate_router(model, eval_loaders, accelerator)
         accelerator.log(eval_metrics(results), step=state.global_step)
