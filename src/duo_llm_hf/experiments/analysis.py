@@ -213,7 +213,7 @@ def _flow(tokens: Sequence[str], line_chars: int) -> list[tuple[int, int, str]]:
     placed, row, col = [], 0, 0
     for token in tokens:
         text = _visible(token)[:line_chars]
-        if col and (col + len(text) > line_chars or token.startswith("\n")):
+        if col and (col + len(text) > line_chars or (token.startswith("\n") and token.strip("\n"))):
             row, col = row + 1, 0
         placed.append((row, col, text))
         col += len(text)
