@@ -54,6 +54,7 @@ def test_method_values_axis_spans_the_values_not_zero(drawn, tmp_path):
     assert (max(values.values()) - min(values.values())) / (right - left) > 0.4
     notes = " ".join(t.get_text() for t in ax.texts)
     assert all(fmt(v) in notes for v in values.values()) and "lowest" in notes and "+0.2%" in notes
+    assert "+0.003%" in notes and "+0.0%" not in notes  # a small difference is not written as none
     top_down = sorted(ax.get_yticklabels(), key=lambda t: -t.get_position()[1])
     assert [t.get_text() for t in top_down] == list(values)  # first method on top
 

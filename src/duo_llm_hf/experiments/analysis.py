@@ -123,7 +123,8 @@ def plot_method_values(
     for row, name in zip(rows, names, strict=True):
         value = values[name]
         ax.plot([value], [row], "o", ms=8, color=colours[names.index(name) % len(colours)])
-        note = "lowest" if value == low else f"+{100 * (value / low - 1):.1f}%"
+        above = 100 * (value / low - 1)
+        note = "lowest" if value == low else f"+{above:.{1 if above >= 0.1 else 3}f}%"  # never a bare "+0.0%"
         ax.annotate(f"{value:.3f} ({note})", (value, row), xytext=(8, 0), textcoords="offset points", va="center")
     span = (high - low) or abs(high) * 0.05 or 1.0
     ax.set_xlim(low - 0.15 * span, high + 0.6 * span)  # room for the value written right of the highest dot
@@ -184,7 +185,7 @@ def plot_token_difficulty(
     """
     placed = _flow(tokens, line_chars)
     n_lines = max(1, placed[-1][0] + 1) if placed else 1
-    fontsize = 8
+    fontsize = 9
     char_width = 0.602 * fontsize / 72  # inches: DejaVu Sans Mono's advance width is 0.602 em
     line_height = 1.9 * fontsize / 72
     fig, axes = new_figure(
