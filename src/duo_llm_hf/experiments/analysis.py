@@ -231,12 +231,15 @@ def token_difficulty_html(tokens: Sequence[str], scores: Mapping[str, Sequence[f
             f'<span title="{v:.3f}" style="background:{_css(c)}">{html.escape(t)}</span>'
             for t, v, c in zip(tokens, values, _colours(values), strict=True)
         )
-        sections.append(f"<h2>{html.escape(name)}</h2><pre class=text>{spans}</pre>")
+        ends = f"blue = {min(values):.3g} (low), red = {max(values):.3g} (high)"
+        sections.append(f"<h2>{html.escape(name)}</h2><p>{ends}</p><pre class=text>{spans}</pre>")
     style = "body{font-family:sans-serif;max-width:60em;margin:auto}pre.text{white-space:pre-wrap;line-height:1.6}"
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-        "<p>Blue: low, red: high (scaled per panel).</p>" + "".join(sections) + "</body></html>"
+        "<p>Blue: low, red: high (scaled per panel); hover a token for its value.</p>"
+        + "".join(sections)
+        + "</body></html>"
     )
 
 
