@@ -314,7 +314,8 @@ def write_figures(out: Path, metrics: dict, oracle: dict[str, OracleResult], rou
         paths[f"schedules_{holdout}"] = analysis.plot_method_values(
             {f"big={s}": v for s, v in m["schedules"].items()},
             figures / f"schedules_{holdout}.png",
-            f"Oracle under position-dependent budgets ({holdout}; Fig. 4c)",
+            f"Oracle under position-dependent budgets ({holdout}; Fig. 4c)\n"
+            "big=a:b: a BIG layers at the first position, falling linearly to b at the last",
         )
         panels = {f"oracle k={k}": oracle[holdout].usage(f"big={k}") for k in metrics["settings"]["router_budgets"]}
         paths[f"oracle_usage_{holdout}"] = analysis.plot_usage_heatmaps(
