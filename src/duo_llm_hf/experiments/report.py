@@ -301,15 +301,15 @@ def write_figures(out: Path, metrics: dict, oracle: dict[str, OracleResult], rou
             curves, n, figures / f"ppl_vs_budget_{holdout}.png", f"Perplexity against budget ({holdout}; Fig. 4b)"
         )
         k = str(metrics["settings"]["router_budgets"][len(metrics["settings"]["router_budgets"]) // 2])
-        bars = {
+        methods = {
             "oracle": m["by_budget"][k]["oracle"],
             best_of.replace("_", "-"): m["by_budget"][k][best_of],
             "fixed": m["by_budget"][k]["fixed"],
         }
         for kind, by_k in metrics["routers"].items():
-            bars[ROUTER_LABELS[kind]] = by_k[k][holdout]["ppl"]
+            methods[ROUTER_LABELS[kind]] = by_k[k][holdout]["ppl"]
         paths[f"methods_{holdout}"] = analysis.plot_method_values(
-            bars, figures / f"methods_{holdout}.png", f"{k} BIG layers of {n} ({holdout}; Fig. 4a)"
+            methods, figures / f"methods_{holdout}.png", f"{k} BIG layers of {n} ({holdout}; Fig. 4a)"
         )
         paths[f"schedules_{holdout}"] = analysis.plot_method_values(
             {f"big={s}": v for s, v in m["schedules"].items()},
