@@ -55,6 +55,9 @@ def test_every_output_exists(study):
         assert f"token_difficulty_{holdout}.png" in figures and f"token_difficulty_{holdout}.html" in figures
     html = (study / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 10  # self-contained
+    for holdout in ("english", "code"):  # the interactive pages are links, relative to the report
+        page = f"figures/token_difficulty_{holdout}.html"
+        assert f'<a href="{page}">' in html and f"]({page})" in (study / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -336,7 +336,8 @@ def write_figures(out: Path, metrics: dict, oracle: dict[str, OracleResult], rou
     paths = {}
     for holdout, m in metrics["oracle"].items():
         curves = {
-            method: {int(k): v[method] for k, v in m["by_budget"].items()} for method in ("oracle", best_of, "fixed")
+            method.replace("_", "-"): {int(k): v[method] for k, v in m["by_budget"].items()}
+            for method in ("oracle", best_of, "fixed")
         }
         for kind, by_k in metrics["routers"].items():
             curves[ROUTER_LABELS[kind]] = {int(k): v[holdout]["ppl"] for k, v in by_k.items()}
@@ -344,20 +345,21 @@ def write_figures(out: Path, metrics: dict, oracle: dict[str, OracleResult], rou
             curves, n, figures / f"ppl_vs_budget_{holdout}.png", f"Perplexity against budget ({holdout}; Fig. 4b)"
         )
         k = str(metrics["settings"]["router_budgets"][len(metrics["settings"]["router_budgets"]) // 2])
-        bars = {
+        methods = {
             "oracle": m["by_budget"][k]["oracle"],
             best_of.replace("_", "-"): m["by_budget"][k][best_of],
             "fixed": m["by_budget"][k]["fixed"],
         }
         for kind, by_k in metrics["routers"].items():
-            bars[ROUTER_LABELS[kind]] = by_k[k][holdout]["ppl"]
-        paths[f"methods_{holdout}"] = analysis.plot_method_bars(
-            bars, figures / f"methods_{holdout}.png", f"{k} BIG layers of {n} ({holdout}; Fig. 4a)"
+            methods[ROUTER_LABELS[kind]] = by_k[k][holdout]["ppl"]
+        paths[f"methods_{holdout}"] = analysis.plot_method_values(
+            methods, figures / f"methods_{holdout}.png", f"{k} BIG layers of {n} ({holdout}; Fig. 4a)"
         )
-        paths[f"schedules_{holdout}"] = analysis.plot_method_bars(
+        paths[f"schedules_{holdout}"] = analysis.plot_method_values(
             {f"big={s}": v for s, v in m["schedules"].items()},
             figures / f"schedules_{holdout}.png",
-            f"Oracle under position-dependent budgets ({holdout}; Fig. 4c)",
+            f"Oracle under position-dependent budgets ({holdout}; Fig. 4c)\n"
+            "big=a:b: a BIG layers at the first position, falling linearly to b at the last",
         )
         panels = {f"oracle k={k}": oracle[holdout].usage(f"big={k}") for k in metrics["settings"]["router_budgets"]}
         paths[f"oracle_usage_{holdout}"] = analysis.plot_usage_heatmaps(
@@ -492,7 +494,8 @@ def report_blocks(metrics: dict, figures: dict) -> list[tuple]:
     ]
     for holdout in metrics["oracle"]:
         blocks.append(("img", figures[f"token_difficulty_{holdout}"], f"token difficulty ({holdout})"))
-        blocks.append(("p", f"Interactive page: figures/{figures[f'token_difficulty_{holdout}_html'].name}"))
+        page = f"figures/{figures[f'token_difficulty_{holdout}_html'].name}"
+        blocks.append(("p", f"Interactive page (hover a token for its value): [{page}]({page})"))
     blocks += [
         ("h", 2, "Time per stage (seconds)"),
         ("table", ["stage", "seconds"], [[k, fmt(v)] for k, v in metrics["seconds"].items()]),

@@ -6,14 +6,13 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..analysis import _pyplot
+from ..analysis import new_figure, save_figure, style_axes
 from .benchmarks import BENCHMARK_CHANCE, BENCHMARK_METRICS, BENCHMARK_NAMES
 from .plan import KINDS, AblationPlan
 
 
 def plot_fig8(plan: AblationPlan, rows: Sequence[dict], counts: Mapping[str, int], path: Path, dpi: int = 72) -> Path:
     """The paper's Fig. 8 panels on the benchmarks (top row, if any) and on held-out perplexity (bottom row)."""
-    plt = _pyplot()
     panels = []  # (title, y label, [(kind, key, label, style)], chance levels)
     if plan.benchmarks.enabled:
         note = plan.benchmarks.short_label(counts)
@@ -48,7 +47,7 @@ def plot_fig8(plan: AblationPlan, rows: Sequence[dict], counts: Mapping[str, int
             lines.append(("frozen-big", f"ppl_{name}", f"{name}: frozen big", {"color": colour, "ls": "--"}))
         panels.append(("(f) from scratch vs frozen big, perplexity", "perplexity", lines, []))
     n_rows = math.ceil(len(panels) / 3)
-    fig, axes = plt.subplots(n_rows, 3, figsize=(12, 3.4 * n_rows + 0.6), squeeze=False)
+    fig, axes = new_figure(n_rows, 3, figsize=(12, 3.4 * n_rows + 0.6))
     for ax in axes.flat[len(panels) :]:
         ax.set_axis_off()
     for ax, panel in zip(axes.flat, panels, strict=False):
@@ -66,8 +65,8 @@ def plot_fig8(plan: AblationPlan, rows: Sequence[dict], counts: Mapping[str, int
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_xlabel("p_big", fontsize=8)
         ax.set_xticks(plan.p_bigs)
+        style_axes(ax)
         ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     tokens = plan.steps * plan.tokens_per_step
     fig.suptitle(
@@ -75,8 +74,4 @@ def plot_fig8(plan: AblationPlan, rows: Sequence[dict], counts: Mapping[str, int
         "random routing at evaluation (Duo, frozen big) or whose FLOPs a dense model matches.",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", pil_kwargs={"optimize": True})  # small enough to commit
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi)  # dpi 72: small enough to commit
