@@ -230,7 +230,7 @@ CASES = [
     ("router-alpha-negative", lambda a, o: router(a, o, "--alpha", "-1"), r"alpha: -1.0 must be a finite number >= 0"),
     ("router-temperature-zero", lambda a, o: router(a, o, "--temperature-start", "0"), r"temperatures must be > 0"),
     ("router-setting-unknown", lambda a, o: _without(router(a, o, "--setting", "fast"), "--budget", "0.5"),
-     r"setting: 'fast' is not a router setting"),
+     r"--setting: invalid choice: 'fast'"),
     ("router-route-options-unknown", lambda a, o: router(a, o, "--route-options", "small,huge"), r"huge"),
     ("router-oracle-field-needs-oracle", lambda a, o: router(a, o, "--oracle-budget", "2"),
      r"\['--oracle-budget'\] set the oracle's targets; they need --supervision oracle"),

@@ -13,8 +13,6 @@ from duo_llm_hf.utils.errors import UsageError
 
 # What --help must not import: each takes seconds, and none is needed to list a command's flags.
 HEAVY = ("torch", "transformers", "datasets", "accelerate", "safetensors", "lm_eval", "huggingface_hub")
-# The commands whose arguments dataclasses still live next to torch code (to be moved out).
-NOT_YET_LIGHT = {"train-router", "study"}
 
 
 def help_imports(argv: list[str]) -> tuple[str, list[str]]:
@@ -34,7 +32,7 @@ def help_imports(argv: list[str]) -> tuple[str, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [None, *(name for name in COMMANDS if name not in ("eval", *NOT_YET_LIGHT))])
+@pytest.mark.parametrize("command", [None, *(name for name in COMMANDS if name != "eval")])
 def test_help_imports_neither_torch_nor_transformers(command):
     out, heavy = help_imports(["--help"] if command is None else [command, "--help"])
     assert out.startswith(f"usage: duo-llm {command or ''}".rstrip())
@@ -71,3 +69,16 @@ def test_negative_flags_have_their_own_help_and_output_dir_is_one_spelling(capsy
     assert args.out == "new"
     with pytest.raises(UsageError, match=r"required: --output-dir \(see 'duo-llm ablation --help'\)"):
         build_parser(AblationArguments).parse([])
+
+
+def test_router_flag_vocabularies_match_the_model_code():
+    """train-router spells its --setting and --temperature-schedule choices out (so its --help imports no torch):
+    they must stay those of the model code."""
+    from typing import get_args
+
+    from duo_llm_hf.models.routed_ffn import SCHEDULE_KINDS
+    from duo_llm_hf.models.routes import ROUTER_SETTINGS
+    from duo_llm_hf.training.router_arguments import RouterSetting, ScheduleKind
+
+    assert sorted(get_args(RouterSetting)) == sorted(ROUTER_SETTINGS)
+    assert get_args(ScheduleKind) == tuple(SCHEDULE_KINDS)

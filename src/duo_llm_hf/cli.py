@@ -91,7 +91,7 @@ COMMANDS: dict[str, Command] = {
         "duo_llm_hf.experiments.study:main",
         "The main job: the paper's study end to end (train, oracle, routers, token difficulty) with a report.",
         "duo-llm study --output-dir DIR",
-        "duo_llm_hf.experiments.study:StudyArguments",
+        "duo_llm_hf.experiments.study_arguments:StudyArguments",
     ),
     "card": Command(
         "duo_llm_hf.integrations.model_card:main",

@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader
 from ..oracle.results import OracleResult
 from ..oracle.run import run_oracle_study, study_space
 from ..oracle.spaces import parse_layer_budget
-from ..utils.arguments import check_folder, check_output_dir, parse_arguments
-from ..utils.errors import MissingFileError, UsageError
+from ..utils.arguments import parse_arguments
+from ..utils.errors import UsageError
 from ..utils.files import atomic_write_json
-from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
+from ..utils.loading import allow_route_options, load_duo_model
 from ..utils.run_files import (
     OVERWRITE_FLAG,
     STAGE_DONE_FILE,
@@ -51,6 +51,7 @@ from ..utils.run_files import (
     TRAIN_RESULTS_FILE,
 )
 from .presets import preset_names, study_preset
+from .study_arguments import StudyArguments
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ ROUTER_SUPERVISION = {
 }
 # The stages' folders in --output-dir: what a study started over with other settings removes first.
 STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "oracle_train", "oracle_train_causal", "routers")
-# Names a user holdout cannot take: the built-in holdouts', and the evaluation's name of all sets together.
-RESERVED_HOLDOUT_NAMES = ("all",)
 
 
 @dataclass
@@ -206,32 +205,6 @@ def study_holdouts(config: StudyConfig) -> dict[str, str]:
     if not specs:
         raise UsageError("the study has no holdout: give --holdout NAME=PATH, or leave out --holdout-only.")
     return specs
-
-
-def parse_holdouts(values: list) -> dict[str, str]:
-    """``--holdout NAME=PATH`` values (repeated, or several after one flag) as name -> path; each path an existing
-    text file or folder of text files (`data.corpus.parse_corpus_spec`); raise `UsageError` on a malformed value,
-    a name used twice or taken by a built-in holdout, or a missing file."""
-    from ..data.corpus import HOLDOUTS, parse_corpus_spec
-
-    flat = [v for item in values for v in (item if isinstance(item, list) else [item])]
-    holdouts: dict[str, str] = {}
-    for value in flat:
-        name, sep, path = value.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise UsageError(f"--holdout: {value!r} is not NAME=PATH (e.g. --holdout wiki=valid.txt).")
-        if not all(c.isalnum() or c in "_-" for c in name):
-            raise UsageError(f"--holdout: name {name!r} may hold only letters, digits, '_' and '-' (it names folders).")
-        if name in HOLDOUTS or name in RESERVED_HOLDOUT_NAMES:
-            raise UsageError(f"--holdout: name {name!r} is taken by a built-in holdout or the report; choose another.")
-        if name in holdouts:
-            raise UsageError(f"--holdout: name {name!r} is given twice; give each holdout its own name.")
-        spec = parse_corpus_spec(path, "train", f"--holdout {name}")
-        if spec.kind != "local":
-            raise UsageError(f"--holdout {name}: {path!r} is not a local text file or folder.")
-        holdouts[name] = str(Path(path).expanduser().resolve())
-    return holdouts
 
 
 def holdout_blocks(model_dir: Path, config: StudyConfig, name: str, num_blocks: int) -> torch.LongTensor:
@@ -540,71 +513,6 @@ def summary_table(metrics: dict) -> str:
             )
             lines.append(f"  {holdout}: {cells}")
     return "\n".join(lines)
-
-
-@dataclass(kw_only=True)
-class StudyArguments:
-    """Arguments of ``duo-llm study`` (each field is also a flag, ``--name-with-dashes``)."""
-
-    # The command's name and description in --help and errors (`build_parser`); unannotated, so not fields.
-    prog = "duo-llm study"
-    description = (
-        "The Duo-LLM study end to end: stage 1 training, the oracle (all budgets, fixed, best-of-100, skip, position "
-        "budgets, causal), routers, token difficulty; report.md/.html, metrics.json, figures. A re-run with the "
-        "same --output-dir reuses the finished stages."
-    )
-    flag_labels = True  # messages name the flags (--output-dir), as the study's always did
-
-    out: str = field(
-        metadata={
-            "flag": "output_dir",
-            "aliases": ["--out"],
-            "help": "Folder of the study (stages, report, figures). (--out: the former spelling, still accepted.)",
-        }
-    )
-    preset: str = field(default="default", metadata={"help": "Sizes of every stage.", "choices": list(PRESETS)})
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Study this trained Duo model folder (DuoLlama or DuoOPT, with its tokenizer) instead of "
-            "training one."
-        },
-    )
-    holdout: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "A holdout of your own, NAME=PATH (a text file or folder of them, tokenized with the model's "
-            "tokenizer); repeat the flag for several. The oracle, routers, token difficulty and report run on it too.",
-            "action": "append",
-            "metavar": "NAME=PATH",
-        },
-    )
-    holdout_only: bool = field(
-        default=False, metadata={"help": "Evaluate only the --holdout sets, not the built-in English and code ones."}
-    )
-    progress: bool = field(default=True, metadata={"help": "Show progress bars (--no-progress hides them)."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "If --output-dir holds a study with other settings, remove its stages and start over (else "
-            "refused)."
-        },
-    )
-
-    def validate(self) -> None:
-        """Check the flags before any work is done: ``--output-dir`` is not a file, and ``--model``, if given, is a Duo
-        model folder (its config, no weights, is read) with its tokenizer; raise `UsageError`."""
-        from ..data.tokenization import has_tokenizer
-
-        check_output_dir(self, "out")
-        self.holdouts = parse_holdouts(self.holdout)
-        if self.holdout_only and not self.holdouts:
-            raise UsageError("--holdout-only leaves no holdout: give at least one --holdout NAME=PATH.")
-        if self.model is not None:
-            folder = check_folder("--model", self.model, "Duo model folder")
-            inspect_duo_source(folder, "--model")
-            if not has_tokenizer(folder):
-                raise MissingFileError(f"--model: {self.model!r} holds no tokenizer; the study tokenizes its holdouts.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,15 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
-from ..models.losses import parse_budget_fractions
-from ..models.routed_ffn import SCHEDULE_KINDS, TemperatureSchedule
-from ..models.routes import BIG, CHOICE_NAMES, ROUTER_SETTINGS, SKIP, choice_code
-from ..oracle.spaces import RouteSpace, UnevenLayerBudget, layer_budget_of_fractions
 from ..utils.arguments import check_folder, check_integer_fields, check_output_dir, user_values
 from ..utils.errors import UsageError
-from ..utils.loading import inspect_duo_source
 from .arguments import (
     DataArguments,
     OptimizationArguments,
@@ -30,6 +25,14 @@ from .arguments import (
     with_default,
 )
 
+if TYPE_CHECKING:
+    from ..models.routed_ffn import TemperatureSchedule
+
+# The model code (torch, transformers) is imported where it is used, so that `--help` answers at once; the two
+# vocabularies the flags offer are spelled out as `Literal`s, which tests hold equal to `routes.ROUTER_SETTINGS` and
+# `routed_ffn.SCHEDULE_KINDS`.
+RouterSetting = Literal["big50-skip50", "big50-small30-skip20", "small70-big30"]
+ScheduleKind = Literal["constant", "linear", "exponential", "cosine"]
 DEFAULT_BLOCK_SIZE = 256
 SUPERVISIONS = ("conventional", "oracle")
 ORACLE_FIELDS = (
@@ -49,10 +52,10 @@ class RouterArguments:
     """The routers, their loss and, under oracle supervision, the oracle's targets."""
 
     model: str = field(metadata={"help": "Folder of a stage 1 Duo model (DuoLlama or DuoOPT, save_pretrained)."})
-    setting: str | None = field(
+    setting: RouterSetting | None = field(
         default=None,
         metadata={
-            "help": f"One of the paper's router settings {sorted(ROUTER_SETTINGS)}: sets the route options and the "
+            "help": "One of the paper's router settings: sets the route options and the "
             "budget (then leave out --route-options and --budget)."
         },
     )
@@ -70,8 +73,8 @@ class RouterArguments:
     alpha: float = field(default=1.0, metadata={"help": "Weight of the budget loss: loss = CE + alpha * budget."})
     temperature_start: float = field(default=1.0, metadata={"help": "Router temperature tau at step 0."})
     temperature_end: float = field(default=0.1, metadata={"help": "Router temperature at the end of annealing."})
-    temperature_schedule: Literal["constant", "linear", "exponential", "cosine"] = field(
-        default="exponential", metadata={"help": f"How tau goes from start to end: {list(SCHEDULE_KINDS)}."}
+    temperature_schedule: ScheduleKind = field(
+        default="exponential", metadata={"help": "How tau goes from start to end."}
     )
     temperature_steps: int | None = field(
         default=None, metadata={"help": "Steps over which tau anneals (default: the whole run)."}
@@ -133,6 +136,8 @@ class RouterArguments:
 
     def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
         """The router temperature schedule of a run of ``total_steps`` optimizer steps."""
+        from ..models.routed_ffn import TemperatureSchedule
+
         steps = total_steps if self.temperature_steps is None else self.temperature_steps
         return TemperatureSchedule(self.temperature_start, self.temperature_end, steps, self.temperature_schedule)
 
@@ -210,10 +215,10 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
         with user_values():
             self.temperature_plan(1)  # checks the temperatures and the schedule kind
         if self.setting is not None:
-            if self.setting not in ROUTER_SETTINGS:
+            if self.setting not in get_args(RouterSetting):
                 raise UsageError(
                     f"setting: {self.setting!r} is not a router setting; use one of "
-                    f"{sorted(ROUTER_SETTINGS)}, or --route-options with --budget."
+                    f"{sorted(get_args(RouterSetting))}, or --route-options with --budget."
                 )
             if self.route_options is not None or self.budget is not None:
                 raise UsageError(
@@ -223,9 +228,11 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
         elif self.budget is None:
             raise UsageError(
                 f"budget: give a target, e.g. --budget 0.3 (the fraction of BIG) or --budget small=0.3,big=0.5,"
-                f"skip=0.2, or one of the paper's settings with --setting ({', '.join(sorted(ROUTER_SETTINGS))})."
+                f"skip=0.2, or one of the paper's settings with --setting ({', '.join(get_args(RouterSetting))})."
             )
         else:
+            from ..models.losses import parse_budget_fractions
+
             with user_values():
                 parse_budget_fractions(parse_budget_flag(self.budget))
         if self.route_options is not None:
@@ -233,12 +240,16 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
                 parse_route_options(self.route_options)
         if self.oracle_budget is not None and not self.oracle_budget.strip():
             raise UsageError("oracle_budget: '' is empty; give an exact budget such as 2 or big=6,skip=6.")
+        from ..utils.loading import inspect_duo_source
+
         inspect_duo_source(self.model)
         check_data_fields(self)
 
 
 def parse_route_options(text: str | Sequence[str | int]) -> list[str]:
     """Route options from a comma-separated string (``"small,big"``) or a list, as names in canonical order."""
+    from ..models.routes import CHOICE_NAMES, choice_code
+
     items = [part.strip() for part in text.split(",") if part.strip()] if isinstance(text, str) else list(text)
     if not items:
         raise ValueError(f"route_options: {text!r} names no choice; use e.g. small,big or big,skip.")
@@ -271,6 +282,8 @@ def budget_flag(targets: Mapping[int, float]) -> str:
     """The ``--budget`` value of budget targets (``{choice code: fraction}``), read back by `parse_budget_flag`:
     the BIG fraction alone when only BIG is targeted, else ``name=fraction`` pairs; written with ``repr`` so that
     no digit of the fraction is lost."""
+    from ..models.routes import BIG, CHOICE_NAMES
+
     if set(targets) == {BIG}:
         return repr(targets[BIG])
     return ",".join(f"{CHOICE_NAMES[code]}={fraction!r}" for code, fraction in sorted(targets.items()))
@@ -278,6 +291,8 @@ def budget_flag(targets: Mapping[int, float]) -> str:
 
 def routable_choices(config) -> list[str]:
     """The choices a model can route: its ``route_options`` (trained in stage 1) and ``skip`` (needs no module)."""
+    from ..models.routes import CHOICE_NAMES, SKIP
+
     return [name for name in CHOICE_NAMES if name in config.route_options or name == CHOICE_NAMES[SKIP]]
 
 
@@ -287,6 +302,9 @@ def resolve_router_budget(args: RouterTrainArguments, config) -> tuple[list[str]
     Raises when the setting asks for a choice the model cannot route (see `routable_choices`) or the budget does
     not fit the options.
     """
+    from ..models.losses import parse_budget_fractions
+    from ..models.routes import ROUTER_SETTINGS
+
     if args.setting is not None:
         preset = ROUTER_SETTINGS[args.setting]
         options, budget, source = preset["route_options"], preset["budget"], f"setting {args.setting!r}"
@@ -316,6 +334,8 @@ def oracle_layer_budget(
     each target fraction times ``num_layers`` must be a whole number (``0.5`` of 4 layers: ``big=2``). The budget
     is checked against a route space over ``options`` here, before any work is done.
     """
+    from ..oracle.spaces import RouteSpace, UnevenLayerBudget, layer_budget_of_fractions
+
     if args.oracle_budget is not None:
         spec = args.oracle_budget
     else:
