@@ -72,6 +72,17 @@ def paper_model() -> dict:
     return json.loads(PAPER_PRESET.read_text())["model"]
 
 
+TINY_MODEL = {"num_layers": 4, "hidden_size": 64, "intermediate_size": 256, "num_heads": 4, "vocab_size": 256}
+
+
+def model_flags(model: dict, layers: bool = True) -> list[str]:
+    """The model-size flags that bench_oracle and bench_inference share, from a preset's ``model`` fields."""
+    names = {"hidden": "hidden_size", "intermediate": "intermediate_size", "heads": "num_heads", "vocab": "vocab_size"}
+    if layers:
+        names = {"layers": "num_layers", **names}
+    return [item for flag, key in names.items() for item in (f"--{flag}", str(model[key]))]
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -326,44 +337,9 @@ def part_oracle(ctx: dict) -> dict:
     projected time of the paper's oracle study on one GPU."""
     preset = json.loads(PAPER_PRESET.read_text())
     if ctx["dry_run"]:
-        argv = [
-            "--layers",
-            "4",
-            "--hidden",
-            "64",
-            "--intermediate",
-            "256",
-            "--heads",
-            "4",
-            "--vocab",
-            "256",
-            "--sequences",
-            "2",
-            "--seq-len",
-            "16",
-            "--naive-sample",
-            "4",
-        ]
+        argv = [*model_flags(TINY_MODEL), "--sequences", "2", "--seq-len", "16", "--naive-sample", "4"]
     else:
-        paper = preset["model"]
-        argv = [
-            "--layers",
-            str(paper["num_layers"]),
-            "--hidden",
-            str(paper["hidden_size"]),
-            "--intermediate",
-            str(paper["intermediate_size"]),
-            "--heads",
-            str(paper["num_heads"]),
-            "--vocab",
-            str(paper["vocab_size"]),
-            "--sequences",
-            "1",
-            "--seq-len",
-            "1024",
-            "--naive-sample",
-            "8",
-        ]
+        argv = [*model_flags(preset["model"]), "--sequences", "1", "--seq-len", "1024", "--naive-sample", "8"]
     args = bench_oracle.parse_args([*argv, "--device", ctx["device"], "--dtype", "bfloat16"])
     figures = bench_oracle.measure(args)
     # The study's held-out tokens: oracle_blocks blocks of block_size tokens from each of the two holdouts.
@@ -393,16 +369,8 @@ def part_inference(ctx: dict) -> dict:
         if ctx["dry_run"]:
             argv = ["--quick"]
         else:
-            paper = paper_model()
             argv = [
-                "--hidden",
-                str(paper["hidden_size"]),
-                "--intermediate",
-                str(paper["intermediate_size"]),
-                "--heads",
-                str(paper["num_heads"]),
-                "--vocab",
-                str(paper["vocab_size"]),
+                *model_flags(paper_model(), layers=False),
                 "--prompt-len",
                 "256",
                 "--new-tokens",
