@@ -293,6 +293,17 @@ def test_distilled_router_learns_the_oracles_choices(tmp_path, stage1):
     assert not targets_folder(reader.output_dir).exists()
 
 
+@pytest.mark.slow
+def test_distilled_router_on_a_streamed_corpus(tmp_path, stage1):
+    """A streamed corpus has no length: the oracle labels its first blocks all the same."""
+    args = tiny_router_args(
+        tmp_path, stage1, "streamed", supervision="oracle", streaming=True, shuffle_buffer=8, max_steps=2,
+        batch_size=2, oracle_blocks=4, holdout_code="none",
+    )  # fmt: skip
+    train_router(args)
+    assert OracleResult.load(targets_folder(args.output_dir)).tensors["input_ids"].shape[0] == 4
+
+
 def test_router_vs_oracle_table(tmp_path, stage1, monkeypatch):
     args = ComparisonArguments(
         model=stage1,

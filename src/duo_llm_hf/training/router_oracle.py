@@ -144,8 +144,10 @@ def _match_fractions(scores: torch.Tensor, target: torch.Tensor, rounds: int = 8
 def _teacher_forced_probs(model, input_ids: torch.LongTensor, routes: torch.LongTensor) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    logits = model(input_ids=input_ids, routes=routes, output_router_logits=True, logits_to_keep=1).router_logits
-    model.train(was_training)
+    try:
+        logits = model(input_ids=input_ids, routes=routes, output_router_logits=True, logits_to_keep=1).router_logits
+    finally:
+        model.train(was_training)
     return router_probabilities(logits, router_temperature(model))
 
 

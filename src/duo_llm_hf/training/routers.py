@@ -34,6 +34,7 @@ the whole model (Accelerate's ``save_state``), although only the routers change.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -215,8 +216,9 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
         if args.oracle_targets is not None:
             result, source = OracleResult.load(args.oracle_targets), args.oracle_targets
         else:
-            count = min(args.oracle_blocks, len(train_blocks))
-            ids = torch.stack([row["input_ids"] for row in train_blocks.select(range(count))])
+            # islice, not select: a streamed corpus (an IterableDataset) has no length.
+            ids = torch.stack([row["input_ids"] for row in itertools.islice(train_blocks, args.oracle_blocks)])
+            count = len(ids)
             source = str(targets_folder(output_dir))
             result = compute_oracle_targets(
                 model.to(accelerator.device),
