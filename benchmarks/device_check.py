@@ -63,6 +63,8 @@ BUDGETS = {
     "inference": 40,
     "fsdp": 25,
 }
+# A dry run's default time is this many times the device's (a subprocess's imports take longer on a shared CPU).
+DRY_RUN_SLACK = 3
 # SmolLM2-135M's shape (Llama: 30 layers, hidden 576, FFN 1536, 9 heads / 3 KV heads, tied embeddings), with random
 # weights: the real-model study's planning figures. The real weights (98 MB) do not fit a device call's 64 MiB.
 SMOLLM2_135M = {
@@ -631,13 +633,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--dry-run", action="store_true", help="every part at tiny sizes on the CPU")
     parser.add_argument(
-        "--max-seconds", type=float, default=sum(BUDGETS.values()), help="the whole run's time (parts scale to it)"
+        "--max-seconds",
+        type=float,
+        default=None,
+        help=f"the whole run's time, parts scaled to it (default {sum(BUDGETS.values())}; a dry run "
+        f"{DRY_RUN_SLACK}x that: a shared CPU runs the tiny parts slower than the GPU the caps are sized for)",
     )
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run, in order")
     args = parser.parse_args(argv)
     unknown = [p for p in args.parts.split(",") if p not in PARTS]
     if unknown:
         parser.error(f"--parts: {unknown} are not parts; use some of {','.join(PARTS)}.")
+    if args.max_seconds is None:
+        args.max_seconds = sum(BUDGETS.values()) * (DRY_RUN_SLACK if args.dry_run else 1)
     if args.max_seconds <= 0:
         parser.error(f"--max-seconds: {args.max_seconds} must be positive.")
     return args
