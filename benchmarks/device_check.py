@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -403,7 +405,8 @@ def real_depth_oracle(ctx: dict, shape: dict, seq_len: int, seconds: float) -> d
     start, device = time.perf_counter(), ctx["device"]
     config = real_depth_config(shape, seq_len)
     torch.manual_seed(0)
-    model = DuoLlamaForCausalLM(config).to(device, torch.bfloat16).eval()
+    with torch.device(device):  # initialised where it runs: 135M parameters initialise slowly on a CPU
+        model = DuoLlamaForCausalLM(config).to(torch.bfloat16).eval()
     ids = torch.randint(0, config.vocab_size, (1, seq_len), device=device)
     layers = config.num_hidden_layers
     chunk_tokens = default_chunk_tokens(device, config)
@@ -414,8 +417,8 @@ def real_depth_oracle(ctx: dict, shape: dict, seq_len: int, seconds: float) -> d
         pattern_tokens = space.size * seq_len
         left = seconds - (time.perf_counter() - start)
         projected = 1.5 * pattern_tokens / rate if rate else 0.0
-        if projected > left:
-            skipped = f"projected {projected:.0f} s at the last rate, {left:.0f} s left"
+        if left <= 0 or projected > left:
+            skipped = f"{left:.0f} s left" + (f", projected {projected:.0f} s at the last rate" if rate else "")
             out[space.labels[0]] = {"moved_layers": moved, "patterns": space.size, "skipped": skipped}
             continue
         synchronize(device)
@@ -604,6 +607,34 @@ def markdown(report: dict) -> str:
             f"chunk {oracle['chunk_tokens']} tokens; paper's oracle study projected at "
             f"{oracle['projected_paper_oracle_hours_one_gpu']:.1f} h on one GPU.",
         ]
+    real = parts.get("real_depth", {}).get("result")
+    if real:
+        shape = real["shape"]
+        lines += [
+            "",
+            f"Real depth ({shape['num_layers']} layers, hidden {shape['hidden_size']}, "
+            f"FFN {shape['intermediate_size']}, {shape['num_heads']} / {shape['num_kv_heads']} heads, "
+            f"vocab {shape['vocab_size']}; random weights, bf16): exact oracle over BIG/SKIP on "
+            f"{real['oracle']['tokens']} tokens",
+            "",
+            "| budget | moved layers | patterns | seconds | pattern-tokens/s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for label, row in real["oracle"].items():
+            if isinstance(row, dict):
+                figures = (
+                    f"{row['seconds']:.2f} | {row['pattern_tokens_per_second']:,.0f}"
+                    if "seconds" in row
+                    else f"— | {row['skipped']}"
+                )
+                lines.append(f"| {label} | {row['moved_layers']} | {row['patterns']:,} | {figures} |")
+        training = real["training"]
+        lines += [
+            "",
+            f"Training step (bf16, batch {training['config']['batch_size']} x {training['config']['seq_len']}): "
+            f"{training['tokens_per_second']['duo']:,.0f} tokens/s Duo at p_big 0.5, "
+            f"{training['tokens_per_second']['dense']:,.0f} dense.",
+        ]
     inference = parts.get("inference", {}).get("result")
     if inference:
         lines += ["", "| batch | case | phase | predicted saving | measured saving |", "|---|---|---|---:|---:|"]
@@ -660,12 +691,25 @@ def main(argv=None) -> dict:
         print("device_check: no CUDA device; running the dry run's sizes on the CPU instead.", file=sys.stderr)
     parts = args.parts.split(",")
     scale = args.max_seconds / sum(BUDGETS.values())
-    ctx = {"device": device, "dry_run": device == "cpu", "work_dir": str(out)}
+    # Scratch files (the FSDP part's checkpoints and models) stay out of the output folder: the device tool brings
+    # back at most 8 files from $OUT, and device_check.json and device_check.md must be among them.
+    work_dir = tempfile.mkdtemp(prefix="device-check-")
+    ctx = {"device": device, "dry_run": device == "cpu", "work_dir": work_dir}
     report = {"device": device, "dry_run": ctx["dry_run"], "max_seconds": args.max_seconds, "parts": {}}
+    try:
+        run_parts(parts, ctx, report, out, args.max_seconds, scale)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print(markdown(report))
+    return report
+
+
+def run_parts(parts: list[str], ctx: dict, report: dict, out: Path, max_seconds: float, scale: float) -> None:
+    """Run each part under its time cap, writing the report after each one."""
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, _alarm)
     for name in parts:
-        left = args.max_seconds - (time.perf_counter() - start)
+        left = max_seconds - (time.perf_counter() - start)
         ctx["budget"] = min(BUDGETS[name] * scale, left)
         if ctx["budget"] < 1:
             report["parts"][name] = {"status": "skipped: no time left", "seconds": 0.0}
@@ -687,8 +731,6 @@ def main(argv=None) -> dict:
         atomic_write_json(out / "device_check.json", report, newline=False)
         (out / "device_check.md").write_text(markdown(report))
         print(f"device_check: {name}: {entry['status']} ({entry['seconds']:.1f} s)", flush=True)
-    print(markdown(report))
-    return report
 
 
 if __name__ == "__main__":
