@@ -1,15 +1,19 @@
 """The GPU check: correctness on CUDA, training throughput and MFU at the paper's width, the oracle at paper width,
-inference savings, and FSDP in one process; one run of at most 8 minutes on one H200 (issue #17).
+the oracle and a training step at SmolLM2-135M's depth, inference savings, and FSDP in one process; one run of at
+most 270 s on one GPU (docs/gpu.md).
 
-Every part writes its figures into one JSON file as soon as it ends (``device_check.json``, with a Markdown summary
-``device_check.md`` beside it), so a crash or a cut keeps the finished parts. Each part has a time cap (``BUDGETS``,
-scaled so that all fit in ``--max-seconds``): a part that runs past its cap is stopped by an alarm and recorded as
-cut, and the next part starts. The parts reuse the benchmarks (``bench_train.measure``, ``bench_oracle.measure``,
-``bench_inference.run``) and the library; nothing here imports ``datasets`` or ``lm_eval``, which the device image
-lacks. On the device machine (its own python, no venv), from the repository root:
+First, before the heavy imports, the versions it runs with are checked against the pins (`device_versions`): the
+device image's transformers is older than ours, which travels as a wheel (``make device-wheels``); a miss stops the
+run within seconds with one line naming the wheel. Every part writes its figures into one JSON file as soon as it
+ends (``device_check.json``, with a Markdown summary ``device_check.md`` beside it), so a crash or a cut keeps the
+finished parts. Each part has a time cap (``BUDGETS``, scaled so that all fit in ``--max-seconds``): a part that runs
+past its cap is stopped by an alarm and recorded as cut, and the next part starts. The parts reuse the benchmarks
+(``bench_train.measure``, ``bench_oracle.measure``, ``bench_inference.run``) and the library; nothing here imports
+``datasets`` or ``lm_eval``, which the device image lacks. On the device machine (its own python, no venv), from the
+repository root, after installing the carry (docs/gpu.md gives the whole call):
 
-    PYTHONPATH=src python benchmarks/device_check.py --output-dir $OUT          # what `make device-check` runs
-    PYTHONPATH=src python benchmarks/device_check.py --dry-run --output-dir /tmp/check   # every part, tiny, on CPU
+    PYTHONPATH=/tmp/site:src python3 benchmarks/device_check.py --output-dir $OUT      # what `make device-check` runs
+    PYTHONPATH=src python3 benchmarks/device_check.py --dry-run --output-dir /tmp/check  # every part, tiny, on CPU
 
 ``--dry-run`` runs every part at tiny sizes on the CPU (the test suite runs it), so the script is known to work
 before a device is ever lent. ``--parts`` picks parts (comma-separated).

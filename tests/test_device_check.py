@@ -127,6 +127,7 @@ def test_device_check_real_depth_part_measures_every_moved_layer_count(dry_run):
     training = real["training"]
     assert training["config"]["mixed_precision"] == "bf16" and training["config"]["tie_embeddings"]
     assert training["tokens_per_second"]["duo"] > 0
+    assert f"| big={layers - 4} | 4 |" in (dry_run["out"] / "device_check.md").read_text()
 
 
 @pytest.mark.slow
