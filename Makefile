@@ -87,7 +87,7 @@ STUDY_OUT ?= study
 demo: $(STAMP)
 	$(BIN)/duo-llm study --output-dir $(STUDY_OUT) --preset default
 
-# The GPU check (benchmarks/device_check.py, at most 5 minutes on one GPU; docs/gpu.md gives the device call). It
+# The GPU check (benchmarks/device_check.py, at most 270 s on one GPU; docs/gpu.md gives the device call). It
 # runs with the python on the PATH and no venv: the device machine's image has torch and accelerate but an older
 # transformers and no datasets or lm-eval; the check needs neither, and the pinned transformers travels as a wheel
 # (device-wheels) installed into /tmp/site, which the call puts first on PYTHONPATH (kept here).

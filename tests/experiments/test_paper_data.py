@@ -124,3 +124,11 @@ def test_paper_preset_reads_its_corpora_in_their_hub_schemas(hub_folders, tmp_pa
         assert builtin_tokenizer.decode(blocks[0]) in text * 3
     train_blocks = training_blocks(model_dir, config)
     assert builtin_tokenizer.decode(train_blocks[0]["input_ids"]) in FINEWEB * 3
+
+
+def test_an_empty_holdout_column_is_refused(tmp_path):
+    from duo_llm_hf.utils.errors import UsageError
+
+    args = TrainArguments(output_dir=str(tmp_path / "run"), holdout_code_column=" ")
+    with pytest.raises(UsageError, match="holdout_code_column: ' ' is empty"):
+        args.validate()
