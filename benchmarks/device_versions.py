@@ -18,7 +18,10 @@ import platform
 import sys
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pip vendors tomli, tomllib's origin
+    from pip._vendor import tomli as tomllib
 
 try:
     from packaging.requirements import Requirement
