@@ -180,6 +180,16 @@ def test_llama_folder_converts_exactly(tmp_path, llama_folder, builtin_tokenizer
     assert torch.equal(duo(ids_of(builtin_tokenizer), routes=routes).routes, routes)
 
 
+def test_another_dtype_converts_exactly_in_it(tmp_path, llama_folder, builtin_tokenizer):
+    out = convert_checkpoint(llama_folder, tmp_path / "duo", dtype="bfloat16")
+    dense = LlamaForCausalLM.from_pretrained(llama_folder, dtype=torch.bfloat16).eval()
+    assert json.loads((out / "config.json").read_text())[CONVERSION_FIELD]["dtype"] == "bfloat16"
+    with torch.no_grad():
+        duo = DuoLlamaForCausalLM.from_pretrained(out).eval()
+        assert duo.dtype == torch.bfloat16
+        assert torch.equal(duo(ids_of(builtin_tokenizer)).logits, dense(ids_of(builtin_tokenizer)).logits)
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q8_0"])
 def test_gguf_converts_exactly(tmp_path, builtin_tokenizer, quantized):
     """The same tiny Llama as a GGUF file: the Duo model's logits are those of the source as transformers loads it

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, GgufConfig
+from transformers.utils import is_gguf_available
 
 from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
@@ -106,9 +108,15 @@ def convert_checkpoint(
     output = Path(output_dir).expanduser()
     check_output_folder(output, Path(source).expanduser(), overwrite)
     found = resolve_source(str(source), gguf_file)
-    duo_class = dense_architecture(found)
+    # Refuse another architecture before the weights load. A GGUF's config is parsed from all of its metadata, which
+    # loading the weights does anyway: its architecture is checked first, its model_type once loaded.
+    if found.gguf_file:
+        check_gguf_architecture(found)
+    else:
+        duo_class_of(read_config(found), found.name)
     tokenizer = load_tokenizer(found, tokenizer)
     dense = load_dense(found, dtype)
+    duo_class = duo_class_of(dense.config, found.name)
     with torch.random.fork_rng(), user_values("SOURCE: "):
         torch.manual_seed(seed)
         duo = duo_class.from_dense(
@@ -191,41 +199,43 @@ def download(name: str, gguf_file: str | None) -> Source:
     return Source(name, folder, gguf_file, revision=folder.name)  # snapshot folders are named by commit
 
 
-def gguf_architecture(path: Path) -> str:
-    """``general.architecture`` of a GGUF file, read with the `gguf` package; `UsageError` if it is no GGUF."""
+def check_gguf_architecture(source: Source) -> None:
+    """Refuse a GGUF file whose ``general.architecture`` does not convert, or a file that is no GGUF, before any
+    weight is read (transformers' reader of the metadata alone; loading the weights needs the `gguf` package)."""
+    if not is_gguf_available():
+        raise MissingDependencyError(f"reading a GGUF file needs the gguf package: {GGUF_INSTALL}.")
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    path = source.folder / source.gguf_file
     try:
-        from gguf import GGUFReader
-    except ImportError as err:
-        raise MissingDependencyError(f"reading a GGUF file needs the gguf package: {GGUF_INSTALL}.") from err
-    try:
-        field = GGUFReader(path).fields.get("general.architecture")
-    except (ValueError, OSError) as err:
+        metadata, _ = read_gguf_metadata(str(path))
+    except (ValueError, OSError, IndexError, struct.error) as err:
         raise UsageError(f"SOURCE: {str(path)!r} cannot be read as a GGUF file ({err}).") from err
-    if field is None:
-        raise UsageError(f"SOURCE: {str(path)!r} is a GGUF file without general.architecture; it names no model.")
-    return str(field.contents())
+    architecture = metadata.get("general.architecture")
+    if architecture not in GGUF_ARCHITECTURES:
+        raise UsageError(
+            f"SOURCE: {source.name!r} is a GGUF file of architecture {architecture!r}; convert takes Llama-family "
+            f"GGUF files (general.architecture {' or '.join(map(repr, GGUF_ARCHITECTURES))}). transformers' GGUF "
+            "loader has no OPT: convert an OPT model from its HF folder or Hub name."
+        )
 
 
-def dense_architecture(source: Source) -> type:
-    """The Duo class the checkpoint converts to; `UsageError` for another architecture or a Duo model."""
-    if source.gguf_file:
-        architecture = gguf_architecture(source.folder / source.gguf_file)
-        if architecture not in GGUF_ARCHITECTURES:
-            raise UsageError(
-                f"SOURCE: {source.name!r} is a GGUF file of architecture {architecture!r}; convert takes Llama-family "
-                f"GGUF files (general.architecture {' or '.join(map(repr, GGUF_ARCHITECTURES))}). transformers' GGUF "
-                "loader has no OPT: convert an OPT model from its HF folder or Hub name."
-            )
+def read_config(source: Source):
+    """The source's config (no weights); `UsageError` when it cannot be read."""
     try:
-        config = AutoConfig.from_pretrained(source.folder, **source.load_kwargs)
+        return AutoConfig.from_pretrained(source.folder, **source.load_kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"SOURCE: {source.name!r} has a config that cannot be read ({err}).") from err
+
+
+def duo_class_of(config, name: str) -> type:
+    """The Duo class a checkpoint of ``config`` converts to; `UsageError` for another architecture or a Duo model."""
     if config.model_type in (DuoLlamaConfig.model_type, DuoOPTConfig.model_type):
-        raise UsageError(f"SOURCE: {source.name!r} is a Duo model already ({config.model_type!r}); nothing to convert.")
+        raise UsageError(f"SOURCE: {name!r} is a Duo model already ({config.model_type!r}); nothing to convert.")
     if config.model_type not in DUO_CLASSES:
         raise UsageError(
-            f"SOURCE: {source.name!r} is a {config.model_type!r} model; convert takes Llama-family (model_type "
-            f"'llama') and OPT ('opt') checkpoints."
+            f"SOURCE: {name!r} is a {config.model_type!r} model; convert takes Llama-family (model_type 'llama') "
+            "and OPT ('opt') checkpoints."
         )
     return DUO_CLASSES[config.model_type]
 
