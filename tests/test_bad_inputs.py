@@ -401,5 +401,5 @@ def test_unknown_command_is_one_line(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [
         "duo-llm: error: unknown command 'orcale'; choose from train, finetune, eval, oracle, train-router, ablation, "
-        "study, card (see 'duo-llm --help')."
+        "study, card, convert (see 'duo-llm --help')."
     ]

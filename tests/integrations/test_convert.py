@@ -26,6 +26,7 @@ from duo_llm_hf.cli import main as cli_main
 from duo_llm_hf.integrations import convert as convert_module
 from duo_llm_hf.integrations.convert import CONVERSION_FIELD, convert_checkpoint
 from duo_llm_hf.integrations.smollm2 import SMOLLM2_INSTALL, smollm2_gguf_path
+from duo_llm_hf.models.modeling_duo import CheckpointMismatchError
 from duo_llm_hf.models.routes import BIG, SKIP
 from duo_llm_hf.utils.errors import MissingFileError, UsageError
 from duo_llm_hf.utils.run_files import files_hash
@@ -271,6 +272,10 @@ REFUSALS = {
         "has no .safetensors weights; convert reads safetensors",
     ),
     "a Duo model": (lambda tmp, tok: _duo_folder(tmp / "duo-src", tok), "is a Duo model already"),
+    "a Hub name that cannot be fetched (offline)": (
+        lambda tmp, tok: "duo-llm-tests/no-such-model",
+        "could not be downloaded as a Hub model",
+    ),
 }
 
 
@@ -374,6 +379,12 @@ def test_a_dense_checkpoint_never_loads_into_a_duo_class(tmp_path, llama_folder,
         ) as e:
             attempt()
         assert "\n" not in str(e.value), case
+    # a Duo checkpoint whose weights lack a layer's FFNs (its config changed) is refused too, as incomplete
+    incomplete = tmp_path / "duo"
+    config = json.loads((incomplete / "config.json").read_text())
+    (incomplete / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4, "fixed_pattern": [BIG] * 4}))
+    with pytest.raises(CheckpointMismatchError, match=r"\(4 layers\): missing model\.layers\.3\.mlp\..* incomplete"):
+        DuoLlamaForCausalLM.from_pretrained(incomplete)
 
 
 def test_the_smollm2_wheel_is_named_when_missing(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ from ..models.modeling_duo_opt import DuoOPTForCausalLM
 from ..models.routes import BIG
 from ..training.building import is_hub_id
 from ..utils.arguments import parse_arguments, user_values
-from ..utils.errors import MissingDependencyError, MissingFileError, UsageError
+from ..utils.errors import MissingDependencyError, MissingFileError, UsageError, first_line
 from ..utils.files import temporary_path
 from ..utils.loading import load_complete_checkpoint
 from ..utils.run_files import CONFIG_FILE, file_hash, files_hash, refuse_overwrite
@@ -190,7 +190,7 @@ def download(name: str, gguf_file: str | None) -> Source:
     try:
         folder = Path(snapshot_download(name, allow_patterns=patterns))
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UsageError(
             f"SOURCE: no local folder {name!r} exists, and it could not be downloaded as a Hub model ({reason}); "
             "check the path, or the name and your network."
@@ -247,7 +247,7 @@ def load_tokenizer(source: Source, tokenizer: str | os.PathLike | None):
         kwargs = {} if tokenizer is not None else source.load_kwargs
         return AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if tokenizer is not None:
             raise UsageError(f"--tokenizer: {str(tokenizer)!r} cannot be loaded as a tokenizer ({reason}).") from err
         raise UsageError(

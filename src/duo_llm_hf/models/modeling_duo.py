@@ -53,6 +53,11 @@ DUO_FFN_KEYS = (".mlp.big.", ".mlp.small.")
 CONFIG_LOCATION_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
+class CheckpointMismatchError(ValueError):
+    """`from_pretrained` of a checkpoint that would leave Duo FFNs randomly initialised: a dense checkpoint (convert
+    it with `duo-llm convert`), or an incomplete one."""
+
+
 @dataclass
 class DuoModelOutputWithPast(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus the routes taken, `[batch, seq, layers]`, and the router logits.
@@ -238,23 +243,32 @@ class DuoCausalLMMixin:
         """`PreTrainedModel.from_pretrained` that refuses a dense checkpoint instead of loading it with random FFNs.
 
         A dense Llama or OPT checkpoint (a folder or Hub name whose config is not this Duo model's, a GGUF file,
-        or weights without the Duo FFNs) raises a one-line `ValueError` naming `duo-llm convert`, which converts
-        it exactly (`from_dense` in Python). Everything else is transformers' `from_pretrained`.
+        or weights without the Duo FFNs) raises a one-line `CheckpointMismatchError` (a `ValueError`) naming
+        `duo-llm convert`, which converts it exactly (`from_dense` in Python); so does a checkpoint that lacks some
+        FFN weights (incomplete, or its config changed). Everything else is transformers' `from_pretrained`.
         """
         name = os.fspath(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
         if kwargs.get("gguf_file"):
             gguf_path = os.path.join(name, kwargs["gguf_file"]) if name else kwargs["gguf_file"]
-            raise ValueError(dense_checkpoint_message(cls, gguf_path, "gguf"))
+            raise CheckpointMismatchError(dense_checkpoint_message(cls, gguf_path, "gguf"))
         model_type = None if kwargs.get("config") is not None else checkpoint_model_type(name, kwargs)
         if model_type is not None and model_type != cls.config_class.model_type:
-            raise ValueError(dense_checkpoint_message(cls, name, model_type))
+            raise CheckpointMismatchError(dense_checkpoint_message(cls, name, model_type))
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
-        missing_ffns = [key for key in info["missing_keys"] if any(part in key for part in DUO_FFN_KEYS)]
+        missing_ffns = sorted(key for key in info["missing_keys"] if any(part in key for part in DUO_FFN_KEYS))
+        big_ffns = [key for key in model.state_dict() if DUO_FFN_KEYS[0] in key]
+        if missing_ffns and set(big_ffns) <= set(missing_ffns):  # not one big FFN weight: dense weights
+            raise CheckpointMismatchError(dense_checkpoint_message(cls, name, None, missing_ffns))
         if missing_ffns:
-            raise ValueError(dense_checkpoint_message(cls, name, None, missing_ffns))
+            raise CheckpointMismatchError(
+                f"{cls.__name__}.from_pretrained: the weights in {name} do not match its config.json "
+                f"({model.config.num_hidden_layers} layers): missing {missing_ffns[0]} and {len(missing_ffns) - 1} "
+                "more Duo FFN tensors, which would be randomly initialised. The checkpoint is incomplete or its "
+                "config was changed; load a complete folder written by save_pretrained."
+            )
         return (model, info) if want_info else model
 
     def router_parameters(self) -> list[torch.nn.Parameter]:
@@ -311,7 +325,7 @@ def checkpoint_model_type(name: str | None, kwargs: Mapping) -> str | None:
 def dense_checkpoint_message(cls, name: str | None, model_type: str | None, missing: list[str] | None = None) -> str:
     """Why `cls.from_pretrained(name)` refuses a dense checkpoint, and the command that converts it exactly."""
     if missing:
-        found = f"has no weights for {len(missing)} Duo FFN tensors (e.g. {sorted(missing)[0]})"
+        found = f"has no weights for the Duo FFNs ({len(missing)} tensors, e.g. {missing[0]})"
     elif model_type == "gguf":
         found = "is a GGUF file, a dense checkpoint"
     else:
@@ -356,6 +370,7 @@ def load_dense_into_duo(duo: torch.nn.Module, state: Mapping[str, torch.Tensor])
 
 __all__ = [
     "CONFIG_KEYS_NOT_COPIED",
+    "CheckpointMismatchError",
     "DUO_CONFIG_FIELDS",
     "DuoCausalLMMixin",
     "DuoCausalLMOutputWithPast",

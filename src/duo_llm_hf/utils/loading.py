@@ -17,8 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
+from ..models.modeling_duo import CheckpointMismatchError
 from ..models.routes import CHOICE_NAMES, choice_code, validate_route_fields
-from .errors import MissingFileError, UsageError
+from .errors import MissingFileError, UsageError, first_line
 from .run_files import CONFIG_FILE
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
@@ -71,7 +72,7 @@ def inspect_duo_source(path: str | Path, what: str = "model"):
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if isinstance(source, Path):
             raise UsageError(f"{what}: {str(path)!r} has a config that cannot be read ({reason}).") from err
         raise UsageError(
@@ -124,6 +125,8 @@ def load_complete_checkpoint(source: str | Path, name: str, what: str, **kwargs)
     """
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    except CheckpointMismatchError as err:  # a dense or incomplete checkpoint in a Duo class
+        raise UsageError(f"{what}: {err}") from err
     except OSError as err:
         raise UsageError(f"{what}: {name!r} cannot be loaded ({str(err).strip()}).") from err
     except RuntimeError as err:
