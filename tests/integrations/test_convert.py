@@ -241,6 +241,16 @@ def test_a_finished_folder_is_replaced_only_when_asked(tmp_path, llama_folder):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["duo", "llama"]  # nothing left beside it
 
 
+def test_a_failed_check_publishes_nothing(tmp_path, llama_folder, monkeypatch):
+    def differ(*args):
+        raise RuntimeError("convert: the all-BIG logits differ from the source's")
+
+    monkeypatch.setattr(convert_module, "check_all_big", differ)
+    with pytest.raises(RuntimeError, match="differ"):
+        convert_checkpoint(llama_folder, tmp_path / "duo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]  # no folder, no temporary one
+
+
 def write_gpt2_folder(folder: Path, tokenizer) -> Path:
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64))
     return Path(save_model_folder(folder, model, tokenizer))
@@ -318,6 +328,8 @@ def test_wrong_flags_and_outputs_are_refused(tmp_path, llama_folder, builtin_tok
     with pytest.raises(UsageError, match="holds other files"):
         convert_checkpoint(llama_folder, tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    with pytest.raises(UsageError, match="small_intermediate_size"):
+        convert_checkpoint(llama_folder, tmp_path / "too-big", small_intermediate_size=10**6)
     for tokenizer_file in ("tokenizer.json", "tokenizer_config.json"):
         (llama_folder / tokenizer_file).unlink()
     with pytest.raises(UsageError, match="has no tokenizer transformers can load .*pass --tokenizer"):

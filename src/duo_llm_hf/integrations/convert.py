@@ -117,7 +117,7 @@ def convert_checkpoint(
     tokenizer = load_tokenizer(found, tokenizer)
     dense = load_dense(found, dtype)
     duo_class = duo_class_of(dense.config, found.name)
-    with torch.random.fork_rng(), user_values("SOURCE: "):
+    with torch.random.fork_rng(), user_values():  # a bad small_intermediate_size or route_options: one line
         torch.manual_seed(seed)
         duo = duo_class.from_dense(
             dense,
@@ -131,11 +131,14 @@ def convert_checkpoint(
     setattr(duo.config, CONVERSION_FIELD, conversion_record(found, dense, sha256, hashed, seed))
 
     staging = temporary_path(output)
-    shutil.rmtree(staging, ignore_errors=True)  # a crashed conversion's leftover: ours, by its name
-    duo.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    check_all_big(staging, duo_class, dense)
-    publish(staging, output)
+    shutil.rmtree(staging, ignore_errors=True)  # a killed conversion's leftover: ours, by its name
+    try:
+        duo.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        check_all_big(staging, duo_class, dense)
+        publish(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone once published; removed if anything failed
     return output
 
 
