@@ -2,8 +2,9 @@
 the routing modes, the oracle routing call, the routed FFN builder, `set_routing`, and `from_dense` / `to_dense`.
 
 Each model file (`modeling_duo_llama.py`, `modeling_duo_opt.py`) writes out its own layer and embeddings; the
-forwards, the same for both, are in `modeling_duo_forward.py` and call these. Like every module of `duo_llm_hf.models`, this file is copied next to a saved model for
-``trust_remote_code``, so it imports only torch, transformers and the files next to it.
+forwards, the same for both, are in `modeling_duo_forward.py` and call these. Like every module of
+`duo_llm_hf.models`, this file is copied next to a saved model for ``trust_remote_code``, so it imports only torch,
+transformers and the files next to it.
 
 The model forwards follow transformers' own Llama: the KV cache is the `cache` argument and output field (the
 name `generate` passes; `past_key_values` still works with transformers' FutureWarning, as for
