@@ -135,13 +135,6 @@ def test_an_unknown_flag_names_the_nearest_known_one(argv, hint):
     assert message.endswith("(see 'duo-llm train --help').")
 
 
-def test_an_unknown_command_names_the_nearest_one(capsys):
-    from duo_llm_hf.cli import main
-
-    assert main(["trian"]) == 2
-    assert "unknown command 'trian'; did you mean 'train'?" in capsys.readouterr().err
-
-
 def test_help_prints_each_default_once():
     """A help line that says its default in words gets no "(default: ...)" from argparse after it."""
     from duo_llm_hf.training.arguments import TrainArguments
