@@ -38,7 +38,8 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 
-# A resumed run may run longer: the steps already done computed the same (README, "Resume, fingerprint, extend").
+# A resumed run may run longer: the steps already done computed the same (docs/training.md, "Resume, fingerprint,
+# extend").
 EXTENDABLE = frozenset({"max_steps", "num_epochs"})
 
 # Paths that go into a run's fingerprint by their content (`content_fingerprint`), not by their name.
