@@ -74,7 +74,7 @@ test-latest: latest-venv
 lock:
 	test -f $(LATEST_STAMP) || $(MAKE) latest-venv
 	{ echo "# Exact versions CI tested: make test and make demo install with them (pip install -c constraints.txt)."; \
-	  echo "# Written by 'make lock' from a fresh resolve of .[test]; see README, Testing."; \
+	  echo "# Written by 'make lock' from a fresh resolve of .[test]; see docs/testing.md."; \
 	  $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^duo-llm-hf' \
 	    | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > constraints.txt
 

@@ -400,6 +400,6 @@ def test_unknown_command_is_one_line(capsys):
     assert cli_main(["orcale", "--model", "x"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [
-        "duo-llm: error: unknown command 'orcale'; choose from train, finetune, eval, oracle, train-router, ablation, "
-        "study, card, convert (see 'duo-llm --help')."
+        "duo-llm: error: unknown command 'orcale'; did you mean 'oracle'? choose from train, finetune, eval, oracle, "
+        "train-router, ablation, study, card, convert (see 'duo-llm --help')."
     ]

@@ -82,3 +82,64 @@ def test_router_flag_vocabularies_match_the_model_code():
 
     assert sorted(get_args(RouterSetting)) == sorted(ROUTER_SETTINGS)
     assert get_args(ScheduleKind) == tuple(SCHEDULE_KINDS)
+
+
+# transformers' TrainingArguments flag -> our field and the value it parses to
+TRANSFORMERS_FLAGS = {
+    ("--per_device_train_batch_size", "3"): ("batch_size", 3),
+    ("--save_steps", "7"): ("checkpoint_every", 7),
+    ("--save_total_limit", "4"): ("checkpoints_to_keep", 4),
+    ("--resume_from_checkpoint", "latest"): ("resume_from", "latest"),
+    ("--logging_steps", "2"): ("log_every", 2),
+    ("--eval_steps", "9"): ("eval_every", 9),
+    ("--num_train_epochs", "2"): ("num_epochs", 2),
+    ("--lr_scheduler_type", "linear"): ("lr_scheduler", "linear"),
+    ("--bf16",): ("mixed_precision", "bf16"),
+    ("--bf16", "False"): ("mixed_precision", "no"),
+    ("--fp16", "true"): ("mixed_precision", "fp16"),
+}
+
+
+@pytest.mark.parametrize("argv", list(TRANSFORMERS_FLAGS), ids=" ".join)
+def test_transformers_flag_names_are_aliases_of_ours(argv):
+    from duo_llm_hf.training.arguments import TrainArguments
+    from duo_llm_hf.training.router_arguments import RouterTrainArguments
+
+    name, value = TRANSFORMERS_FLAGS[argv]
+    for arguments, required in ((TrainArguments, []), (RouterTrainArguments, ["--model", "m"])):
+        (args,) = build_parser(arguments).parse(["--output-dir", "out", *required, *argv])
+        assert getattr(args, name) == value
+    dashed = [argv[0].replace("_", "-"), *argv[1:]]  # transformers takes both spellings, as we do
+    (args,) = build_parser(TrainArguments).parse(["--output-dir", "out", *dashed])
+    assert getattr(args, name) == value
+    (args,) = build_parser(TrainArguments).parse(["--output-dir", "out"])
+    assert args.mixed_precision is None and args.checkpoints_to_keep == 2  # our defaults when no flag is given
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["--batch_sz", "4"], "; did you mean --batch-size?"),
+        (["--lerning-rate=0.1"], "; did you mean --learning-rate?"),
+        (["--num-layer", "3"], "; did you mean --num-layers?"),  # a prefix is not a flag (no abbreviations)
+        (["--zzzzzz", "1"], " (see"),  # nothing near: no guess
+    ],
+)
+def test_an_unknown_flag_names_the_nearest_known_one(argv, hint):
+    from duo_llm_hf.training.arguments import TrainArguments
+
+    with pytest.raises(UsageError) as raised:
+        build_parser(TrainArguments).parse(["--output-dir", "out", *argv])
+    message = str(raised.value)
+    assert message.startswith(f"unrecognized arguments: {' '.join(argv)}{hint}"), message
+    assert message.endswith("(see 'duo-llm train --help').")
+
+
+def test_help_prints_each_default_once():
+    """A help line that says its default in words gets no "(default: ...)" from argparse after it."""
+    from duo_llm_hf.training.arguments import TrainArguments
+
+    text = " ".join(build_parser(TrainArguments).format_help().split())
+    assert "Eval batch size (default --batch-size). --log-every" in text
+    assert "(default: the accelerate config's, else no). --bf16" in text
+    assert "Log training metrics every N steps. (default: 10)" in text  # the others keep argparse's

@@ -8,6 +8,7 @@ every ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from collections.abc import Callable
@@ -129,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
-            message = f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)} (see 'duo-llm --help')."
+            nearest = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+            message = (
+                f"unknown command {argv[0]!r}; {hint}choose from {', '.join(COMMANDS)} (see 'duo-llm --help')."
+            )
             print(f"duo-llm: error: {message}", file=sys.stderr)
             return 2
         parser.print_help()

@@ -332,7 +332,7 @@ def hub_item(label, ctx_a, ctx_b, endings, gold) -> dict:
 
 
 def offline_item(hub: dict) -> dict:
-    """The item as the offline copy gives it (see the README): ctx whole, the four markers removed, label an int."""
+    """The item as the offline copy gives it (docs/evaluation.md): ctx whole, the four markers removed, label an int."""
 
     def clean(text: str) -> str:
         text = text.replace(" [title]", ". ")
@@ -369,7 +369,7 @@ def test_hellaswag_local_docs_match_the_official_ones(tmp_path):
     edges, expected = docs[-1], official[-1]
     assert (expected["query"], expected["choices"][0]) == ("Health: How to rest. Lie down. ", " Sleep.")
     assert (task.doc_to_text(edges), task.doc_to_choice(edges)[0]) == ("Health: How to rest. Lie down.", "Sleep.")
-    # The check the README quotes on the offline copy: the official function on the items as given differs only
+    # The check docs/evaluation.md quotes on the offline copy: the official function on the items as given differs only
     # by the capitalised ctx_b.
     from duo_llm_hf.integrations.lm_eval import hellaswag_agreement
 

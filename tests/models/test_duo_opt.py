@@ -3,6 +3,7 @@ validation, FLOPs; and conversion of Llama-family checkpoints with DuoLlama.from
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -466,3 +467,20 @@ def test_learned_routing_shares_the_router_code(tmp_path):
     torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits, out.logits)
     generated = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert generated.shape == (ids.shape[0], ids.shape[1] + 3)
+
+
+def test_llama_and_opt_run_one_shared_forward_each():
+    """The layer, stack and causal-LM forwards are written once (`modeling_duo_forward.py`), not copied per
+    architecture: a copy in a model file would drift from the other."""
+    from duo_llm_hf.models import modeling_duo_llama as llama
+    from duo_llm_hf.models import modeling_duo_opt as opt
+
+    pairs = [
+        (llama.DuoLlamaDecoderLayer, opt.DuoOPTDecoderLayer),
+        (llama.DuoLlamaModel, opt.DuoOPTModel),
+        (llama.DuoLlamaForCausalLM, opt.DuoOPTForCausalLM),
+    ]
+    for llama_class, opt_class in pairs:  # transformers wraps each subclass's forward: compare what is wrapped
+        llama_forward, opt_forward = inspect.unwrap(llama_class.forward), inspect.unwrap(opt_class.forward)
+        assert llama_forward.__code__ is opt_forward.__code__, (llama_class, opt_class)
+        assert Path(llama_forward.__code__.co_filename).name == "modeling_duo_forward.py"

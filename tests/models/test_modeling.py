@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -182,7 +183,10 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
     model = tiny_model(routing_mode="fixed", fixed_pattern="BsB")
     model.save_pretrained(tmp_path / "duo")
     ids = ids_batch()
-    torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    hidden = model.model(ids).last_hidden_state
+    torch.save({"ids": ids, "logits": model(ids).logits, "hidden": hidden}, tmp_path / "expected.pt")
+    auto_map = json.loads((tmp_path / "duo" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_duo_llama.DuoLlamaModel", auto_map
     script = textwrap.dedent(
         f"""
         import sys
@@ -195,6 +199,10 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
         torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"])
         out = model.generate(expected["ids"][:, :4], max_new_tokens=3, do_sample=False)
         assert out.shape == (2, 7)
+        from transformers import AutoModel  # the decoder stack alone, through the auto_map's AutoModel entry
+        stack = AutoModel.from_pretrained({str(tmp_path / "duo")!r}, trust_remote_code=True).eval()
+        assert type(stack).__name__ == "DuoLlamaModel", type(stack)
+        torch.testing.assert_close(stack(expected["ids"]).last_hidden_state, expected["hidden"])
         print("REMOTE-OK")
         """
     )

@@ -32,7 +32,7 @@ from ..oracle.spaces import parse_layer_budget
 from ..training.loaders import load_corpora, make_eval_loaders
 from ..training.router_arguments import DEFAULT_BLOCK_SIZE, RouterTrainArguments, budget_flag
 from ..training.routers import train_router
-from ..utils.arguments import HfArgumentParser, check_float_fields, check_integer_fields, check_output_dir
+from ..utils.arguments import DataclassArgumentParser, check_float_fields, check_integer_fields, check_output_dir
 from ..utils.errors import UsageError
 from ..utils.loading import inspect_duo_source, load_duo_model
 from ..utils.run_files import ROUTER_REPORT_FILE, TRAINING_ARGS_FILE
@@ -230,7 +230,7 @@ def comparison_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """``eval/router_vs_oracle.py``: parse the flags, run the comparison, print the table."""
-    parser = HfArgumentParser(ComparisonArguments, prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = DataclassArgumentParser(ComparisonArguments, prog=PROG, description=__doc__.split("\n\n")[0])
     (args,) = parser.parse(argv)
     results = compare_routers(args)
     print(comparison_table(results))

@@ -1,9 +1,10 @@
 """What every Duo model (DuoLlama, DuoOPT) shares besides its forward: the output classes, route resolution for
 the routing modes, the oracle routing call, the routed FFN builder, `set_routing`, and `from_dense` / `to_dense`.
 
-Each model file (`modeling_duo_llama.py`, `modeling_duo_opt.py`) writes out its own layer, model and causal-LM
-forward and calls these. Like every module of `duo_llm_hf.models`, this file is copied next to a saved model for
-``trust_remote_code``, so it imports only torch, transformers and the files next to it.
+Each model file (`modeling_duo_llama.py`, `modeling_duo_opt.py`) writes out its own layer and embeddings; the
+forwards, the same for both, are in `modeling_duo_forward.py` and call these. Like every module of
+`duo_llm_hf.models`, this file is copied next to a saved model for ``trust_remote_code``, so it imports only torch,
+transformers and the files next to it.
 
 The model forwards follow transformers' own Llama: the KV cache is the `cache` argument and output field (the
 name `generate` passes; `past_key_values` still works with transformers' FutureWarning, as for
@@ -185,7 +186,7 @@ def oracle_forward(model, input_ids, labels, budget, attention_mask=None, **kwar
 
 class DuoCausalLMMixin:
     """`set_routing`, the router accessors and the conversion from and to the dense architecture (`from_dense` /
-    `to_dense`) of a Duo causal LM; its forward is written out in its model file.
+    `to_dense`) of a Duo causal LM; its forward is `modeling_duo_forward.DuoCausalLMForward`'s.
 
     The model class provides `config_class`, `config`, `model` (a Duo decoder stack with `route_sampler`),
     `lm_head`, and for the conversion: `dense_class` (the transformers causal LM it converts, e.g.

@@ -1,7 +1,7 @@
 """The arguments of the training commands, as groups of dataclass fields that each command composes.
 
 Each field is also a command-line flag (``--name-with-dashes`` and ``--name_with_underscores``), parsed by the
-project's `HfArgumentParser` (`utils.arguments.parse_arguments`). The groups:
+project's `DataclassArgumentParser` (`utils.arguments.parse_arguments`). The groups:
 
 - `RunArguments`: where a run writes, its evaluation, logging and checkpoints, and resuming;
 - `DataArguments`: the training and holdout corpora, the block size and an existing tokenizer;
@@ -54,27 +54,38 @@ class RunArguments:
 
     output_dir: str = field(metadata={"help": "Folder for the final model, tokenizer, checkpoints and logs."})
     eval_every: int = field(
-        default=200, metadata={"help": "Evaluate held-out perplexity every N steps (0: end)."}
+        default=200,
+        metadata={"help": "Evaluate held-out perplexity every N steps (0: end).", "aliases": ["eval_steps"]},
     )
     eval_blocks: int = field(default=64, metadata={"help": "Blocks of each holdout set to evaluate."})
     eval_batch_size: int | None = field(
         default=None, metadata={"help": "Eval batch size (default --batch-size)."}
     )
-    log_every: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
+    log_every: int = field(
+        default=10, metadata={"help": "Log training metrics every N steps.", "aliases": ["logging_steps"]}
+    )
     report_to: str = field(
         default="auto",
         metadata={"help": "Trackers: auto (jsonl + tensorboard if installed), jsonl, none, ..."},
     )
     run_name: str = field(default="train_duo", metadata={"help": "Run name for the trackers."})
     checkpoint_every: int = field(
-        default=500, metadata={"help": "Save a checkpoint every N steps (0: never)."}
+        default=500, metadata={"help": "Save a checkpoint every N steps (0: never).", "aliases": ["save_steps"]}
     )
     checkpoints_to_keep: int | None = field(
-        default=2, metadata={"help": "Keep only the newest N checkpoints."}
+        default=2,
+        metadata={
+            # transformers keeps every checkpoint unless --save_total_limit is given; a given N means the same here
+            "help": "Keep only the newest N checkpoints (default: 2; transformers' --save_total_limit keeps all).",
+            "aliases": ["save_total_limit"],
+        },
     )
     resume_from: str | None = field(
         default=None,
-        metadata={"help": "Checkpoint folder to resume from, or 'latest' (newest in output_dir)."},
+        metadata={
+            "help": "Checkpoint folder to resume from, or 'latest' (newest in output_dir).",
+            "aliases": ["resume_from_checkpoint"],
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -217,7 +228,10 @@ class ModelArguments:
 class OptimizationArguments:
     """Batches, AdamW and its learning-rate schedule, the length of the run, precision and the seed."""
 
-    batch_size: int = field(default=16, metadata={"help": "Blocks per micro-batch and process."})
+    batch_size: int = field(
+        default=16,
+        metadata={"help": "Blocks per micro-batch and process.", "aliases": ["per_device_train_batch_size"]},
+    )
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step."}
     )
@@ -226,7 +240,8 @@ class OptimizationArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     lr_scheduler: str = field(
-        default="cosine", metadata={"help": "transformers scheduler name, after warm-up."}
+        default="cosine",
+        metadata={"help": "transformers scheduler name, after warm-up.", "aliases": ["lr_scheduler_type"]},
     )
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
@@ -235,10 +250,18 @@ class OptimizationArguments:
     )
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: --num-epochs)."})
     num_epochs: int = field(
-        default=1, metadata={"help": "Epochs over the training blocks, when no --max-steps."}
+        default=1,
+        metadata={
+            "help": "Epochs over the training blocks, when no --max-steps (whole epochs).",
+            "aliases": ["num_train_epochs"],
+        },
     )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
-        default=None, metadata={"help": "no, fp16 or bf16 (default: the accelerate config's, else no)."}
+        default=None,
+        metadata={
+            "help": "no, fp16 or bf16 (default: the accelerate config's, else no).",
+            "value_flags": {"bf16": "bf16", "fp16": "fp16"},
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of weights, data order and (by default) routes."})
 
@@ -418,7 +441,8 @@ def check_init_source(args: TrainArguments) -> None:
     """``init_from`` is given exactly in frozen-big mode, names a supported model (a folder or a Hub name) long
     enough for the blocks, and a local one holds a tokenizer unless ``--tokenizer`` is given."""
     from ..data.tokenization import has_tokenizer
-    from .building import inspect_init_source, is_hub_id
+    from ..utils.loading import is_hub_id
+    from .building import inspect_init_source
 
     if args.mode == "frozen-big" and not args.init_from:
         raise UsageError(

@@ -10,7 +10,6 @@ training too.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,7 @@ from ..models.modeling_duo_llama import DuoLlamaForCausalLM
 from ..models.modeling_duo_opt import DuoOPTForCausalLM
 from ..utils.errors import MissingFileError, UsageError
 from ..utils.flops import dense_intermediate_size
-from ..utils.loading import is_duo_model, load_complete_model
+from ..utils.loading import is_duo_model, is_hub_id, load_complete_model
 from ..utils.run_files import CONFIG_FILE
 
 if TYPE_CHECKING:  # arguments.py checks its init_from with this module's helpers
@@ -39,8 +38,6 @@ FROZEN_BIG_SOURCES = {
     DuoOPTConfig.model_type: DuoOPTForCausalLM,
 }
 
-# A Hub model id, "name" or "org/name" (what `from_pretrained` downloads when no such local folder exists).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 
@@ -81,11 +78,6 @@ def dense_config_like(config: DuoLlamaConfig, intermediate_size: int) -> LlamaCo
 def dense_baseline_config(config: DuoLlamaConfig) -> LlamaConfig:
     """The dense baseline of a Duo config: FFN inner size matching the Duo FFN's FLOPs at route_probs."""
     return dense_config_like(config, dense_intermediate_size(config, config.route_probs))
-
-
-def is_hub_id(name: str | Path) -> bool:
-    """Whether ``name`` is a Hub model id ("name" or "org/name") and no local folder of that name exists."""
-    return not Path(name).expanduser().exists() and bool(_HUB_ID.match(str(name)))
 
 
 def inspect_init_source(path: str | Path, block_size: int):
@@ -213,7 +205,6 @@ __all__ = [
     "duo_config_from_args",
     "freeze_all_but_small",
     "inspect_init_source",
-    "is_hub_id",
     "may_leave_a_module_unused",
     "special_token_ids",
 ]

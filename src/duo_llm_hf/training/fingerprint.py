@@ -13,8 +13,8 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ..data.corpus import corpus_content_hash
+from ..utils.loading import is_hub_id
 from ..utils.run_files import files_hash, folder_weights_hash
-from .building import is_hub_id
 from .loop import run_fingerprint
 
 # Arguments that may change when a run (stage 1, or the routers') is resumed: they do not change what it computes.
@@ -38,7 +38,8 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 
-# A resumed run may run longer: the steps already done computed the same (README, "Resume, fingerprint, extend").
+# A resumed run may run longer: the steps already done computed the same (docs/training.md, "Resume, fingerprint,
+# extend").
 EXTENDABLE = frozenset({"max_steps", "num_epochs"})
 
 # Paths that go into a run's fingerprint by their content (`content_fingerprint`), not by their name.

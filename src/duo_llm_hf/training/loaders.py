@@ -23,8 +23,8 @@ from transformers import AutoTokenizer
 from ..data.corpus import HOLDOUTS, EpochSampler, iter_texts, load_corpus, pack_corpus
 from ..data.tokenization import has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from ..utils.errors import MissingFileError, UsageError
+from ..utils.loading import is_hub_id
 from .arguments import TrainArguments
-from .building import is_hub_id
 from .checkpointing import TrainState
 
 logger = logging.getLogger(__name__)

@@ -189,53 +189,13 @@ def train_router(
 
 
 def _train_router(args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback, data):
-    output_dir = Path(args.output_dir)
     run = run_identity(resume_dir, training_fingerprint(args, accelerator), "router training run")
     set_seed(args.seed)
-
-    train_blocks, eval_loaders = data
-    if train_blocks is None or eval_loaders is None:
-        train_texts, holdout_texts = load_corpora(args)
-    tokenizer_dir = args.tokenizer or args.model
-    if args.tokenizer is None and not has_tokenizer(args.model):
-        raise MissingFileError(
-            f"model {args.model!r} holds no tokenizer; pass --tokenizer with the tokenizer the model was trained with."
-        )
-    tokenizer = load_tokenizer(tokenizer_dir)
-    check_tokenizer_fits(tokenizer, source_config.vocab_size, f"model {args.model!r}")
-    if train_blocks is None:
-        train_blocks = pack_corpus(train_texts, tokenizer, args.block_size, f"dataset {args.dataset!r}")
-    if eval_loaders is None:
-        eval_loaders = make_eval_loaders(holdout_texts, tokenizer, args)
-
+    tokenizer, train_blocks, eval_loaders = _router_data(args, source_config, data)
     model = load_duo_model(args.model)
     calibration_set = None
     if args.supervision == "oracle":
-        # The oracle's targets are computed once (or read), before the routers are added: the oracle routes the
-        # Duo model over the router's options; the rows then replace the packed corpus as training data.
-        if args.oracle_targets is not None:
-            result, source = OracleResult.load(args.oracle_targets), args.oracle_targets
-        else:
-            # islice, not select: a streamed corpus (an IterableDataset) has no length.
-            ids = torch.stack([row["input_ids"] for row in itertools.islice(train_blocks, args.oracle_blocks)])
-            count = len(ids)
-            source = str(targets_folder(output_dir))
-            result = compute_oracle_targets(
-                model.to(accelerator.device),
-                ids,
-                [router_budget.oracle_budget],
-                source,
-                route_options=router_budget.options,
-                causal=args.oracle_causal,
-                batch_size=args.oracle_batch_size,
-                chunk_tokens=args.oracle_chunk_tokens,
-                data_id=f"{args.dataset}: first {count} training blocks of {args.block_size} tokens",
-                model_id=str(args.model),
-                progress=args.progress,
-            )
-        train_blocks = oracle_target_blocks(result, router_budget.oracle_budget, args.oracle_causal, source)
-        if args.oracle_calibration_blocks:
-            calibration_set = calibration_rows(train_blocks, args.oracle_calibration_blocks, accelerator.device)
+        train_blocks, calibration_set = _oracle_rows(args, model, accelerator, router_budget, train_blocks)
     schedule = args.temperature_plan(1)  # replaced below once the number of steps is known
     router_seed = args.seed if args.router_seed is None else args.router_seed
     add_routers(model, router_budget.options, seed=router_seed, temperature=schedule(0))
@@ -270,45 +230,25 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
     results: dict[str, dict] = {}
     progress = progress_bar(args, accelerator, state, total_steps, "train routers")
     # Averaged per step and per log window: the total loss, the main loss (the LM's CE, or the routers' CE towards
-    # the oracle) and the budget loss; summed over a log window: the routers' hard (argmax) choice counts, their
-    # soft probabilities, and (oracle supervision) their agreement with the oracle.
+    # the oracle) and the budget loss; the routers' choices are counted per log window (`RouterChoiceCounts`).
     main_name = "train/router_ce" if args.supervision == "oracle" else "train/ce"
     meter = StepMeter(
         accelerator,
         ["train/loss", main_name, "train/budget_loss"],
         args.batch_size * args.block_size * accelerator.num_processes,
     )
-    hard_counts = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=accelerator.device)
-    soft_sums = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=accelerator.device)
-    agreement = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # hits, counted pairs
-    train_realised: dict[str, float] = {}
-    train_agreement = None
+    choices = RouterChoiceCounts(accelerator.device, distilled=args.supervision == "oracle")
     calibrate = calibration_set is not None  # the final eval comes after
     model.train()
     for batch in training_batches(train_loader, accelerator, state, total_steps, args):
         temperature = schedule(state.global_step)
         set_router_temperature(unwrapped, temperature)
         with accelerator.accumulate(model):
-            ids = batch["input_ids"]
-            if args.supervision == "oracle":
-                routes, mask = batch["routes"], batch["token_mask"]
-                # Teacher forcing: the model follows the oracle's routes, each router sees the FFN input there.
-                out = model(input_ids=ids, routes=routes, output_router_logits=True, logits_to_keep=1)
-                probs = router_probabilities(out.router_logits, temperature)
-                main = oracle_router_loss(probs, routes, mask, args.oracle_label_smoothing)
-            else:
-                out = model(input_ids=ids, labels=ids, routing="learned")
-                main = out.loss
-            budget = budget_loss(out.router_logits, router_budget.targets, temperature=temperature)
-            loss = main + args.alpha * budget
+            loss, main, budget, router_logits = _router_losses(model, batch, args, router_budget, temperature)
             backward_and_step(accelerator, loss, optimizer, scheduler, trainable, args.max_grad_norm)
         meter.add(loss, main, budget)
-        probs = router_probabilities(out.router_logits.detach(), temperature)
-        hard_counts += torch.bincount(probs.argmax(-1).reshape(-1), minlength=len(CHOICE_NAMES)).double()
-        soft_sums += probs.double().reshape(-1, len(CHOICE_NAMES)).sum(0)
-        if args.supervision == "oracle":
-            hits = (probs.argmax(-1) == routes)[mask]
-            agreement += torch.stack([hits.sum(), torch.tensor(hits.numel(), device=hits.device)]).double()
+        oracle_routes = (batch["routes"], batch["token_mask"]) if args.supervision == "oracle" else None
+        choices.add(router_probabilities(router_logits.detach(), temperature), oracle_routes)
         if not accelerator.sync_gradients:
             continue
 
@@ -319,27 +259,13 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
         metrics: dict[str, float] = {}
         last = state.global_step >= total_steps
         if state.global_step % args.log_every == 0 or last:
-            hard = accelerator.reduce(hard_counts, "sum")
-            soft = accelerator.reduce(soft_sums, "sum")
-            train_realised = {n: (hard[c] / hard.sum().clamp_min(1)).item() for c, n in enumerate(CHOICE_NAMES)}
             metrics.update(
                 {
                     **meter.log_metrics(state, scheduler),
                     "train/temperature": temperature,
-                    **{f"train/realised/{n}": v for n, v in train_realised.items()},
-                    **{
-                        f"train/soft/{n}": (soft[c] / soft.sum().clamp_min(1e-12)).item()
-                        for c, n in enumerate(CHOICE_NAMES)
-                    },
+                    **choices.log_metrics(accelerator),
                 }
             )
-            if args.supervision == "oracle":
-                hits, pairs = accelerator.reduce(agreement, "sum").tolist()
-                train_agreement = hits / max(pairs, 1.0)
-                metrics["train/oracle_agreement"] = train_agreement
-            hard_counts.zero_()
-            soft_sums.zero_()
-            agreement.zero_()
         if eval_loaders and (
             (args.eval_every and state.global_step % args.eval_every == 0) or (last and not calibrate)
         ):
@@ -370,14 +296,136 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
         accelerator.log(eval_metrics(results), step=state.global_step)
     temperature_final = router_temperature(unwrapped)
     report = router_report(
-        args, unwrapped.config, router_budget, state, results, train_realised, train_agreement, temperature_final
+        args,
+        unwrapped.config,
+        router_budget,
+        state,
+        results,
+        choices.train_realised,
+        choices.train_agreement,
+        temperature_final,
     )
     report["oracle_calibration"] = calibration
     save_final(args, accelerator, model, tokenizer, state, eval_metrics(results), run_id=run["run_id"])
+    output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         atomic_write_json(output_dir / ROUTER_REPORT_FILE, report, newline=False)
     accelerator.wait_for_everyone()
     return RouterTrainResult(str(output_dir), state.global_step, state.tokens_seen, losses, report)
+
+
+def _router_data(args, source_config, data) -> tuple:
+    """The tokenizer of the run, its training blocks and its held-out loaders: ``data`` (blocks, loaders) where
+    given, else read and packed from ``args.dataset`` and the holdouts."""
+    train_blocks, eval_loaders = data
+    if train_blocks is None or eval_loaders is None:
+        train_texts, holdout_texts = load_corpora(args)
+    tokenizer_dir = args.tokenizer or args.model
+    if args.tokenizer is None and not has_tokenizer(args.model):
+        raise MissingFileError(
+            f"model {args.model!r} holds no tokenizer; pass --tokenizer with the tokenizer the model was trained with."
+        )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_tokenizer_fits(tokenizer, source_config.vocab_size, f"model {args.model!r}")
+    if train_blocks is None:
+        train_blocks = pack_corpus(train_texts, tokenizer, args.block_size, f"dataset {args.dataset!r}")
+    if eval_loaders is None:
+        eval_loaders = make_eval_loaders(holdout_texts, tokenizer, args)
+    return tokenizer, train_blocks, eval_loaders
+
+
+def _oracle_rows(args, model, accelerator, router_budget, train_blocks) -> tuple:
+    """Distillation: the oracle's routes as training rows, and the blocks the routers are calibrated on (or None).
+
+    The oracle's targets are computed once (or read), before the routers are added: the oracle routes the Duo model
+    over the router's options; the rows then replace the packed corpus as training data.
+    """
+    if args.oracle_targets is not None:
+        result, source = OracleResult.load(args.oracle_targets), args.oracle_targets
+    else:
+        # islice, not select: a streamed corpus (an IterableDataset) has no length.
+        ids = torch.stack([row["input_ids"] for row in itertools.islice(train_blocks, args.oracle_blocks)])
+        count = len(ids)
+        source = str(targets_folder(Path(args.output_dir)))
+        result = compute_oracle_targets(
+            model.to(accelerator.device),
+            ids,
+            [router_budget.oracle_budget],
+            source,
+            route_options=router_budget.options,
+            causal=args.oracle_causal,
+            batch_size=args.oracle_batch_size,
+            chunk_tokens=args.oracle_chunk_tokens,
+            data_id=f"{args.dataset}: first {count} training blocks of {args.block_size} tokens",
+            model_id=str(args.model),
+            progress=args.progress,
+        )
+    rows = oracle_target_blocks(result, router_budget.oracle_budget, args.oracle_causal, source)
+    calibration_set = None
+    if args.oracle_calibration_blocks:
+        calibration_set = calibration_rows(rows, args.oracle_calibration_blocks, accelerator.device)
+    return rows, calibration_set
+
+
+def _router_losses(model, batch, args, router_budget, temperature: float) -> tuple:
+    """The step's loss (main + alpha * budget loss), its two parts and the router logits.
+
+    The main loss is the LM's cross-entropy under learned routing, or, distilling, the routers' cross-entropy
+    towards the oracle's choices under teacher forcing: the model follows the oracle's routes, and each router sees
+    the FFN input there.
+    """
+    ids = batch["input_ids"]
+    if args.supervision == "oracle":
+        routes, mask = batch["routes"], batch["token_mask"]
+        out = model(input_ids=ids, routes=routes, output_router_logits=True, logits_to_keep=1)
+        probs = router_probabilities(out.router_logits, temperature)
+        main = oracle_router_loss(probs, routes, mask, args.oracle_label_smoothing)
+    else:
+        out = model(input_ids=ids, labels=ids, routing="learned")
+        main = out.loss
+    budget = budget_loss(out.router_logits, router_budget.targets, temperature=temperature)
+    return main + args.alpha * budget, main, budget, out.router_logits
+
+
+class RouterChoiceCounts:
+    """The routers' choices over a log window, summed on each process: their hard (argmax) choice counts, their soft
+    probabilities and, distilling, their agreement with the oracle's choices."""
+
+    def __init__(self, device: torch.device, distilled: bool):
+        self.distilled = distilled
+        self.hard = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=device)
+        self.soft = torch.zeros(len(CHOICE_NAMES), dtype=torch.float64, device=device)
+        self.agreement = torch.zeros(2, dtype=torch.float64, device=device)  # hits, counted pairs
+        self.train_realised: dict[str, float] = {}  # of the last log window
+        self.train_agreement: float | None = None
+
+    def add(self, probs: torch.Tensor, oracle_routes: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Count a micro-batch's router probabilities; ``oracle_routes`` (routes, token mask) when distilling."""
+        choice = probs.argmax(-1)
+        self.hard += torch.bincount(choice.reshape(-1), minlength=len(CHOICE_NAMES)).double()
+        self.soft += probs.double().reshape(-1, len(CHOICE_NAMES)).sum(0)
+        if oracle_routes is not None:
+            routes, mask = oracle_routes
+            hits = (choice == routes)[mask]
+            self.agreement += torch.stack([hits.sum(), torch.tensor(hits.numel(), device=hits.device)]).double()
+
+    def log_metrics(self, accelerator) -> dict[str, float]:
+        """The window's realised and soft fractions (and oracle agreement), summed over processes; starts a new
+        window."""
+        hard = accelerator.reduce(self.hard, "sum")
+        soft = accelerator.reduce(self.soft, "sum")
+        self.train_realised = {n: (hard[c] / hard.sum().clamp_min(1)).item() for c, n in enumerate(CHOICE_NAMES)}
+        metrics = {
+            **{f"train/realised/{n}": v for n, v in self.train_realised.items()},
+            **{f"train/soft/{n}": (soft[c] / soft.sum().clamp_min(1e-12)).item() for c, n in enumerate(CHOICE_NAMES)},
+        }
+        if self.distilled:
+            hits, pairs = accelerator.reduce(self.agreement, "sum").tolist()
+            self.train_agreement = hits / max(pairs, 1.0)
+            metrics["train/oracle_agreement"] = self.train_agreement
+        for counts in (self.hard, self.soft, self.agreement):
+            counts.zero_()
+        return metrics
 
 
 def main(argv: list[str] | None = None) -> RouterTrainResult:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -31,22 +32,37 @@ SNIFF_BYTES = 1 << 13
 
 Arguments = TypeVar("Arguments")
 # Field metadata read by the parser itself rather than handed to `argparse.ArgumentParser.add_argument`.
-METADATA_KEYS = ("positional", "aliases", "no_help", "flag")
+METADATA_KEYS = ("positional", "aliases", "no_help", "flag", "value_flags")
+# A help line that names its default in words: "(default: the model's)", "(default --batch-size)", "Default: ...".
+SAYS_DEFAULT = re.compile(r"\(default\b|\bdefault:", re.IGNORECASE)
 
 
-class HfArgumentParser(UsageErrors, argparse.ArgumentParser):
-    """transformers' `HfArgumentParser` (a flag per dataclass field, typed by its annotation), rebuilt on argparse
-    alone so that ``--help`` imports neither transformers nor torch; its errors are `UsageError`s.
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default, unless its help already says the default in words ("default: the
+    model's"): argparse would print it a second time, as "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        return help_text if SAYS_DEFAULT.search(help_text) else super()._get_help_string(action)
+
+
+class DataclassArgumentParser(UsageErrors, argparse.ArgumentParser):
+    """A flag per dataclass field, typed by its annotation, as transformers' ``HfArgumentParser`` reads them, built
+    on argparse alone so that ``--help`` imports neither transformers nor torch; its errors are `UsageError`s.
 
     Each flag is spelled ``--name-with-dashes`` first (then ``--name_with_underscores``) in ``--help``, and only
     so in errors; a field whose metadata has ``positional=True`` is a positional argument instead of a flag. As in
     transformers: ``X | None`` is ``X``; a ``Literal`` gives choices; a ``list[X]`` takes one or more values; a
     ``bool`` flag takes an optional yes/no value, and one that defaults to True also has ``--no-name``, whose help is
-    the field's ``no_help`` metadata (default: "Turn off --name.").
+    the field's ``no_help`` metadata (default: "Turn off --name."). A field's ``aliases`` metadata names other
+    spellings of its flag (transformers' ``TrainingArguments`` names, where the meaning is the same), and its
+    ``value_flags`` metadata maps a switch to a value (``{"bf16": "bf16"}``: ``--bf16`` sets the field to "bf16").
+    A flag must be written in full (no prefix matching); an unknown one is answered with the nearest known flag.
     """
 
     def __init__(self, dataclass_types=None, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a typo (--num-layer) must not pick a flag (--num-layers)
         super().__init__(**kwargs)
         if dataclass_types is None:
             dataclass_types = []
@@ -67,12 +83,29 @@ class HfArgumentParser(UsageErrors, argparse.ArgumentParser):
         """The dataclasses of ``argv`` (default: the command line); an unknown flag is a `UsageError`."""
         namespace, remaining = self.parse_known_args(args=argv)
         if remaining:
-            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+            self.error(f"unrecognized arguments: {' '.join(remaining)}{self.nearest_flags(remaining)}")
         values = vars(namespace)
         return tuple(
             dataclass_type(**{f.name: values.pop(f.name) for f in dataclasses.fields(dataclass_type) if f.init})
             for dataclass_type in self.dataclass_types
         )
+
+    def nearest_flags(self, arguments: Sequence[str]) -> str:
+        """"; did you mean --batch-size?" for the unknown flags among ``arguments`` that are close to a known flag
+        (compared with underscores as dashes); "" when none is."""
+        known: dict[str, str] = {}  # each spelling, with dashes -> the flag's first spelling, as --help shows it
+        for action in self._actions:
+            for option in action.option_strings:
+                known.setdefault(option.replace("_", "-"), action.option_strings[0])
+        hints = []
+        for argument in arguments:
+            flag = argument.split("=", 1)[0].replace("_", "-")
+            if not flag.startswith("--"):
+                continue
+            matches = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            if matches and known[matches[0]] not in hints:
+                hints.append(known[matches[0]])
+        return f"; did you mean {' or '.join(hints)}?" if hints else ""
 
 
 def string_to_bool(text: str | bool) -> bool:
@@ -104,7 +137,9 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) 
     if flag != field.name:
         kwargs.update(dest=field.name, metavar=flag.upper())
     aliases = field.metadata.get("aliases", [])
-    names += [alias for alias in ([aliases] if isinstance(aliases, str) else aliases) if alias not in names]
+    for alias in [aliases] if isinstance(aliases, str) else aliases:
+        alias = alias.lstrip("-")
+        names += [name for name in (f"--{alias.replace('_', '-')}", f"--{alias}") if name not in names]
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args and bool not in args:
         (kind,) = [arg for arg in args if arg is not type(None)]  # ``X | None`` is read as X
@@ -137,13 +172,35 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) 
             default=argparse.SUPPRESS,
             help=no_help,
         )
+    for switch, value in field.metadata.get("value_flags", {}).items():
+        parser.add_argument(
+            *dict.fromkeys((f"--{switch.replace('_', '-')}", f"--{switch}")),
+            action=_ValueFlag,
+            value=value,
+            dest=field.name,
+            metavar="YES/NO",
+            default=argparse.SUPPRESS,
+            help=f"Same as {names[0]} {value} (yes/no; no: {names[0]} no).",
+        )
 
 
-class RawDescriptionDefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+class _ValueFlag(argparse.Action):
+    """A switch that sets its field to one value: ``--bf16`` is ``--mixed-precision bf16``; ``--bf16 no`` (as
+    transformers reads ``--bf16 False``) is ``--mixed-precision no``."""
+
+    def __init__(self, option_strings, dest, value, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", const=True, type=string_to_bool, **kwargs)
+        self.value = value
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.value if values else "no")
+
+
+class RawDescriptionDefaultsFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
     """``--help`` with the description as written (its line breaks and examples) and the default of each flag."""
 
 
-def build_parser(arguments: type, **kwargs) -> HfArgumentParser:
+def build_parser(arguments: type, **kwargs) -> DataclassArgumentParser:
     """The command-line parser of an arguments dataclass: its ``prog`` and ``description`` (class attributes) name
     the command in ``--help`` and in errors, and an optional ``formatter_class`` lays out ``--help``; ``kwargs`` go
     to `argparse.ArgumentParser`."""
@@ -151,7 +208,7 @@ def build_parser(arguments: type, **kwargs) -> HfArgumentParser:
     kwargs.setdefault("description", arguments.description)
     if hasattr(arguments, "formatter_class"):
         kwargs.setdefault("formatter_class", arguments.formatter_class)
-    return HfArgumentParser(arguments, **kwargs)
+    return DataclassArgumentParser(arguments, **kwargs)
 
 
 def parse_arguments(arguments: type[Arguments], argv: Sequence[str] | None = None) -> Arguments:
@@ -278,7 +335,8 @@ def _is_int(value) -> bool:
 
 
 __all__ = [
-    "HfArgumentParser",
+    "DataclassArgumentParser",
+    "DefaultsHelpFormatter",
     "MAX_SEED",
     "RawDescriptionDefaultsFormatter",
     "build_parser",

@@ -5,7 +5,7 @@ overwritten, a checkpoint that does not fit the run) raises `UsageError`. The co
 ``duo-llm <command>: error: <message>``, and exits 2 (argparse's convention), without a traceback; ``--debug`` or
 ``DUO_LLM_DEBUG=1`` shows the traceback. Any other exception is a bug and keeps its traceback.
 
-The command-line parsers (`utils.arguments.HfArgumentParser`) raise `UsageError`s too (an unknown flag, a value
+The command-line parsers (`utils.arguments.DataclassArgumentParser`) raise `UsageError`s too (an unknown flag, a value
 of the wrong type, an invalid choice, a missing required flag), so they print the same one line instead of
 argparse's usage block.
 """

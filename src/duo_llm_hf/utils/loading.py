@@ -9,6 +9,7 @@ of the Duo models), and learned routing on it gets fresh ones.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,15 @@ def is_duo_model(model_or_config) -> bool:
     return getattr(config, "model_type", None) in DUO_MODEL_TYPES
 
 
+# A Hub model id, "name" or "org/name" (what `from_pretrained` downloads when no such local folder exists).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """Whether ``name`` is a Hub model id ("name" or "org/name") and no local folder of that name exists."""
+    return not Path(name).expanduser().exists() and bool(_HUB_ID.match(str(name)))
+
+
 def _source(path: str | Path, what: str) -> str | Path:
     """The local folder of ``path``, or ``path`` itself when it can only be a Hub name; `UsageError` otherwise."""
     name = str(path)
@@ -53,8 +63,6 @@ def _source(path: str | Path, what: str) -> str | Path:
         raise MissingFileError(
             f"{what}: {name!r} is a file, not a model folder; give the folder save_pretrained wrote."
         )
-    from ..training.building import is_hub_id  # only here: a name that is no local path may be a Hub model
-
     if not is_hub_id(name):
         raise MissingFileError(
             f"{what}: {name!r} does not exist; give a Duo model folder written by save_pretrained (e.g. the output "

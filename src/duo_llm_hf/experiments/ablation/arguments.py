@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...training.arguments import TrainArguments
-from ...utils.arguments import HfArgumentParser, build_parser
+from ...utils.arguments import DataclassArgumentParser, build_parser
 from ...utils.errors import UsageError
 from ..presets import ablation_preset, preset_names
 
@@ -158,7 +158,7 @@ class AblationArguments(TrainingFlags):
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: the preset's)."})
 
 
-def build_arg_parser(**kwargs) -> HfArgumentParser:
+def build_arg_parser(**kwargs) -> DataclassArgumentParser:
     """The command-line parser of `AblationArguments` (kwargs go to `argparse.ArgumentParser`)."""
     return build_parser(AblationArguments, **kwargs)
 
@@ -195,7 +195,7 @@ def parse_train_override(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     types = _field_types()
-    parser = HfArgumentParser(TrainArguments)
+    parser = DataclassArgumentParser(TrainArguments)
     overrides: dict[str, Any] = {}
     for item in text.split(","):
         key, sep, raw = item.partition("=")

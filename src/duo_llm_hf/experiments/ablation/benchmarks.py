@@ -116,7 +116,8 @@ def benchmark_spec(settings: dict[str, Any]) -> BenchmarkSpec:
         if not benchmarks:
             raise MissingFileError(
                 f"lm_eval_data: {data_dir!r} holds none of {list(BENCHMARK_FILES.values())} (each may also lie "
-                "directly in the folder); see README 'Benchmarks with lm-evaluation-harness' for their format."
+                "directly in the folder); see docs/evaluation.md ('Benchmarks with lm-evaluation-harness') for their "
+                "format."
             )
         data_dir = str(folder.resolve())
         scored["benchmarks"] = benchmarks

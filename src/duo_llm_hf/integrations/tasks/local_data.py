@@ -57,7 +57,7 @@ def load_local_json(data_files: dict[str, str], data_dir: str | os.PathLike | No
     if missing:
         raise FileNotFoundError(
             f"Local benchmark files are missing: {missing} (nor their file name directly in {str(root)!r}). "
-            "See the README section 'Benchmarks with lm-evaluation-harness' for the files and their format."
+            "See docs/evaluation.md ('Benchmarks with lm-evaluation-harness') for the files and their format."
         )
     return datasets.load_dataset("json", data_files={split: str(path) for split, path in files.items()})
 
@@ -76,7 +76,7 @@ def split_hellaswag_context(ctx: str) -> tuple[str, str]:
 
 def hellaswag_hub_fields(doc: dict) -> dict:
     """The Hub schema's ``ctx_a`` / ``ctx_b`` of an item that has only ``ctx`` (e.g. the offline copy described in
-    the README), so that the harness's own `process_docs` applies."""
+    docs/evaluation.md), so that the harness's own `process_docs` applies."""
     ctx_a, ctx_b = split_hellaswag_context(doc["ctx"])
     return {"ctx_a": ctx_a, "ctx_b": ctx_b}
 
