@@ -33,6 +33,7 @@ from ..utils.flops import flops_per_token
 from ..utils.loading import is_duo_model
 from ..utils.processes import process_state
 from ..utils.run_files import TRAIN_RESULTS_FILE, TRAINING_ARGS_FILE
+from ..utils.run_folder import run_lock
 from .arguments import TrainArguments, parse_arguments
 from .building import (
     build_model,
@@ -109,14 +110,15 @@ def train(
     """
     args.validate()
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
-    resume_dir = start_or_resume(args)
-    source_config = inspect_init_source(args.init_from, args.block_size) if args.mode == "frozen-big" else None
+    with run_lock(args.output_dir, "training run"):  # one writer per run folder, from the checks to the final save
+        resume_dir = start_or_resume(args)
+        source_config = inspect_init_source(args.init_from, args.block_size) if args.mode == "frozen-big" else None
 
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=may_leave_a_module_unused(args))
-    with accelerated_run(args, resume_dir, kwargs_handlers=[ddp]) as accelerator:
-        return _train(
-            args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks or ModelHooks()
-        )
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=may_leave_a_module_unused(args))
+        with accelerated_run(args, resume_dir, kwargs_handlers=[ddp]) as accelerator:
+            return _train(
+                args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks or ModelHooks()
+            )
 
 
 def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks) -> TrainResult:
