@@ -107,6 +107,41 @@ def test_a_held_folder_is_refused_naming_the_holders_pid(tmp_path):
     assert not folder.exists()  # the holder made the folder, wrote nothing, and left nothing
 
 
+# command -> (what its refusal calls the run, its flags given a model folder, a text file and the output folder)
+WRITERS = {
+    "oracle": (
+        "oracle run",
+        lambda model, text, out: ["--model", model, "--data", text, "--block-size", "16", "--output-dir", out],
+    ),
+    "train-router": (
+        "router training run",
+        lambda model, text, out: ["--model", model, "--output-dir", out, "--budget", "0.5", "--block-size", "16"],
+    ),
+    "finetune": (
+        "training run",
+        lambda model, text, out: ["--init-from", model, "--output-dir", out, "--block-size", "16"],
+    ),
+    "study": ("study", lambda model, text, out: ["--output-dir", out, "--preset", "tiny"]),
+    "ablation": ("ablation", lambda model, text, out: ["--output-dir", out, "--preset", "tiny"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_every_writing_command_refuses_a_held_folder(base, tmp_path, capsys, command):
+    what, flags = WRITERS[command]
+    text = tmp_path / "data.txt"
+    text.write_text("The oracle picks the best route for every token. " * 40)
+    folder = tmp_path / "out"
+    holder = hold_lock(folder)
+    try:
+        assert cli.main([command, *flags(str(base), str(text), str(folder))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is in use by another {what} (PID {holder.pid} holds" in err[0], err
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
+    finally:
+        release(holder)
+
+
 def test_the_lock_is_reentrant_in_a_process_and_released_after(tmp_path):
     folder = tmp_path / "study"
     with run_lock(folder):
@@ -202,15 +237,20 @@ def test_a_link_in_checkpoints_is_refused_before_any_write(tmp_path, outside, ca
     assert_untouched(outside)
 
 
-def test_a_link_made_during_the_run_stops_the_save(tmp_path, outside):
+@pytest.mark.parametrize(
+    "link, target",
+    [("checkpoints/.tmp-step_2", "."), ("model.safetensors", "model.safetensors")],
+    ids=["checkpoint-save", "final-save"],
+)
+def test_a_link_made_during_the_run_stops_the_save(tmp_path, outside, link, target):
     folder = tmp_path / "run"
 
     def plant_link(state, metrics):
         if state.global_step == 1:
-            (folder / "checkpoints").mkdir(exist_ok=True)
-            (folder / "checkpoints" / ".tmp-step_2").symlink_to(outside, target_is_directory=True)
+            (folder / link).parent.mkdir(exist_ok=True)
+            (folder / link).symlink_to((outside / target).resolve())
 
-    with pytest.raises(ForeignLink, match="tmp-step_2 is a symbolic link"):
+    with pytest.raises(ForeignLink, match=f"{link} is a symbolic link"):
         train(args_for(folder), step_callback=plant_link)
     assert_untouched(outside)
 

@@ -33,7 +33,7 @@ from ..utils.flops import flops_per_token
 from ..utils.loading import is_duo_model
 from ..utils.processes import process_state
 from ..utils.run_files import TRAIN_RESULTS_FILE, TRAINING_ARGS_FILE
-from ..utils.run_folder import run_lock
+from ..utils.run_folder import refuse_links, run_lock
 from .arguments import TrainArguments, parse_arguments
 from .building import (
     build_model,
@@ -229,10 +229,12 @@ def save_final(
 ) -> None:
     """``save_pretrained`` the model (``export(model)`` if given) and tokenizer into ``output_dir``, plus the
     arguments and metrics (with the run's id); never a model whose trained weights are not finite
-    (`TrainingDiverged`)."""
+    (`TrainingDiverged`), nor into a folder that holds a link (`run_folder.ForeignLink`)."""
     output_dir = Path(args.output_dir)
     trained = [p for p in model.parameters() if p.requires_grad]
     check_finite_weights(accelerator, trained, state.global_step, output_dir / CHECKPOINTS_DIR)
+    if accelerator.is_main_process:
+        refuse_links(output_dir)  # save_pretrained writes through a link made since the run began
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if export is None:
