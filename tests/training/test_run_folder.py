@@ -33,6 +33,7 @@ from duo_llm_hf.training.checkpointing import (
     validate_checkpoint,
 )
 from duo_llm_hf.training.train import train
+from duo_llm_hf.utils.errors import UsageError
 from duo_llm_hf.utils.files import atomic_write_json
 from duo_llm_hf.utils.run_files import file_hash
 from duo_llm_hf.utils.run_folder import LOCK_FILE, ForeignLink, RunFolderBusy, held_locks, run_lock
@@ -318,6 +319,24 @@ def test_overwrite_keeps_the_earlier_runs_checkpoints_apart(base, tmp_path):
     # --resume-from latest continues the new run.
     resumed = train(args_for(folder, max_steps=7, resume_from="latest"))
     assert resumed.global_step == 7 and sorted(resumed.losses) == [7] and new.global_step == 6
+
+
+def test_resuming_another_runs_checkpoint_keeps_this_folders_checkpoints_apart(base, tmp_path):
+    """A run resumed from a checkpoint elsewhere into a folder holding another run's (unfinished) checkpoints."""
+    folder = tmp_path / "other"
+    train(args_for(folder, max_steps=2, seed=5))
+    other = json.loads((folder / "train_results.json").read_text())["run_id"]
+    (folder / "train_results.json").unlink()
+    (folder / "config.json").unlink()
+    resume = dict(resume_from=str(base / "checkpoints" / "step_2"), max_steps=4)
+    with pytest.raises(UsageError, match="holds checkpoints of another training run than the one .*step_2 continues"):
+        train(args_for(folder, **resume))
+    train(args_for(folder, **resume, overwrite_output_dir=True))
+    checkpoints = folder / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"run-{other}", "step_4"]
+    assert json.loads((checkpoints / "step_4" / "train_state.json").read_text())["run_id"] == json.loads(
+        (base / "train_results.json").read_text()
+    )["run_id"]
 
 
 # ----------------------------------------------------------------------------------------------------

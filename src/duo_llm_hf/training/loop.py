@@ -240,8 +240,9 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
     finished run or an earlier run's checkpoints is refused unless ``args.overwrite_output_dir``: it would replace
     that run's model, or its checkpoints of the same steps. With it, the earlier checkpoints are moved apart first
     (`keep_earlier_checkpoints`), so that ``checkpoints/`` never holds two runs. Resuming into an ``output_dir``
-    whose finished run is another run than the checkpoint's is refused too (a resumed finished run may be
-    extended). Call it holding the run folder's lock (`utils.run_folder.run_lock`).
+    whose finished run, or whose checkpoints, are another run's than the checkpoint's is refused too (a resumed
+    finished run may be extended); with the flag, those checkpoints are moved apart as well. Call it holding the
+    run folder's lock (`utils.run_folder.run_lock`).
     """
     output_dir = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from, output_dir / CHECKPOINTS_DIR)
@@ -253,6 +254,15 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
                 f"{output_dir} holds a finished {what} other than the one {resume_dir} continues; resume into "
                 f"another output folder, or pass {OVERWRITE_FLAG} to replace it."
             )
+        others = [p for p in list_checkpoints(output_dir / CHECKPOINTS_DIR) if _run_id(p) != resumed]
+        if others and not args.overwrite_output_dir:
+            raise UsageError(
+                f"{output_dir} holds checkpoints of another {what} than the one {resume_dir} continues "
+                f"({others[-1].name}); resume into another output folder, or pass {OVERWRITE_FLAG} to move them to "
+                "checkpoints/run-<their run id>/."
+            )
+        if others and is_main_process():
+            keep_earlier_checkpoints(output_dir / CHECKPOINTS_DIR, others)
         return resume_dir
     refuse_overwrite(output_dir, FINISHED_FILES, args.overwrite_output_dir, what)
     earlier = list_checkpoints(output_dir / CHECKPOINTS_DIR)
@@ -274,9 +284,10 @@ EARLIER_RUN_PREFIX = "run-"
 def keep_earlier_checkpoints(checkpoints_dir: Path, checkpoints: list[Path]) -> None:
     """Move an earlier run's ``step_<N>`` checkpoints into ``checkpoints/run-<run id>/`` (their own run's id, read
     from each; ``run-unknown`` when unreadable), where ``--resume-from latest`` and pruning never look: the new run
-    then starts in a ``checkpoints/`` that holds only its own. Each move is a rename, so a kill midway loses none."""
+    then starts in a ``checkpoints/`` that holds only its own (also a run resumed from a checkpoint elsewhere). Each
+    move is a rename, so a kill midway loses none."""
     for folder in checkpoints:
-        run_id = str((read_checkpoint_state(folder) or {}).get("run_id") or "unknown")
+        run_id = _run_id(folder) or "unknown"
         if not run_id.replace("-", "").isalnum():  # a name from a file: never a path
             run_id = "unknown"
         target = checkpoints_dir / f"{EARLIER_RUN_PREFIX}{run_id}" / folder.name
@@ -288,6 +299,11 @@ def keep_earlier_checkpoints(checkpoints_dir: Path, checkpoints: list[Path]) -> 
             )
         folder.rename(target)
         logger.warning("%s: the earlier run's checkpoint %s is kept as %s.", OVERWRITE_FLAG, folder.name, target)
+
+
+def _run_id(checkpoint: Path) -> str:
+    """The run id a checkpoint carries ("" when unreadable)."""
+    return str((read_checkpoint_state(checkpoint) or {}).get("run_id") or "")
 
 
 def _finished_run_id(output_dir: Path) -> str | None:
