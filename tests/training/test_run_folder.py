@@ -154,6 +154,14 @@ def test_the_lock_is_reentrant_in_a_process_and_released_after(tmp_path):
     assert (folder / "result.json").exists()  # a folder with work in it stays
 
 
+def test_a_folder_that_cannot_be_made_is_one_usage_error(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UsageError, match="is not a folder \\(a file is in its way\\)"), run_lock(tmp_path / "a_file"):
+        pass
+    with pytest.raises(UsageError, match="is not a folder"), run_lock(tmp_path / "a_file" / "run"):
+        pass
+
+
 def test_only_the_main_process_locks(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with run_lock(tmp_path / "run"):

@@ -73,6 +73,8 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise UsageError(f"output folder {str(folder)!r} is not a folder (a file is in its way).") from None
+    except OSError as err:  # no permission, a read-only file system
+        raise UsageError(f"output folder {str(folder)!r} cannot be created ({err.strerror}).") from None
     key = os.path.realpath(folder)
     with _guard:
         held = _held.get(key)
@@ -96,7 +98,10 @@ def _acquire(folder: Path, what: str) -> int:
     if path.is_symlink():
         raise ForeignLink(f"{path} is a symbolic link; the run's lock file is never one. Remove it.")
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:  # no permission, a read-only file system
+            raise UsageError(f"output folder {str(folder)!r} cannot be written ({err.strerror}).") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
