@@ -403,3 +403,54 @@ def test_unknown_command_is_one_line(capsys):
         "duo-llm: error: unknown command 'orcale'; did you mean 'oracle'? choose from train, finetune, eval, oracle, "
         "train-router, ablation, study, card, convert (see 'duo-llm --help')."
     ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Repeated choices in a budget or fraction spec: refused wherever such a spec is parsed (the last value would win)
+
+REPEATED_CHOICE_CASES = [
+    ("oracle-budget-big-twice", lambda a, o: oracle(a, o, "--budget", "big=1,big=2"),
+     r"budget: 'big=1,big=2' names 'big' twice"),
+    ("oracle-budget-big-twice-by-case", lambda a, o: oracle(a, o, "--budget", "big=1,BIG=1"), r"names 'big' twice"),
+    ("oracle-budget-big-count-and-schedule", lambda a, o: oracle(a, o, "--budget", "big=2:1,big=1"),
+     r"names 'big' twice \(a count and a schedule\)"),
+    ("oracle-budget-two-schedules", lambda a, o: oracle(a, o, "--budget", "big=2:1,big=3:1"), r"names 'big' twice"),
+    ("router-budget-big-twice", lambda a, o: router(a, o, "--budget", "big=0.3,big=0.5"),
+     r"budget: 'big=0.3,big=0.5' names 'big' twice"),
+    ("router-budget-small-twice", lambda a, o: router(a, o, "--budget", "small=0.5,Small=0.2,big=0.3"),
+     r"names 'small' twice"),
+    ("router-oracle-budget-big-twice",
+     lambda a, o: router(a, o, "--supervision", "oracle", "--oracle-budget", "big=1,big=2"), r"names 'big' twice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, message", [c[1:] for c in REPEATED_CHOICE_CASES], ids=[c[0] for c in REPEATED_CHOICE_CASES]
+)
+def test_a_choice_named_twice_is_refused(assets, tmp_path, capsys, argv, message):
+    test_bad_input_is_one_line_and_no_work(assets, tmp_path, capsys, argv, message)
+
+
+@pytest.mark.parametrize(
+    "parse, spec",
+    [
+        ("duo_llm_hf.models.losses:parse_budget_fractions", {"big": 0.3, "BIG": 0.5}),
+        ("duo_llm_hf.models.losses:parse_budget_fractions", {"big": 0.3, 1: 0.5}),
+        ("duo_llm_hf.utils.flops:dense_intermediate_size", {"small": 0.5, "SMALL": 0.5}),
+        ("duo_llm_hf.oracle.spaces:parse_layer_budget", {"big": 2, "Big": 2}),
+        ("duo_llm_hf.training.router_arguments:parse_budget_flag", "skip=0.2,big=0.5,skip=0.3"),
+    ],
+)
+def test_library_parsers_refuse_a_choice_named_twice(parse, spec):
+    import importlib
+
+    module, name = parse.split(":")
+    function = getattr(importlib.import_module(module), name)
+    args = (DuoLlamaConfig(**tiny_llama_kwargs()), spec) if name == "dense_intermediate_size" else (spec,)
+    with pytest.raises(ValueError, match="twice; give each choice once"):
+        function(*args)
+
+
+def test_route_probs_naming_a_choice_twice_are_refused():
+    with pytest.raises(ValueError, match="route_probs: .* names 'big' twice"):
+        DuoLlamaConfig(**tiny_llama_kwargs(), route_probs={"small": 0.5, "big": 0.25, "BIG": 0.25})

@@ -189,3 +189,26 @@ def test_study_of_a_given_duo_opt_model(tmp_path):
     assert not (tmp_path / "study" / "model").exists()  # no stage 1
     assert set(metrics["routers"]) == {"conventional", "distilled", "distilled_causal"}
     assert (tmp_path / "study" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_oracle_result_stops_the_study_before_its_report(study, tmp_path, capsys):
+    """One flipped byte in a finished stage's oracle result: the re-run study refuses it (sha256) in one line, and
+    neither its metrics nor its report are written from it."""
+    import shutil
+
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy)
+    results = copy / "oracle" / "english" / "oracle_results.safetensors"
+    data = bytearray(results.read_bytes())
+    data[-1] ^= 0xFF
+    results.write_bytes(bytes(data))
+    (copy / "metrics.json").unlink()
+    (copy / "report.md").unlink()
+    holdouts = json.loads((copy / "study_settings.json").read_text())["holdouts"]
+    argv = ["study", "--out", str(copy), "--preset", "tiny", "--no-progress"]
+    argv += [f"--holdout={name}={path}" for name, path in holdouts.items()]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "oracle_results.safetensors is not the file this oracle run wrote" in err[0], err
+    assert not (copy / "metrics.json").exists() and not (copy / "report.md").exists()

@@ -200,8 +200,10 @@ def test_an_earlier_runs_checkpoints_are_not_overwritten_without_the_flag(base, 
 def test_pruning_keeps_other_runs_checkpoints(base, corpus, tmp_path):
     folder = copy_run(base, tmp_path)  # the earlier run's step_2 and step_4
     train(args_for(folder, corpus, max_steps=6, checkpoint_every=3, checkpoints_to_keep=1, overwrite_output_dir=True))
-    # This run wrote step_3 and step_6 and keeps its newest one; the earlier run's checkpoints stay.
-    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
+    # This run wrote step_3 and step_6 and keeps its newest one; the earlier run's checkpoints stay, kept apart.
+    earlier = json.loads((Path(base[0].output_dir) / "train_results.json").read_text())["run_id"]
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [f"run-{earlier}", "step_6"]
+    assert sorted(p.name for p in (folder / "checkpoints" / f"run-{earlier}").iterdir()) == ["step_2", "step_4"]
 
 
 def test_resume_with_more_steps_extends_the_run(base, corpus, tmp_path):

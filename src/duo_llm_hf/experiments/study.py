@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from ..utils.run_files import (
     STUDY_SETTINGS_FILE,
     TRAIN_RESULTS_FILE,
 )
+from ..utils.run_folder import remove_path, run_lock
 from .presets import preset_names, study_preset
 from .study_arguments import StudyArguments
 
@@ -298,12 +298,17 @@ def run_study(
     """Run (or resume) the study into ``out``; return the metrics written to ``metrics.json``.
 
     A re-run of the same study reuses its finished stages. ``out`` holding a study with other settings is refused,
-    unless ``overwrite``: then that study's stages are removed and this one starts over.
+    unless ``overwrite``: then that study's stages are removed and this one starts over. The study holds the lock
+    of ``out`` over all its stages (`run_folder.run_lock`; each stage also locks its own folder).
     """
+    config = study_config(preset, **overrides)
+    with run_lock(out, "study"):
+        return _run_study(Path(out), config, progress, overwrite)
+
+
+def _run_study(out: Path, config: StudyConfig, progress: bool, overwrite: bool) -> dict:
     from .report import collect_metrics, write_report
 
-    out = Path(out)
-    config = study_config(preset, **overrides)
     _check_same_settings(out, config, overwrite)
     stages = Stages(out, config, progress)
     model_dir = Path(config.model) if config.model else train_stage(stages)
@@ -491,7 +496,7 @@ def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False
         if changed:
             logger.warning("study: %s held a study with other settings (%s); starting over", out, ", ".join(changed))
             for name in STAGE_FOLDERS:
-                shutil.rmtree(out / name, ignore_errors=True)
+                remove_path(out / name)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, settings)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .routed_ffn import router_probabilities
-from .routes import CHOICE_CODES, CHOICE_NAMES, choice_code
+from .routes import CHOICE_CODES, CHOICE_NAMES, choice_code, choice_values
 
 IGNORE_INDEX = -100
 
@@ -68,7 +68,7 @@ def parse_budget_fractions(
     if isinstance(budget, Mapping):
         if not budget:
             raise ValueError("budget: {} is empty; give a BIG fraction such as 0.3 or a target per choice.")
-        targets = {choice_code(k, "budget"): v for k, v in budget.items()}
+        targets = choice_values(budget.items(), "budget", dict(budget))
     else:
         targets = {CHOICE_CODES["big"]: budget}
     for code, value in targets.items():

@@ -52,6 +52,19 @@ def choice_code(choice: int | str, field: str = "choice") -> int:
     )
 
 
+def choice_values(pairs: Iterable[tuple[int | str, object]], field: str, spec: object) -> dict[int, object]:
+    """``{choice code: value}`` of ``(choice, value)`` pairs (choices by name or code, `choice_code`), refusing a
+    choice given twice (``big`` twice, or ``big`` and ``BIG``, or ``big`` and its code): which value was meant is
+    not ours to guess. ``spec`` is what the user wrote, quoted in the error."""
+    values: dict[int, object] = {}
+    for choice, value in pairs:
+        code = choice_code(choice, field)
+        if code in values:
+            raise ValueError(f"{field}: {spec!r} names {CHOICE_NAMES[code]!r} twice; give each choice once.")
+        values[code] = value
+    return values
+
+
 def parse_routing(name: str, num_layers: int) -> tuple[str, list[int] | None]:
     """Read a routing name: a routing mode (`ROUTING_MODES`) or a uniform pattern (`UNIFORM_PATTERNS`).
 
@@ -162,8 +175,8 @@ def _normalised_route_probs(probs: Mapping[str, float] | None, options: list[str
             f"route_probs: {probs!r} is not allowed; give a dict such as {{'small': 0.5, 'big': 0.5}}."
         )
     out = {}
-    for key, value in probs.items():
-        name = CHOICE_NAMES[choice_code(key, "route_probs")]
+    for code, value in choice_values(probs.items(), "route_probs", dict(probs)).items():
+        name = CHOICE_NAMES[code]
         if name not in options:
             raise ValueError(
                 f"route_probs: {dict(probs)!r} gives a probability to {name!r}, which route_options {options} does "

@@ -17,12 +17,24 @@ import torch
 from safetensors.torch import load_file
 
 from ..models.routes import BIG, CHOICE_NAMES, route_usage
+from ..utils.errors import UsageError
 from ..utils.files import atomic_save_tensors, atomic_write_json
-from ..utils.run_files import ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE
+from ..utils.run_files import ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE, file_hash
 from .reducers import NO_PATTERN, BatchReduction
 from .spaces import RouteSpace, index_to_pattern
 
 METHODS = ("oracle", "fixed", "best_of_k", "best_of_k_pattern", "causal_oracle")
+RESULTS_HASH_KEY = "results_sha256"  # in the summary: the sha256 of the tensors file, checked by `OracleResult.load`
+
+
+_AGAIN = (
+    "compute it again (rerun the oracle into that folder with --overwrite-output-dir; for a study's stage, delete "
+    "that folder and rerun the study)."
+)
+
+
+class DamagedResultError(UsageError):
+    """An oracle result whose tensors file is not the one its summary records (changed, or never hashed)."""
 
 
 class OracleResult:
@@ -215,26 +227,46 @@ class OracleResult:
     # -- files --------------------------------------------------------------------------------------------------
 
     def save(self, output_dir: str | os.PathLike) -> None:
-        """Write ``oracle_results.safetensors`` (tensors) and ``oracle_summary.json`` (summary + what `load` needs)."""
+        """Write ``oracle_results.safetensors`` (tensors) and, after it, ``oracle_summary.json`` (summary, the
+        tensors file's sha256, and what `load` needs)."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.tensors.items()}
         atomic_save_tensors(tensors, output_dir / ORACLE_RESULTS_FILE)
         summary = self.summary()
         summary["_space"] = space_spec(self.space)
+        summary[RESULTS_HASH_KEY] = file_hash(output_dir / ORACLE_RESULTS_FILE)
         atomic_write_json(output_dir / ORACLE_SUMMARY_FILE, summary)
 
     @classmethod
     def load(cls, output_dir: str | os.PathLike) -> OracleResult:
-        """Read back a result written by `save`."""
+        """Read back a result written by `save`, after checking the tensors file against the sha256 its summary
+        records (`DamagedResultError` when it differs or is not recorded)."""
         output_dir = Path(output_dir)
         for name in (ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE):
             if not (output_dir / name).exists():
                 raise FileNotFoundError(f"{output_dir / name} is missing; is {output_dir} an oracle study's output?")
         summary = json.loads((output_dir / ORACLE_SUMMARY_FILE).read_text())
+        check_results_hash(output_dir, summary)
         derived = {"sequences", "seq_len", "tokens_evaluated", "space", "uniform_perplexity", "budgets", "_space"}
-        meta = {k: v for k, v in summary.items() if k not in derived}
+        meta = {k: v for k, v in summary.items() if k not in derived | {RESULTS_HASH_KEY}}
         return cls(space_from_spec(summary["_space"]), load_file(output_dir / ORACLE_RESULTS_FILE), meta)
+
+
+def check_results_hash(output_dir: Path, summary: Mapping) -> None:
+    """Raise `DamagedResultError` unless ``output_dir``'s tensors file has the sha256 its ``summary`` records."""
+    path = output_dir / ORACLE_RESULTS_FILE
+    recorded = summary.get(RESULTS_HASH_KEY) if isinstance(summary, Mapping) else None
+    if recorded is None:
+        raise DamagedResultError(
+            f"{output_dir / ORACLE_SUMMARY_FILE} records no sha256 of {path.name} (written by an older version?), so "
+            f"the result cannot be checked; {_AGAIN}"
+        )
+    if file_hash(path) != recorded:
+        raise DamagedResultError(
+            f"{path} is not the file this oracle run wrote (its sha256 differs from the one in {ORACLE_SUMMARY_FILE}); "
+            f"{_AGAIN}"
+        )
 
 
 def space_spec(space: RouteSpace) -> dict:

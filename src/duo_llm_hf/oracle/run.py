@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from ..utils.run_files import (
     file_hash,
     refuse_overwrite,
 )
+from ..utils.run_folder import remove_path, run_lock
 from .arguments import TENSOR_SUFFIXES, OracleArguments, check_data_files
 from .engine import oracle_search, under_roots
 from .reducers import BatchReduction, RunningMin
@@ -267,65 +267,66 @@ def run_oracle_study(
         model, input_ids, space, best_of_k=best_of_k, seed=seed, causal=causal, batch_size=batch_size, uniform=uniform
     )
     num_batches = -(-input_ids.shape[0] // batch_size)
-    if overwrite and main:
-        _delete_run(output_dir)
-    state.wait_for_everyone()
-    hashes = _finished_batches(output_dir, fingerprint, num_batches, warn=main)
-    # Every process has read the batch files before the main process rewrites a damaged one.
-    state.wait_for_everyone()
-    todo = [b for b in range(num_batches) if b not in hashes]
-    if main:
-        (output_dir / BATCH_DIR).mkdir(parents=True, exist_ok=True)
-    roots = space.partition(world)[rank] if world > 1 else None
-    reduce = _gather_min(world) if world > 1 else None
-    per_sequence = _work_per_sequence(space, roots, input_ids.shape[1], causal)
-    sequences_done = sum(min(batch_size, input_ids.shape[0] - b * batch_size) for b in hashes)
-    bar = tqdm(
-        total=per_sequence * input_ids.shape[0],
-        initial=per_sequence * sequences_done,
-        unit="pattern-token",
-        unit_scale=True,
-        desc=f"oracle ({space.size:,} patterns)",
-        disable=not (progress and main),
-        dynamic_ncols=True,
-        postfix=f"sequences {sequences_done}/{input_ids.shape[0]}",
-    )
-    device = next(model.parameters()).device
-    for ran, b in enumerate(todo):
-        if stop_after_batches is not None and ran >= stop_after_batches:
-            bar.close()
-            return None
-        batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
-        reduction = oracle_search(
-            model, batch, space, best_of_k=best_of_k, seed=seed, uniform=uniform, causal=causal,
-            chunk_tokens=chunk_tokens, roots=roots, reduce=reduce, on_progress=bar.update,
-        )
-        if world > 1:
-            reduction = _gather_reduction(reduction, world)
-        if main:
-            hashes[b] = _save_batch(output_dir, b, reduction)
-            _save_state(output_dir, fingerprint, num_batches, hashes)
+    with run_lock(output_dir, "oracle run"):  # one writer per run folder (re-entrant: `main` holds it already)
+        if overwrite and main:
+            _delete_run(output_dir)
         state.wait_for_everyone()
-        # Sequences finished (and saved): the bar's postfix counts them, so a full bar reads N/N.
-        sequences_done += batch.shape[0]
-        bar.set_postfix_str(f"sequences {sequences_done}/{input_ids.shape[0]}")
-    bar.close()
-    if not main:
-        return None
-    batches = [BatchReduction.from_tensors(load_file(_batch_path(output_dir, b))) for b in range(num_batches)]
-    meta = {
-        "model": model_id,
-        "data": data_id,
-        "best_of_k": best_of_k,
-        "seed": seed,
-        "causal": causal,
-        "uniform": uniform,
-        "batch_size": batch_size,
-        "mode": "independent" + (" + causal" if causal else ""),
-    }
-    result = OracleResult.from_batches(space, batches, input_ids, meta)
-    result.save(output_dir)
-    return result
+        hashes = _finished_batches(output_dir, fingerprint, num_batches, warn=main)
+        # Every process has read the batch files before the main process rewrites a damaged one.
+        state.wait_for_everyone()
+        todo = [b for b in range(num_batches) if b not in hashes]
+        if main:
+            (output_dir / BATCH_DIR).mkdir(parents=True, exist_ok=True)
+        roots = space.partition(world)[rank] if world > 1 else None
+        reduce = _gather_min(world) if world > 1 else None
+        per_sequence = _work_per_sequence(space, roots, input_ids.shape[1], causal)
+        sequences_done = sum(min(batch_size, input_ids.shape[0] - b * batch_size) for b in hashes)
+        bar = tqdm(
+            total=per_sequence * input_ids.shape[0],
+            initial=per_sequence * sequences_done,
+            unit="pattern-token",
+            unit_scale=True,
+            desc=f"oracle ({space.size:,} patterns)",
+            disable=not (progress and main),
+            dynamic_ncols=True,
+            postfix=f"sequences {sequences_done}/{input_ids.shape[0]}",
+        )
+        device = next(model.parameters()).device
+        for ran, b in enumerate(todo):
+            if stop_after_batches is not None and ran >= stop_after_batches:
+                bar.close()
+                return None
+            batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
+            reduction = oracle_search(
+                model, batch, space, best_of_k=best_of_k, seed=seed, uniform=uniform, causal=causal,
+                chunk_tokens=chunk_tokens, roots=roots, reduce=reduce, on_progress=bar.update,
+            )
+            if world > 1:
+                reduction = _gather_reduction(reduction, world)
+            if main:
+                hashes[b] = _save_batch(output_dir, b, reduction)
+                _save_state(output_dir, fingerprint, num_batches, hashes)
+            state.wait_for_everyone()
+            # Sequences finished (and saved): the bar's postfix counts them, so a full bar reads N/N.
+            sequences_done += batch.shape[0]
+            bar.set_postfix_str(f"sequences {sequences_done}/{input_ids.shape[0]}")
+        bar.close()
+        if not main:
+            return None
+        batches = [BatchReduction.from_tensors(load_file(_batch_path(output_dir, b))) for b in range(num_batches)]
+        meta = {
+            "model": model_id,
+            "data": data_id,
+            "best_of_k": best_of_k,
+            "seed": seed,
+            "causal": causal,
+            "uniform": uniform,
+            "batch_size": batch_size,
+            "mode": "independent" + (" + causal" if causal else ""),
+        }
+        result = OracleResult.from_batches(space, batches, input_ids, meta)
+        result.save(output_dir)
+        return result
 
 
 def oracle_fingerprint(model, input_ids: torch.Tensor, space: RouteSpace, **settings) -> dict:
@@ -370,11 +371,10 @@ def _batch_path(output_dir: Path, b: int) -> Path:
 
 
 def _delete_run(output_dir: Path) -> None:
-    """Delete an oracle run's own files in ``output_dir`` (the state first: a kill midway leaves nothing to resume)."""
-    (output_dir / ORACLE_STATE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(output_dir / BATCH_DIR, ignore_errors=True)
-    for name in (ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE):
-        (output_dir / name).unlink(missing_ok=True)
+    """Delete an oracle run's own files in ``output_dir`` (the state first: a kill midway leaves nothing to resume);
+    a link is removed, never followed."""
+    for name in (ORACLE_STATE_FILE, BATCH_DIR, ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE):
+        remove_path(output_dir / name)
 
 
 def _finished_batches(output_dir: Path, fingerprint: dict, num_batches: int, warn: bool) -> dict[int, str]:
@@ -434,10 +434,15 @@ def _save_state(output_dir: Path, fingerprint: dict, num_batches: int, hashes: d
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the oracle study from the command line (``eval/oracle_study.py``, ``duo-llm oracle``)."""
-    from transformers import AutoTokenizer
-
     args = parse_arguments(OracleArguments, argv)
     args.validate()
+    with run_lock(args.output_dir, "oracle run"):  # one writer per run folder, from the checks to the results
+        return _main(args)
+
+
+def _main(args: OracleArguments) -> int:
+    from transformers import AutoTokenizer
+
     refuse_overwrite(args.output_dir, [ORACLE_RESULTS_FILE], args.overwrite_output_dir, "oracle run")
     state = process_state()
     route_options = [name.strip() for name in args.route_options.split(",")] if args.route_options else None

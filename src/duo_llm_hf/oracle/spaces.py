@@ -20,7 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.routes import BIG, CHOICE_CODES, CHOICE_LETTERS, CHOICE_NAMES, allowed_codes, choice_code
+from ..models.routes import (
+    BIG,
+    CHOICE_CODES,
+    CHOICE_LETTERS,
+    CHOICE_NAMES,
+    allowed_codes,
+    choice_code,
+    choice_values,
+)
 
 # Enumerating more patterns than this would not fit in memory, and evaluating them would never finish.
 MAX_PATTERNS = 1 << 24
@@ -116,17 +124,21 @@ def parse_layer_budget(spec: LayerBudget | int | str | Mapping | Sequence | None
         return LayerBudget(counts=((BIG, int(text)),))
     if "=" not in text:
         return _schedule_budget(text.split(":"), spec)
-    counts, schedule = {}, None
+    counts, schedule = [], None
     for part in text.split(","):
         name, _, value = part.partition("=")
         name = name.strip()
         if ":" in value:
             if choice_code(name, "budget") != BIG:
                 raise ValueError(f"budget: {spec!r}: only the BIG count can vary with position ('big=6:2').")
+            if schedule is not None:
+                raise ValueError(f"budget: {spec!r} names 'big' twice; give each choice once.")
             schedule = _schedule_budget(value.split(":"), spec).big_schedule
         else:
-            counts[name] = _int(value, spec)
+            counts.append((name, _int(value, spec)))
     budget = _counts_budget(counts, spec)
+    if schedule is not None and any(code == BIG for code, _ in budget.counts):
+        raise ValueError(f"budget: {spec!r} names 'big' twice (a count and a schedule); give each choice once.")
     return LayerBudget(counts=budget.counts, big_schedule=schedule)
 
 
@@ -165,14 +177,12 @@ def _int(value, spec) -> int:
         raise ValueError(f"budget: {spec!r}: {value!r} is not a whole number of layers.") from None
 
 
-def _counts_budget(counts: Mapping, spec) -> LayerBudget:
-    pairs = {}
-    for name, value in counts.items():
-        code = choice_code(name, "budget")
-        if code in pairs:
-            raise ValueError(f"budget: {spec!r} gives the count of {CHOICE_NAMES[code]} twice.")
-        pairs[code] = value if isinstance(value, int) and not isinstance(value, bool) else _int(value, spec)
-    return LayerBudget(counts=tuple(sorted(pairs.items())))
+def _counts_budget(counts: Mapping | Sequence[tuple], spec) -> LayerBudget:
+    """Exact counts per choice, from a mapping or ``(choice, count)`` pairs; a choice named twice is refused."""
+    items = counts.items() if isinstance(counts, Mapping) else counts
+    pairs = choice_values(items, "budget", spec)
+    whole = {code: v if isinstance(v, int) and not isinstance(v, bool) else _int(v, spec) for code, v in pairs.items()}
+    return LayerBudget(counts=tuple(sorted(whole.items())))
 
 
 def _schedule_budget(points: Sequence, spec) -> LayerBudget:

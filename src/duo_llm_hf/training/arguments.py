@@ -90,8 +90,9 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Start a new run in an output_dir that holds a finished run or an earlier run's checkpoints "
-            "(replaces the finished model; the earlier checkpoints are kept). Without it that is refused."
+            "help": "Start a new run in an output_dir that holds a finished run or an earlier run's checkpoints: "
+            "the finished model and its files are replaced; the earlier checkpoints are kept, moved to "
+            "checkpoints/run-<its run id>/ (where --resume-from latest never looks). Without it that is refused."
         },
     )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})

@@ -13,12 +13,16 @@ What a checkpoint holds, and how it is read back safely (a checkpoint folder may
   and the size of every other file) and one ``<name>.json`` per further state (e.g. the route samplers). Nothing is
   registered with ``accelerator.register_for_checkpointing``, whose ``custom_checkpoint_<i>.pkl`` files Accelerate
   unpickles with ``weights_only=False``.
-- ``train_state.json`` is written last: it marks the checkpoint complete.
+- ``train_state.json`` is written last: it marks the checkpoint complete. It lists the size (``files``) and the
+  sha256 (``sha256``) of every other file; a file whose content differs from its hash is never loaded.
 
 `validate_checkpoint` runs before anything is loaded: a ``custom_checkpoint_*.pkl``, a file the checkpoint did not
-write, or a pickle that holds more than plain data is refused (`UnsafeCheckpointError`); a missing, truncated or
-unreadable file makes the checkpoint invalid (`CorruptCheckpointError`), and ``--resume-from latest`` then falls back
-to the newest valid one with a warning.
+write, a symbolic link, or a pickle that holds more than plain data is refused (`UnsafeCheckpointError`); a missing,
+truncated, changed (its sha256 differs) or unreadable file makes the checkpoint invalid (`CorruptCheckpointError`),
+and ``--resume-from latest`` then falls back to the newest valid one with a warning.
+
+Saving, cleaning up and pruning never follow a link (`utils.run_folder`): a link inside the checkpoints folder is
+refused before each save; the checkpoints folder itself may be a link (to keep checkpoints on another disk).
 
 Why not Accelerate's own naming and rotation (``ProjectConfiguration(automatic_checkpoint_naming=True,
 total_limit=N)``, which the run's `Accelerator` is otherwise configured with, for its project and logging folders):
@@ -38,7 +42,6 @@ import logging
 import math
 import pickle
 import re
-import shutil
 import struct
 import uuid
 from collections.abc import Mapping, Sequence
@@ -53,13 +56,16 @@ from accelerate.utils.other import load as accelerate_load
 from ..models.routes import RouteSampler
 from ..utils.errors import UsageError
 from ..utils.files import TMP_PREFIX, temporary_path
+from ..utils.run_files import file_hash
+from ..utils.run_folder import refuse_links, remove_path
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"  # a run's checkpoints, in its output_dir
 CHECKPOINT_PREFIX = "step_"
 LATEST = "latest"
-STATE_FILE = "train_state.json"  # written last: the completion marker, with the size of every other file
+STATE_FILE = "train_state.json"  # written last: the completion marker, with the size and sha256 of every other file
+HASHES_KEY = "sha256"  # in STATE_FILE: {file: sha256 of its content}
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # Files Accelerate unpickles with weights_only=False: a checkpoint holding one is refused, whatever it claims.
 _UNSAFE_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
@@ -145,9 +151,10 @@ def restore_train_state(
 
 
 def checkpoint_step(path: str | Path) -> int | None:
-    """The step of a complete checkpoint folder, or None for any other path."""
-    match = _CHECKPOINT_RE.match(Path(path).name)
-    return int(match.group(1)) if match and Path(path).is_dir() else None
+    """The step of a complete checkpoint folder, or None for any other path (a link is never a checkpoint)."""
+    path = Path(path)
+    match = _CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match and path.is_dir() and not path.is_symlink() else None
 
 
 def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
@@ -198,12 +205,19 @@ def validate_checkpoint(folder: str | Path) -> dict:
     """Check a checkpoint folder before anything in it is loaded; return its ``train_state.json``.
 
     Raises `UnsafeCheckpointError` for a ``custom_checkpoint_*.pkl`` (which Accelerate would unpickle with
-    ``weights_only=False``), for a file the checkpoint did not write (not in its ``train_state.json``) and for a
-    pickle that is not plain data; `CorruptCheckpointError` for a missing or unreadable ``train_state.json`` and a
-    listed file that is missing, has another size than was written, or does not parse.
+    ``weights_only=False``), for a file the checkpoint did not write (not in its ``train_state.json``), for a
+    symbolic link, and for a pickle that is not plain data; `CorruptCheckpointError` for a missing or unreadable
+    ``train_state.json`` and a listed file that is missing, has another size or sha256 than was written, or does
+    not parse.
     """
     folder = Path(folder)
-    present = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    entries = sorted(folder.rglob("*"))
+    for path in entries:
+        if path.is_symlink():
+            raise UnsafeCheckpointError(
+                f"{path} is a symbolic link; checkpoints of this trainer hold none. Refusing to load it."
+            )
+    present = {p.relative_to(folder).as_posix(): p for p in entries if p.is_file()}
     for name, path in present.items():
         if _UNSAFE_RE.match(Path(name).name):
             raise UnsafeCheckpointError(
@@ -214,6 +228,9 @@ def validate_checkpoint(folder: str | Path) -> dict:
     try:
         meta = json.loads(state_path.read_text())
         files = meta["files"]
+        hashes = meta[HASHES_KEY]  # missing in checkpoints of older versions: their content cannot be checked
+        if not isinstance(hashes, dict):
+            raise TypeError(f"{HASHES_KEY} is not a mapping of file names to hashes")
         TrainState().load_state_dict(meta)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{state_path} is missing: the checkpoint is incomplete.") from None
@@ -235,6 +252,10 @@ def validate_checkpoint(folder: str | Path) -> dict:
             _check_pickle(path)  # first: a replaced file is refused as unsafe, not skipped as damaged
         if path.stat().st_size != size:
             raise CorruptCheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated?).")
+        if file_hash(path) != hashes.get(name):
+            raise CorruptCheckpointError(
+                f"{path} is not the file this checkpoint wrote (its sha256 differs from the one in {STATE_FILE})."
+            )
         if name.endswith(".safetensors"):
             _check_safetensors(path)
         elif name.endswith(".json"):
@@ -310,16 +331,18 @@ def save_checkpoint(
 
     Every process must call this (FSDP saves shards from each; ``states`` gather from each). ``states`` (name ->
     object with ``state_dict``) are written as ``<name>.json``; ``metadata`` (JSON, with the run's ``run_id``), the
-    size of every file and the step go to ``train_state.json``, written last. Pruning removes only older
-    checkpoints carrying the same ``run_id``: another run's checkpoints in the folder are never deleted.
+    size and sha256 of every file and the step go to ``train_state.json``, written last. Pruning removes only older
+    checkpoints carrying the same ``run_id``: another run's checkpoints in the folder are never deleted. A link
+    inside the checkpoints folder stops the run before anything is written (`run_folder.ForeignLink`).
     """
     folder = Path(checkpoints_dir)
     final = folder / f"{CHECKPOINT_PREFIX}{step}"
     tmp = temporary_path(final)
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
+        refuse_links(folder)  # save_state, the clean-up and the pruning below would follow one
         for stale in folder.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_path(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     json_states = {name: obj.state_dict() for name, obj in (states or {}).items()}  # every process gathers
@@ -327,16 +350,22 @@ def save_checkpoint(
     if accelerator.is_main_process:
         for name, value in json_states.items():
             (tmp / f"{name}.json").write_text(json.dumps(value))
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / STATE_FILE).write_text(json.dumps({**metadata, "files": files}, indent=2, sort_keys=True))
+        written = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {name: p.stat().st_size for name, p in written.items()}
+        hashes = {name: file_hash(p) for name, p in written.items()}
+        state = {**metadata, "files": files, HASHES_KEY: hashes}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
         if final.exists():  # a re-run of a step after resuming from an older checkpoint
-            shutil.rmtree(final)
+            remove_path(final)
         tmp.rename(final)
         if keep is not None:
             run_id = metadata["run_id"]
             own = [p for p in list_checkpoints(folder) if (read_checkpoint_state(p) or {}).get("run_id") == run_id]
             for old in own[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    remove_path(old)
+                except OSError as err:  # the new checkpoint is saved; a leftover old one costs only disk space
+                    logger.warning("Could not remove the old checkpoint %s: %s", old, err)
     accelerator.wait_for_everyone()
     return final
 

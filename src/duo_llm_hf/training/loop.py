@@ -29,6 +29,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from ..utils.errors import UsageError
+from ..utils.processes import is_main_process
 from ..utils.run_files import (
     CONFIG_FILE,
     OVERWRITE_FLAG,
@@ -237,8 +238,11 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
 
     A fresh start (no ``resume_from``, or ``latest`` with no checkpoint yet) into an ``output_dir`` that holds a
     finished run or an earlier run's checkpoints is refused unless ``args.overwrite_output_dir``: it would replace
-    that run's model, or its checkpoints of the same steps. So is resuming into an ``output_dir`` whose finished
-    run is another run than the checkpoint's (a resumed finished run may be extended).
+    that run's model, or its checkpoints of the same steps. With it, the earlier checkpoints are moved apart first
+    (`keep_earlier_checkpoints`), so that ``checkpoints/`` never holds two runs. Resuming into an ``output_dir``
+    whose finished run, or whose checkpoints, are another run's than the checkpoint's is refused too (a resumed
+    finished run may be extended); with the flag, those checkpoints are moved apart as well. Call it holding the
+    run folder's lock (`utils.run_folder.run_lock`).
     """
     output_dir = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from, output_dir / CHECKPOINTS_DIR)
@@ -250,6 +254,15 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
                 f"{output_dir} holds a finished {what} other than the one {resume_dir} continues; resume into "
                 f"another output folder, or pass {OVERWRITE_FLAG} to replace it."
             )
+        others = [p for p in list_checkpoints(output_dir / CHECKPOINTS_DIR) if _run_id(p) != resumed]
+        if others and not args.overwrite_output_dir:
+            raise UsageError(
+                f"{output_dir} holds checkpoints of another {what} than the one {resume_dir} continues "
+                f"({others[-1].name}); resume into another output folder, or pass {OVERWRITE_FLAG} to move them to "
+                "checkpoints/run-<their run id>/."
+            )
+        if others and is_main_process():
+            keep_earlier_checkpoints(output_dir / CHECKPOINTS_DIR, others)
         return resume_dir
     refuse_overwrite(output_dir, FINISHED_FILES, args.overwrite_output_dir, what)
     earlier = list_checkpoints(output_dir / CHECKPOINTS_DIR)
@@ -257,9 +270,40 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
         raise UsageError(
             f"{output_dir} holds checkpoints of an earlier {what} ({earlier[-1].name}); continue it with "
             f"--resume-from latest, or pass {OVERWRITE_FLAG} to start a new run there (the earlier run's "
-            "checkpoints are kept)."
+            "checkpoints are moved to checkpoints/run-<its run id>/)."
         )
+    if earlier and is_main_process():
+        keep_earlier_checkpoints(output_dir / CHECKPOINTS_DIR, earlier)
     return None
+
+
+# checkpoints/run-<run id>/: an earlier run's checkpoints, kept apart by --overwrite-output-dir.
+EARLIER_RUN_PREFIX = "run-"
+
+
+def keep_earlier_checkpoints(checkpoints_dir: Path, checkpoints: list[Path]) -> None:
+    """Move an earlier run's ``step_<N>`` checkpoints into ``checkpoints/run-<run id>/`` (their own run's id, read
+    from each; ``run-unknown`` when unreadable), where ``--resume-from latest`` and pruning never look: the new run
+    then starts in a ``checkpoints/`` that holds only its own (also a run resumed from a checkpoint elsewhere). Each
+    move is a rename, so a kill midway loses none."""
+    for folder in checkpoints:
+        run_id = _run_id(folder) or "unknown"
+        if not run_id.replace("-", "").isalnum():  # a name from a file: never a path
+            run_id = "unknown"
+        target = checkpoints_dir / f"{EARLIER_RUN_PREFIX}{run_id}" / folder.name
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            raise UsageError(
+                f"cannot keep the earlier run's checkpoint {folder} apart: {target} exists already; move or delete "
+                "one of them."
+            )
+        folder.rename(target)
+        logger.warning("%s: the earlier run's checkpoint %s is kept as %s.", OVERWRITE_FLAG, folder.name, target)
+
+
+def _run_id(checkpoint: Path) -> str:
+    """The run id a checkpoint carries ("" when unreadable)."""
+    return str((read_checkpoint_state(checkpoint) or {}).get("run_id") or "")
 
 
 def _finished_run_id(output_dir: Path) -> str | None:

@@ -271,8 +271,11 @@ def parse_budget_flag(text: str | float | Mapping[str, float]) -> float | dict[s
     targets = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, _, value = part.partition("=")
+        name = name.strip()
+        if name.lower() in {seen.lower() for seen in targets}:  # names only: a choice is named one way in text
+            raise ValueError(f"budget: {text!r} names {name.lower()!r} twice; give each choice once.")
         try:
-            targets[name.strip()] = float(value)
+            targets[name] = float(value)
         except ValueError:
             raise ValueError(f"budget: {part!r} in {text!r} is not name=fraction (e.g. big=0.5).") from None
     return targets

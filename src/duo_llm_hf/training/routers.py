@@ -62,6 +62,7 @@ from ..utils.files import atomic_write_json
 from ..utils.loading import inspect_duo_source, load_duo_model
 from ..utils.processes import process_state
 from ..utils.run_files import ROUTER_REPORT_FILE
+from ..utils.run_folder import run_lock
 from .arguments import parse_arguments
 from .building import build_optimizer, build_scheduler
 from .checkpointing import (
@@ -178,14 +179,15 @@ def train_router(
     if args.supervision == "oracle":
         oracle_budget = oracle_layer_budget(args, options, targets, source_config.num_hidden_layers)
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
-    resume_dir = start_or_resume(args, "router training run")
+    with run_lock(args.output_dir, "router training run"):  # one writer per run folder, checks to final save
+        resume_dir = start_or_resume(args, "router training run")
 
-    router_budget = RouterBudget(options, targets, oracle_budget)
-    with accelerated_run(args, resume_dir) as accelerator:
-        data = (train_blocks, eval_loaders)
-        return _train_router(
-            args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback, data
-        )
+        router_budget = RouterBudget(options, targets, oracle_budget)
+        with accelerated_run(args, resume_dir) as accelerator:
+            data = (train_blocks, eval_loaders)
+            return _train_router(
+                args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback, data
+            )
 
 
 def _train_router(args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback, data):

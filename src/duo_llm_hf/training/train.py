@@ -33,6 +33,7 @@ from ..utils.flops import flops_per_token
 from ..utils.loading import is_duo_model
 from ..utils.processes import process_state
 from ..utils.run_files import TRAIN_RESULTS_FILE, TRAINING_ARGS_FILE
+from ..utils.run_folder import refuse_links, run_lock
 from .arguments import TrainArguments, parse_arguments
 from .building import (
     build_model,
@@ -109,14 +110,15 @@ def train(
     """
     args.validate()
     checkpoints_dir = Path(args.output_dir) / CHECKPOINTS_DIR
-    resume_dir = start_or_resume(args)
-    source_config = inspect_init_source(args.init_from, args.block_size) if args.mode == "frozen-big" else None
+    with run_lock(args.output_dir, "training run"):  # one writer per run folder, from the checks to the final save
+        resume_dir = start_or_resume(args)
+        source_config = inspect_init_source(args.init_from, args.block_size) if args.mode == "frozen-big" else None
 
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=may_leave_a_module_unused(args))
-    with accelerated_run(args, resume_dir, kwargs_handlers=[ddp]) as accelerator:
-        return _train(
-            args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks or ModelHooks()
-        )
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=may_leave_a_module_unused(args))
+        with accelerated_run(args, resume_dir, kwargs_handlers=[ddp]) as accelerator:
+            return _train(
+                args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks or ModelHooks()
+            )
 
 
 def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source_config, hooks) -> TrainResult:
@@ -227,10 +229,12 @@ def save_final(
 ) -> None:
     """``save_pretrained`` the model (``export(model)`` if given) and tokenizer into ``output_dir``, plus the
     arguments and metrics (with the run's id); never a model whose trained weights are not finite
-    (`TrainingDiverged`)."""
+    (`TrainingDiverged`), nor into a folder that holds a link (`run_folder.ForeignLink`)."""
     output_dir = Path(args.output_dir)
     trained = [p for p in model.parameters() if p.requires_grad]
     check_finite_weights(accelerator, trained, state.global_step, output_dir / CHECKPOINTS_DIR)
+    if accelerator.is_main_process:
+        refuse_links(output_dir)  # save_pretrained writes through a link made since the run began
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if export is None:

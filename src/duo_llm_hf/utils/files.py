@@ -29,10 +29,13 @@ def temporary_path(path: str | os.PathLike) -> Path:
 @contextmanager
 def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     """Yield the temporary path to write ``path``'s content to (a file or a folder); when the block ends without an
-    error, move it onto ``path``. The parent folder is created when missing."""
+    error, move it onto ``path``. The parent folder is created when missing. A link at the temporary name is
+    removed first, never written through (``os.replace`` then replaces a link at ``path`` itself, not its target)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
+    if tmp.is_symlink():
+        tmp.unlink()
     yield tmp
     os.replace(tmp, path)
 

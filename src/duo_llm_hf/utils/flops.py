@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..models.routes import BIG, CHOICE_NAMES, SMALL, choice_code
+from ..models.routes import BIG, CHOICE_NAMES, SMALL, choice_code, choice_values
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,8 @@ def dense_intermediate_size(config, route_fractions: Mapping[str | int, float]) 
 
 
 def _fractions(route_fractions: Mapping[str | int, float]) -> dict[int, float]:
-    fractions = {choice_code(k, "route_fractions"): float(v) for k, v in route_fractions.items()}
+    pairs = choice_values(route_fractions.items(), "route_fractions", dict(route_fractions))
+    fractions = {code: float(v) for code, v in pairs.items()}
     total = sum(fractions.values())
     if any(v < 0 for v in fractions.values()) or abs(total - 1.0) > 1e-6:
         raise ValueError(

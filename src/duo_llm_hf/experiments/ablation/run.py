@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from ...utils.processes import process_state
+from ...utils.run_folder import run_lock
 from .arguments import AblationArguments, parse_ablation_args
 from .evaluation import evaluate_runs
 from .plan import plan_ablation
@@ -78,6 +79,11 @@ def run_ablation(args: AblationArguments) -> AblationResult:
     """Plan, train (or reuse), evaluate (or reuse) and write the table and plots; see the module docstring."""
     start = time.perf_counter()
     plan = plan_ablation(args)
+    with run_lock(plan.out, "ablation"):  # one writer; each training run locks its own folder inside it
+        return _run_ablation(args, plan, start)
+
+
+def _run_ablation(args: AblationArguments, plan, start: float) -> AblationResult:
     threads = torch.get_num_threads()
     if plan.settings["threads"]:
         torch.set_num_threads(plan.settings["threads"])
