@@ -38,7 +38,7 @@ from ..utils.arguments import (
     parse_arguments,
     user_values,
 )
-from ..utils.errors import UsageError
+from ..utils.errors import UsageError, unpickler_reason
 from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from ..utils.processes import process_state
@@ -133,7 +133,8 @@ def _load_tensor_file(path: Path) -> torch.LongTensor:
                 blocks = blocks["input_ids"]
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
         kind = "safetensors" if path.suffix == ".safetensors" else "weights-only torch.save"
-        reason = str(err).splitlines()[0][:200]
+        # torch's unpickling error advises weights_only=False: never pass that on.
+        reason = unpickler_reason(err) if isinstance(err, pickle.UnpicklingError) else str(err).splitlines()[0][:200]
         raise UsageError(
             f"data: {str(path)!r} is not a readable {kind} file of token ids ({type(err).__name__}: {reason}); "
             "objects other than tensors are refused, nothing is unpickled."

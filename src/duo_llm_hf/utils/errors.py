@@ -13,6 +13,7 @@ argparse's usage block.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -42,6 +43,15 @@ class UsageErrors:
 
     def error(self, message: str):
         raise UsageError(f"{message} (see '{self.prog} --help').")
+
+
+def unpickler_reason(err: Exception) -> str:
+    """What torch's weights-only unpickler refused (the global it names, if any), for an error message.
+
+    torch's own message advises retrying with ``weights_only=False``, which would run whatever code the file holds:
+    never pass that advice on (every loader of user files words its error with this instead)."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    return f"it refers to {found.group(1)}" if found else "it holds objects other than tensors and numbers"
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
