@@ -50,6 +50,7 @@ from ..utils.run_files import (
     STUDY_SETTINGS_FILE,
     TRAIN_RESULTS_FILE,
 )
+from ..utils.schema import STAGE_DONE_SCHEMA, STUDY_SETTINGS_SCHEMA, TRAIN_RESULTS_SCHEMA, read_state_file
 from .presets import preset_names, study_preset
 from .study_arguments import StudyArguments
 
@@ -155,7 +156,7 @@ class Stages:
         marker = folder / STAGE_DONE_FILE
         if marker.exists():
             logger.info("study: %s already done, reusing %s", name, folder)
-            return json.loads(marker.read_text())
+            return read_state_file(marker, STAGE_DONE_SCHEMA)
         start = time.perf_counter()
         print(f"[duo-llm study] {name} ...", flush=True)
         record = work()
@@ -457,14 +458,14 @@ def _train_router_record(args, train_blocks, loaders: dict) -> dict:
 def _read_finished(folder: Path) -> dict | None:
     """The ``train_results.json`` of a finished training run in ``folder`` (None if there is none)."""
     path = folder / TRAIN_RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_state_file(path, TRAIN_RESULTS_SCHEMA) if path.is_file() else None
 
 
 def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False) -> None:
     settings = json.loads(json.dumps(dataclasses.asdict(config)))
     path = out / STUDY_SETTINGS_FILE
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_state_file(path, STUDY_SETTINGS_SCHEMA)
         # A setting missing from a file written before it existed had its default value.
         defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig) if f.default is not dataclasses.MISSING}
         changed = sorted(k for k in settings if saved.get(k, defaults.get(k)) != settings[k])

@@ -51,6 +51,7 @@ from ..utils.run_files import (
     file_hash,
     refuse_overwrite,
 )
+from ..utils.schema import ORACLE_STATE_SCHEMA, check_state
 from .arguments import TENSOR_SUFFIXES, OracleArguments, check_data_files
 from .engine import oracle_search, under_roots
 from .reducers import BatchReduction, RunningMin
@@ -401,6 +402,7 @@ def _finished_batches(output_dir: Path, fingerprint: dict, num_batches: int, war
             f"format {STATE_FORMAT}), whose settings and batch files cannot be checked; start over with "
             f"{OVERWRITE_FLAG} or use another --output-dir."
         )
+    check_state(saved, ORACLE_STATE_SCHEMA, path)
     check_fingerprint(saved["fingerprint"], fingerprint, output_dir, "oracle run")
     finished = {}
     for key, digest in saved["batch_sha256"].items():

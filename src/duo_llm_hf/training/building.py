@@ -24,6 +24,7 @@ from ..models.modeling_duo_llama import DuoLlamaForCausalLM
 from ..models.modeling_duo_opt import DuoOPTForCausalLM
 from ..utils.errors import MissingFileError, UsageError
 from ..utils.flops import dense_intermediate_size
+from ..utils.hub import check_hub_name
 from ..utils.loading import check_weight_pickles, is_duo_model, load_complete_model
 from ..utils.run_files import CONFIG_FILE
 
@@ -98,6 +99,8 @@ def inspect_init_source(path: str | Path, block_size: int):
         raise MissingFileError(
             f"init_from: {str(path)!r} has no config.json; give a folder written by save_pretrained."
         )
+    if is_hub_id(path):
+        check_hub_name(str(path), "init_from")
     try:
         config = AutoConfig.from_pretrained(str(path) if is_hub_id(path) else folder)
     except (OSError, ValueError, KeyError) as err:

@@ -53,6 +53,7 @@ from accelerate.utils.other import load as accelerate_load
 from ..models.routes import RouteSampler
 from ..utils.errors import UsageError, unpickler_reason
 from ..utils.files import TMP_PREFIX, temporary_path
+from ..utils.schema import TRAIN_STATE_SCHEMA, read_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +206,8 @@ def validate_checkpoint(folder: str | Path) -> dict:
             )
     state_path = folder / STATE_FILE
     try:
-        meta = json.loads(state_path.read_text())
+        meta = read_state_file(state_path, TRAIN_STATE_SCHEMA, CorruptCheckpointError)
         files = meta["files"]
-        TrainState().load_state_dict(meta)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{state_path} is missing: the checkpoint is incomplete.") from None
     except (ValueError, KeyError, TypeError) as err:

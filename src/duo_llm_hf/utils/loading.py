@@ -20,6 +20,7 @@ from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
 from ..models.routes import CHOICE_NAMES, choice_code, validate_route_fields
 from .errors import MissingFileError, UsageError, unpickler_reason
+from .hub import check_hub_name
 from .run_files import CONFIG_FILE
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
@@ -60,6 +61,7 @@ def _source(path: str | Path, what: str) -> str | Path:
             f"{what}: {name!r} does not exist; give a Duo model folder written by save_pretrained (e.g. the output "
             "folder of `duo-llm train`) or a Hub model name (org/name)."
         )
+    check_hub_name(name, what)
     return name
 
 
