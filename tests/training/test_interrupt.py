@@ -1,0 +1,69 @@
+"""Ctrl-C (a real SIGINT to a real ``duo-llm train`` process): exit code 130 and one line that says where the run
+stopped and the command that continues it, without a traceback; that command continues from the checkpoint."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import train_duo_argv
+
+CLI = [sys.executable, "-m", "duo_llm_hf.cli"]
+TIMEOUT = 300
+
+
+def interrupt_when(argv: list[str], ready) -> subprocess.CompletedProcess:
+    """Start ``duo-llm ARGV``, send SIGINT as soon as ``ready()`` holds, and return how it ended."""
+    process = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not ready():
+            if process.poll() is not None:
+                raise AssertionError(f"the command ended before the interrupt: {process.stderr.read()[-2000:]}")
+            assert time.monotonic() < deadline, "the command never reached the moment to interrupt it"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def newest_step(folder: Path) -> int:
+    steps = [int(p.name.split("_")[1]) for p in (folder / "checkpoints").glob("step_*")]
+    return max(steps, default=0)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_the_command_that_continues(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", *train_duo_argv(out, tmp_path / "cache", max_steps=100_000, checkpoint_every=5)]
+    done = interrupt_when(argv, lambda: newest_step(out) >= 5)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    found = re.fullmatch(
+        rf"duo-llm train: interrupted \(Ctrl-C\) in {re.escape(str(out))}, its last checkpoint is step_(\d+); "
+        r"to continue, run: (duo-llm train .*)",
+        lines[0],
+    )
+    assert found, lines[0]
+    stopped_at = int(found.group(1))
+    assert stopped_at == newest_step(out)
+    resume = shlex.split(found.group(2))
+    assert resume[2:] == [*argv[1:], "--resume-from", "latest"]
+
+    # The printed command continues the run: it goes on from that checkpoint to later ones.
+    again = interrupt_when(resume[1:], lambda: newest_step(out) > stopped_at)
+    assert again.returncode == 130, again.stderr
+    assert f"Resumed from {out / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in again.stdout
+    later = re.search(r"its last checkpoint is step_(\d+)", again.stderr)
+    assert later and int(later.group(1)) > stopped_at, again.stderr
