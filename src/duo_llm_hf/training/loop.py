@@ -36,7 +36,7 @@ from ..utils.run_files import (
     check_fingerprint,
     refuse_overwrite,
 )
-from ..utils.schema import TRAIN_RESULTS_SCHEMA, read_state_file
+from ..utils.schema import FINISHED_RUN_SCHEMA, read_state_file
 from .checkpointing import (
     CHECKPOINTS_DIR,
     LATEST,
@@ -275,7 +275,7 @@ def start_or_resume(args, what: str = "training run") -> Path | None:
 def _finished_run_id(output_dir: Path) -> str | None:
     """The run id in a finished run's ``train_results.json`` ("" for a run that recorded none), None if unfinished."""
     try:
-        return read_state_file(output_dir / TRAIN_RESULTS_FILE, TRAIN_RESULTS_SCHEMA).get("run_id") or ""
+        return read_state_file(output_dir / TRAIN_RESULTS_FILE, FINISHED_RUN_SCHEMA).get("run_id") or ""
     except FileNotFoundError:
         return None
 

@@ -145,6 +145,7 @@ TRAIN_STATE_SCHEMA = {
     "fingerprint": Optional(FINGERPRINT),
 }
 TRAIN_RESULTS_SCHEMA = {"global_step": int, "tokens_seen": int, "run_id": Optional(str)}
+FINISHED_RUN_SCHEMA = {"run_id": Optional(str)}  # what a new run reads of a finished one in its folder
 ORACLE_STATE_SCHEMA = {"format": int, "fingerprint": FINGERPRINT, "batch_sha256": MapOf(str)}
 ORACLE_SUMMARY_SCHEMA = {
     "_space": {"num_layers": int, "choices": ListOf(str), "budgets": ListOf(str), "extra_classes": list},
@@ -154,6 +155,7 @@ STUDY_SETTINGS_SCHEMA: Mapping = {}  # any object: compared setting by setting w
 
 
 __all__ = [
+    "FINISHED_RUN_SCHEMA",
     "ListOf",
     "MapOf",
     "Optional",
