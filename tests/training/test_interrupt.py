@@ -7,33 +7,17 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import train_duo_argv
-
-CLI = [sys.executable, "-m", "duo_llm_hf.cli"]
-TIMEOUT = 300
+from tests.training.test_kill import signal_when
 
 
 def interrupt_when(argv: list[str], ready) -> subprocess.CompletedProcess:
-    """Start ``duo-llm ARGV``, send SIGINT as soon as ``ready()`` holds, and return how it ended."""
-    process = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not ready():
-            if process.poll() is not None:
-                raise AssertionError(f"the command ended before the interrupt: {process.stderr.read()[-2000:]}")
-            assert time.monotonic() < deadline, "the command never reached the moment to interrupt it"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    """Ctrl-C: SIGINT to ``duo-llm ARGV`` as soon as ``ready()`` holds."""
+    return signal_when(argv, ready, signal.SIGINT)
 
 
 def newest_step(folder: Path) -> int:
