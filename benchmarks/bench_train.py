@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--num-kv-heads", type=int, default=None, help="key/value heads (default --num-heads)")
+    parser.add_argument("--intermediate-size", type=int, default=None, help="big FFN inner size (default 4 x hidden)")
+    parser.add_argument("--tie-embeddings", action="store_true", help="the LM head shares the embedding's weights")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=8192)
@@ -86,6 +89,8 @@ def build(args: argparse.Namespace):
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
         num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        intermediate_size=args.intermediate_size,
         block_size=args.seq_len,
         p_big=args.p_big,
         batch_size=args.batch_size,
@@ -94,7 +99,7 @@ def build(args: argparse.Namespace):
         fused_optimizer=not args.no_fused_optimizer,
     )
     torch.manual_seed(args.seed)
-    duo_config = duo_config_from_args(train_args, args.vocab_size)
+    duo_config = duo_config_from_args(train_args, args.vocab_size, tie_word_embeddings=args.tie_embeddings)
     dense_config = dense_config_like(duo_config, duo_config.intermediate_size)
     models = {"duo": DuoLlamaForCausalLM(duo_config), "dense": LlamaForCausalLM(dense_config)}
     if args.compile:
@@ -226,6 +231,8 @@ def measure(args: argparse.Namespace) -> dict:
             "hidden_size": args.hidden_size,
             "num_layers": args.num_layers,
             "num_heads": args.num_heads,
+            "num_kv_heads": duo_config.num_key_value_heads,
+            "tie_embeddings": args.tie_embeddings,
             "intermediate_size": duo_config.intermediate_size,
             "small_intermediate_size": duo_config.small_intermediate_size,
             "seq_len": args.seq_len,

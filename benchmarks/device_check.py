@@ -1,15 +1,19 @@
 """The GPU check: correctness on CUDA, training throughput and MFU at the paper's width, the oracle at paper width,
-inference savings, and FSDP in one process; one run of at most 8 minutes on one H200 (issue #17).
+the oracle and a training step at SmolLM2-135M's depth, inference savings, and FSDP in one process; one run of at
+most 270 s on one GPU (docs/gpu.md).
 
-Every part writes its figures into one JSON file as soon as it ends (``device_check.json``, with a Markdown summary
-``device_check.md`` beside it), so a crash or a cut keeps the finished parts. Each part has a time cap (``BUDGETS``,
-scaled so that all fit in ``--max-seconds``): a part that runs past its cap is stopped by an alarm and recorded as
-cut, and the next part starts. The parts reuse the benchmarks (``bench_train.measure``, ``bench_oracle.measure``,
-``bench_inference.run``) and the library; nothing here imports ``datasets`` or ``lm_eval``, which the device image
-lacks. On the device machine (its own python, no venv), from the repository root:
+First, before the heavy imports, the versions it runs with are checked against the pins (`device_versions`): the
+device image's transformers is older than ours, which travels as a wheel (``make device-wheels``); a miss stops the
+run within seconds with one line naming the wheel. Every part writes its figures into one JSON file as soon as it
+ends (``device_check.json``, with a Markdown summary ``device_check.md`` beside it), so a crash or a cut keeps the
+finished parts. Each part has a time cap (``BUDGETS``, scaled so that all fit in ``--max-seconds``): a part that runs
+past its cap is stopped by an alarm and recorded as cut, and the next part starts. The parts reuse the benchmarks
+(``bench_train.measure``, ``bench_oracle.measure``, ``bench_inference.run``) and the library; nothing here imports
+``datasets`` or ``lm_eval``, which the device image lacks. On the device machine (its own python, no venv), from the
+repository root, after installing the carry (docs/gpu.md gives the whole call):
 
-    PYTHONPATH=src python benchmarks/device_check.py --output-dir $OUT          # what `make device-check` runs
-    PYTHONPATH=src python benchmarks/device_check.py --dry-run --output-dir /tmp/check   # every part, tiny, on CPU
+    PYTHONPATH=/tmp/site:src python3 benchmarks/device_check.py --output-dir $OUT      # what `make device-check` runs
+    PYTHONPATH=src python3 benchmarks/device_check.py --dry-run --output-dir /tmp/check  # every part, tiny, on CPU
 
 ``--dry-run`` runs every part at tiny sizes on the CPU (the test suite runs it), so the script is known to work
 before a device is ever lent. ``--parts`` picks parts (comma-separated).
@@ -20,42 +24,73 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, when run as a script
+
+import device_versions  # noqa: E402
+
+# First, before the imports below (our models refuse an older transformers at import): the versions, and one line
+# naming the missing wheel when they miss the pins.
+ENVIRONMENT = device_versions.check_or_exit()
 
 import bench_inference  # noqa: E402
 import bench_oracle  # noqa: E402
 import bench_train  # noqa: E402
+import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from duo_llm_hf import BIG, DuoLlamaConfig, DuoLlamaForCausalLM, flops_per_token  # noqa: E402
 from duo_llm_hf.models.routed_ffn import set_ffn_dispatch  # noqa: E402
-from duo_llm_hf.oracle.engine import pattern_losses  # noqa: E402
+from duo_llm_hf.oracle.engine import default_chunk_tokens, oracle_search, pattern_losses  # noqa: E402
 from duo_llm_hf.oracle.run import study_space  # noqa: E402
+from duo_llm_hf.oracle.spaces import RouteSpace  # noqa: E402
 from duo_llm_hf.utils.files import atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The paper's model (experiments/presets/paper.json): hidden 2560, FFNs 10240 / 640, 12 layers, 20 heads, vocab 32000.
 PAPER_PRESET = REPO / "src" / "duo_llm_hf" / "experiments" / "presets" / "paper.json"
-# Seconds each part may take out of the default 480 (scaled to --max-seconds).
+# Seconds each part may take; their sum is the default --max-seconds (each is scaled to the --max-seconds given).
+# 270 s leaves one rerun in a device session's 15 minutes (docs/gpu.md: two cold starts and two calls of 320 s).
 BUDGETS = {
     "environment": 5,
-    "matmul": 15,
-    "correctness": 45,
-    "training": 150,
-    "oracle": 90,
-    "inference": 100,
-    "fsdp": 75,
+    "matmul": 10,
+    "correctness": 25,
+    "training": 65,
+    "oracle": 40,
+    "real_depth": 60,
+    "inference": 40,
+    "fsdp": 25,
 }
+# A dry run's default time is this many times the device's (a subprocess's imports take longer on a shared CPU).
+DRY_RUN_SLACK = 3
+# SmolLM2-135M's shape (Llama: 30 layers, hidden 576, FFN 1536, 9 heads / 3 KV heads, tied embeddings), with random
+# weights: the real-model study's planning figures. The real weights (98 MB) do not fit a device call's 64 MiB.
+SMOLLM2_135M = {
+    "num_layers": 30,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_heads": 9,
+    "num_kv_heads": 3,
+    "vocab_size": 49152,
+}
+TINY_DEEP = {
+    "num_layers": 6,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "vocab_size": 256,
+}
+# Layers moved off BIG (to SKIP) in the real-depth oracle: budgets big=29 .. big=26 of 30 layers.
+MOVED_LAYERS = (1, 2, 3, 4)
 # Largest |difference| of logits allowed, relative to the largest |logit| of the reference.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
@@ -92,17 +127,8 @@ def synchronize(device: str) -> None:
 
 
 def part_environment(ctx: dict) -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": ctx["device"],
-        "dry_run": ctx["dry_run"],
-    }
-    import accelerate
-    import transformers
-
-    info.update(transformers=transformers.__version__, accelerate=accelerate.__version__)
+    """The versions the guard found (`device_versions`), the device, and the GPU's size."""
+    info = {**ENVIRONMENT, "device": ctx["device"], "dry_run": ctx["dry_run"]}
     if ctx["device"].startswith("cuda"):
         props = torch.cuda.get_device_properties(0)
         free, total = torch.cuda.mem_get_info()
@@ -362,6 +388,98 @@ def part_oracle(ctx: dict) -> dict:
     }
 
 
+def real_depth_config(shape: dict, seq_len: int) -> DuoLlamaConfig:
+    """A Duo model of ``shape`` (`SMOLLM2_135M`'s keys) that may route small, big and skip, embeddings tied."""
+    return DuoLlamaConfig(
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=True,
+        route_options=["small", "big", "skip"],
+    )
+
+
+def real_depth_oracle(ctx: dict, shape: dict, seq_len: int, seconds: float) -> dict:
+    """The exact oracle (`oracle_search`) over BIG/SKIP at 1..4 moved layers, bf16: pattern-tokens per second. A
+    budget whose run the last rate projects past the time left is skipped, and says so."""
+    start, device = time.perf_counter(), ctx["device"]
+    config = real_depth_config(shape, seq_len)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: 135M parameters initialise slowly on a CPU
+        model = DuoLlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (1, seq_len), device=device)
+    layers = config.num_hidden_layers
+    chunk_tokens = default_chunk_tokens(device, config)
+    spaces = {m: RouteSpace(layers, ["big", "skip"], [f"big={layers - m}"]) for m in MOVED_LAYERS}
+    oracle_search(model, ids, spaces[MOVED_LAYERS[0]], chunk_tokens=chunk_tokens)  # warm-up (kernels, allocator)
+    out, rate = {"chunk_tokens": chunk_tokens, "tokens": seq_len}, None
+    for moved, space in spaces.items():
+        pattern_tokens = space.size * seq_len
+        left = seconds - (time.perf_counter() - start)
+        projected = 1.5 * pattern_tokens / rate if rate else 0.0
+        if left <= 0 or projected > left:
+            skipped = f"{left:.0f} s left" + (f", projected {projected:.0f} s at the last rate" if rate else "")
+            out[space.labels[0]] = {"moved_layers": moved, "patterns": space.size, "skipped": skipped}
+            continue
+        synchronize(device)
+        began = time.perf_counter()
+        oracle_search(model, ids, space, chunk_tokens=chunk_tokens)
+        synchronize(device)
+        took = time.perf_counter() - began
+        rate = pattern_tokens / took
+        out[space.labels[0]] = {
+            "moved_layers": moved,
+            "patterns": space.size,
+            "seconds": took,
+            "pattern_tokens_per_second": rate,
+        }
+    if device.startswith("cuda"):
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    del model
+    return out
+
+
+def real_depth_training(ctx: dict, shape: dict, seconds: float) -> dict:
+    """bf16 training steps at ``shape`` (bench_train: Duo at p_big 0.5 against dense, ABBA rounds): tokens/s."""
+    if ctx["dry_run"]:
+        sizes = ["--seq-len", "32", "--batch-size", "2", "--steps", "1", "--rounds", "2", "--warmup", "1"]
+    else:
+        sizes = ["--seq-len", "2048", "--batch-size", "8", "--steps", "2", "--rounds", "4", "--warmup", "2"]
+    # bench_train's flags are the shape's keys with dashes: --num-layers, --hidden-size, --num-kv-heads ...
+    shape_flags = [item for key, value in shape.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    args = bench_train.parse_args(
+        [*sizes, *shape_flags, "--tie-embeddings", "--p-big", "0.5", "--mixed-precision", "bf16"]
+    )
+    args.max_seconds = 0.5 * seconds
+    result = bench_train.measure(args)
+    figures = result["cpu" if "cpu" in result else "wall"]
+    return {
+        "tokens_per_second": figures["tokens_per_second"],
+        "median_seconds_per_step": figures["median_seconds_per_step"],
+        "flop_efficiency": figures["flop_efficiency"],
+        "rounds": result["rounds"],
+        "peak_memory_bytes": result["peak_memory_bytes"],
+        "config": result["config"],
+    }
+
+
+def part_real_depth(ctx: dict) -> dict:
+    """SmolLM2-135M's shape with random weights: the oracle's pattern-tokens per second at 1, 2, 3 and 4 moved
+    layers (BIG/SKIP budgets big=29..26) and a bf16 training step's tokens per second. A dry run: `TINY_DEEP`."""
+    start = time.perf_counter()
+    shape, seq_len = (TINY_DEEP, 16) if ctx["dry_run"] else (SMOLLM2_135M, 1024)
+    out = {"shape": shape, "oracle": real_depth_oracle(ctx, shape, seq_len, 0.5 * ctx["budget"])}
+    if ctx["device"].startswith("cuda"):
+        torch.cuda.empty_cache()
+    left = ctx["budget"] - (time.perf_counter() - start)
+    out["training"] = real_depth_training(ctx, shape, left)
+    return out
+
+
 def part_inference(ctx: dict) -> dict:
     """Prefill and decode time against all-BIG at batch 1 and 32 in bf16 (bench_inference, the paper's width)."""
     start, out = time.perf_counter(), {}
@@ -440,6 +558,7 @@ PARTS = {
     "correctness": part_correctness,
     "training": part_training,
     "oracle": part_oracle,
+    "real_depth": part_real_depth,
     "inference": part_inference,
     "fsdp": part_fsdp,
 }
@@ -492,6 +611,34 @@ def markdown(report: dict) -> str:
             f"chunk {oracle['chunk_tokens']} tokens; paper's oracle study projected at "
             f"{oracle['projected_paper_oracle_hours_one_gpu']:.1f} h on one GPU.",
         ]
+    real = parts.get("real_depth", {}).get("result")
+    if real:
+        shape = real["shape"]
+        lines += [
+            "",
+            f"Real depth ({shape['num_layers']} layers, hidden {shape['hidden_size']}, "
+            f"FFN {shape['intermediate_size']}, {shape['num_heads']} / {shape['num_kv_heads']} heads, "
+            f"vocab {shape['vocab_size']}; random weights, bf16): exact oracle over BIG/SKIP on "
+            f"{real['oracle']['tokens']} tokens",
+            "",
+            "| budget | moved layers | patterns | seconds | pattern-tokens/s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for label, row in real["oracle"].items():
+            if isinstance(row, dict):
+                figures = (
+                    f"{row['seconds']:.2f} | {row['pattern_tokens_per_second']:,.0f}"
+                    if "seconds" in row
+                    else f"— | {row['skipped']}"
+                )
+                lines.append(f"| {label} | {row['moved_layers']} | {row['patterns']:,} | {figures} |")
+        training = real["training"]
+        lines += [
+            "",
+            f"Training step (bf16, batch {training['config']['batch_size']} x {training['config']['seq_len']}): "
+            f"{training['tokens_per_second']['duo']:,.0f} tokens/s Duo at p_big 0.5, "
+            f"{training['tokens_per_second']['dense']:,.0f} dense.",
+        ]
     inference = parts.get("inference", {}).get("result")
     if inference:
         lines += ["", "| batch | case | phase | predicted saving | measured saving |", "|---|---|---|---:|---:|"]
@@ -520,12 +667,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--output-dir", "--out", dest="out", required=True, help="folder for device_check.json and device_check.md"
     )
     parser.add_argument("--dry-run", action="store_true", help="every part at tiny sizes on the CPU")
-    parser.add_argument("--max-seconds", type=float, default=480.0, help="the whole run's time (parts scale to it)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help=f"the whole run's time, parts scaled to it (default {sum(BUDGETS.values())}; a dry run "
+        f"{DRY_RUN_SLACK}x that: a shared CPU runs the tiny parts slower than the GPU the caps are sized for)",
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run, in order")
     args = parser.parse_args(argv)
     unknown = [p for p in args.parts.split(",") if p not in PARTS]
     if unknown:
         parser.error(f"--parts: {unknown} are not parts; use some of {','.join(PARTS)}.")
+    if args.max_seconds is None:
+        args.max_seconds = sum(BUDGETS.values()) * (DRY_RUN_SLACK if args.dry_run else 1)
     if args.max_seconds <= 0:
         parser.error(f"--max-seconds: {args.max_seconds} must be positive.")
     return args
@@ -540,12 +695,25 @@ def main(argv=None) -> dict:
         print("device_check: no CUDA device; running the dry run's sizes on the CPU instead.", file=sys.stderr)
     parts = args.parts.split(",")
     scale = args.max_seconds / sum(BUDGETS.values())
-    ctx = {"device": device, "dry_run": device == "cpu", "work_dir": str(out)}
+    # Scratch files (the FSDP part's checkpoints and models) stay out of the output folder: the device tool brings
+    # back at most 8 files from $OUT, and device_check.json and device_check.md must be among them.
+    work_dir = tempfile.mkdtemp(prefix="device-check-")
+    ctx = {"device": device, "dry_run": device == "cpu", "work_dir": work_dir}
     report = {"device": device, "dry_run": ctx["dry_run"], "max_seconds": args.max_seconds, "parts": {}}
+    try:
+        run_parts(parts, ctx, report, out, args.max_seconds, scale)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print(markdown(report))
+    return report
+
+
+def run_parts(parts: list[str], ctx: dict, report: dict, out: Path, max_seconds: float, scale: float) -> None:
+    """Run each part under its time cap, writing the report after each one."""
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, _alarm)
     for name in parts:
-        left = args.max_seconds - (time.perf_counter() - start)
+        left = max_seconds - (time.perf_counter() - start)
         ctx["budget"] = min(BUDGETS[name] * scale, left)
         if ctx["budget"] < 1:
             report["parts"][name] = {"status": "skipped: no time left", "seconds": 0.0}
@@ -567,8 +735,6 @@ def main(argv=None) -> dict:
         atomic_write_json(out / "device_check.json", report, newline=False)
         (out / "device_check.md").write_text(markdown(report))
         print(f"device_check: {name}: {entry['status']} ({entry['seconds']:.1f} s)", flush=True)
-    print(markdown(report))
-    return report
 
 
 if __name__ == "__main__":

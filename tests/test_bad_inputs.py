@@ -276,6 +276,15 @@ CASES = [
     ("card-metrics-binary", lambda a, o: ["card", a.duo, "--metrics", f"oracle={a.metrics_binary}"],
      r"metrics: '.*metrics.json' is not valid JSON"),
     ("card-repo-id-empty", lambda a, o: ["card", a.duo, "--repo-id", ""], r"--repo-id: '' is empty"),
+    # duo-llm convert
+    ("convert-source-missing", lambda a, o: ["convert", str(a.root / "gone"), "--output-dir", o],
+     r"SOURCE: '.*gone' does not exist"),
+    ("convert-source-duo", lambda a, o: ["convert", a.duo, "--output-dir", o], r"is a Duo model already"),
+    ("convert-output-is-file", lambda a, o: ["convert", a.dense, "--output-dir", a.file],
+     r"--output-dir: '.*a_file' is a file"),
+    ("convert-route-options", lambda a, o: ["convert", a.dense, "--output-dir", o, "--route-options", "big,tiny"],
+     r"--route-options: 'big,tiny' \['tiny'\] are not allowed"),
+    ("convert-seed", lambda a, o: ["convert", a.dense, "--output-dir", o, "--seed", "-1"], r"--seed: -1 is not a seed"),
 ]  # fmt: skip
 
 
@@ -295,7 +304,9 @@ def test_bad_input_is_one_line_and_no_work(assets, tmp_path, capsys, argv, messa
     assert not assets.marker.exists(), "a .pt --data was unpickled"
 
 
-@pytest.mark.parametrize("command", ["train", "finetune", "oracle", "train-router", "ablation", "study", "card"])
+@pytest.mark.parametrize(
+    "command", ["train", "finetune", "oracle", "train-router", "ablation", "study", "card", "convert"]
+)
 def test_help_names_the_command(command, capsys):
     assert cli_main([command, "--help"]) == 0
     assert capsys.readouterr().out.startswith(f"usage: duo-llm {command} ")
@@ -390,7 +401,7 @@ def test_unknown_command_is_one_line(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [
         "duo-llm: error: unknown command 'orcale'; choose from train, finetune, eval, oracle, train-router, ablation, "
-        "study, card (see 'duo-llm --help')."
+        "study, card, convert (see 'duo-llm --help')."
     ]
 
 

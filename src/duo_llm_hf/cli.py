@@ -108,6 +108,12 @@ COMMANDS: dict[str, Command] = {
         "python -m duo_llm_hf.integrations.model_card",
         "duo_llm_hf.integrations.model_card:CardArguments",
     ),
+    "convert": Command(
+        "duo_llm_hf.integrations.convert:main",
+        "Convert a pretrained Llama-family or OPT checkpoint (folder, Hub name, .gguf, smollm2) into a Duo model.",
+        "python -m duo_llm_hf.integrations.convert",
+        "duo_llm_hf.integrations.convert_arguments:ConvertArguments",
+    ),
 }
 
 

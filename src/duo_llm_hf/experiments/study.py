@@ -22,6 +22,7 @@ numbers and reported as reproduced or not.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -211,31 +212,44 @@ def study_holdouts(config: StudyConfig) -> dict[str, str]:
 
 
 def holdout_blocks(model_dir: Path, config: StudyConfig, name: str, num_blocks: int) -> torch.LongTensor:
-    """``num_blocks`` token blocks of a holdout set (`study_holdouts`), tokenized with the model's tokenizer."""
-    from ..data.corpus import load_corpus, pack_corpus
+    """``num_blocks`` token blocks of a holdout set (`study_holdouts`), tokenized with the model's tokenizer.
+
+    A built-in holdout name reads its own text column (``train["holdout_<name>_column"]``, else ``text_column``);
+    with ``train["streaming"]`` only the blocks needed are read."""
+    from ..data.corpus import TEXT_COLUMN, load_corpus, pack_corpus
     from ..data.tokenization import load_tokenizer
 
     train = config.train
     spec = study_holdouts(config)[name]
-    texts = load_corpus(spec, f"holdout_{name}", builtin_max_chars=train.get("builtin_max_chars"))
+    column = TEXT_COLUMN if name in config.holdouts else train.get(f"holdout_{name}_column")
+    texts = load_corpus(
+        spec,
+        f"holdout_{name}",
+        text_column=column or train.get("text_column", TEXT_COLUMN),
+        streaming=bool(train.get("streaming")),
+        builtin_max_chars=train.get("builtin_max_chars"),
+    )
     blocks = pack_corpus(texts, load_tokenizer(model_dir), train["block_size"], f"holdout {name}", num_blocks)
-    if len(blocks) < num_blocks:
+    # islice, not len(): a streamed corpus (an IterableDataset) has no length.
+    rows = [torch.as_tensor(row["input_ids"]) for row in itertools.islice(blocks, num_blocks)]
+    if len(rows) < num_blocks:
         raise UsageError(
-            f"holdout {name!r} has only {len(blocks)} blocks of {train['block_size']} tokens; the study needs "
+            f"holdout {name!r} has only {len(rows)} blocks of {train['block_size']} tokens; the study needs "
             f"{num_blocks}: give it more text."
         )
-    return torch.as_tensor(blocks["input_ids"][:num_blocks]).long()
+    return torch.stack(rows).long()
 
 
 def training_blocks(model_dir: Path, config: StudyConfig):
     """The training corpus packed in blocks with the model's tokenizer, once per study: the routers train on it
     and the distilled routers' oracle labels its first blocks."""
-    from ..data.corpus import load_corpus, pack_corpus
+    from ..data.corpus import TEXT_COLUMN, load_corpus, pack_corpus
     from ..data.tokenization import load_tokenizer
 
     train = config.train
     dataset = train.get("dataset", "builtin")
-    texts = load_corpus(dataset, "train", builtin_max_chars=train.get("builtin_max_chars"))
+    column = train.get("text_column", TEXT_COLUMN)
+    texts = load_corpus(dataset, "train", text_column=column, builtin_max_chars=train.get("builtin_max_chars"))
     return pack_corpus(texts, load_tokenizer(model_dir), train["block_size"], f"dataset {dataset!r}")
 
 

@@ -116,6 +116,14 @@ class DataArguments:
     text_column: str = field(
         default="text", metadata={"help": "Column holding the text in json/csv/parquet/Hub data."}
     )
+    # Each holdout is its own dataset, with its own schema (the paper preset's code holdout keeps its text in
+    # `content`); None reads --text-column.
+    holdout_english_column: str | None = field(
+        default=None, metadata={"help": "Text column of the English holdout (default --text-column)."}
+    )
+    holdout_code_column: str | None = field(
+        default=None, metadata={"help": "Text column of the code holdout (default --text-column)."}
+    )
     sample_by: Literal["document", "paragraph", "line"] = field(
         default="document", metadata={"help": "How plain-text files are cut into documents."}
     )
@@ -476,6 +484,10 @@ def check_run_fields(args) -> None:
     for name in ("run_name", "report_to", "text_column"):
         if not getattr(args, name).strip():
             raise UsageError(f"{name}: {getattr(args, name)!r} is empty; give a name (see --help).")
+    for name in ("holdout_english_column", "holdout_code_column"):
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            raise UsageError(f"{name}: {value!r} is empty; give a column name, or leave it out for --text-column.")
     check_report_to(args)
 
 

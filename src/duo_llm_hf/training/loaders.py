@@ -34,20 +34,23 @@ def load_corpora(args) -> tuple[datasets.Dataset | datasets.IterableDataset, dic
     """The training corpus and the holdout corpora (``{"english": ..., "code": ...}``, without ``none`` ones).
 
     ``args`` needs the corpus fields of `DataArguments` (``dataset``, ``holdout_english``, ``holdout_code``,
-    ``text_column``, ``sample_by``, ``builtin_max_chars``, ``cache_dir``, ``streaming``).
+    ``text_column``, ``sample_by``, ``builtin_max_chars``, ``cache_dir``, ``streaming``); each holdout is read from
+    its own column (``holdout_<name>_column``, default ``text_column``).
     """
     corpus_kwargs = {
-        "text_column": args.text_column,
         "sample_by": args.sample_by,
         "builtin_max_chars": args.builtin_max_chars,
         "cache_dir": args.cache_dir,
     }
-    train_texts = load_corpus(args.dataset, "train", streaming=args.streaming, **corpus_kwargs)
+    train_texts = load_corpus(
+        args.dataset, "train", text_column=args.text_column, streaming=args.streaming, **corpus_kwargs
+    )
     holdout_texts = {}
     for name in HOLDOUTS:
         spec = getattr(args, f"holdout_{name}")
+        column = getattr(args, f"holdout_{name}_column", None) or args.text_column
         # With --streaming the holdouts stream too: only their first --eval-blocks blocks are read.
-        texts = load_corpus(spec, f"holdout_{name}", streaming=args.streaming, **corpus_kwargs)
+        texts = load_corpus(spec, f"holdout_{name}", text_column=column, streaming=args.streaming, **corpus_kwargs)
         if texts is not None:
             holdout_texts[name] = texts
     return train_texts, holdout_texts

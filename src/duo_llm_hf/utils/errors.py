@@ -87,6 +87,12 @@ def unpickler_reason(err: Exception) -> str:
     return f"it refers to {found.group(1)}" if found else "it holds objects other than tensors and numbers"
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), to quote in a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def debug_requested(argv: Sequence[str]) -> bool:
     """Whether the user asked for tracebacks (``--debug`` among the arguments, or ``DUO_LLM_DEBUG=1``)."""
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -18,8 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
+from ..models.modeling_duo import CheckpointMismatchError
 from ..models.routes import CHOICE_NAMES, choice_code, validate_route_fields
-from .errors import MissingFileError, UsageError, unpickler_reason
+from .errors import MissingFileError, UsageError, first_line, unpickler_reason
 from .hub import check_hub_name
 from .run_files import CONFIG_FILE
 
@@ -101,7 +102,7 @@ def inspect_duo_source(path: str | Path, what: str = "model"):
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if isinstance(source, Path):
             raise UsageError(f"{what}: {str(path)!r} has a config that cannot be read ({reason}).") from err
         raise UsageError(
@@ -112,8 +113,8 @@ def inspect_duo_source(path: str | Path, what: str = "model"):
         raise UsageError(
             f"{what}: {str(path)!r} is a {config.model_type!r} model, not a Duo model ({list(DUO_MODEL_TYPES)}); "
             "this command needs a Duo model: train one with `duo-llm train`, finetune a pretrained OPT/Llama into "
-            "one with `duo-llm finetune`, or convert a dense model with DuoLlamaForCausalLM.from_dense / "
-            "DuoOPTForCausalLM.from_dense and save_pretrained."
+            "one with `duo-llm finetune`, or convert a dense Llama or OPT model exactly with `duo-llm convert "
+            f"{path} --output-dir DIR`."
         )
     return config
 
@@ -141,19 +142,30 @@ def load_complete_model(path: str | Path, dtype: torch.dtype = torch.float32, wh
     weights: `_keys_to_ignore_on_load_missing`), unexpected keys and weights of other shapes are a `UsageError`
     naming them, as are missing weight files.
     """
-    source = _source(path, what)
-    config = AutoConfig.from_pretrained(source)
+    return load_complete_checkpoint(_source(path, what), str(path), what, dtype=dtype)
+
+
+def load_complete_checkpoint(source: str | Path, name: str, what: str, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(source, **kwargs)` that never leaves a weight randomly initialised.
+
+    ``source`` is a local folder or Hub name that exists (`load_complete_model` checks that), ``name`` how the user
+    wrote it, for the messages. Keys missing from the checkpoint (except those the class may lack:
+    `_keys_to_ignore_on_load_missing`), unexpected keys, weights of other shapes and missing weight files are a
+    `UsageError` naming them.
+    """
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    except CheckpointMismatchError as err:  # a dense or incomplete checkpoint in a Duo class
+        raise UsageError(f"{what}: {err}") from err
     except OSError as err:
-        raise UsageError(f"{what}: {str(path)!r} cannot be loaded ({str(err).strip()}).") from err
+        raise UsageError(f"{what}: {name!r} cannot be loaded ({str(err).strip()}).") from err
     except pickle.UnpicklingError as err:  # a .bin that is not plain tensors: torch's message advises the unsafe way
-        raise _unsafe_pickle(what, path, err) from None
+        raise _unsafe_pickle(what, name, err) from None
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise
         raise UsageError(
-            f"{what}: the weights in {str(path)!r} have other shapes than its config.json asks for; the config was "
+            f"{what}: the weights in {name!r} have other shapes than its config.json asks for; the config was "
             "changed after the weights were saved, or belongs to another model."
         ) from err
     missing, unexpected = info["missing_keys"], info["unexpected_keys"]
@@ -161,7 +173,7 @@ def load_complete_model(path: str | Path, dtype: torch.dtype = torch.float32, wh
         found = [f"missing {_keys(missing)}"] if missing else []
         found += [f"unexpected {_keys(unexpected)}"] if unexpected else []
         raise UsageError(
-            f"{what}: the weights in {str(path)!r} do not match its config.json ({config.num_hidden_layers} layers): "
+            f"{what}: the weights in {name!r} do not match its config.json ({model.config.num_hidden_layers} layers): "
             f"{'; '.join(found)}. The checkpoint is incomplete or its config was changed; load a complete folder "
             "written by save_pretrained."
         )

@@ -15,8 +15,6 @@ from typing import Any
 
 PRESETS_DIR = Path(__file__).parent
 PAPER = "paper"
-# Ablation settings that are not fields of `TrainArguments` and so not part of the study's stage 1.
-_ABLATION_DATA = ("holdout_english_column", "holdout_code_column")
 
 
 def preset_names(command: str) -> list[str]:
@@ -40,8 +38,7 @@ def study_preset(name: str) -> dict[str, Any]:
     tokens_per_step = blocks_per_step * training["block_size"]
     max_steps = math.ceil(training.pop("train_tokens") / tokens_per_step)
     warmup_steps = math.ceil(training.pop("warmup_fraction") * max_steps)
-    data = {k: v for k, v in paper["data"].items() if k not in _ABLATION_DATA}
-    train = {**paper["model"], **data, **training, "max_steps": max_steps, "warmup_steps": warmup_steps}
+    train = {**paper["model"], **paper["data"], **training, "max_steps": max_steps, "warmup_steps": warmup_steps}
     return {**study, "train": {**train, **study["train"]}}
 
 
