@@ -51,3 +51,17 @@ def test_ctrl_c_exits_130_with_the_command_that_continues(tmp_path):
     assert f"Resumed from {out / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in again.stdout
     later = re.search(r"its last checkpoint is step_(\d+)", again.stderr)
     assert later and int(later.group(1)) > stopped_at, again.stderr
+
+
+def test_the_command_that_continues_replaces_an_earlier_resume_flag():
+    from duo_llm_hf.utils.errors import resume_command
+
+    assert resume_command("duo-llm train", ["--output-dir", "my run", "--resume-from", "runs/x/step_5"]) == (
+        "duo-llm train --output-dir 'my run' --resume-from latest"
+    )
+    assert resume_command("duo-llm train-router", ["--resume_from=latest", "--max-steps", "9"]) == (
+        "duo-llm train-router --max-steps 9 --resume-from latest"
+    )
+    assert resume_command("duo-llm oracle", ["--model", "m", "--resume-from", "x"]) == (
+        "duo-llm oracle --model m --resume-from x"  # the oracle resumes when run again: its command as it was
+    )
