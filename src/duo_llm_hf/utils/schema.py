@@ -87,19 +87,14 @@ def schema_problem(value, spec, where: str = "") -> str | None:
             if problem:
                 return problem
         return None
-    if isinstance(spec, MapOf):
-        if not isinstance(value, dict):
-            return f"{label} is {_kind(value)}, expected an object"
-        for name, item in value.items():
-            problem = schema_problem(item, spec.value, f"{where}.{name}" if where else name)
-            if problem:
-                return problem
-        return None
-    if isinstance(spec, ListOf):
-        if not isinstance(value, list):
-            return f"{label} is {_kind(value)}, expected an array"
-        for i, item in enumerate(value):
-            problem = schema_problem(item, spec.item, f"{where}[{i}]")
+    if isinstance(spec, (MapOf, ListOf)):
+        mapping = isinstance(spec, MapOf)
+        if not isinstance(value, dict if mapping else list):
+            return f"{label} is {_kind(value)}, expected {_describe(spec)}"
+        items = value.items() if mapping else ((f"[{i}]", item) for i, item in enumerate(value))
+        for key, item in items:
+            inner = (f"{where}.{key}" if where else key) if mapping else f"{where}{key}"
+            problem = schema_problem(item, spec.value if mapping else spec.item, inner)
             if problem:
                 return problem
         return None
