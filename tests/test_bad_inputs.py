@@ -454,3 +454,252 @@ def test_library_parsers_refuse_a_choice_named_twice(parse, spec):
 def test_route_probs_naming_a_choice_twice_are_refused():
     with pytest.raises(ValueError, match="route_probs: .* names 'big' twice"):
         DuoLlamaConfig(**tiny_llama_kwargs(), route_probs={"small": 0.5, "big": 0.25, "BIG": 0.25})
+
+
+# Validated before the work: every holdout read whole, unwritable output folders, --report-to, duo-llm eval,
+# unreachable Hub names, weight files that are not plain tensors (and never torch's weights_only=False advice).
+
+
+@pytest.fixture(scope="session")
+def inputs(assets, tmp_path_factory):
+    """`assets` plus holdouts that fail only when read whole, model folders whose weights are a pickle holding an
+    object (it would write `assets.marker` if unpickled), and a Duo model with 8 positions."""
+    root = tmp_path_factory.mktemp("bad_inputs_whole")
+    (root / "empty.txt").write_text("\n \n")
+    (root / "short.txt").write_text("too short")
+    (root / "late_bad.txt").write_bytes(b"Every token takes a route. " * 1000 + b"\xff\xfe" + b" and more text" * 10)
+    pickled = {}
+    for name, source in (("dense", assets.dense), ("duo", assets.duo)):
+        folder = root / f"pickled_{name}"
+        folder.mkdir()
+        for file in Path(source).glob("*.json"):
+            (folder / file.name).write_bytes(file.read_bytes())
+        torch.save({"lm_head.weight": torch.zeros(2), "extra": _Pickled(assets.marker)}, folder / "pytorch_model.bin")
+        pickled[name] = str(folder)
+    short = save_model_folder(
+        root / "short_duo",
+        DuoLlamaForCausalLM(DuoLlamaConfig(**tiny_llama_kwargs(vocab_size=VOCAB, max_position_embeddings=8))),
+        _tokenizer(assets.duo),
+    )
+    return SimpleNamespace(
+        **vars(assets), empty=str(root / "empty.txt"), short=str(root / "short.txt"),
+        late_bad=str(root / "late_bad.txt"), pickled_dense=pickled["dense"], pickled_duo=pickled["duo"],
+        short_duo=short,
+    )  # fmt: skip
+
+
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _under_file(a, flag: str = "--output-dir") -> tuple[str, str]:
+    return flag, str(Path(a.file) / "out")
+
+
+WHOLE_INPUT_CASES = [
+    # the study reads every holdout whole before its first stage
+    ("study-holdout-empty", lambda a, o: study(a, o, "--holdout", f"mine={a.empty}"), r"empty.txt' is empty"),
+    ("study-holdout-too-short", lambda a, o: study(a, o, "--holdout", f"mine={a.short}"),
+     r"--holdout mine: its text is too short: at most 10 tokens, and the study needs 2 blocks of 16 tokens"),
+    ("study-holdout-bad-utf8-late", lambda a, o: study(a, o, "--holdout", f"mine={a.late_bad}"),
+     r"--holdout mine: '.*late_bad.txt' is not UTF-8 text \(byte 27000 of 27142"),
+    # an output folder that cannot be written: refused before any work (a parent that is a file)
+    ("train-output-under-file", lambda a, o: train(a, o, *_under_file(a)),
+     r"output_dir: '.*a_file/out' lies under '.*a_file', which is a file, not a folder"),
+    ("finetune-output-under-file", lambda a, o: finetune(a, o, *_under_file(a)), r"a_file/out' lies under"),
+    ("oracle-output-under-file", lambda a, o: oracle(a, o, *_under_file(a)), r"--output-dir: '.*a_file/out' lies"),
+    ("router-output-under-file", lambda a, o: router(a, o, *_under_file(a)), r"output_dir: '.*a_file/out' lies"),
+    ("study-output-under-file", lambda a, o: study(a, o, *_under_file(a)), r"--output-dir: '.*a_file/out' lies"),
+    ("ablation-output-under-file", lambda a, o: ablation(a, o, *_under_file(a)), r"output_dir: '.*a_file/out' lies"),
+    # --report-to names what our help offers, nothing else
+    ("train-report-to-unknown", lambda a, o: train(a, o, "--report-to", "jsonl,tensorbored"),
+     r"report_to: 'jsonl,tensorbored' \['tensorbored'\] are not allowed; give a comma-separated subset of "
+     r"\['auto', 'jsonl', 'none', 'all', 'aim', 'tensorboard', 'wandb'"),
+    ("train-report-to-none-and-more", lambda a, o: train(a, o, "--report-to", "none,jsonl"),
+     r"report_to: 'none,jsonl' mixes 'none' with trackers"),
+    ("router-report-to-unknown", lambda a, o: router(a, o, "--report-to", "wandbb"), r"\['wandbb'\] are not allowed"),
+    # weight files that are a pickle of more than tensors: one line, without torch's advice, nothing unpickled
+    ("finetune-init-from-pickled-object", lambda a, o: finetune(a, o, "--init-from", a.pickled_dense),
+     r"init_from: a weight file in '.*pickled_dense' holds a pickle that is not plain tensors \(it refers to "
+     r"getattr\); refusing to load it"),
+    ("train-init-from-pickled-object", lambda a, o: train(a, o, "--mode", "frozen-big", "--init-from", a.pickled_duo),
+     r"init_from: a weight file in '.*pickled_duo' holds a pickle"),
+    ("oracle-model-pickled-object", lambda a, o: oracle(a, o, "--model", a.pickled_duo),
+     r"--model: a weight file in '.*pickled_duo' holds a pickle that is not plain tensors"),
+    ("study-model-pickled-object", lambda a, o: study(a, o, "--model", a.pickled_duo), r"holds a pickle that is not"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in WHOLE_INPUT_CASES], ids=[c[0] for c in WHOLE_INPUT_CASES])
+def test_input_checked_whole_is_one_line_and_no_work(inputs, tmp_path, capsys, argv, message):
+    recorded = _Recorded(capsys)
+    test_bad_input_is_one_line_and_no_work(inputs, tmp_path, recorded, argv, message)
+    assert "weights_only" not in recorded.err  # torch's advice to unpickle anyway is never passed on
+
+
+class _Recorded:
+    """``capsys`` that keeps what it last read."""
+
+    def __init__(self, capsys):
+        self.capsys, self.err = capsys, ""
+
+    def readouterr(self):
+        captured = self.capsys.readouterr()
+        self.err = captured.err
+        return captured
+
+
+def test_report_to_choices_are_accelerates():
+    """The trackers --report-to offers (and its help names) are Accelerate's, besides our own."""
+    from accelerate.utils import LoggerType
+
+    from duo_llm_hf.training.arguments import ACCELERATE_TRACKERS, TrainArguments
+
+    assert set(ACCELERATE_TRACKERS) == {kind.value for kind in LoggerType}
+    help_text = TrainArguments.__dataclass_fields__["report_to"].metadata["help"]
+    assert all(name in help_text for name in ("auto", "jsonl", "none", *ACCELERATE_TRACKERS))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder whatever its permission bits")
+def test_output_folder_without_write_permission_is_one_line(assets, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    out = locked / "out"
+    assert cli_main(train(assets, str(out))) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is not writable by this user" in lines[0], lines
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_output_folder_on_a_read_only_mount_is_one_line(tmp_path):
+    """A read-only bind mount, made in a private mount namespace (``unshare``; skipped where that is not allowed)."""
+    source, mount = tmp_path / "source", tmp_path / "mount"
+    source.mkdir()
+    mount.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "mount", "--bind", "-o", "ro", str(source), str(mount)],
+                           capture_output=True, text=True)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a read-only bind mount here: {probe.stderr.strip()}")
+    out = mount / "run"
+    command = (
+        f"mount --bind -o ro {source} {mount} && {sys.executable} -m duo_llm_hf.cli study --preset tiny "
+        f"--no-progress --output-dir {out}"
+    )
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"duo-llm study: error: --output-dir: '{out}' (its nearest existing folder '{mount}') is on a read-only "
+        "file system; give a folder you can write to."
+    ]
+    assert not list(source.iterdir())
+
+
+def _unused_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        lambda a, o: oracle(a, o, "--model", "some-org/unreachable-duo"),
+        lambda a, o: router(a, o, "--model", "some-org/unreachable-duo"),
+        lambda a, o: train(a, o, "--mode", "frozen-big", "--init-from", "some-org/unreachable-duo"),
+        lambda a, o: ["convert", "some-org/unreachable-duo", "--output-dir", o],
+    ],
+    ids=["oracle", "train-router", "train-frozen-big", "convert"],
+)
+def test_unreachable_hub_name_fails_fast_in_one_line(assets, tmp_path, capsys, monkeypatch, argv):
+    """Without HF_HUB_OFFLINE, a Hub name that is no local folder and not cached: one line within seconds (the Hub
+    client alone retries for about 30 s). The Hub is an unused loopback port, so no network is needed."""
+    import time
+
+    from huggingface_hub import constants
+
+    endpoint = f"http://127.0.0.1:{_unused_loopback_port()}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    for proxy in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code = cli_main(argv(assets, str(out)))
+    elapsed = time.monotonic() - start
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert re.search(rf"'some-org/unreachable-duo' is no local folder, and the Hub \({endpoint}\) cannot be reached",
+                     lines[0]), lines[0]  # fmt: skip
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert not out.exists()
+
+
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """The harness indexes only the tasks of --include_path (its own hundreds take long to index)."""
+    import functools
+
+    import lm_eval.tasks
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                        include_defaults=False))  # fmt: skip
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # duo-llm eval hands the harness its arguments in sys.argv
+    import logging
+
+    from lm_eval.utils import setup_logging
+
+    setup_logging()  # as the harness's command line does; its handler then writes to the process's stderr, not to
+    for handler in logging.getLogger("lm_eval").handlers:  # a stream an earlier test captured and closed
+        if type(handler) is logging.StreamHandler:  # not pytest's own capturing handlers
+            handler.stream = sys.__stderr__
+
+
+def _eval(a, out, model: str, tasks: str = "hellaswag_local") -> list[str]:
+    from duo_llm_hf.integrations.lm_eval import FIXTURE_DATA_DIR, TASKS_DIR
+
+    return [
+        "eval", "--model", "duo", "--model_args", f"pretrained={model}", "--tasks", tasks, "--include_path",
+        str(TASKS_DIR), "--metadata", f'{{"data_dir": "{FIXTURE_DATA_DIR}"}}', "--output_path", out,
+    ]  # fmt: skip
+
+
+EVAL_CASES = [
+    ("unknown-task", lambda a, o: _eval(a, o, a.duo, "hellaswag_local,no_such_task"),
+     r"--tasks: Tasks not found: no_such_task"),
+    ("missing-model-folder", lambda a, o: _eval(a, o, str(a.root / "no_model")),
+     r"--model_args pretrained: '.*no_model' does not exist"),
+    ("dense-model", lambda a, o: _eval(a, o, a.dense), r"--model_args pretrained: '.*dense' is a 'llama' model, not a"),
+    ("pickled-weights", lambda a, o: _eval(a, o, a.pickled_duo), r"holds a pickle that is not plain tensors"),
+    ("routing-unknown", lambda a, o: _eval(a, o, f"{a.duo},routing=wavy"), r"routing='wavy' is not a routing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in EVAL_CASES], ids=[c[0] for c in EVAL_CASES])
+def test_eval_errors_are_one_line(inputs, tmp_path, capsys, local_tasks_only, argv, message):
+    out = tmp_path / "out"
+    assert cli_main(argv(inputs, str(out))) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert re.match(rf"duo-llm eval: error: .*{message}", lines[0]), lines[0]
+    assert not out.exists() and not inputs.marker.exists()
+
+
+def test_eval_model_with_too_few_positions_is_one_line(inputs, tmp_path, capsys, local_tasks_only):
+    """The task's continuations are longer than the model's 8 positions: found when the harness scores them (after
+    its own progress bars), one error line, the last, instead of a bare AssertionError."""
+    out = tmp_path / "out"
+    assert cli_main(_eval(inputs, str(out), inputs.short_duo)) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and "AssertionError" not in err, err
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], err
+    assert re.match(r"duo-llm eval: error: the task needs continuations of up to \d+ tokens, longer than the 8 "
+                    r"positions this model can take", lines[-1]), lines  # fmt: skip
+    assert not out.exists()

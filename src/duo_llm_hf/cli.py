@@ -46,10 +46,19 @@ def eval_command(argv: list[str]) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     if not any(arg in ("-h", "--help") for arg in argv):  # the harness's --help needs no model (nor torch)
-        from .integrations import lm_eval  # noqa: F401  (registers `duo` with the harness)
+        from .integrations.lm_eval import check_duo_command_line  # (registers `duo` with the harness)
+
+        check_duo_command_line(argv)
 
     sys.argv = ["duo-llm eval", *argv]  # the harness parses sys.argv itself
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as err:
+        if not str(err).startswith("Tasks not found"):  # the harness's word for tasks it does not know
+            raise
+        from .utils.errors import UsageError
+
+        raise UsageError(f"--tasks: {err}; see 'duo-llm eval ls tasks' (local ones need --include_path).") from err
 
 
 COMMANDS: dict[str, Command] = {

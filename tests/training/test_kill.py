@@ -28,21 +28,27 @@ def run(argv: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def kill_when(argv: list[str], ready: Callable[[], bool]) -> None:
-    """Start the command, SIGKILL it as soon as ``ready()`` holds (polled), and check it was still running."""
-    process = subprocess.Popen([*CLI, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def signal_when(argv: list[str], ready: Callable[[], bool], sig: int) -> subprocess.CompletedProcess:
+    """Start the command, send it ``sig`` as soon as ``ready()`` holds (polled), and return how it ended (the
+    command must still be running then)."""
+    process = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT
     try:
         while not ready():
             if process.poll() is not None:
-                raise AssertionError(f"the command ended before it could be killed: {process.stderr.read()[-2000:]}")
-            assert time.monotonic() < deadline, "the command never reached the moment to kill it"
+                raise AssertionError(f"the command ended before the signal: {process.stderr.read()[-2000:]}")
+            assert time.monotonic() < deadline, "the command never reached the moment to signal it"
             time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == -signal.SIGKILL
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-        process.stderr.close()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kill_when(argv: list[str], ready: Callable[[], bool]) -> None:
+    """SIGKILL the command as soon as ``ready()`` holds (`signal_when`)."""
+    assert signal_when(argv, ready, signal.SIGKILL).returncode == -signal.SIGKILL
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:

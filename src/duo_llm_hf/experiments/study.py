@@ -51,8 +51,10 @@ from ..utils.run_files import (
     TRAIN_RESULTS_FILE,
 )
 from ..utils.run_folder import remove_path, run_lock
+from ..utils.schema import STAGE_DONE_SCHEMA, STUDY_SETTINGS_SCHEMA, TRAIN_RESULTS_SCHEMA, read_state_file
 from .presets import preset_names, study_preset
 from .study_arguments import StudyArguments
+from .study_holdouts import HOLDOUT_HASH_KEY, HOLDOUT_SETTINGS, check_holdouts, needed_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +152,14 @@ class Stages:
         self.config = config
         self.progress = progress
         self.timings: dict[str, float] = {}
+        self.holdout_hashes: dict[str, str] = {}  # name -> content hash (`check_holdouts`)
 
     def run(self, name: str, folder: Path, work: Callable[[], dict]) -> dict:
         """Run ``work`` unless ``folder`` holds a finished result; return what it recorded."""
         marker = folder / STAGE_DONE_FILE
         if marker.exists():
             logger.info("study: %s already done, reusing %s", name, folder)
-            return json.loads(marker.read_text())
+            return read_state_file(marker, STAGE_DONE_SCHEMA)
         start = time.perf_counter()
         print(f"[duo-llm study] {name} ...", flush=True)
         record = work()
@@ -282,7 +285,8 @@ def oracle_stage(
             progress=stages.progress,
         )
         result.save(folder)
-        return {"space": space.describe(), "tokens": result.num_tokens}
+        record = {"space": space.describe(), "tokens": result.num_tokens}
+        return {**record, HOLDOUT_HASH_KEY: stages.holdout_hashes.get(holdout)}
 
     stages.run(f"oracle ({setting}, {holdout})", folder, work)
     return OracleResult.load(folder)
@@ -309,9 +313,17 @@ def run_study(
 def _run_study(out: Path, config: StudyConfig, progress: bool, overwrite: bool) -> dict:
     from .report import collect_metrics, write_report
 
+    # Every input is read and checked before the first stage (and before the folder is written).
+    holdout_hashes = check_holdouts(config, study_holdouts(config), out, overwrite)
+    tokenizer_dir = Path(config.model) if config.model else _finished_model(out / "model")
+    if tokenizer_dir is not None:
+        _check_holdout_blocks(tokenizer_dir, config)
     _check_same_settings(out, config, overwrite)
     stages = Stages(out, config, progress)
+    stages.holdout_hashes = holdout_hashes
     model_dir = Path(config.model) if config.model else train_stage(stages)
+    if tokenizer_dir is None:  # the study's tokenizer exists now: the exact count, before any oracle runs
+        _check_holdout_blocks(model_dir, config)
     # SKIP needs no weights: a model trained on small/big can be evaluated with skipping (the paper's Fig. 2d).
     model = load_duo_model(model_dir, what="--model" if config.model else "model")
     allow_route_options(model.config, ["small", "big", "skip"])
@@ -473,20 +485,34 @@ def _train_router_record(args, train_blocks, loaders: dict) -> dict:
     return {"global_step": result.global_step, "curve": curve}
 
 
+def _check_holdout_blocks(model_dir: Path, config: StudyConfig) -> None:
+    """Every holdout gives the blocks the study needs, tokenized with the model's tokenizer (`UsageError`)."""
+    for name in study_holdouts(config):
+        holdout_blocks(model_dir, config, name, needed_blocks(config))
+
+
+def _finished_model(folder: Path) -> Path | None:
+    """A finished stage 1 model folder (its tokenizer gives exact holdout lengths), else None."""
+    return folder if (folder / STAGE_DONE_FILE).is_file() else None
+
+
 def _read_finished(folder: Path) -> dict | None:
     """The ``train_results.json`` of a finished training run in ``folder`` (None if there is none)."""
     path = folder / TRAIN_RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_state_file(path, TRAIN_RESULTS_SCHEMA) if path.is_file() else None
 
 
 def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False) -> None:
     settings = json.loads(json.dumps(dataclasses.asdict(config)))
     path = out / STUDY_SETTINGS_FILE
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_state_file(path, STUDY_SETTINGS_SCHEMA)
         # A setting missing from a file written before it existed had its default value.
         defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig) if f.default is not dataclasses.MISSING}
-        changed = sorted(k for k in settings if saved.get(k, defaults.get(k)) != settings[k])
+        # The holdouts are checked one by one (`check_holdouts`): adding or fixing one keeps the other stages.
+        changed = sorted(
+            k for k in settings if k not in HOLDOUT_SETTINGS and saved.get(k, defaults.get(k)) != settings[k]
+        )
         if changed and not overwrite:
             raise UsageError(
                 f"{out} holds a study run with other settings ({', '.join(changed)} differ); finished stages "

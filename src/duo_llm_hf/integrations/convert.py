@@ -37,6 +37,7 @@ from ..training.building import is_hub_id
 from ..utils.arguments import parse_arguments, user_values
 from ..utils.errors import MissingDependencyError, MissingFileError, UsageError, first_line
 from ..utils.files import temporary_path
+from ..utils.hub import check_hub_name
 from ..utils.loading import load_complete_checkpoint
 from ..utils.run_files import CONFIG_FILE, file_hash, files_hash, refuse_overwrite
 from .convert_arguments import SMOLLM2_SOURCE, ConvertArguments
@@ -189,6 +190,7 @@ def download(name: str, gguf_file: str | None) -> Source:
     """The Hub snapshot of ``name`` (config, safetensors weights or the GGUF file, tokenizer files)."""
     from huggingface_hub import snapshot_download
 
+    check_hub_name(name, "SOURCE")  # an unreachable Hub: one line at once, not after the client's retries
     patterns = [*HUB_PATTERNS, gguf_file] if gguf_file else list(HUB_PATTERNS)
     try:
         folder = Path(snapshot_download(name, allow_patterns=patterns))

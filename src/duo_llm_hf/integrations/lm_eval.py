@@ -33,7 +33,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..models.routes import UNIFORM_PATTERNS, parse_routing, pattern_to_str
-from ..utils.loading import is_duo_model
+from ..utils.arguments import user_values
+from ..utils.errors import UsageError
+from ..utils.loading import inspect_duo_source, is_duo_model
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 """Folder of the `*_local` task YAMLs; pass it to `--include_path` / `TaskManager(include_path=...)`."""
@@ -135,6 +137,43 @@ def describe_routing(config) -> dict[str, Any]:
     return info
 
 
+class NotDuoModelError(UsageError, TypeError):
+    """``--model duo`` was given a model that is not a Duo model (also a `TypeError`, as before)."""
+
+
+# How `--model_args pretrained=...` is named in messages.
+PRETRAINED = "--model_args pretrained"
+ROUTING_ARGS = ("routing", "p_big", "p_small", "p_skip", "pattern", "route_seed")
+
+
+def check_duo_source(pretrained: str | os.PathLike, *routing_args) -> None:
+    """The `duo` model's source is a readable Duo model (a folder, or a reachable Hub name) and its routing
+    arguments (`ROUTING_ARGS`, in order) fit it; `UsageError` otherwise. Reads its config only."""
+    config = inspect_duo_source(pretrained, PRETRAINED)
+    with user_values(f"--model_args for {str(pretrained)!r}: "):
+        routing_settings(config, *routing_args)
+
+
+def check_duo_command_line(argv: list[str]) -> None:
+    """``duo-llm eval``: check the `duo` model's arguments (`check_duo_source`) before the harness starts, so a
+    missing folder, a dense model or a wrong routing is one line before any of the harness's output. The model
+    arguments are read with the harness's own action (``key=val,...``, several of them, or JSON)."""
+    import argparse
+
+    from lm_eval._cli.utils import MergeDictAction
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model")
+    parser.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction, default=None)
+    try:
+        known, _ = parser.parse_known_args(argv)
+    except (SystemExit, ValueError):  # the harness's parser says what is wrong, its way
+        return
+    model_args = known.model_args or {}
+    if known.model == "duo" and isinstance(model_args.get("pretrained"), str):
+        check_duo_source(model_args["pretrained"], *(model_args.get(name) for name in ROUTING_ARGS))
+
+
 @register_model("duo")
 class DuoLM(HFLM):
     """`HFLM` for Duo models, with the routing chosen by model arguments.
@@ -157,18 +196,33 @@ class DuoLM(HFLM):
         route_seed: int | None = None,
         **kwargs,
     ) -> None:
+        if isinstance(pretrained, (str, os.PathLike)):
+            check_duo_source(pretrained, routing, p_big, p_small, p_skip, pattern, route_seed)
         # duo_llama is not in transformers' causal-LM name table, which HFLM reads to pick its backend.
         kwargs.setdefault("backend", "causal")
         super().__init__(pretrained=pretrained, **kwargs)
         model = self.model
         if not is_duo_model(model):
-            raise TypeError(
+            raise NotDuoModelError(
                 f"--model duo evaluates Duo models; {type(model).__name__} (model_type "
                 f"{getattr(model.config, 'model_type', None)!r}) has no Duo routing. Use --model hf for it."
             )
-        settings = routing_settings(model.config, routing, p_big, p_small, p_skip, pattern, route_seed)
+        with user_values("--model_args: "):
+            settings = routing_settings(model.config, routing, p_big, p_small, p_skip, pattern, route_seed)
         if settings is not None:
             model.set_routing(**settings)
+
+    def _loglikelihood_tokens(self, requests, *args, **kwargs):
+        """The harness's scoring, after checking that every continuation fits the model's positions (the harness
+        asserts it mid-run, with a bare AssertionError)."""
+        longest = max((len(continuation) for _, _, continuation in requests), default=0)
+        if longest > self.max_length:
+            raise UsageError(
+                f"the task needs continuations of up to {longest} tokens, longer than the {self.max_length} "
+                "positions this model can take (max_position_embeddings); evaluate it on another task, or a model "
+                "with more positions."
+            )
+        return super()._loglikelihood_tokens(requests, *args, **kwargs)
 
     @property
     def routing(self) -> dict[str, Any]:
@@ -226,6 +280,7 @@ __all__ = [
     "DuoLM",
     "FIXTURE_DATA_DIR",
     "LOCAL_TASKS",
+    "NotDuoModelError",
     "TASKS_DIR",
     "describe_routing",
     "hellaswag_agreement",

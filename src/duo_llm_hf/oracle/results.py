@@ -7,7 +7,6 @@ per-layer x per-position usage of each choice (Fig. 2), and per-token difficulty
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from ..models.routes import BIG, CHOICE_NAMES, route_usage
 from ..utils.errors import UsageError
 from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.run_files import ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE, file_hash
+from ..utils.schema import ORACLE_SUMMARY_SCHEMA, read_state_file
 from .reducers import NO_PATTERN, BatchReduction
 from .spaces import RouteSpace, index_to_pattern
 
@@ -246,7 +246,7 @@ class OracleResult:
         for name in (ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE):
             if not (output_dir / name).exists():
                 raise FileNotFoundError(f"{output_dir / name} is missing; is {output_dir} an oracle study's output?")
-        summary = json.loads((output_dir / ORACLE_SUMMARY_FILE).read_text())
+        summary = read_state_file(output_dir / ORACLE_SUMMARY_FILE, ORACLE_SUMMARY_SCHEMA)
         check_results_hash(output_dir, summary)
         derived = {"sequences", "seq_len", "tokens_evaluated", "space", "uniform_perplexity", "budgets", "_space"}
         meta = {k: v for k, v in summary.items() if k not in derived | {RESULTS_HASH_KEY}}

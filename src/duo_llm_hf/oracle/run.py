@@ -37,7 +37,7 @@ from ..utils.arguments import (
     parse_arguments,
     user_values,
 )
-from ..utils.errors import UsageError
+from ..utils.errors import UsageError, unpickler_reason
 from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.loading import allow_route_options, inspect_duo_source, load_duo_model
 from ..utils.processes import process_state
@@ -51,6 +51,7 @@ from ..utils.run_files import (
     refuse_overwrite,
 )
 from ..utils.run_folder import remove_path, run_lock
+from ..utils.schema import ORACLE_STATE_SCHEMA, check_state
 from .arguments import TENSOR_SUFFIXES, OracleArguments, check_data_files
 from .engine import oracle_search, under_roots
 from .reducers import BatchReduction, RunningMin
@@ -133,7 +134,8 @@ def _load_tensor_file(path: Path) -> torch.LongTensor:
                 blocks = blocks["input_ids"]
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
         kind = "safetensors" if path.suffix == ".safetensors" else "weights-only torch.save"
-        reason = str(err).splitlines()[0][:200]
+        # torch's unpickling error advises weights_only=False: never pass that on.
+        reason = unpickler_reason(err) if isinstance(err, pickle.UnpicklingError) else str(err).splitlines()[0][:200]
         raise UsageError(
             f"data: {str(path)!r} is not a readable {kind} file of token ids ({type(err).__name__}: {reason}); "
             "objects other than tensors are refused, nothing is unpickled."
@@ -400,6 +402,7 @@ def _finished_batches(output_dir: Path, fingerprint: dict, num_batches: int, war
             f"format {STATE_FORMAT}), whose settings and batch files cannot be checked; start over with "
             f"{OVERWRITE_FLAG} or use another --output-dir."
         )
+    check_state(saved, ORACLE_STATE_SCHEMA, path)
     check_fingerprint(saved["fingerprint"], fingerprint, output_dir, "oracle run")
     finished = {}
     for key, digest in saved["batch_sha256"].items():

@@ -37,6 +37,13 @@ from ..utils.errors import MissingDependencyError, MissingFileError, UsageError
 # Only light modules above: ``--help`` builds its parser from these dataclasses without torch, transformers or
 # datasets, which the checks (`validate`) import when a command runs.
 MODES = ("random", "frozen-big", "dense")
+# What --report-to may name: our own trackers, then Accelerate's (`accelerate.utils.LoggerType`, 1.16; a test keeps
+# the two lists equal, so the help, the check and Accelerate agree).
+OUR_TRACKERS = ("auto", "jsonl", "none")
+ACCELERATE_TRACKERS = (
+    "all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab",
+)  # fmt: skip
+REPORT_TO_CHOICES = OUR_TRACKERS + ACCELERATE_TRACKERS
 
 def with_default(group: type, name: str, default=MISSING, help: str | None = None):
     """The field ``name`` of ``group`` for a command whose default (or, with ``help``, meaning) differs.
@@ -66,7 +73,10 @@ class RunArguments:
     )
     report_to: str = field(
         default="auto",
-        metadata={"help": "Trackers: auto (jsonl + tensorboard if installed), jsonl, none, ..."},
+        metadata={
+            "help": "Trackers, comma-separated: auto (jsonl + tensorboard if installed), jsonl, none, or "
+            f"Accelerate's {', '.join(ACCELERATE_TRACKERS)} (installed)."
+        },
     )
     run_name: str = field(default="train_duo", metadata={"help": "Run name for the trackers."})
     checkpoint_every: int = field(
@@ -503,6 +513,25 @@ def check_run_fields(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not value.strip():
             raise UsageError(f"{name}: {value!r} is empty; give a column name, or leave it out for --text-column.")
+    check_report_to(args)
+
+
+def check_report_to(args) -> None:
+    """``report_to`` names trackers of `REPORT_TO_CHOICES`, ``none`` alone, and only Accelerate trackers that are
+    installed (Accelerate would otherwise drop a missing one without a word)."""
+    names = check_choices(args, "report_to", REPORT_TO_CHOICES)
+    if "none" in names and len(names) > 1:
+        raise UsageError(f"report_to: {args.report_to!r} mixes 'none' with trackers; give one or the other.")
+    wanted = [name for name in names if name in ACCELERATE_TRACKERS and name != "all"]
+    if wanted:
+        from accelerate.tracking import get_available_trackers
+
+        available = {str(tracker) for tracker in get_available_trackers()}
+        missing = [name for name in wanted if name not in available]
+        if missing:
+            raise MissingDependencyError(
+                f"report_to: {missing[0]!r} is not installed; pip install {missing[0]}, or choose another tracker."
+            )
 
 
 def check_data_fields(args) -> None:
@@ -540,6 +569,7 @@ __all__ = [
     "check_data_fields",
     "check_init_source",
     "check_model_shape",
+    "check_report_to",
     "check_run_fields",
     "eval_routings",
     "parse_arguments",

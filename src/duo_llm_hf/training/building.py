@@ -23,7 +23,8 @@ from ..models.modeling_duo_llama import DuoLlamaForCausalLM
 from ..models.modeling_duo_opt import DuoOPTForCausalLM
 from ..utils.errors import MissingFileError, UsageError
 from ..utils.flops import dense_intermediate_size
-from ..utils.loading import is_duo_model, is_hub_id, load_complete_model
+from ..utils.hub import check_hub_name
+from ..utils.loading import check_weight_pickles, is_duo_model, is_hub_id, load_complete_model
 from ..utils.run_files import CONFIG_FILE
 
 if TYPE_CHECKING:  # arguments.py checks its init_from with this module's helpers
@@ -90,6 +91,8 @@ def inspect_init_source(path: str | Path, block_size: int):
         raise MissingFileError(
             f"init_from: {str(path)!r} has no config.json; give a folder written by save_pretrained."
         )
+    if is_hub_id(path):
+        check_hub_name(str(path), "init_from")
     try:
         config = AutoConfig.from_pretrained(str(path) if is_hub_id(path) else folder)
     except (OSError, ValueError, KeyError) as err:
@@ -99,6 +102,8 @@ def inspect_init_source(path: str | Path, block_size: int):
             f"init_from: {str(path)!r} is a {config.model_type!r} model; frozen-big needs a Llama-shaped model or "
             f"an OPT model (model_type one of {sorted(FROZEN_BIG_SOURCES)})."
         )
+    if not is_hub_id(path):
+        check_weight_pickles(folder, "init_from")
     if block_size > config.max_position_embeddings:
         raise UsageError(
             f"block_size {block_size} is longer than the max_position_embeddings "

@@ -54,10 +54,11 @@ from accelerate.utils import gather_object
 from accelerate.utils.other import load as accelerate_load
 
 from ..models.routes import RouteSampler
-from ..utils.errors import UsageError
+from ..utils.errors import UsageError, unpickler_reason
 from ..utils.files import TMP_PREFIX, temporary_path
 from ..utils.run_files import file_hash
 from ..utils.run_folder import refuse_links, remove_path
+from ..utils.schema import TRAIN_STATE_SCHEMA, read_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -166,20 +167,13 @@ def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
-def _unpickler_reason(err: Exception) -> str:
-    """What torch's weights-only unpickler refused (the global it names, if any), without torch's advice to retry
-    with ``weights_only=False``: that advice is what this check exists to prevent."""
-    found = re.search(r"GLOBAL (\S+)", str(err))
-    return f"it refers to {found.group(1)}" if found else "it holds objects other than tensors and numbers"
-
-
 def _check_pickle(path: Path) -> None:
     """Read a torch pickle as Accelerate will (weights_only): refuse one that holds more than plain data."""
     try:
         accelerate_load(path, map_location="cpu")
     except pickle.UnpicklingError as err:  # weights_only met a global it does not allow: code, or a foreign object
         raise UnsafeCheckpointError(
-            f"{path} holds a pickle that is not plain data ({_unpickler_reason(err)}); refusing to load it (a "
+            f"{path} holds a pickle that is not plain data ({unpickler_reason(err)}); refusing to load it (a "
             "checkpoint from elsewhere can run code when unpickled). Remove that checkpoint, or resume from another."
         ) from None
     except Exception as err:  # noqa: BLE001 - a truncated zip, a short read: the file is damaged
@@ -226,7 +220,7 @@ def validate_checkpoint(folder: str | Path) -> dict:
             )
     state_path = folder / STATE_FILE
     try:
-        meta = json.loads(state_path.read_text())
+        meta = read_state_file(state_path, TRAIN_STATE_SCHEMA, CorruptCheckpointError)
         files = meta["files"]
         hashes = meta[HASHES_KEY]  # missing in checkpoints of older versions: their content cannot be checked
         if not isinstance(hashes, dict):

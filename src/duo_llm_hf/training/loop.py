@@ -28,7 +28,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from ..utils.errors import UsageError
+from ..utils.errors import RunInterrupted, UsageError
 from ..utils.processes import is_main_process
 from ..utils.run_files import (
     CONFIG_FILE,
@@ -37,6 +37,7 @@ from ..utils.run_files import (
     check_fingerprint,
     refuse_overwrite,
 )
+from ..utils.schema import FINISHED_RUN_SCHEMA, read_state_file
 from .checkpointing import (
     CHECKPOINTS_DIR,
     LATEST,
@@ -85,11 +86,20 @@ def accelerated_run(args, resume_dir: Path | None = None, **accelerator_kwargs) 
                 "resume_from='latest': no checkpoint in %s yet; starting from step 0.", output_dir / CHECKPOINTS_DIR
             )
         yield accelerator
+    except KeyboardInterrupt:
+        raise RunInterrupted(_stopped_at(output_dir)) from None
     finally:
         finish_trackers(accelerator)
         reset_accelerate_state()
         if bars_were_on:
             datasets.enable_progress_bars()
+
+
+def _stopped_at(output_dir: Path) -> str:
+    """Where an interrupted run stopped: its folder and the checkpoint a resumed run continues from."""
+    checkpoints = list_checkpoints(output_dir / CHECKPOINTS_DIR)
+    last = f"its last checkpoint is {checkpoints[-1].name}" if checkpoints else "before its first checkpoint"
+    return f"in {output_dir}, {last}"
 
 
 def tracker_config(args, extra: dict) -> dict:
@@ -309,7 +319,7 @@ def _run_id(checkpoint: Path) -> str:
 def _finished_run_id(output_dir: Path) -> str | None:
     """The run id in a finished run's ``train_results.json`` ("" for a run that recorded none), None if unfinished."""
     try:
-        return json.loads((output_dir / TRAIN_RESULTS_FILE).read_text()).get("run_id") or ""
+        return read_state_file(output_dir / TRAIN_RESULTS_FILE, FINISHED_RUN_SCHEMA).get("run_id") or ""
     except FileNotFoundError:
         return None
 

@@ -15,6 +15,7 @@ import codecs
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -290,6 +291,27 @@ def check_output_dir(args, name: str = "output_dir") -> None:
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{label(args, name)}: {value!r} is a file; give a folder to write to.")
+    check_writable(label(args, name), path)
+
+
+def check_writable(field: str, path: Path) -> None:
+    """``path`` (a folder, or one to be made) can be written: its nearest existing folder (itself, or the first
+    existing parent) is a folder this process may create files in, on a file system mounted read-write.
+
+    Checked before any work, so that a run does not fail at its first save, after the work. ``os.access`` answers
+    for the real user (root passes any permission bits, but not a read-only mount)."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{field}: {str(path)!r} lies under {str(existing)!r}, which is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path.absolute() else f" (its nearest existing folder {str(existing)!r})"
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            reason = "is on a read-only file system"
+        else:
+            reason = "is not writable by this user"
+        raise UsageError(f"{field}: {str(path)!r}{where} {reason}; give a folder you can write to.")
 
 
 def check_folder(field: str, path: str | Path, what: str = "folder") -> Path:
@@ -346,6 +368,7 @@ __all__ = [
     "check_integer_fields",
     "check_output_dir",
     "check_text_file",
+    "check_writable",
     "flag_name",
     "label",
     "parse_arguments",

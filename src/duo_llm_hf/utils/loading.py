@@ -9,6 +9,7 @@ of the Duo models), and learned routing on it gets fresh ones.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,8 @@ from ..models.configuration_duo_llama import DuoLlamaConfig
 from ..models.configuration_duo_opt import DuoOPTConfig
 from ..models.modeling_duo import CheckpointMismatchError
 from ..models.routes import CHOICE_NAMES, choice_code, validate_route_fields
-from .errors import MissingFileError, UsageError, first_line
+from .errors import MissingFileError, UsageError, first_line, unpickler_reason
+from .hub import check_hub_name
 from .run_files import CONFIG_FILE
 
 DUO_MODEL_TYPES = (DuoLlamaConfig.model_type, DuoOPTConfig.model_type)
@@ -68,7 +70,33 @@ def _source(path: str | Path, what: str) -> str | Path:
             f"{what}: {name!r} does not exist; give a Duo model folder written by save_pretrained (e.g. the output "
             "folder of `duo-llm train`) or a Hub model name (org/name)."
         )
+    check_hub_name(name, what)
     return name
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _unsafe_pickle(what: str, path, err: Exception) -> UsageError:
+    return UsageError(
+        f"{what}: a weight file in {str(path)!r} holds a pickle that is not plain tensors ({unpickler_reason(err)}); "
+        "refusing to load it (unpickling it could run code). Give a folder whose weights are safetensors or plain "
+        "tensors."
+    )
+
+
+def check_weight_pickles(folder: str | Path, what: str = "model") -> None:
+    """Every torch pickle among a local model folder's weight files holds plain tensors only (read as
+    ``from_pretrained`` reads them, weights-only, memory-mapped so nothing large is read): checked before any work,
+    so such a folder is a one-line error before a run writes anything. Other read errors are left to the loader."""
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+            try:
+                torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+            except pickle.UnpicklingError as err:
+                raise _unsafe_pickle(what, folder, err) from None
+            except Exception:  # noqa: BLE001 - a damaged or old-format file: from_pretrained's own error says more
+                pass
 
 
 def inspect_duo_source(path: str | Path, what: str = "model"):
@@ -77,6 +105,8 @@ def inspect_duo_source(path: str | Path, what: str = "model"):
     ``what`` names the argument in the messages (``"model"``, ``"--model"``).
     """
     source = _source(path, what)
+    if isinstance(source, Path):
+        check_weight_pickles(source, what)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as err:
@@ -137,6 +167,8 @@ def load_complete_checkpoint(source: str | Path, name: str, what: str, **kwargs)
         raise UsageError(f"{what}: {err}") from err
     except OSError as err:
         raise UsageError(f"{what}: {name!r} cannot be loaded ({str(err).strip()}).") from err
+    except pickle.UnpicklingError as err:  # a .bin that is not plain tensors: torch's message advises the unsafe way
+        raise _unsafe_pickle(what, name, err) from None
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise
