@@ -8,7 +8,7 @@ attention of its layer runs once (``layer.attend``), then each allowed choice's 
 gives one child (``layer.merge``); the final norm, LM head and per-token cross-entropy run at the leaves only.
 Nodes are batched along the batch dimension, at most ``chunk_tokens`` tokens per forward, and the frontier is
 processed depth-first in chunks, so memory stays bounded; prefixes that cannot complete a pattern of the space
-(under a budget) are pruned. The losses stream out chunk by chunk to reducers (`oracle_reducers`): the full
+(under a budget) are pruned. The losses stream out chunk by chunk to the reducers (`oracle.reducers`): the full
 ``loss[pattern, token]`` table is never held.
 
 Two oracles:
@@ -22,7 +22,8 @@ Two oracles:
   ``routes=<the causal oracle's routes>`` reproduces its losses (up to float rounding: the cache path adds in
   another order). It costs one tree walk per token and budget.
 
-This file is copied next to a saved model (the model's ``routing="oracle"`` mode imports it): torch only.
+This module is part of the installed package, not of the remote code a saved model ships: the model's
+``routing="oracle"`` mode imports it from ``duo_llm_hf`` (`models.modeling_duo.oracle_forward`).
 """
 
 from __future__ import annotations
