@@ -20,6 +20,7 @@ from ..utils.arguments import (
     check_text_file,
 )
 from ..utils.errors import MissingFileError, UsageError
+from ..utils.run_files import ORACLE_SUMMARY_FILE
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
 # How the oracle searches a budget (`oracle.search.SearchSettings`): every pattern, or a beam / greedy walk.
@@ -173,7 +174,9 @@ class OracleArguments:
         if self.gap_from is not None:
             if self.search == "exact":
                 raise UsageError("--gap-from compares an approximate search with an exact run; add --search beam.")
-            check_folder("--gap-from", self.gap_from, "exact oracle run folder")
+            folder = check_folder("--gap-from", self.gap_from, "exact oracle run folder")
+            if not (folder / ORACLE_SUMMARY_FILE).is_file():
+                raise MissingFileError(f"--gap-from: {self.gap_from!r} holds no oracle run ({ORACLE_SUMMARY_FILE}).")
 
 
 __all__ = ["OracleArguments", "SEARCH_METHODS", "STUDY_USAGE", "TENSOR_SUFFIXES", "check_data_files"]
