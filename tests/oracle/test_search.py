@@ -13,6 +13,7 @@ from duo_llm_hf.oracle.run import study_space
 from duo_llm_hf.oracle.search import (
     SearchSettings,
     gap_table,
+    largest_gap,
     one_move_below,
     route_space_for,
     run_search,
@@ -136,6 +137,8 @@ def test_approximate_search_never_beats_exact_and_its_gap_is_measured(model, blo
     # the search missed something somewhere: a gap that is always 1 would measure nothing here
     assert max(row["oracle"]["ratio"] for row in gap.values()) > 1.01
     assert "big=4" in gap_table(gap)
+    worst = largest_gap(gap)["oracle"]
+    assert worst["ratio"] == max(row["oracle"]["ratio"] for row in gap.values()) and worst["budget"] in gap
     # saved with the result and loaded back, with how it was searched
     loaded = OracleResult.load(tmp_path / method)
     assert loaded.meta["search"]["method"] == method

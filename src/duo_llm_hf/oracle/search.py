@@ -307,6 +307,18 @@ def search_gap(approximate: OracleResult, exact: OracleResult) -> dict[str, dict
     return gap
 
 
+def largest_gap(gap: Mapping[str, Mapping]) -> dict[str, dict]:
+    """Per method, the largest ratio of a `search_gap` and its budget: the figure to print next to approximate
+    results at budgets where exact search is out of reach (``{"oracle": {"ratio": 1.2, "budget": "big=27"}}``)."""
+    out = {}
+    for method in GAP_METHODS:
+        rows = [(row[method]["ratio"], label) for label, row in gap.items() if method in row]
+        if rows:
+            ratio, label = max(rows)
+            out[method] = {"ratio": ratio, "budget": label}
+    return out
+
+
 def gap_table(gap: Mapping[str, Mapping]) -> str:
     """`search_gap` as a text table: per budget, patterns searched of the budget, and per method the approximate
     and exact perplexities with their ratio."""
@@ -357,6 +369,7 @@ __all__ = [
     "budget_level",
     "gap_table",
     "join_levels",
+    "largest_gap",
     "next_beam",
     "one_move_below",
     "route_space_for",
