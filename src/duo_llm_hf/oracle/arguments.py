@@ -65,7 +65,8 @@ number of processes may change. A folder holding a finished run is refused unles
 is the paper's BIG-or-SKIP setting. Budgets too large to enumerate (at 30 layers, more than 3 layers moved off
 BIG) take --search beam (or greedy): an approximate search, level by level below all-BIG; --gap-from <exact run>
 reports its gap to an exact run on the same data (docs/oracle-search.md).
-Results: <output-dir>/oracle_results.safetensors and oracle_summary.json; load them with `duo_llm_hf.oracle.results.OracleResult.load(output_dir)`."""
+Results: <output-dir>/oracle_results.safetensors and oracle_summary.json; load them with
+`duo_llm_hf.oracle.results.OracleResult.load(output_dir)`."""
 
 
 @dataclass(kw_only=True)
