@@ -10,6 +10,17 @@ head, per pattern naively vs per tree node) and their ratio (target >= 0.8).
 
     PYTHONPATH=src python benchmarks/bench_oracle.py                      # the issue's setting (minutes on CPU)
     PYTHONPATH=src python benchmarks/bench_oracle.py --layers 8 --sequences 8   # a quick look
+
+With ``--model`` (a Duo model folder, e.g. SmolLM2-135M converted by ``duo-llm convert``) it times the engine's
+leaves on that model instead, before and after side by side in one run: the LM head over a whole leaf chunk at once
+(its ``[tokens, vocab]`` logits, then the cross-entropy: the engine before) against the LM head in blocks of 256
+rows, only where there is a target (`engine.leaf_losses`, the engine now). Both walk the same prefix tree of the
+``--budget`` patterns on random token blocks, alternately (before, after, before, after), and must give the same
+losses. Reported: CPU seconds, pattern-tokens per second and the GFLOP/s achieved by the FLOP model
+(`engine.tree_flops`) for each side.
+
+    PYTHONPATH=src python benchmarks/bench_oracle.py --model runs/smollm2-duo --route-options big,skip \
+        --budget big=29 --sequences 2 --seq-len 64 --threads 2
 """
 
 from __future__ import annotations
@@ -43,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see Clock)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--model", help="a Duo model folder: time the leaves before / after on it (see above)")
+    p.add_argument("--route-options", default="big,skip", help="--model: the choices searched")
+    p.add_argument("--budget", action="append", help="--model: budgets of the tree (repeatable; default big=N-1)")
+    p.add_argument("--repeats", type=int, default=2, help="--model: rounds of (before, after)")
     return p.parse_args(argv)
 
 
@@ -132,8 +147,92 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+@torch.no_grad()
+def measure_model(args: argparse.Namespace) -> dict:
+    """The leaves before (the whole chunk's logits at once) and after (`leaf_losses`) on a saved Duo model."""
+    from duo_llm_hf.oracle.engine import walk_prefix_tree
+    from duo_llm_hf.utils.loading import allow_route_options, load_duo_model
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    model = load_duo_model(args.model, dtype=getattr(torch, args.dtype), what="--model").to(args.device).eval()
+    options = args.route_options.split(",")
+    allow_route_options(model.config, options)
+    config = model.config
+    budgets = args.budget or [f"big={config.num_hidden_layers - 1}"]
+    space = study_space(config, budgets, options)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.sequences, args.seq_len), generator=generator).to(args.device)
+    chunk_tokens = args.chunk_tokens or default_chunk_tokens(args.device, config)
+    clocks = {"before": Clock(args.device), "after": Clock(args.device)}
+    losses = {}
+
+    def run(side: str) -> None:
+        table = torch.zeros(space.size, *ids.shape, device=args.device)
+
+        def keep(indices, chunk, logits) -> None:
+            table[space.ranks(indices).to(args.device)] = chunk
+
+        with clocks[side]:
+            walk_prefix_tree(model, ids, space, keep, chunk_tokens=chunk_tokens, with_logits=side == "before")
+        losses[side] = table
+
+    for _ in range(args.repeats):
+        run("before")
+        run("after")
+    pattern_tokens = space.size * ids.numel() * args.repeats
+    flops = tree_flops(config, space, args.seq_len)["tree"]["total"] * ids.numel() * args.repeats
+    sides = {
+        side: {
+            "seconds": {"wall": clock.wall, "cpu": clock.cpu},
+            "pattern_tokens_per_second": pattern_tokens / clock.seconds(),
+            "pattern_tokens_per_wall_second": pattern_tokens / clock.wall,
+            "gflop_per_second": flops / clock.seconds() / 1e9,
+        }
+        for side, clock in clocks.items()
+    }
+    return {
+        "model": args.model,
+        "patterns": space.size,
+        "budgets": space.labels,
+        "tokens": ids.numel(),
+        "repeats": args.repeats,
+        "gflop_per_pattern_token": flops / pattern_tokens / 1e9,
+        "max_loss_difference": float((losses["before"] - losses["after"]).abs().max()),
+        "speedup": clocks["before"].seconds() / clocks["after"].seconds(),
+        "chunk_tokens": chunk_tokens,
+        "sides": sides,
+        "setting": {**vars(args), "threads": torch.get_num_threads()},
+    }
+
+
+def main_model(args: argparse.Namespace) -> dict:
+    figures = measure_model(args)
+    unit = "CPU s" if args.device == "cpu" else "s"
+    print(
+        f"{args.model}: {figures['patterns']:,} patterns ({', '.join(figures['budgets'])}) x {figures['tokens']} "
+        f"tokens, {figures['repeats']} rounds; {figures['gflop_per_pattern_token']:.3f} GFLOP per pattern-token; "
+        f"device {args.device}, {figures['setting']['threads']} threads"
+    )
+    for side, label in (("before", "LM head on the whole chunk"), ("after", "LM head in blocks of 256 rows")):
+        f = figures["sides"][side]
+        clock = f["seconds"]["cpu" if args.device == "cpu" else "wall"]
+        print(
+            f"{side:>6} ({label}): {clock:.1f} {unit} (wall {f['seconds']['wall']:.1f} s), "
+            f"{f['pattern_tokens_per_second']:.0f} pattern-tokens per {unit}, "
+            f"{f['gflop_per_second']:.1f} GFLOP/s"
+        )
+    print(f"speed-up {figures['speedup']:.2f}x; largest loss difference {figures['max_loss_difference']:.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return figures
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.model:
+        return main_model(args)
     figures = measure(args)
     space_size, sampled = figures["patterns"], figures["naive_patterns_timed"]
     half = sampled // 2

@@ -20,8 +20,11 @@ from ..utils.arguments import (
     check_text_file,
 )
 from ..utils.errors import MissingFileError, UsageError
+from ..utils.run_files import ORACLE_SUMMARY_FILE
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
+# How the oracle searches a budget (`oracle.search.SearchSettings`): every pattern, or a beam / greedy walk.
+SEARCH_METHODS = ("exact", "beam", "greedy")
 
 
 def check_data_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -59,8 +62,11 @@ named and computed again). A resumed run must have the same results-changing set
 route space, budgets, block size, number of blocks, best-of-K, seed, causal, batch size); --chunk-tokens and the
 number of processes may change. A folder holding a finished run is refused unless --overwrite-output-dir.
 --route-options may add skip to a model trained on small/big (skip needs no weights): --route-options big,skip
-is the paper's BIG-or-SKIP setting. Results: <output-dir>/oracle_results.safetensors and oracle_summary.json;
-load them with `duo_llm_hf.oracle.results.OracleResult.load(output_dir)`."""
+is the paper's BIG-or-SKIP setting. Budgets too large to enumerate (at 30 layers, more than 3 layers moved off
+BIG) take --search beam (or greedy): an approximate search, level by level below all-BIG; --gap-from <exact run>
+reports its gap to an exact run on the same data (docs/oracle-search.md).
+Results: <output-dir>/oracle_results.safetensors and oracle_summary.json; load them with
+`duo_llm_hf.oracle.results.OracleResult.load(output_dir)`."""
 
 
 @dataclass(kw_only=True)
@@ -121,6 +127,21 @@ class OracleArguments:
         default=None, metadata={"help": "stop after N batches (rerun the command to continue)"}
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress hides it)"})
+    search: Literal["exact", "beam", "greedy"] = field(
+        default="exact",
+        metadata={
+            "help": "exact: every pattern of each budget; beam / greedy: an approximate search over the levels below "
+            "all-BIG, for budgets that fix the BIG count (big=22: 8 layers moved off BIG); see docs/oracle-search.md"
+        },
+    )
+    beam_width: int = field(
+        default=8,
+        metadata={"help": "--search beam: patterns kept per level by mean loss, and as many by tokens won"},
+    )
+    gap_from: str | None = field(
+        default=None,
+        metadata={"help": "folder of an exact oracle run on the same data: report the approximate search's gap to it"},
+    )
 
     def validate(self) -> None:
         """Check every flag that needs no model, before any work is done; raise `UsageError`.
@@ -131,7 +152,7 @@ class OracleArguments:
         check_output_dir(self)
         check_integer_fields(
             self,
-            positive=("batch_size",),
+            positive=("batch_size", "beam_width"),
             optional=("num_blocks", "chunk_tokens", "stop_after_batches"),
             non_negative=("best_of_k",),
             seeds=("seed",),
@@ -153,6 +174,12 @@ class OracleArguments:
             raise UsageError("--block-size: text data is cut into blocks; give the tokens per block, e.g. 128.")
         if self.tokenizer is not None:
             check_folder("--tokenizer", self.tokenizer, "tokenizer folder")
+        if self.gap_from is not None:
+            if self.search == "exact":
+                raise UsageError("--gap-from compares an approximate search with an exact run; add --search beam.")
+            folder = check_folder("--gap-from", self.gap_from, "exact oracle run folder")
+            if not (folder / ORACLE_SUMMARY_FILE).is_file():
+                raise MissingFileError(f"--gap-from: {self.gap_from!r} holds no oracle run ({ORACLE_SUMMARY_FILE}).")
 
 
-__all__ = ["OracleArguments", "STUDY_USAGE", "TENSOR_SUFFIXES", "check_data_files"]
+__all__ = ["OracleArguments", "SEARCH_METHODS", "STUDY_USAGE", "TENSOR_SUFFIXES", "check_data_files"]

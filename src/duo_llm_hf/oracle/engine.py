@@ -8,7 +8,7 @@ attention of its layer runs once (``layer.attend``), then each allowed choice's 
 gives one child (``layer.merge``); the final norm, LM head and per-token cross-entropy run at the leaves only.
 Nodes are batched along the batch dimension, at most ``chunk_tokens`` tokens per forward, and the frontier is
 processed depth-first in chunks, so memory stays bounded; prefixes that cannot complete a pattern of the space
-(under a budget) are pruned. The losses stream out chunk by chunk to reducers (`oracle_reducers`): the full
+(under a budget) are pruned. The losses stream out chunk by chunk to the reducers (`oracle.reducers`): the full
 ``loss[pattern, token]`` table is never held.
 
 Two oracles:
@@ -22,7 +22,8 @@ Two oracles:
   ``routes=<the causal oracle's routes>`` reproduces its losses (up to float rounding: the cache path adds in
   another order). It costs one tree walk per token and budget.
 
-This file is copied next to a saved model (the model's ``routing="oracle"`` mode imports it): torch only.
+This module is part of the installed package, not of the remote code a saved model ships: the model's
+``routing="oracle"`` mode imports it from ``duo_llm_hf`` (`models.modeling_duo.oracle_forward`).
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ def default_chunk_tokens(device: torch.device | str, config=None) -> int:
     return max(CPU_CHUNK_TOKENS, min(MAX_CHUNK_TOKENS, 1 << max(fits, 1).bit_length() - 1))
 
 
-# on_leaves(indices [m] ascending, losses [m, N, T], logits [m, N, T, vocab])
+# Token rows per block of the LM head at the leaves. A leaf chunk's logits would be [tokens, vocab] at once (805 MB
+# for 4096 tokens of a 49,152-token vocabulary, and as much again for its log-softmax); in blocks of 256 rows they
+# take 50 MB, and positions without a target (the last of each block) skip the head. Same numbers: the
+# cross-entropy of a row does not depend on the rows beside it. An accelerator takes larger blocks.
+CPU_HEAD_ROWS = 256
+ACCELERATOR_HEAD_ROWS = 8192
+
+# on_leaves(indices [m] ascending, losses [m, N, T], logits [m, N, T, vocab] or None without with_logits)
 LeafFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -115,6 +123,7 @@ class _PrefixTree:
         owned: Callable[[torch.Tensor], torch.Tensor] | None = None,
         past: _SharedPrefixCache | None = None,
         on_progress: Callable[[int], None] | None = None,
+        with_logits: bool = False,
     ):
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens!r}: give a positive number of tokens per forward batch.")
@@ -129,6 +138,7 @@ class _PrefixTree:
         self.owned = owned
         self.past = past
         self.on_progress = on_progress
+        self.with_logits = with_logits
 
     def run(self, hidden: torch.Tensor, layer_kwargs: dict, targets: torch.Tensor) -> None:
         """Walk the tree from the embeddings ``hidden`` (``[N, S, hidden]``) of the batch."""
@@ -229,11 +239,31 @@ class _PrefixTree:
         if not bool((order == torch.arange(len(order))).all()):
             indices, states = indices[order], states[order.to(states.device)]
         m, n, s, _ = states.shape
-        logits = self.model.lm_head(self.model.model.finalize(states))
-        losses = target_losses(logits, self.targets.expand(m, n, s))
-        self.on_leaves(indices, losses, logits)
+        targets = self.targets.expand(m, n, s)
+        if self.with_logits:
+            logits = self.model.lm_head(self.model.model.finalize(states))
+            self.on_leaves(indices, target_losses(logits, targets), logits)
+        else:
+            self.on_leaves(indices, leaf_losses(self.model, states, targets), None)
         if self.on_progress is not None:
             self.on_progress(m * n * s)
+
+
+def leaf_losses(model, states: torch.Tensor, targets: torch.Tensor, head_rows: int | None = None) -> torch.Tensor:
+    """Per-token losses (shaped like ``targets``) of the last layer's outputs ``states`` (``[..., hidden]``): final
+    norm, LM head and cross-entropy in blocks of ``head_rows`` tokens (default `CPU_HEAD_ROWS` on a CPU, else
+    `ACCELERATOR_HEAD_ROWS`), only where there is a target (0 elsewhere)."""
+    if head_rows is None:
+        head_rows = CPU_HEAD_ROWS if states.device.type == "cpu" else ACCELERATOR_HEAD_ROWS
+    hidden = states.reshape(-1, states.shape[-1])
+    flat = targets.reshape(-1).to(states.device)
+    losses = torch.zeros(flat.shape, dtype=torch.float32, device=states.device)
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    for start in range(0, len(rows), head_rows):
+        block = rows[start : start + head_rows]
+        logits = model.lm_head(model.model.finalize(hidden[block]))
+        losses[block] = target_losses(logits, flat[block])
+    return losses.view(targets.shape)
 
 
 def under_roots(prefixes: torch.Tensor, roots: torch.Tensor | None, choices: Sequence[int]) -> torch.Tensor:
@@ -270,13 +300,15 @@ def walk_prefix_tree(
     chunk_tokens: int | None = None,
     roots: torch.Tensor | None = None,
     on_progress: Callable[[int], None] | None = None,
+    with_logits: bool = False,
 ) -> None:
     """Evaluate every pattern of ``space`` on a batch, streaming the leaves' losses to ``on_leaves``.
 
     ``model``: a Duo causal LM (``model.model.embed/layers/finalize``, ``model.lm_head``). ``input_ids``:
     ``[N, T]``; ``labels`` default to ``input_ids`` (position ``t`` scores ``labels[t + 1]``, -100 ignored).
     ``on_leaves(indices, losses, logits)`` receives chunks of patterns in ascending index order within a chunk
-    (``losses[m, N, T]``, ``logits[m, N, T, vocab]``); every pattern of the space (under ``roots``, prefixes
+    (``losses[m, N, T]``; ``logits[m, N, T, vocab]`` with ``with_logits``, else None: the LM head then runs in
+    small blocks, `leaf_losses`); every pattern of the space (under ``roots``, prefixes
     ``[R, depth]`` that restrict the walk to part of the tree) is delivered exactly once.
     """
     labels = _check_batch(model, input_ids, labels)
@@ -292,6 +324,7 @@ def walk_prefix_tree(
         split_depth=space.split_depth,
         owned=_owned(space, roots),
         on_progress=on_progress,
+        with_logits=with_logits,
     )
     tree.run(hidden, layer_kwargs, targets)
 
@@ -322,7 +355,7 @@ def pattern_losses(
     """
     table = torch.zeros(space.size, *input_ids.shape, device=input_ids.device)
 
-    def keep(indices: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor) -> None:
+    def keep(indices: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor | None) -> None:
         table[space.ranks(indices).to(table.device)] = losses
 
     walk_prefix_tree(model, input_ids, space, keep, labels=labels, chunk_tokens=chunk_tokens)
@@ -368,7 +401,7 @@ def causal_oracle(
 
         running = RunningMin((1, num_sequences, 1), input_ids.device)
 
-        def keep(idx: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, running=running) -> None:
+        def keep(idx: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor | None, running=running) -> None:
             running.update(0, loss, idx)
 
         step = input_ids[:, t : t + 1]
@@ -505,7 +538,9 @@ def oracle_routing(
         logits = model(input_ids=input_ids, routes=routes, use_cache=False).logits
     else:
         reducer = OracleReducer(space, mask.to(input_ids.device), keep_logits=True)
-        walk_prefix_tree(model, input_ids, space, reducer.update, labels=labels, chunk_tokens=chunk_tokens)
+        walk_prefix_tree(
+            model, input_ids, space, reducer.update, labels=labels, chunk_tokens=chunk_tokens, with_logits=True
+        )
         losses, index, logits = reducer.oracle.loss[0], reducer.oracle.index[0], reducer.logits
         routes = index_to_pattern(index, space.choices, space.num_layers)
     mask = mask.to(losses.device)

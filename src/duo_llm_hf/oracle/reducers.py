@@ -10,7 +10,7 @@ tree (``m`` patterns, their losses ``[m, N, T]``) updates:
 - the per-token losses of the all-small and all-big patterns (token difficulty).
 
 Ties are broken towards the lowest pattern index whatever the order of the chunks, so chunked, resumed and
-multi-process runs agree exactly. Copied next to a saved model with the oracle routing mode: torch only.
+multi-process runs agree exactly.
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..models.routes import BIG, CHOICE_NAMES, route_usage
+from ..models.routes import BIG, CHOICE_LETTERS, CHOICE_NAMES, route_usage
 from ..utils.errors import UsageError
 from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.run_files import ORACLE_RESULTS_FILE, ORACLE_SUMMARY_FILE, file_hash
 from ..utils.schema import ORACLE_SUMMARY_SCHEMA, read_state_file
 from .reducers import NO_PATTERN, BatchReduction
-from .spaces import RouteSpace, index_to_pattern
+from .spaces import PatternSet, RouteSpace, index_to_pattern
 
 METHODS = ("oracle", "fixed", "best_of_k", "best_of_k_pattern", "causal_oracle")
 RESULTS_HASH_KEY = "results_sha256"  # in the summary: the sha256 of the tensors file, checked by `OracleResult.load`
@@ -189,8 +189,9 @@ class OracleResult:
         """JSON-ready summary: perplexity per method and budget, route-space sizes, tokens, identifiers."""
         space = self.space
         budgets = {}
-        for label, size in zip(space.labels, space.budget_sizes()):
-            entry = {"patterns": size, "perplexity": {}}
+        for label, size, full in zip(space.labels, space.budget_sizes(), space.budget_full_sizes()):
+            # patterns: those searched (and evaluated); budget_size: all the budget holds (the same when exact)
+            entry = {"patterns": size, "budget_size": full, "perplexity": {}}
             for method in METHODS:
                 try:
                     entry["perplexity"][method] = self.perplexity(method, label)
@@ -270,14 +271,37 @@ def check_results_hash(output_dir: Path, summary: Mapping) -> None:
 
 
 def space_spec(space: RouteSpace) -> dict:
-    """What rebuilds a route space: layers, choices, budget labels, extra classes."""
-    return {
+    """What rebuilds a route space: layers, choices, budget labels, extra classes; for a `PatternSet` also its
+    patterns (letters) and, per budget, the best-of-K patterns drawn with their K and seed."""
+    spec = {
         "num_layers": space.num_layers,
         "choices": [CHOICE_NAMES[c] for c in space.choices],
         "budgets": space.labels,
         "extra_classes": [list(v) for v in space.extra_classes],
     }
+    if isinstance(space, PatternSet):
+        spec["patterns"] = space.pattern_strings()
+        spec["samples"] = {label: space.pattern_strings(mask) for label, mask in zip(space.labels, space.sampled)}
+        spec["sample_k"], spec["sample_seed"] = space.sample_k, space.sample_seed
+    return spec
 
 
 def space_from_spec(spec: Mapping) -> RouteSpace:
-    return RouteSpace(spec["num_layers"], spec["choices"], spec["budgets"], extra_classes=spec["extra_classes"])
+    if "patterns" not in spec:
+        return RouteSpace(spec["num_layers"], spec["choices"], spec["budgets"], extra_classes=spec["extra_classes"])
+    samples = [[pattern_codes(p) for p in spec["samples"][label]] for label in spec["budgets"]]
+    return PatternSet(
+        spec["num_layers"],
+        spec["choices"],
+        spec["budgets"],
+        [pattern_codes(p) for p in spec["patterns"]],
+        samples=[torch.tensor(s, dtype=torch.long).reshape(-1, spec["num_layers"]) for s in samples],
+        sample_k=spec["sample_k"],
+        sample_seed=spec["sample_seed"],
+        extra_classes=spec["extra_classes"],
+    )
+
+
+def pattern_codes(letters: str) -> list[int]:
+    """Choice codes of a pattern written in letters (``BB-B``)."""
+    return [CHOICE_LETTERS.index(letter) for letter in letters]

@@ -241,6 +241,7 @@ def run_oracle_study(
     stop_after_batches: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    search: dict | None = None,
 ) -> OracleResult | None:
     """Run the oracle over ``input_ids`` (``[N, T]`` blocks) for every budget of ``space``; save and return the result.
 
@@ -249,7 +250,8 @@ def run_oracle_study(
     finished, its result is assembled again from its batch files; one with another fingerprint is refused
     (`UsageError` naming what differs). ``overwrite``: delete the run's files in ``output_dir`` first and start
     over. ``stop_after_batches``: stop after that many batches in this call (the run continues when called
-    again), e.g. to fit a job into a time slot. ``model_id`` and ``data_id`` are recorded in the summary only.
+    again), e.g. to fit a job into a time slot. ``model_id``, ``data_id`` and ``search`` (how the patterns of
+``space`` were chosen, `oracle.search`; default ``{"method": "exact"}``) are recorded in the summary only.
     Returns the result on the main process once every batch is done, else None. Under ``accelerate launch``
     every process must call it with the same arguments.
     """
@@ -325,6 +327,8 @@ def run_oracle_study(
             "uniform": uniform,
             "batch_size": batch_size,
             "mode": "independent" + (" + causal" if causal else ""),
+            "search": dict(search or {"method": "exact"}),
+            "pattern_tokens": space.size * int(input_ids.shape[0]) * int(input_ids.shape[1]),
         }
         result = OracleResult.from_batches(space, batches, input_ids, meta)
         result.save(output_dir)
@@ -458,8 +462,11 @@ def _main(args: OracleArguments) -> int:
             f"--block-size {args.block_size} is longer than the max_position_embeddings {positions} of model "
             f"{args.model!r}; use --block-size <= {positions}."
         )
-    with user_values():  # --budget and --route-options against the model's layers and options
-        space = study_space(config, args.budget or ["all", "classes"], route_options)
+    from .search import SearchSettings, gap_table, route_space_for, run_search
+
+    with user_values():  # --budget, --route-options and the search against the model's layers and options
+        search = SearchSettings(args.search, args.beam_width)
+        space = route_space_for(config, args.budget or ["all", "classes"], route_options, search)
     is_text = Path(args.data[0]).suffix not in TENSOR_SUFFIXES
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model) if is_text else None
     blocks, data_id = load_token_blocks(args.data, tokenizer, args.block_size, args.num_blocks)
@@ -475,8 +482,8 @@ def _main(args: OracleArguments) -> int:
     if added and state.is_main_process:
         print(f"route options: searching {added} too, which the model was not trained with (no weights needed).")
     model.to(state.device).eval()
-    result = run_oracle_study(
-        model, blocks, space, args.output_dir,
+    result = run_search(
+        model, blocks, space, args.output_dir, search, args.gap_from,
         batch_size=args.batch_size, best_of_k=args.best_of_k, seed=args.seed, causal=args.causal,
         chunk_tokens=args.chunk_tokens, model_id=args.model, data_id=data_id,
         stop_after_batches=args.stop_after_batches, progress=args.progress,
@@ -484,6 +491,9 @@ def _main(args: OracleArguments) -> int:
     )
     if result is not None:
         print(result.table())
+        if "search_gap" in result.meta:
+            print(f"gap of the {args.search} search to the exact run {args.gap_from}:")
+            print(gap_table(result.meta["search_gap"]))
         summary = result.summary()
         print(json.dumps({k: summary[k] for k in ("tokens_evaluated", "space")}, indent=2))
         print(f"searched by {state.num_processes} process(es)")

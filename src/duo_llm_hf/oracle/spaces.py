@@ -10,11 +10,12 @@ optionally depending on the token's position (the paper's Fig. 4c). A :class:`Ro
 one oracle run; it enumerates the union of their patterns once, and the reducers report every budget from that
 single enumeration.
 
-This module is copied next to a saved model (the oracle routing mode imports it), so it imports only torch.
+Like the rest of `duo_llm_hf.oracle`, it belongs to the installed package, not to a saved model's remote code.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ from ..models.routes import (
 MAX_PATTERNS = 1 << 24
 # The prefix tree is cut into at least this many units (subtrees) to share between processes.
 SPLIT_UNITS = 64
+# `sample_budget` enumerates budgets of at most this many patterns and samples larger ones without enumerating.
+ENUMERATE_SAMPLES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -407,6 +410,11 @@ class RouteSpace:
         """Number of patterns each budget can use (summed over its position classes for a schedule)."""
         return self.members.sum(1).tolist()
 
+    def budget_full_sizes(self) -> list[int]:
+        """Number of patterns of ``num_layers`` layers over the space's choices in each budget: all of them are
+        enumerated here (a `PatternSet` searches only some of them)."""
+        return self.budget_sizes()
+
     def budget_index(self, budget) -> int:
         """Position of a budget (spec or label) among the space's budgets."""
         wanted = budget if isinstance(budget, str) and budget in self.labels else parse_layer_budget(budget).label
@@ -475,6 +483,7 @@ class RouteSpace:
             "route_options": [CHOICE_NAMES[c] for c in self.choices],
             "budgets": self.labels,
             "budget_sizes": dict(zip(self.labels, self.budget_sizes())),
+            "budget_full_sizes": dict(zip(self.labels, self.budget_full_sizes())),
             "patterns_enumerated": self.size,
             "full_space_size": len(self.choices) ** self.num_layers,
         }
@@ -500,3 +509,145 @@ def uniform_classes(num_layers: int, choices: Sequence[int]) -> dict[str, tuple[
             out[name] = tuple(vector)
     return out
 
+
+
+def budget_size(num_layers: int, choices: Sequence[int], budget: LayerBudget) -> int:
+    """How many patterns of ``num_layers`` layers over ``choices`` a budget (without a position schedule) holds,
+    counted without enumerating them: the multinomial coefficient of each count vector it matches."""
+    if budget.big_schedule is not None:
+        raise ValueError(f"budget {budget.label!r} varies with position; count its position classes one by one.")
+    vectors = _count_vectors(num_layers, tuple(sorted(choices)))
+    matching = budget.matches(torch.tensor(vectors, dtype=torch.long)).tolist()
+    return sum(_multinomial(num_layers, v) for v, ok in zip(vectors, matching) if ok)
+
+
+def budget_count_vectors(num_layers: int, choices: Sequence[int], budget: LayerBudget) -> torch.Tensor:
+    """The count vectors (``[V, 3]``, indexed by code) of the patterns over ``choices`` a budget holds."""
+    vectors = torch.tensor(_count_vectors(num_layers, tuple(sorted(choices))), dtype=torch.long)
+    return vectors[budget.matches(vectors)]
+
+
+def _multinomial(n: int, counts: Sequence[int]) -> int:
+    out = math.factorial(n)
+    for c in counts:
+        out //= math.factorial(c)
+    return out
+
+
+def sample_budget(num_layers: int, choices: Sequence[int], budget: LayerBudget, k: int, seed: int) -> torch.Tensor:
+    """``k`` distinct patterns (``[k, num_layers]`` codes, ascending index) drawn uniformly without replacement from
+    the whole budget, seeded; every pattern of the budget when it holds at most ``k``. Small budgets are enumerated;
+    large ones are sampled without enumerating them (a count vector with probability proportional to its number of
+    patterns, then a random arrangement of its choices), so a budget of millions of patterns costs nothing."""
+    choices = tuple(sorted(choices))
+    size = budget_size(num_layers, choices, budget)
+    generator = torch.Generator().manual_seed(seed)
+    if size <= ENUMERATE_SAMPLES:
+        patterns = RouteSpace(num_layers, choices, [budget]).patterns
+        return patterns[torch.randperm(len(patterns), generator=generator)[:k].sort().values]
+    vectors = [v for v in _count_vectors(num_layers, choices) if bool(budget.matches(torch.tensor(v)))]
+    weights = torch.tensor([float(_multinomial(num_layers, v)) for v in vectors], dtype=torch.float64)
+    found: dict[int, torch.Tensor] = {}
+    while len(found) < k:
+        vector = vectors[int(torch.multinomial(weights, 1, generator=generator))]
+        codes = torch.tensor([c for c in choices for _ in range(vector[c])], dtype=torch.long)
+        pattern = codes[torch.randperm(num_layers, generator=generator)]
+        found.setdefault(int(pattern_index(pattern[None], choices)), pattern)
+    return torch.stack([found[i] for i in sorted(found)])
+
+
+class PatternSet(RouteSpace):
+    """A route space given by its patterns instead of enumerated: the candidates an approximate search chose.
+
+    Budgets mean what they mean in `RouteSpace`, over the given patterns only: a budget's members are the given
+    patterns with its counts, so the oracle of a budget is the minimum over the patterns searched, and `fixed` the
+    best of them. ``samples``: per budget, the patterns best-of-K drew from the whole budget (`sample_budget`), with
+    ``sample_k`` and ``sample_seed`` the K and seed that drew them; they join the searched patterns and `sample`
+    returns them. ``extra_classes`` may only name uniform patterns (all layers on one choice). Position schedules
+    are refused. Given no patterns at all, it holds the checked budgets of a search that has not started.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        choices: Sequence[int | str],
+        budgets: Sequence,
+        patterns: torch.Tensor | Sequence = (),
+        samples: Sequence[torch.Tensor] = (),
+        sample_k: int = 0,
+        sample_seed: int = 0,
+        extra_classes: Sequence[Sequence[int]] = (),
+    ):
+        self._given = torch.as_tensor(patterns, dtype=torch.long).reshape(-1, num_layers)
+        self._samples = [torch.as_tensor(s, dtype=torch.long).reshape(-1, num_layers) for s in samples]
+        self.sample_k, self.sample_seed = sample_k, sample_seed
+        super().__init__(num_layers, choices, budgets, extra_classes)
+        if self._samples and len(self._samples) != len(self.budgets):
+            raise ValueError(f"pattern set: {len(self._samples)} sample sets for {len(self.budgets)} budgets.")
+        self.sampled = torch.zeros_like(self.members)
+        for g, drawn in enumerate(self._samples):
+            if len(drawn):
+                self.sampled[g, self.ranks(pattern_index(drawn, self.choices))] = True
+        self._prefix_ids: dict[int, torch.Tensor] = {}
+
+    def _check_budget(self, budget: LayerBudget) -> None:
+        if budget.big_schedule is not None:
+            raise ValueError(f"budget {budget.label!r} varies with position; a pattern set takes fixed counts only.")
+        super()._check_budget(budget)
+
+    def _check_not_empty(self, budget: LayerBudget, members: torch.Tensor) -> None:
+        if budget_size(self.num_layers, self.choices, budget) == 0:
+            super()._check_not_empty(budget, members)
+
+    def _enumerate(self) -> None:
+        rows = [self._given, *self._samples]
+        for vector in self.extra_classes:
+            used = [c for c, n in enumerate(vector) if n]
+            if len(used) != 1 or vector[used[0]] != self.num_layers:
+                raise ValueError(f"pattern set: extra class {list(vector)} is not a uniform pattern.")
+            rows.append(torch.full((1, self.num_layers), used[0], dtype=torch.long))
+        patterns = torch.cat(rows)
+        indices = torch.unique(pattern_index(patterns, self.choices))  # sorted
+        self.patterns = index_to_pattern(indices, self.choices, self.num_layers)
+        self.indices = indices
+        self.counts = choice_counts(self.patterns)
+        wanted = (self.counts[:, None, :] == self.target_counts[None]).all(-1).any(-1)
+        if not bool(wanted.all()):
+            bad = self.pattern_str(int(self.indices[~wanted][0]))
+            raise ValueError(f"pattern set: pattern {bad} is in none of the budgets {self.labels}.")
+        self.prefix_counts = [
+            len(torch.unique(pattern_index(self.patterns[:, :d], self.choices))) for d in range(self.num_layers + 1)
+        ]
+
+    def feasible(self, prefixes: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Which prefixes lead to a pattern of the set (whose counts are among ``targets`` when given)."""
+        depth = prefixes.shape[1]
+        if targets is None:
+            if depth not in self._prefix_ids:
+                self._prefix_ids[depth] = torch.unique(pattern_index(self.patterns[:, :depth], self.choices))
+            known = self._prefix_ids[depth]
+        else:
+            keep = (self.counts[:, None, :] == targets.cpu()[None]).all(-1).any(-1)
+            known = pattern_index(self.patterns[keep, :depth], self.choices)
+        return torch.isin(pattern_index(prefixes.cpu(), self.choices), known)
+
+    def budget_full_sizes(self) -> list[int]:
+        return [budget_size(self.num_layers, self.choices, b) for b in self.budgets]
+
+    def sample(self, k: int, seed: int) -> torch.Tensor:
+        """The best-of-K patterns drawn when the set was built (``[budgets, P]``); K and seed must be theirs."""
+        if (k, seed) != (self.sample_k, self.sample_seed):
+            raise ValueError(
+                f"pattern set: its best-of-K patterns were drawn with K={self.sample_k}, seed={self.sample_seed}, "
+                f"not K={k}, seed={seed}."
+            )
+        return self.sampled.clone()
+
+    def pattern_strings(self, mask: torch.Tensor | None = None) -> list[str]:
+        """Letters of the patterns (those under ``mask``, ``[P]``), in index order."""
+        chosen = self.indices if mask is None else self.indices[mask]
+        return [self.pattern_str(int(i)) for i in chosen]
+
+    def __repr__(self) -> str:
+        names = [CHOICE_NAMES[c] for c in self.choices]
+        return f"PatternSet(num_layers={self.num_layers}, choices={names}, budgets={self.labels}, size={self.size})"
