@@ -24,17 +24,14 @@ def hellaswag_available(data_dir: str | None) -> str | None:
     return None
 
 
-def evaluate_hellaswag(lm, data_dir: str, limit: int, batch_size: int = 8) -> dict:
-    """acc_norm (with stderr) and acc of ``lm`` (an lm-eval model) on the first ``limit`` HellaSwag items of
-    ``data_dir``, and every item's log-likelihoods (to compare two runs item by item)."""
+def evaluate_hellaswag(lm, task_manager, limit: int) -> dict:
+    """acc_norm (with stderr) and acc of ``lm`` (an lm-eval model) on the first ``limit`` HellaSwag items of the
+    local copy ``task_manager`` reads (`integrations.lm_eval.local_task_manager`), and every item's
+    log-likelihoods (to compare two runs item by item)."""
     import lm_eval
 
-    from ..integrations.lm_eval import local_task_manager
-
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=[TASK], task_manager=local_task_manager(data_dir), limit=limit, log_samples=True
-    )
+    results = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=task_manager, limit=limit, log_samples=True)
     scores = results["results"][TASK]
     samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
     return {
@@ -47,15 +44,26 @@ def evaluate_hellaswag(lm, data_dir: str, limit: int, batch_size: int = 8) -> di
     }
 
 
-def hellaswag_run(folder: Path, name: str, make_lm, data_dir: str, limit: int) -> dict:
-    """The run ``name`` (``folder/<name>.json``), evaluated with the model ``make_lm()`` gives unless kept."""
-    path = folder / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    print(f"[duo-llm study] HellaSwag: {name} ({limit} items) ...", flush=True)
-    record = {"name": name, **evaluate_hellaswag(make_lm(), data_dir, limit)}
-    atomic_write_json(path, record)
-    return record
+class HellaSwagRuns:
+    """The HellaSwag runs of a study in ``folder``, one file each, on the local copy in ``data_dir``."""
+
+    def __init__(self, folder: Path, data_dir: str):
+        self.folder, self.data_dir = folder, data_dir
+        self._task_manager = None  # indexing lm-eval's tasks takes seconds: once per study
+
+    def run(self, name: str, make_lm, limit: int) -> dict:
+        """The run ``name`` (``folder/<name>.json``), evaluated with the model ``make_lm()`` gives unless kept."""
+        path = self.folder / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        if self._task_manager is None:
+            from ..integrations.lm_eval import local_task_manager
+
+            self._task_manager = local_task_manager(self.data_dir)
+        print(f"[duo-llm study] HellaSwag: {name} ({limit} items) ...", flush=True)
+        record = {"name": name, **evaluate_hellaswag(make_lm(), self._task_manager, limit)}
+        atomic_write_json(path, record)
+        return record
 
 
 def same_scores(a: dict, b: dict) -> dict:

