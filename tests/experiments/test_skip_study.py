@@ -18,10 +18,11 @@ from tests.helpers import save_model_folder, tiny_llama_kwargs
 LAYERS = 30
 
 
-def tiny_overrides(model: str, hellaswag: str | None) -> dict:
+def tiny_overrides(source: str, hellaswag: str | None) -> dict:
+    """The smollm2 preset at tiny sizes, converting the dense checkpoint ``source`` as it converts SmolLM2."""
     return dict(
-        model=model,
-        source=None,
+        source=source,
+        weights_note="A tiny random Llama of the tests.",
         train={"dataset": "builtin", "block_size": 16, "builtin_max_chars": 60_000},
         oracle_blocks=4,
         causal_blocks=1,
@@ -32,15 +33,15 @@ def tiny_overrides(model: str, hellaswag: str | None) -> dict:
         bootstrap_samples=50,
         hellaswag=hellaswag,
         hellaswag_items=3,
+        hellaswag_identity_items=3,
     )
 
 
 @pytest.fixture(scope="module")
-def tiny_duo_folder(tmp_path_factory):
-    """A tiny 30-layer Llama (hidden 16) converted with from_dense, with a BPE tokenizer of the built-in corpus."""
+def tiny_llama_folder(tmp_path_factory):
+    """A tiny 30-layer Llama (hidden 16) saved as a HF folder, with a BPE tokenizer of the built-in corpus."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from duo_llm_hf import DuoLlamaForCausalLM
     from duo_llm_hf.data.corpus import builtin_corpus, iter_texts
     from duo_llm_hf.data.tokenization import train_bpe_tokenizer
 
@@ -57,18 +58,17 @@ def tiny_duo_folder(tmp_path_factory):
         eos_token_id=tokenizer.eos_token_id,
     )
     dense = LlamaForCausalLM(LlamaConfig(**fields)).eval()
-    duo = DuoLlamaForCausalLM.from_dense(dense)
-    return save_model_folder(tmp_path_factory.mktemp("duo") / "model", duo, tokenizer)
+    return save_model_folder(tmp_path_factory.mktemp("dense") / "llama", dense, tokenizer)
 
 
 @pytest.mark.slow
-def test_skip_study_end_to_end(tiny_duo_folder, tmp_path):
+def test_skip_study_end_to_end(tiny_llama_folder, tmp_path):
     from duo_llm_hf.experiments.study import run_study, summary_table
     from duo_llm_hf.integrations.lm_eval import FIXTURE_DATA_DIR
 
     out = tmp_path / "study"
     metrics = run_study(
-        out, "smollm2", progress=False, **tiny_overrides(tiny_duo_folder, str(FIXTURE_DATA_DIR / "hellaswag"))
+        out, "smollm2", progress=False, **tiny_overrides(tiny_llama_folder, str(FIXTURE_DATA_DIR / "hellaswag"))
     )
     assert metrics["kind"] == "skip" and metrics["model"]["layers"] == LAYERS
     for holdout in ("english", "code"):
@@ -85,25 +85,30 @@ def test_skip_study_end_to_end(tiny_duo_folder, tmp_path):
     sets = metrics["fixed_sets"]
     assert sets["2"]["search"] == "exact" and sets["3"]["search"] == "greedy" and len(sets["3"]["skipped"]) == 3
     assert sets["2"]["loss"] <= sets["2"]["greedy_loss"] + 1e-9  # exact is never worse than greedy
-    runs = metrics["hellaswag"]["runs"]
-    assert set(runs) == {"all_big", "fixed_skip2", "fixed_skip3", "router_skip2"} and runs["all_big"]["items"] == 3
+    hellaswag = metrics["hellaswag"]
+    runs = hellaswag["runs"]
+    assert set(runs) == {"source", "converted_all_big", "all_big", "fixed_skip2", "fixed_skip3", "router_skip2"}
+    assert runs["all_big"]["items"] == 3 and runs["source"]["items"] == 3
+    # The end-to-end test of conversion: the dense source (lm-eval's hf model) and the converted model all-BIG
+    # score the same items identically, every choice's log-likelihood included.
+    assert hellaswag["identity"] == {"identical_acc_norm": True, "max_loglikelihood_difference": 0.0}
     report = (out / "report.md").read_text()
     for finding in metrics["findings"]:
         assert finding["statement"] in report
-    assert "dequantised" in report and "Left out, and why" in report
+    assert "A tiny random Llama of the tests." in report and "Left out, and why" in report
     assert "Findings of the paper, for this model" in summary_table(metrics)
     # A re-run reuses every stage (and gives the same numbers).
     again = run_study(
-        out, "smollm2", progress=False, **tiny_overrides(tiny_duo_folder, str(FIXTURE_DATA_DIR / "hellaswag"))
+        out, "smollm2", progress=False, **tiny_overrides(tiny_llama_folder, str(FIXTURE_DATA_DIR / "hellaswag"))
     )
     assert json.dumps(again["holdouts"]) == json.dumps(metrics["holdouts"])
 
 
 @pytest.mark.slow
-def test_hellaswag_is_left_out_in_one_line_without_data(tiny_duo_folder, tmp_path, capsys):
+def test_hellaswag_is_left_out_in_one_line_without_data(tiny_llama_folder, tmp_path, capsys):
     from duo_llm_hf.experiments.study import run_study
 
-    overrides = tiny_overrides(tiny_duo_folder, str(tmp_path / "absent"))
+    overrides = tiny_overrides(tiny_llama_folder, str(tmp_path / "absent"))
     overrides.update(router_budgets=(), moved_exact=1, moved_causal=0, fixed_moved=(1,), oracle_blocks=2)
     metrics = run_study(tmp_path / "study", "smollm2", progress=False, **overrides)
     assert "hellaswag_val.jsonl" in metrics["hellaswag"]["not_run"]

@@ -250,9 +250,12 @@ def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: d
     hellaswag = HellaSwagRuns(stages.out / "hellaswag", config.hellaswag)
     tokenizer = load_tokenizer(model_dir)
     n = model.config.num_hidden_layers
+    device = str(_device(model))  # lm-eval's own default is cuda
 
     def duo(routing: str, **kwargs):
-        return lambda: DuoLM(pretrained=model, tokenizer=tokenizer, routing=routing, batch_size=8, **kwargs)
+        return lambda: DuoLM(
+            pretrained=model, tokenizer=tokenizer, routing=routing, batch_size=8, device=device, **kwargs
+        )
 
     runs = {}
     source = _source_checkpoint(config)
@@ -260,7 +263,9 @@ def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: d
         from lm_eval.models.huggingface import HFLM
 
         items = config.hellaswag_identity_items
-        runs["source"] = hellaswag.run("source", lambda: HFLM(pretrained=source[0], batch_size=8, **source[1]), items)
+        runs["source"] = hellaswag.run(
+            "source", lambda: HFLM(pretrained=source[0], batch_size=8, device=device, **source[1]), items
+        )
         runs["converted_all_big"] = hellaswag.run("converted_all_big", duo("all-big"), items)
     runs["all_big"] = hellaswag.run("all_big", duo("all-big"), config.hellaswag_items)
     for m in config.fixed_moved:
@@ -275,7 +280,7 @@ def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: d
 
         def make(router=router):
             routed = load_duo_model(router["folder"]).to(_device(model)).eval()
-            return DuoLM(pretrained=routed, tokenizer=tokenizer, routing="learned", batch_size=8)
+            return DuoLM(pretrained=routed, tokenizer=tokenizer, routing="learned", batch_size=8, device=device)
 
         runs[name] = hellaswag.run(name, make, config.hellaswag_items)
     return runs
