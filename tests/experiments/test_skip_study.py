@@ -34,6 +34,7 @@ def tiny_overrides(source: str, hellaswag: str | None) -> dict:
         hellaswag=hellaswag,
         hellaswag_items=3,
         hellaswag_identity_items=3,
+        causal_holdouts=1,
     )
 
 
@@ -80,8 +81,9 @@ def test_skip_study_end_to_end(tiny_llama_folder, tmp_path):
             assert v["oracle"]["low"] <= v["oracle"]["ppl"] <= v["oracle"]["high"]
             curve = v["best_of_k_curve"]["ppl"]  # a random pattern, down to the oracle at K = all
             assert curve == sorted(curve, reverse=True) and math.isclose(curve[-1], v["oracle"]["ppl"], rel_tol=1e-6)
-        assert h["causal"]["blocks"] == 1 and h["causal"]["causal_oracle"]["ppl"] > 0
         assert set(h["routers"]) == {"2"}
+    assert metrics["holdouts"]["english"]["causal"]["blocks"] == 1  # the causal oracle on the first holdout only
+    assert "causal" not in metrics["holdouts"]["code"]
     sets = metrics["fixed_sets"]
     assert sets["2"]["search"] == "exact" and sets["3"]["search"] == "greedy" and len(sets["3"]["skipped"]) == 3
     assert sets["2"]["loss"] <= sets["2"]["greedy_loss"] + 1e-9  # exact is never worse than greedy

@@ -307,10 +307,10 @@ def run_skip_study(stages, model_dir: Path) -> dict:
     model.to(_device_of_runs()).eval()
     n = model.config.num_hidden_layers
     tables, causal, blocks = {}, {}, {}
-    for holdout in study_holdouts(config):
+    for i, holdout in enumerate(study_holdouts(config)):
         blocks[holdout] = holdout_blocks(model_dir, config, holdout, config.oracle_blocks)
         tables[holdout] = table_stage(stages, model, holdout, blocks[holdout])
-        if config.moved_causal:
+        if config.moved_causal and (config.causal_holdouts is None or i < config.causal_holdouts):
             causal[holdout] = causal_stage(stages, model, holdout, blocks[holdout])
     first = next(iter(tables))
     fixed_sets = fixed_stage(stages, model, tables[first])

@@ -111,6 +111,8 @@ class StudyConfig:
     weights_note: str = ""
     moved_exact: int = 2
     moved_causal: int = 1
+    # The causal oracle (one tree walk per token) on the first N holdouts only; None: on every holdout.
+    causal_holdouts: int | None = None
     fixed_moved: tuple[int, ...] = (2, 4, 6)
     fixed_blocks: int = 16
     bootstrap_samples: int = 1000
