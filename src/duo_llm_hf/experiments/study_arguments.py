@@ -80,6 +80,15 @@ class StudyArguments:
     holdout_only: bool = field(
         default=False, metadata={"help": "Evaluate only the --holdout sets, not the built-in English and code ones."}
     )
+    hellaswag: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a local HellaSwag copy (hellaswag_val.jsonl) for the pretrained-model study's "
+            "benchmark (default: the preset's, ../shared/data/hellaswag for smollm2); absent, HellaSwag is left out "
+            "with one line.",
+            "metavar": "DIR",
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars (--no-progress hides them)."})
     overwrite_output_dir: bool = field(
         default=False,

