@@ -162,6 +162,7 @@ def remote_class(folder: Path, duo_class=DuoLlamaForCausalLM) -> type:
     return found
 
 
+@pytest.mark.numerics
 def test_llama_folder_converts_exactly(tmp_path, llama_folder, builtin_tokenizer):
     out = convert_checkpoint(llama_folder, tmp_path / "duo")
     dense = LlamaForCausalLM.from_pretrained(llama_folder).eval()
@@ -181,6 +182,7 @@ def test_llama_folder_converts_exactly(tmp_path, llama_folder, builtin_tokenizer
     assert torch.equal(duo(ids_of(builtin_tokenizer), routes=routes).routes, routes)
 
 
+@pytest.mark.numerics
 def test_another_dtype_converts_exactly_in_it(tmp_path, llama_folder, builtin_tokenizer):
     out = convert_checkpoint(llama_folder, tmp_path / "duo", dtype="bfloat16")
     dense = LlamaForCausalLM.from_pretrained(llama_folder, dtype=torch.bfloat16).eval()
@@ -191,6 +193,7 @@ def test_another_dtype_converts_exactly_in_it(tmp_path, llama_folder, builtin_to
         assert torch.equal(duo(ids_of(builtin_tokenizer)).logits, dense(ids_of(builtin_tokenizer)).logits)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q8_0"])
 def test_gguf_converts_exactly(tmp_path, builtin_tokenizer, quantized):
     """The same tiny Llama as a GGUF file: the Duo model's logits are those of the source as transformers loads it
@@ -220,6 +223,7 @@ def test_gguf_in_a_folder_through_the_command_line(tmp_path, builtin_tokenizer, 
     assert (tmp_path / "duo" / "model.safetensors").is_file()
 
 
+@pytest.mark.numerics
 def test_opt_folder_converts_exactly(tmp_path, builtin_tokenizer):
     source = tiny_opt(vocab_size=len(builtin_tokenizer))
     folder = Path(save_model_folder(tmp_path / "opt", source, builtin_tokenizer))

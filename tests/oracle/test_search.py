@@ -79,6 +79,7 @@ def naive_losses(model, ids, patterns) -> torch.Tensor:
         return torch.stack([model(ids, labels=ids, routes=p.expand(*ids.shape, -1)).token_losses for p in patterns])
 
 
+@pytest.mark.numerics
 def test_exact_search_at_30_layers_equals_brute_force():
     """A slice of the budgets that move up to two of 30 layers off all-BIG (466 patterns), searched by the prefix
     tree, against one forward per pattern; then the oracle, fixed and best-of-K of that slice."""
@@ -109,6 +110,7 @@ def _indices(space, patterns):
     return pattern_index(patterns, space.choices)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["beam", "greedy"])
 def test_approximate_search_never_beats_exact_and_its_gap_is_measured(model, blocks, exact, tmp_path, method):
     exact_result, table = exact
@@ -146,6 +148,7 @@ def test_approximate_search_never_beats_exact_and_its_gap_is_measured(model, blo
     assert loaded.meta["search_gap"]["big=4"] == gap["big=4"]
 
 
+@pytest.mark.numerics
 def test_a_beam_wide_enough_is_the_exact_search(model, blocks, exact, tmp_path):
     exact_result, _ = exact
     result = approximate(model, blocks, tmp_path / "wide", "beam", width=math.comb(N_LAYERS, N_LAYERS // 2))
