@@ -89,3 +89,92 @@ def test_unreadable_json_is_one_error(tmp_path):
     path.write_bytes(b"\xff{")
     with pytest.raises(UsageError, match=r"state.json is not valid JSON"):
         read_state_file(path, {})
+
+
+def _router_report(tmp_path, training_args, report):
+    """The router comparison reading back a router run it finished earlier."""
+    import dataclasses
+
+    from duo_llm_hf.experiments.router_comparison import _finished_report
+    from tests.helpers import tiny_router_args
+
+    run = tiny_router_args(tmp_path, str(tmp_path / "model"))
+    folder = tmp_path / "run"
+    folder.mkdir(exist_ok=True)
+    args = dataclasses.asdict(run) if training_args is None else training_args
+    (folder / "training_args.json").write_text(json.dumps(args))
+    (folder / "router_report.json").write_text(json.dumps(report))
+    return _finished_report(run)
+
+
+def _ablation_file(name, schema_name):
+    def read(tmp_path, value):
+        from duo_llm_hf.experiments.ablation.files import read_json
+        from duo_llm_hf.utils import schema
+
+        (tmp_path / name).write_text(json.dumps(value))
+        return read_json(tmp_path / name, getattr(schema, schema_name))
+
+    return read
+
+
+def _card_run_file(name):
+    def read(tmp_path, value):
+        from duo_llm_hf.integrations.model_card import collect_figures
+
+        (tmp_path / name).write_text(json.dumps(value))
+        return collect_figures(tmp_path)
+
+    return read
+
+
+def _card_metrics(tmp_path, value):
+    from duo_llm_hf.integrations.model_card import load_metrics
+
+    (tmp_path / "figures.json").write_text(json.dumps(value))
+    return load_metrics(str(tmp_path / "figures.json"))
+
+
+GOOD_HOLDOUT = {"ppl": 12.5, "realised": {"overall": {"big": 0.5, "small": 0.5}}}
+
+
+@pytest.mark.parametrize(
+    "read, value, file, field",
+    [
+        (lambda t, v: _router_report(t, v, {"holdouts": {}}), [1, 2], "training_args.json", "the file is an array"),
+        (lambda t, v: _router_report(t, None, v), {"holdouts": [1]}, "router_report.json", "field 'holdouts'"),
+        (lambda t, v: _router_report(t, None, v), {"holdouts": {"wiki": {**GOOD_HOLDOUT, "ppl": "12"}}},
+         "router_report.json", "field 'holdouts.wiki.ppl'"),
+        (lambda t, v: _router_report(t, None, v), {"holdouts": {"wiki": {"ppl": 3.0, "realised": {}}}},
+         "router_report.json", "field 'holdouts.wiki.realised.overall' is missing"),
+        (_ablation_file("train_results.json", "TRAIN_RESULTS_SCHEMA"), {"global_step": 3, "tokens_seen": "96"},
+         "train_results.json", "field 'tokens_seen'"),
+        (_ablation_file("training_args.json", "TRAINING_ARGS_SCHEMA"), "args", "training_args.json", "the file"),
+        (_ablation_file("ablation_run.json", "ABLATION_RUN_SCHEMA"), {"train_seconds": "12"}, "ablation_run.json",
+         "field 'train_seconds'"),
+        (_ablation_file("dense.json", "ABLATION_EVAL_SCHEMA"), {"perplexity": {"metrics": {"ppl_wiki": "9"}}},
+         "dense.json", "field 'perplexity.metrics.ppl_wiki'"),
+        (_ablation_file("dense.json", "ABLATION_EVAL_SCHEMA"), {"benchmarks": [1]}, "dense.json",
+         "field 'benchmarks'"),
+        (_ablation_file("tokenizer.json", "JSON_OBJECT_SCHEMA"), [1], "tokenizer.json", "the file is an array"),
+        (_card_run_file("train_results.json"), [1], "train_results.json", "the file is an array"),
+        (_card_run_file("router_report.json"), "x", "router_report.json", "the file is a string"),
+        (_card_run_file("lm_eval_results.json"), {"results": {"hellaswag": 0.3}}, "lm_eval_results.json",
+         "field 'results.hellaswag'"),
+        (_card_metrics, [1, 2], "figures.json", "the file is an array"),
+    ],
+)  # fmt: skip
+def test_files_read_back_of_the_wrong_shape_are_one_error(tmp_path, read, value, file, field):
+    with pytest.raises(UsageError, match=rf"{file} has the wrong structure: {field}") as err:
+        read(tmp_path, value)
+    assert "\n" not in str(err.value)
+
+
+def test_files_read_back_of_the_right_shape_are_read(tmp_path):
+    assert _router_report(tmp_path, None, {"holdouts": {"wiki": GOOD_HOLDOUT}}) == {"holdouts": {"wiki": GOOD_HOLDOUT}}
+    read = _ablation_file("dense.json", "ABLATION_EVAL_SCHEMA")
+    record = {"perplexity": {"fingerprint": {"a": 1}, "metrics": {"ppl_wiki": 9.0, "loss_wiki": None}}}
+    assert read(tmp_path, record) == record
+    from duo_llm_hf.experiments.ablation.files import read_json
+
+    assert read_json(tmp_path / "gone.json", {}) is None

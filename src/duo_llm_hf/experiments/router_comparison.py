@@ -36,6 +36,7 @@ from ..utils.arguments import DataclassArgumentParser, check_float_fields, check
 from ..utils.errors import UsageError
 from ..utils.loading import inspect_duo_source, load_duo_model
 from ..utils.run_files import ROUTER_REPORT_FILE, TRAINING_ARGS_FILE
+from ..utils.schema import ROUTER_REPORT_SCHEMA, TRAINING_ARGS_SCHEMA, read_state_file
 from ..utils.tables import markdown_table
 
 PROG = "eval/router_vs_oracle.py"
@@ -122,11 +123,11 @@ def _finished_report(run: RouterTrainArguments) -> dict | None:
     folder = Path(run.output_dir)
     if not (folder / ROUTER_REPORT_FILE).is_file() or not (folder / TRAINING_ARGS_FILE).is_file():
         return None
-    saved = json.loads((folder / TRAINING_ARGS_FILE).read_text())
+    saved = read_state_file(folder / TRAINING_ARGS_FILE, TRAINING_ARGS_SCHEMA)
     wanted = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("progress", "output_dir")}
     if any(saved.get(k) != v for k, v in wanted.items()):
         return None
-    return json.loads((folder / ROUTER_REPORT_FILE).read_text())
+    return read_state_file(folder / ROUTER_REPORT_FILE, ROUTER_REPORT_SCHEMA)
 
 
 def compare_routers(args: ComparisonArguments) -> dict:

@@ -51,6 +51,7 @@ from ..utils.run_files import (
     TRAIN_RESULTS_FILE,
     TRAINING_ARGS_FILE,
 )
+from ..utils.schema import JSON_OBJECT_SCHEMA, LM_EVAL_RESULTS_SCHEMA, check_state
 from ..utils.tables import markdown_table
 
 NOT_EVALUATED = "**Not evaluated**"
@@ -194,7 +195,7 @@ def collect_figures(model_dir: Path, metrics=None) -> dict:
         path = Path(model_dir) / filename
         if not path.is_file():
             continue
-        data = _load_json(path)
+        data = _load_json(path, LM_EVAL_RESULTS_SCHEMA if section == "lm_eval" else JSON_OBJECT_SCHEMA)
         if section == "training":
             stage = "router" if router_run else stage
             figures.setdefault("training", {}).setdefault(stage, {})[part] = _scalars(data)
@@ -255,13 +256,15 @@ def _is_lm_eval_output(data: Any) -> bool:
     return all(isinstance(v, Mapping) for v in results.values())
 
 
-def _load_json(path: Path) -> Any:
+def _load_json(path: Path, schema=JSON_OBJECT_SCHEMA) -> Any:
+    """A figures file: a JSON object (``schema``), else a one-line error naming the file and the field."""
     if not path.is_file():
         raise MissingFileError(f"metrics: {str(path)!r} does not exist; give a JSON file of figures.")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"metrics: {str(path)!r} is not valid JSON ({err}).") from err
+    return check_state(data, schema, path)
 
 
 def _deep_update(base: dict, new: Mapping) -> dict:

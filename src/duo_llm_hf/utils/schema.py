@@ -147,19 +147,34 @@ ORACLE_SUMMARY_SCHEMA = {
 }
 STAGE_DONE_SCHEMA: Mapping = {}  # any object: what a stage recorded (reused as it was written)
 STUDY_SETTINGS_SCHEMA: Mapping = {}  # any object: compared setting by setting with this study's
+TRAINING_ARGS_SCHEMA: Mapping = {}  # any object: compared argument by argument with a new run's
+ROUTER_REPORT_SCHEMA = {"holdouts": MapOf({"ppl": float, "realised": {"overall": {"big": float}}})}
+ABLATION_RUN_SCHEMA = {"train_seconds": Optional(float), "init_from": Optional((str, dict))}
+ABLATION_EVAL_SCHEMA = {  # one evaluation point of one ablation run, as cached
+    "perplexity": Optional({"fingerprint": Optional(dict), "metrics": Optional(MapOf((float, type(None))))}),
+    "benchmarks": Optional({"fingerprint": Optional(dict), "metrics": Optional(dict)}),
+}
+JSON_OBJECT_SCHEMA: Mapping = {}  # any object (a tokenizer.json compared whole, a card's figures)
+LM_EVAL_RESULTS_SCHEMA = {"results": MapOf(dict), "n-shot": Optional(dict), "config": Optional(dict)}
 
 
 __all__ = [
+    "ABLATION_EVAL_SCHEMA",
+    "ABLATION_RUN_SCHEMA",
     "FINISHED_RUN_SCHEMA",
+    "JSON_OBJECT_SCHEMA",
+    "LM_EVAL_RESULTS_SCHEMA",
     "ListOf",
     "MapOf",
     "Optional",
     "ORACLE_STATE_SCHEMA",
     "ORACLE_SUMMARY_SCHEMA",
+    "ROUTER_REPORT_SCHEMA",
     "STAGE_DONE_SCHEMA",
     "STUDY_SETTINGS_SCHEMA",
     "TRAIN_RESULTS_SCHEMA",
     "TRAIN_STATE_SCHEMA",
+    "TRAINING_ARGS_SCHEMA",
     "check_state",
     "read_state_file",
     "schema_problem",

@@ -16,6 +16,7 @@ from ...training.evaluation import evaluate_perplexity
 from ...training.loop import reset_accelerate_state
 from ...utils.files import atomic_write_text
 from ...utils.loading import load_complete_model
+from ...utils.schema import ABLATION_EVAL_SCHEMA
 from .benchmarks import BENCHMARK_METRICS, BenchmarkSpec
 from .files import jsonable, read_json
 from .plan import AblationPlan, PlannedRun, route_probs
@@ -167,7 +168,7 @@ def evaluate_runs(plan: AblationPlan, tokenizer) -> dict[str, dict[str, dict]]:
         for run in plan.runs:
             points = evaluation_points(plan, run)
             paths = {p: plan.out / "evals" / run.name / f"{setting_key(p)}.json" for p in points}
-            cached = {p: read_json(path) or {} for p, path in paths.items()}
+            cached = {p: read_json(path, ABLATION_EVAL_SCHEMA) or {} for p, path in paths.items()}
             ppl_fp = jsonable(perplexity_fingerprint(plan, run))
             todo = [p for p in points if (cached[p].get("perplexity") or {}).get("fingerprint") != ppl_fp]
             if todo and plan.holdouts:

@@ -18,6 +18,7 @@ from ...utils.files import atomic_target, atomic_write_text
 from ...utils.flops import flops_per_token
 from ...utils.loading import is_duo_model
 from ...utils.run_files import TRAIN_RESULTS_FILE
+from ...utils.schema import ABLATION_RUN_SCHEMA, TRAIN_RESULTS_SCHEMA
 from ...utils.tables import markdown_table
 from .benchmarks import BENCHMARK_CHANCE, BENCHMARK_METRICS, BENCHMARK_NAMES
 from .figure import plot_fig8
@@ -44,8 +45,8 @@ def build_rows(plan: AblationPlan, records: Mapping[str, Mapping[str, dict]]) ->
     for run in plan.runs:
         config = AutoConfig.from_pretrained(plan.run_dir(run))
         is_duo = is_duo_model(config)
-        timing = read_json(plan.run_dir(run) / RUN_INFO) or {}
-        results = read_json(plan.run_dir(run) / TRAIN_RESULTS_FILE) or {}
+        timing = read_json(plan.run_dir(run) / RUN_INFO, ABLATION_RUN_SCHEMA) or {}
+        results = read_json(plan.run_dir(run) / TRAIN_RESULTS_FILE, TRAIN_RESULTS_SCHEMA) or {}
         for key, record in records[run.name].items():
             p_big = None if key == "dense" else float(key.split("=")[1])
             ffn = (

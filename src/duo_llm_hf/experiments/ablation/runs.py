@@ -22,6 +22,7 @@ from ...utils.errors import UsageError
 from ...utils.files import atomic_target, atomic_write_text
 from ...utils.processes import process_state
 from ...utils.run_files import OVERWRITE_FLAG, TRAIN_RESULTS_FILE, TRAINING_ARGS_FILE, FingerprintMismatch
+from ...utils.schema import ABLATION_RUN_SCHEMA, JSON_OBJECT_SCHEMA, TRAIN_RESULTS_SCHEMA, TRAINING_ARGS_SCHEMA
 from .files import jsonable, read_json
 from .plan import AblationPlan, PlannedRun
 
@@ -40,10 +41,10 @@ def run_is_finished(run: PlannedRun, overwrite: bool = False) -> bool:
     A final model trained with other arguments is refused, or with ``overwrite`` counts as not finished (retrained).
     """
     folder = Path(run.args.output_dir)
-    results = read_json(folder / TRAIN_RESULTS_FILE)
+    results = read_json(folder / TRAIN_RESULTS_FILE, TRAIN_RESULTS_SCHEMA)
     if results is None:
         return False
-    saved = read_json(folder / TRAINING_ARGS_FILE) or {}
+    saved = read_json(folder / TRAINING_ARGS_FILE, TRAINING_ARGS_SCHEMA) or {}
     planned = _comparable_args(dataclasses.asdict(run.args))
     saved = _comparable_args(saved)
     changed = sorted(k for k in planned if saved.get(k) != planned[k])
@@ -94,10 +95,12 @@ RUN_INFO = "ablation_run.json"  # in each run folder: training time, and the mod
 
 def _stale_reason(plan: AblationPlan, run: PlannedRun, source) -> str | None:
     """Why a finished run no longer fits the plan (its source model retrained, another tokenizer), or None."""
-    recorded = (read_json(plan.run_dir(run) / RUN_INFO) or {}).get("init_from")
+    recorded = (read_json(plan.run_dir(run) / RUN_INFO, ABLATION_RUN_SCHEMA) or {}).get("init_from")
     if source is not None and recorded is not None and recorded != source:
         return f"was trained from an earlier '{run.depends_on}' model, which has been retrained since"
-    if read_json(plan.run_dir(run) / "tokenizer.json") != read_json(plan.tokenizer_dir / "tokenizer.json"):
+    if read_json(plan.run_dir(run) / "tokenizer.json", JSON_OBJECT_SCHEMA) != read_json(
+        plan.tokenizer_dir / "tokenizer.json", JSON_OBJECT_SCHEMA
+    ):
         return f"was trained with another tokenizer than {plan.tokenizer_dir}"
     return None
 
@@ -145,6 +148,6 @@ def train_runs(plan: AblationPlan, overwrite: bool = False) -> tuple[list[str], 
 def model_fingerprint(folder: Path) -> dict[str, Any]:
     weights = sorted(folder.glob("*.safetensors"))
     return {
-        "train_results": read_json(folder / TRAIN_RESULTS_FILE),
+        "train_results": read_json(folder / TRAIN_RESULTS_FILE, TRAIN_RESULTS_SCHEMA),
         "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
     }
