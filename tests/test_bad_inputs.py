@@ -622,8 +622,12 @@ def _unused_loopback_port() -> int:
         lambda a, o: router(a, o, "--model", "some-org/unreachable-duo"),
         lambda a, o: train(a, o, "--mode", "frozen-big", "--init-from", "some-org/unreachable-duo"),
         lambda a, o: ["convert", "some-org/unreachable-duo", "--output-dir", o],
+        lambda a, o: ["convert", a.dense, "--tokenizer", "some-org/unreachable-duo", "--output-dir", o],
+        lambda a, o: train(a, o, "--dataset", "hf:some-org/unreachable-duo"),
+        lambda a, o: train(a, o, "--holdout-english", "hf:some-org/unreachable-duo:en@test"),
     ],
-    ids=["oracle", "train-router", "train-frozen-big", "convert"],
+    ids=["oracle", "train-router", "train-frozen-big", "convert", "convert-tokenizer", "train-dataset",
+         "train-holdout"],
 )
 def test_unreachable_hub_name_fails_fast_in_one_line(assets, tmp_path, capsys, monkeypatch, argv):
     """Without HF_HUB_OFFLINE, a Hub name that is no local folder and not cached: one line within seconds (the Hub

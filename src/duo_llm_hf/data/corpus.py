@@ -34,6 +34,7 @@ from torch.utils.data import Sampler
 
 from ..utils.arguments import check_text_file
 from ..utils.errors import MissingFileError, UsageError
+from ..utils.hub import check_hub_name
 from . import BUILTIN, HUB_PREFIX, NONE
 
 if TYPE_CHECKING:  # imported where used: the model and benchmark code paths run where `datasets` is not installed
@@ -211,6 +212,7 @@ def parse_corpus_spec(spec: str, default_split: str = "train", field: str = "dat
         if not name:
             raise UsageError(f"{field}: {spec!r} has no dataset name; write hf:NAME[:CONFIG][@SPLIT].")
         hub_split = split or ("train" if default_split == "train" else "validation")
+        check_hub_name(name, field, repo_type="dataset")  # an unreachable Hub: one line now, not after retries
         return CorpusSpec("hub", name, config or None, hub_split)
     path = Path(spec).expanduser()
     if not path.exists():

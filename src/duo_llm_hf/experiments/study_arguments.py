@@ -18,6 +18,7 @@ def parse_holdouts(values: list) -> dict[str, str]:
     """``--holdout NAME=PATH`` values (repeated, or several after one flag) as name -> path; each path an existing
     text file or folder of text files (`data.corpus.parse_corpus_spec`); raise `UsageError` on a malformed value,
     a name used twice or taken by a built-in holdout, or a missing file."""
+    from ..data import HUB_PREFIX
     from ..data.corpus import HOLDOUTS, parse_corpus_spec
 
     flat = [v for item in values for v in (item if isinstance(item, list) else [item])]
@@ -33,8 +34,7 @@ def parse_holdouts(values: list) -> dict[str, str]:
             raise UsageError(f"--holdout: name {name!r} is taken by a built-in holdout or the report; choose another.")
         if name in holdouts:
             raise UsageError(f"--holdout: name {name!r} is given twice; give each holdout its own name.")
-        spec = parse_corpus_spec(path, "train", f"--holdout {name}")
-        if spec.kind != "local":
+        if path.startswith(HUB_PREFIX) or parse_corpus_spec(path, "train", f"--holdout {name}").kind != "local":
             raise UsageError(f"--holdout {name}: {path!r} is not a local text file or folder.")
         holdouts[name] = str(Path(path).expanduser().resolve())
     return holdouts

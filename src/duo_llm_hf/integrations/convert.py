@@ -108,6 +108,8 @@ def convert_checkpoint(
     """
     output = Path(output_dir).expanduser()
     check_output_folder(output, Path(source).expanduser(), overwrite)
+    if tokenizer is not None and is_hub_id(tokenizer):  # an unreachable Hub: one line now, not after the conversion
+        check_hub_name(str(tokenizer), "--tokenizer", "tokenizer_config.json")
     found = resolve_source(str(source), gguf_file)
     # Refuse another architecture before the weights load. A GGUF's config is parsed from all of its metadata, which
     # loading the weights does anyway: its architecture is checked first, its model_type once loaded.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import UsageError
@@ -45,20 +46,39 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
+def _dataset_cached(name: str) -> bool:
+    """Whether the Hub cache or the default `datasets` cache holds anything of the Hub dataset ``name`` (read
+    from the environment, so that checking a corpus spec does not import `datasets`)."""
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+    prepared = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    return hub.is_dir() or (prepared / name.replace("/", "___")).is_dir()
+
+
+def _cached(name: str, filename: str, repo_type: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    if repo_type == "dataset":
+        return _dataset_cached(name)
+    return isinstance(try_to_load_from_cache(name, filename, repo_type=repo_type), str)
+
+
 def check_hub_name(name: str, what: str, filename: str = "config.json", repo_type: str = "model") -> None:
     """Before ``name`` (a Hub id that is no local folder) is loaded: raise a one-line `UsageError` when the Hub
-    cannot be reached and the Hub cache does not hold ``filename`` of it. With the Hub unreachable and the name
-    cached, offline mode is switched on, so the cache is read at once rather than after the client's retries.
+    cannot be reached and the Hub cache does not hold ``filename`` of it (a dataset, ``repo_type="dataset"``:
+    anything of it, in the Hub cache or the `datasets` cache). With the Hub unreachable and the name cached, offline
+    mode is switched on, so the cache is read at once rather than after the client's retries.
 
     Nothing is probed in offline mode (``HF_HUB_OFFLINE=1``), where the Hub client fails fast on its own."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return
     reason = hub_unreachable()
     if reason is None:
         return
-    if isinstance(try_to_load_from_cache(name, filename, repo_type=repo_type), str):
+    if _cached(name, filename, repo_type):
         logger.warning("%s; reading %s from the Hub cache (offline mode)", reason, name)
         constants.HF_HUB_OFFLINE = True  # read at each call by huggingface_hub and transformers
         os.environ["HF_HUB_OFFLINE"] = "1"  # and by the libraries and processes that read the environment
