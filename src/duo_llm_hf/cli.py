@@ -8,6 +8,7 @@ every ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import sys
@@ -45,14 +46,18 @@ def eval_command(argv: list[str]) -> None:
     with ``trust_remote_code=True`` and the routing as config overrides)."""
     from lm_eval.__main__ import cli_evaluate
 
+    held = contextlib.nullcontext()
     if not any(arg in ("-h", "--help") for arg in argv):  # the harness's --help needs no model (nor torch)
-        from .integrations.lm_eval import check_duo_command_line  # (registers `duo` with the harness)
+        # (importing registers `duo` with the harness)
+        from .integrations.lm_eval import check_duo_command_line, progress_held_until_scoring
 
-        check_duo_command_line(argv)
+        if check_duo_command_line(argv):  # its bars wait until the model has checked the requests fit it
+            held = progress_held_until_scoring()
 
     sys.argv = ["duo-llm eval", *argv]  # the harness parses sys.argv itself
     try:
-        cli_evaluate()
+        with held:
+            cli_evaluate()
     except ValueError as err:
         if not str(err).startswith("Tasks not found"):  # the harness's word for tasks it does not know
             raise

@@ -550,8 +550,11 @@ def test_lm_eval_command_model_hf(duo_model, tokenizer, task_manager, tmp_path):
     assert max_difference(loglikelihoods(results), loglikelihoods(expected)) < LL_TOL
 
 
-def test_duo_llm_eval_command(duo_model, tokenizer, tmp_path, monkeypatch):
-    """`duo-llm eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25` (the harness's CLI)."""
+def test_duo_llm_eval_command(duo_model, tokenizer, tmp_path, monkeypatch, capsys):
+    """`duo-llm eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25` (the harness's CLI). The
+    harness's progress bars, held back until the model has checked its requests, are all written out."""
+    import sys
+
     import functools
 
     import lm_eval.tasks
@@ -563,7 +566,11 @@ def test_duo_llm_eval_command(duo_model, tokenizer, tmp_path, monkeypatch):
     local_only = functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", local_only)
     model_args = f"pretrained={folder},routing=random,p_big=0.25"
+    stderr = sys.stderr
     assert main(["eval", *cli_args("duo", model_args, tmp_path / "out")[1:]]) == 0
+    assert sys.stderr is stderr
+    err = capsys.readouterr().err
+    assert "Tokenizing inputs: 100%" in err and "Running loglikelihood requests" in err, err
     results = read_outputs(tmp_path / "out")
     assert results["config"]["duo_routing"]["route_probs"] == {"small": 0.75, "big": 0.25}
     assert len(loglikelihoods(results)) == 12

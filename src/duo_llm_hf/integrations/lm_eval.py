@@ -24,8 +24,10 @@ in Python.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +156,11 @@ def check_duo_source(pretrained: str | os.PathLike, *routing_args) -> None:
         routing_settings(config, *routing_args)
 
 
-def check_duo_command_line(argv: list[str]) -> None:
+def check_duo_command_line(argv: list[str]) -> bool:
     """``duo-llm eval``: check the `duo` model's arguments (`check_duo_source`) before the harness starts, so a
     missing folder, a dense model or a wrong routing is one line before any of the harness's output. The model
-    arguments are read with the harness's own action (``key=val,...``, several of them, or JSON)."""
+    arguments are read with the harness's own action (``key=val,...``, several of them, or JSON). Returns whether
+    the command evaluates the `duo` model."""
     import argparse
 
     from lm_eval._cli.utils import MergeDictAction
@@ -168,10 +171,60 @@ def check_duo_command_line(argv: list[str]) -> None:
     try:
         known, _ = parser.parse_known_args(argv)
     except (SystemExit, ValueError):  # the harness's parser says what is wrong, its way
-        return
+        return False
     model_args = known.model_args or {}
     if known.model == "duo" and isinstance(model_args.get("pretrained"), str):
         check_duo_source(model_args["pretrained"], *(model_args.get(name) for name in ROUTING_ARGS))
+    return known.model == "duo"
+
+
+class _HeldStream:
+    """A stand-in for ``sys.stderr`` that keeps what is written until `release` (then writes it through)."""
+
+    def __init__(self, target):
+        self.target, self.parts, self.released = target, [], False
+
+    def write(self, text: str) -> int:
+        if self.released:
+            return self.target.write(text)
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.released:
+            self.target.flush()
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.target.write("".join(self.parts))
+            self.parts.clear()
+
+    def __getattr__(self, name):  # encoding, isatty, fileno, ...: the real stream's
+        return getattr(self.target, name)
+
+
+@contextlib.contextmanager
+def progress_held_until_scoring():
+    """Hold back what is written to stderr (the harness's progress bars of building and tokenising the requests)
+    until `DuoLM` has checked that the requests fit the model and starts scoring. A request the model cannot take
+    is then one error line, not one after the harness's bars; the harness's logging keeps its own stream."""
+    target = sys.stderr
+    held = sys.stderr = _HeldStream(target)
+    try:
+        yield held
+    except UsageError:
+        held.parts.clear()  # the bars of the work refused: only the error line follows
+        raise
+    finally:
+        held.release()
+        sys.stderr = target
+
+
+def release_held_progress() -> None:
+    """Write out and stop holding stderr (`progress_held_until_scoring`): the model starts scoring."""
+    if isinstance(sys.stderr, _HeldStream):
+        sys.stderr.release()
 
 
 @register_model("duo")
@@ -222,7 +275,16 @@ class DuoLM(HFLM):
                 "positions this model can take (max_position_embeddings); evaluate it on another task, or a model "
                 "with more positions."
             )
+        release_held_progress()
         return super()._loglikelihood_tokens(requests, *args, **kwargs)
+
+    def loglikelihood_rolling(self, *args, **kwargs):
+        release_held_progress()
+        return super().loglikelihood_rolling(*args, **kwargs)
+
+    def generate_until(self, *args, **kwargs):
+        release_held_progress()
+        return super().generate_until(*args, **kwargs)
 
     @property
     def routing(self) -> dict[str, Any]:
