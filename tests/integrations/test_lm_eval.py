@@ -553,9 +553,8 @@ def test_lm_eval_command_model_hf(duo_model, tokenizer, task_manager, tmp_path):
 def test_duo_llm_eval_command(duo_model, tokenizer, tmp_path, monkeypatch, capsys):
     """`duo-llm eval --model duo --model_args pretrained=DIR,routing=random,p_big=0.25` (the harness's CLI). The
     harness's progress bars, held back until the model has checked its requests, are all written out."""
-    import sys
-
     import functools
+    import sys
 
     import lm_eval.tasks
 
