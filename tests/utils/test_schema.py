@@ -135,6 +135,37 @@ def _card_metrics(tmp_path, value):
     return load_metrics(str(tmp_path / "figures.json"))
 
 
+def _study_stage_seconds(tmp_path, value):
+    from duo_llm_hf.experiments.report import stage_seconds
+
+    (tmp_path / "oracle").mkdir()
+    (tmp_path / "oracle" / "stage_done.json").write_text(json.dumps(value))
+    return stage_seconds(tmp_path)
+
+
+def _study_training_record(tmp_path, value):
+    from types import SimpleNamespace
+
+    from duo_llm_hf.experiments.report import _training_record
+
+    (tmp_path / "train_results.json").write_text(json.dumps(value))
+    return _training_record(tmp_path / "study", SimpleNamespace(model=str(tmp_path)))
+
+
+def _hellaswag_run(tmp_path, value):
+    from duo_llm_hf.experiments.hellaswag import HellaSwagRuns
+
+    (tmp_path / "converted.json").write_text(json.dumps(value))
+    return HellaSwagRuns(tmp_path, "unused").run("converted", make_lm=None, limit=10)
+
+
+def _fixed_sets(tmp_path, value):
+    from duo_llm_hf.utils.schema import FIXED_SETS_SCHEMA
+
+    (tmp_path / "fixed_sets.json").write_text(json.dumps(value))
+    return read_state_file(tmp_path / "fixed_sets.json", FIXED_SETS_SCHEMA)
+
+
 GOOD_HOLDOUT = {"ppl": 12.5, "realised": {"overall": {"big": 0.5, "small": 0.5}}}
 
 
@@ -162,6 +193,11 @@ GOOD_HOLDOUT = {"ppl": 12.5, "realised": {"overall": {"big": 0.5, "small": 0.5}}
         (_card_run_file("lm_eval_results.json"), {"results": {"hellaswag": 0.3}}, "lm_eval_results.json",
          "field 'results.hellaswag'"),
         (_card_metrics, [1, 2], "figures.json", "the file is an array"),
+        (_study_stage_seconds, {"seconds": "12"}, "stage_done.json", "field 'seconds'"),
+        (_study_training_record, {"global_step": 3, "eval": [1]}, "train_results.json", "field 'eval'"),
+        (_hellaswag_run, {"items": 10, "acc_norm": 0.3}, "converted.json", "field 'acc_norm_stderr' is missing"),
+        (_fixed_sets, {"1": {"skipped": [3], "loss": 2.5, "greedy_skipped": 3, "search": "exact"}},
+         "fixed_sets.json", "field '1.greedy_skipped'"),
     ],
 )  # fmt: skip
 def test_files_read_back_of_the_wrong_shape_are_one_error(tmp_path, read, value, file, field):

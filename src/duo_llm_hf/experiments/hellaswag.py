@@ -5,11 +5,11 @@ Each run is kept in ``hellaswag/<name>.json`` (acc_norm, its stderr, acc, the it
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from ..utils.files import atomic_write_json
+from ..utils.schema import HELLASWAG_RUN_SCHEMA, read_state_file
 
 HELLASWAG_FILE = "hellaswag_val.jsonl"
 TASK = "hellaswag_local"
@@ -55,7 +55,7 @@ class HellaSwagRuns:
         """The run ``name`` (``folder/<name>.json``), evaluated with the model ``make_lm()`` gives unless kept."""
         path = self.folder / f"{name}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_state_file(path, HELLASWAG_RUN_SCHEMA)
         if self._task_manager is None:
             from ..integrations.lm_eval import local_task_manager
 

@@ -25,6 +25,7 @@ from ..utils.run_files import (
     STUDY_REPORT_HTML_FILE,
     TRAIN_RESULTS_FILE,
 )
+from ..utils.schema import STUDY_RECORD_SCHEMA, read_state_file
 from ..utils.tables import markdown_table
 from . import analysis
 
@@ -72,7 +73,7 @@ def collect_metrics(config, model, stages, oracle, skip, causal, routers, n_laye
 def _training_record(out: Path, config) -> dict:
     """Steps, tokens and last evaluation of stage 1: the study's own run, or what a given model folder recorded."""
     marker = Path(config.model) / TRAIN_RESULTS_FILE if config.model else out / "model" / STAGE_DONE_FILE
-    record = json.loads(marker.read_text()) if marker.exists() else {}
+    record = read_state_file(marker, STUDY_RECORD_SCHEMA) if marker.exists() else {}
     return {
         "global_step": record.get("global_step", 0),
         "tokens_seen": record.get("tokens_seen", 0),
@@ -207,7 +208,7 @@ def router_gaps(metrics: dict) -> dict:
 def stage_seconds(out: Path) -> dict[str, float]:
     seconds = {}
     for marker in sorted(out.glob(f"**/{STAGE_DONE_FILE}")):
-        seconds[str(marker.parent.relative_to(out))] = json.loads(marker.read_text()).get("seconds", 0.0)
+        seconds[str(marker.parent.relative_to(out))] = read_state_file(marker, STUDY_RECORD_SCHEMA).get("seconds", 0.0)
     return seconds
 
 

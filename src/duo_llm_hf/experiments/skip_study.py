@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from ..models.routes import BIG, SKIP, pattern_to_str
 from ..oracle.spaces import RouteSpace
 from ..utils.files import atomic_save_tensors, atomic_write_json
+from ..utils.schema import FIXED_SETS_SCHEMA, read_state_file
 from . import skip_analysis
 
 TABLE_FILE = "losses.safetensors"
@@ -169,7 +170,7 @@ def fixed_stage(stages, model, table: dict) -> dict:
         return {"sets": len(sets)}
 
     stages.run(f"fixed skip sets ({', '.join(map(str, config.fixed_moved))} FFNs)", folder, work)
-    return json.loads((folder / "fixed_sets.json").read_text())
+    return read_state_file(folder / "fixed_sets.json", FIXED_SETS_SCHEMA)
 
 
 def skip_pattern(n: int, skipped: list[int]) -> str:

@@ -154,6 +154,14 @@ ABLATION_EVAL_SCHEMA = {  # one evaluation point of one ablation run, as cached
     "perplexity": Optional({"fingerprint": Optional(dict), "metrics": Optional(MapOf((float, type(None))))}),
     "benchmarks": Optional({"fingerprint": Optional(dict), "metrics": Optional(dict)}),
 }
+STUDY_RECORD_SCHEMA = {  # stage 1's record as the study report reads it (train_results.json or stage_done.json)
+    "global_step": Optional(int), "tokens_seen": Optional(int), "eval": Optional(dict), "seconds": Optional(float),
+}  # fmt: skip
+FIXED_SETS_SCHEMA = MapOf({"skipped": ListOf(int), "loss": float, "greedy_skipped": ListOf(int), "search": str})
+HELLASWAG_RUN_SCHEMA = {
+    "items": int, "acc_norm": float, "acc_norm_stderr": (float, str), "acc": float, "acc_stderr": (float, str),
+    "loglikelihoods": ListOf(ListOf(float)),
+}  # fmt: skip
 JSON_OBJECT_SCHEMA: Mapping = {}  # any object (a tokenizer.json compared whole, a card's figures)
 LM_EVAL_RESULTS_SCHEMA = {"results": MapOf(dict), "n-shot": Optional(dict), "config": Optional(dict)}
 
@@ -162,6 +170,8 @@ __all__ = [
     "ABLATION_EVAL_SCHEMA",
     "ABLATION_RUN_SCHEMA",
     "FINISHED_RUN_SCHEMA",
+    "FIXED_SETS_SCHEMA",
+    "HELLASWAG_RUN_SCHEMA",
     "JSON_OBJECT_SCHEMA",
     "LM_EVAL_RESULTS_SCHEMA",
     "ListOf",
@@ -171,6 +181,7 @@ __all__ = [
     "ORACLE_SUMMARY_SCHEMA",
     "ROUTER_REPORT_SCHEMA",
     "STAGE_DONE_SCHEMA",
+    "STUDY_RECORD_SCHEMA",
     "STUDY_SETTINGS_SCHEMA",
     "TRAIN_RESULTS_SCHEMA",
     "TRAIN_STATE_SCHEMA",
