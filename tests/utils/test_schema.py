@@ -166,6 +166,13 @@ def _fixed_sets(tmp_path, value):
     return read_state_file(tmp_path / "fixed_sets.json", FIXED_SETS_SCHEMA)
 
 
+def _card_config(tmp_path, value):
+    from duo_llm_hf.integrations.model_card import read_config
+
+    (tmp_path / "config.json").write_text(json.dumps(value))
+    return read_config(tmp_path)
+
+
 GOOD_HOLDOUT = {"ppl": 12.5, "realised": {"overall": {"big": 0.5, "small": 0.5}}}
 
 
@@ -193,6 +200,7 @@ GOOD_HOLDOUT = {"ppl": 12.5, "realised": {"overall": {"big": 0.5, "small": 0.5}}
         (_card_run_file("lm_eval_results.json"), {"results": {"hellaswag": 0.3}}, "lm_eval_results.json",
          "field 'results.hellaswag'"),
         (_card_metrics, [1, 2], "figures.json", "the file is an array"),
+        (_card_config, [1, 2], "config.json", "the file is an array"),
         (_study_stage_seconds, {"seconds": "12"}, "stage_done.json", "field 'seconds'"),
         (_study_training_record, {"global_step": 3, "eval": [1]}, "train_results.json", "field 'eval'"),
         (_hellaswag_run, {"items": 10, "acc_norm": 0.3}, "converted.json", "field 'acc_norm_stderr' is missing"),

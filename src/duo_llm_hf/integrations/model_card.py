@@ -182,9 +182,10 @@ def read_config(model_dir: Path) -> dict:
             f"model_dir: {str(model_dir)!r} has no config.json; pass the folder that save_pretrained wrote."
         )
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"model_dir: {str(path)!r} is not valid JSON ({err}); is this a saved model?") from err
+    return check_state(config, JSON_OBJECT_SCHEMA, path)
 
 
 def collect_figures(model_dir: Path, metrics=None) -> dict:
