@@ -245,7 +245,7 @@ def test_an_ablation_run_with_other_arguments_is_retrained_only_when_asked(tmp_p
     run = SimpleNamespace(name="duo", args=args)
     folder = Path(args.output_dir)
     folder.mkdir()
-    (folder / "train_results.json").write_text("{}")
+    (folder / "train_results.json").write_text(json.dumps({"global_step": 2, "tokens_seen": 64, "run_id": None}))
     (folder / "training_args.json").write_text(json.dumps({**dataclasses.asdict(args), "learning_rate": 1.0}))
     with pytest.raises(UsageError, match=f"other arguments \\(learning_rate: 1.0 -> 0.003\\).*{OVERWRITE_FLAG}"):
         run_is_finished(run)
