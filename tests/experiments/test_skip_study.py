@@ -27,7 +27,11 @@ def tiny_overrides(source: str, hellaswag: str | None) -> dict:
         oracle_blocks=4,
         causal_blocks=1,
         fixed_blocks=2,
-        fixed_moved=(2, 3),
+        fixed_moved=(2, 3, 4),
+        moved_exact_other=1,
+        moved_search=(3,),
+        search_width=2,
+        search_best_of_k=5,
         router_budgets=(2,),
         router={"max_steps": 2, "batch_size": 2, "eval_every": 0},
         bootstrap_samples=50,
@@ -72,11 +76,20 @@ def test_skip_study_end_to_end(tiny_llama_folder, tmp_path):
         out, "smollm2", progress=False, **tiny_overrides(tiny_llama_folder, str(FIXTURE_DATA_DIR / "hellaswag"))
     )
     assert metrics["kind"] == "skip" and metrics["model"]["layers"] == LAYERS
+    english, code = metrics["holdouts"]["english"], metrics["holdouts"]["code"]
+    # Exact up to 2 FFNs skipped on the first holdout (1 on the others), then the beam at 3 on the first only.
+    assert [(m, v["search"]) for m, v in english["by_moved"].items()] == [("1", "exact"), ("2", "exact"), ("3", "beam")]
+    assert [(m, v["patterns"]) for m, v in code["by_moved"].items()] == [("1", 30)]
+    beam = english["by_moved"]["3"]
+    assert beam["budget_size"] == 4060 and 5 < beam["patterns"] < 4060 and len(beam["fixed_skipped"]) == 3
+    assert beam["oracle"]["ppl"] <= beam["best_of_5"]["ppl"]  # the 5 random draws are among the patterns searched
+    gap = english["search"]["gap"]
+    assert gap["moved"] == 2 and gap["oracle"]["ratio"] >= 1 - 1e-6 and gap["fixed"]["ratio"] >= 1 - 1e-6
+    assert "search" not in code
     for holdout in ("english", "code"):
         h = metrics["holdouts"][holdout]
         assert h["blocks"] == 4 and h["tokens"] == 4 * 15
-        assert [v["patterns"] for v in h["by_moved"].values()] == [30, 435]
-        for v in h["by_moved"].values():
+        for v in (v for v in h["by_moved"].values() if v["search"] == "exact"):
             assert v["oracle"]["ppl"] <= v["best_of_100"]["ppl"] <= v["fixed"]["ppl"]
             assert v["oracle"]["low"] <= v["oracle"]["ppl"] <= v["oracle"]["high"]
             curve = v["best_of_k_curve"]["ppl"]  # a random pattern, down to the oracle at K = all
@@ -85,11 +98,15 @@ def test_skip_study_end_to_end(tiny_llama_folder, tmp_path):
     assert metrics["holdouts"]["english"]["causal"]["blocks"] == 1  # the causal oracle on the first holdout only
     assert "causal" not in metrics["holdouts"]["code"]
     sets = metrics["fixed_sets"]
-    assert sets["2"]["search"] == "exact" and sets["3"]["search"] == "greedy" and len(sets["3"]["skipped"]) == 3
+    assert [sets[m]["search"] for m in ("2", "3", "4")] == ["exact", "beam", "greedy"]
+    assert len(sets["3"]["skipped"]) == 3
+    assert set(sets["3"]["skipped"]) < set(sets["4"]["skipped"])  # greedy goes on from the beam's set
     assert sets["2"]["loss"] <= sets["2"]["greedy_loss"] + 1e-9  # exact is never worse than greedy
     hellaswag = metrics["hellaswag"]
     runs = hellaswag["runs"]
-    assert set(runs) == {"source", "converted_all_big", "all_big", "fixed_skip2", "fixed_skip3", "router_skip2"}
+    assert set(runs) == {
+        "source", "converted_all_big", "all_big", "fixed_skip2", "fixed_skip3", "fixed_skip4", "router_skip2"
+    }  # fmt: skip
     assert runs["all_big"]["items"] == 3 and runs["source"]["items"] == 3
     # The end-to-end test of conversion: the dense source (lm-eval's hf model) and the converted model all-BIG
     # score the same items identically, every choice's log-likelihood included.
@@ -98,6 +115,7 @@ def test_skip_study_end_to_end(tiny_llama_folder, tmp_path):
     for finding in metrics["findings"]:
         assert finding["statement"] in report
     assert "A tiny random Llama of the tests." in report and "Left out, and why" in report
+    assert "beam search (width 2" in report and "Measured gap of one beam step at 2 FFNs skipped" in report
     assert "Findings of the paper, for this model" in summary_table(metrics)
     # A re-run reuses every stage (and gives the same numbers).
     again = run_study(
@@ -214,8 +232,43 @@ def test_findings_follow_from_the_numbers():
     assert not flipped["causal_oracle_beats_fixed"]["reproduced"]
 
 
-def test_interpolation_between_exact_budgets():
-    by_moved = {"1": {"fixed": _ci(60.0)}, "2": {"fixed": _ci(80.0)}}
+def test_interpolation_between_measured_budgets():
+    by_moved = {"1": {"fixed": _ci(60.0)}, "2": {"fixed": _ci(80.0)}, "4": {"fixed": _ci(160.0)}}
     assert interpolate_moved(by_moved, 50.0, "fixed", 0.0) == pytest.approx(50.0)
     assert interpolate_moved(by_moved, 50.0, "fixed", 1.5) == pytest.approx(math.sqrt(60.0 * 80.0))
-    assert interpolate_moved(by_moved, 50.0, "fixed", 2.5) is None
+    # Between 2 and 4 (3 was not measured): halfway in log perplexity.
+    assert interpolate_moved(by_moved, 50.0, "fixed", 3.0) == pytest.approx(math.sqrt(80.0 * 160.0))
+    assert interpolate_moved(by_moved, 50.0, "fixed", 4.0) == pytest.approx(160.0)
+    assert interpolate_moved(by_moved, 50.0, "fixed", 4.5) is None
+
+
+def test_beam_keeps_the_best_by_loss_and_by_tokens_won():
+    from duo_llm_hf.experiments.skip_search import kept_for_next_level
+    from duo_llm_hf.oracle.search import SearchSettings
+
+    # Row 0: lowest mean; row 2: wins most tokens (very low on a few, high elsewhere); row 1: neither.
+    losses = torch.tensor([[[1.0, 1.0, 1.0, 1.0]], [[1.5, 1.5, 1.5, 1.5]], [[9.0, 0.1, 0.1, 0.1]]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    assert kept_for_next_level(losses, mask, SearchSettings("beam", 1)).tolist() == [0, 2]
+    assert kept_for_next_level(losses, mask, SearchSettings("greedy")).tolist() == [0]
+    assert kept_for_next_level(losses, mask, SearchSettings("beam", 3)).tolist() == [0, 1, 2]
+
+
+def test_beam_gap_inside_the_exact_table():
+    from duo_llm_hf.experiments.skip_search import table_beam_gap
+    from duo_llm_hf.oracle.search import SearchSettings
+
+    space, losses = synthetic_table()
+    table = {"losses": losses, "patterns": space.patterns}
+    mask = torch.ones(8, 16, dtype=torch.bool)
+    wide = table_beam_gap(table, mask, SearchSettings("beam", 6))  # keeps every pattern of level 1: exact
+    assert wide["moved"] == 2 and wide["patterns_searched"] == wide["budget_size"] == 15
+    assert wide["oracle"]["ratio"] == pytest.approx(1.0) and wide["fixed"]["ratio"] == pytest.approx(1.0)
+    narrow = table_beam_gap(table, mask, SearchSettings("greedy"))  # one pattern kept: 5 children of 15
+    assert narrow["patterns_searched"] == 5
+    assert narrow["oracle"]["ratio"] > 1.0  # the per-token minimum over fewer patterns is higher
+    # Greedy keeps layer 5 skipped (free on average), and the best pair {4, 5} is among its children.
+    assert narrow["fixed"]["ratio"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        low = sa.moved_counts(space.patterns) <= 1
+        table_beam_gap({"losses": losses[low], "patterns": space.patterns[low]}, mask, SearchSettings("beam", 2))

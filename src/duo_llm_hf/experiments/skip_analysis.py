@@ -13,7 +13,13 @@ import math
 
 import torch
 
+from ..models.losses import IGNORE_INDEX, next_token_targets
 from ..models.routes import SKIP
+
+
+def token_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """Tokens with a next-token target (every position but the last of a block)."""
+    return next_token_targets(input_ids) != IGNORE_INDEX
 
 
 def moved_counts(patterns: torch.Tensor) -> torch.Tensor:
@@ -31,21 +37,19 @@ def method_losses(table: torch.Tensor, members: torch.Tensor, mask: torch.Tensor
     """Per-token losses ``[N, T]`` of the methods of one budget (the patterns flagged by ``members`` ``[P]``):
     ``oracle`` (per-token minimum), ``fixed`` (the pattern with the lowest mean loss) and ``best_of_k`` (the
     per-token minimum over ``best_of_k`` patterns drawn without replacement, seeded; all of them when the budget
-    has fewer). Also ``fixed_index`` and ``oracle_index`` (pattern rows of ``table``)."""
+    has fewer; left out when ``best_of_k`` is 0). Also ``fixed_index`` and ``oracle_index`` (pattern rows of
+    ``table``)."""
     rows = members.nonzero().flatten()
     sub = table[rows]
     means = masked_mean(sub, mask)
     fixed = int(rows[int(means.argmin())])
     oracle_loss, oracle_arg = sub.min(0)
-    generator = torch.Generator().manual_seed(seed)
-    drawn = rows[torch.randperm(len(rows), generator=generator)[: min(best_of_k, len(rows))]]
-    return {
-        "oracle": oracle_loss,
-        "oracle_index": rows[oracle_arg],
-        "fixed": table[fixed],
-        "fixed_index": fixed,
-        "best_of_k": table[drawn].min(0).values,
-    }
+    out = {"oracle": oracle_loss, "oracle_index": rows[oracle_arg], "fixed": table[fixed], "fixed_index": fixed}
+    if best_of_k:
+        generator = torch.Generator().manual_seed(seed)
+        drawn = rows[torch.randperm(len(rows), generator=generator)[: min(best_of_k, len(rows))]]
+        out["best_of_k"] = table[drawn].min(0).values
+    return out
 
 
 def expected_best_of_k(table: torch.Tensor, members: torch.Tensor, mask: torch.Tensor, ks: list[int]) -> list[float]:

@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from ..models.losses import IGNORE_INDEX, next_token_targets
 from . import skip_analysis as sa
 
 # The source the report compares HellaSwag with (read from the model card; zero-shot, lighteval).
@@ -31,21 +30,18 @@ LEFT_OUT = [
     "noise; the study searches BIG or SKIP only.",
     "Token difficulty against all-small: replaced by its skip analogue (the loss of the best fixed pattern with the "
     "most FFNs skipped, against what the per-token choice of the skipped FFNs gains).",
-    "Budgets beyond the exact ones in the oracle: exhaustive search at 30 layers grows as C(30, m); the oracle, "
-    "best-of-K and the causal oracle are reported where exact; fixed skip sets beyond are chosen greedily, with "
-    "the greedy search's gap to exact measured where exact is known.",
+    "Exact search beyond a few FFNs skipped: it grows as C(30, m). Larger budgets are searched by a beam (their "
+    "oracle and fixed are upper bounds, with the beam's gap measured where exact is known) and their best-of-K "
+    "curve is left out; fixed skip sets beyond every searched budget are chosen greedily, with the greedy "
+    "search's gap to exact measured where exact is known. The causal oracle runs at an exact budget only.",
 ]
 
 
-def token_mask(input_ids: torch.Tensor) -> torch.Tensor:
-    """Tokens with a next-token target (every position but the last of a block)."""
-    return next_token_targets(input_ids) != IGNORE_INDEX
-
-
-def holdout_metrics(table: dict, config, causal: dict | None, routers: dict, holdout: str) -> dict:
-    """Every number of one holdout, from its loss table (`skip_study.table_stage`)."""
+def holdout_metrics(table: dict, config, causal: dict | None, search: dict | None, routers: dict, holdout: str) -> dict:
+    """Every number of one holdout, from its loss table (`skip_study.table_stage`) and, on the first holdout, the
+    beam's levels beyond it (`skip_search.search_stage`)."""
     losses, patterns, ids = table["losses"], table["patterns"], table["input_ids"]
-    mask = token_mask(ids)
+    mask = sa.token_mask(ids)
     moved = sa.moved_counts(patterns)
     samples, seed = config.bootstrap_samples, config.seed
 
@@ -55,27 +51,36 @@ def holdout_metrics(table: dict, config, causal: dict | None, routers: dict, hol
     all_big = losses[int((moved == 0).nonzero()[0])]
     by_moved = {}
     indices = {}
-    for m in range(1, config.moved_exact + 1):
+    top = int(moved.max())
+    for m in range(1, top + 1):
         members = moved == m
         methods = sa.method_losses(losses, members, mask, config.best_of_k, seed)
         size = int(members.sum())
         ks = sa.curve_ks(size)
-        usage = sa.skip_usage(patterns, methods["oracle_index"], mask)
         indices[m] = methods
         by_moved[str(m)] = {
             "patterns": size,
-            "oracle": ci(methods["oracle"]),
+            "search": "exact",
+            **_method_entries(methods, patterns, mask, ci),
             f"best_of_{config.best_of_k}": ci(methods["best_of_k"]),
-            "fixed": ci(methods["fixed"]),
-            "fixed_skipped": (patterns[methods["fixed_index"]] == sa.SKIP).nonzero().flatten().tolist(),
             "best_of_k_curve": {
                 "k": ks,
                 "ppl": [math.exp(v) for v in sa.expected_best_of_k(losses, members, mask, ks)],
             },
-            "oracle_skip_usage": usage,
-            "oracle_skip_center": sa.skip_center(usage),
         }
-    top = config.moved_exact
+    for m, level in (search or {}).get("levels", {}).items():
+        everything = torch.ones(len(level["patterns"]), dtype=torch.bool)
+        methods = sa.method_losses(level["losses"], everything, mask, 0, seed)
+        entry = {
+            "patterns": len(level["patterns"]),
+            "budget_size": math.comb(len(patterns[0]), int(m)),
+            "search": "beam",
+            **_method_entries(methods, level["patterns"], mask, ci),
+        }
+        sampled = level["sampled"].bool()
+        if sampled.any():
+            entry[f"best_of_{config.search_best_of_k}"] = ci(level["losses"][sampled].min(0).values)
+        by_moved[str(m)] = entry
     everything = losses.min(0).values
     out = {
         "blocks": int(ids.shape[0]),
@@ -85,6 +90,8 @@ def holdout_metrics(table: dict, config, causal: dict | None, routers: dict, hol
         "schedules": schedule_metrics(losses, moved, mask, config),
         "difficulty": sa.difficulty(indices[top]["fixed"], everything, all_big, mask),
     }
+    if search:
+        out["search"] = {**search["search"], "gap": search["gap"]}
     if causal is not None:
         rows = slice(0, causal["loss"].shape[0])
         m = config.moved_causal
@@ -106,11 +113,24 @@ def holdout_metrics(table: dict, config, causal: dict | None, routers: dict, hol
     return out
 
 
+def _method_entries(methods: dict, patterns: torch.Tensor, mask: torch.Tensor, ci) -> dict:
+    """The oracle's and the fixed pattern's perplexities, the fixed pattern's skipped layers and the oracle's
+    layer usage, for one budget (`skip_analysis.method_losses` over ``patterns``)."""
+    usage = sa.skip_usage(patterns, methods["oracle_index"], mask)
+    return {
+        "oracle": ci(methods["oracle"]),
+        "fixed": ci(methods["fixed"]),
+        "fixed_skipped": (patterns[methods["fixed_index"]] == sa.SKIP).nonzero().flatten().tolist(),
+        "oracle_skip_usage": usage,
+        "oracle_skip_center": sa.skip_center(usage),
+    }
+
+
 def schedule_metrics(losses: torch.Tensor, moved: torch.Tensor, mask: torch.Tensor, config) -> dict:
     """The oracle under budgets that change along the sequence (the paper's Fig. 4c, in FFNs skipped): ``a:b``
     skips ``a`` FFNs at the first position, falling (or rising) linearly to ``b`` at the last, against a constant
     budget of their mean, each the per-token minimum over the patterns its position allows."""
-    top = config.moved_exact
+    top = int(moved.max())
     if top < 2:
         return {}
     seq_len = losses.shape[-1]
@@ -132,14 +152,14 @@ def log_gap_share(method: float, fixed: float, oracle: float) -> float:
 
 
 def interpolate_moved(by_moved: dict, all_big: float, method: str, skipped: float) -> float | None:
-    """Perplexity of ``method`` at a fractional number of skipped FFNs, linear in log perplexity between the whole
-    budgets around it (0 is all-BIG); None beyond the exact budgets."""
+    """Perplexity of ``method`` at a fractional number of skipped FFNs, linear in log perplexity between the
+    nearest budgets around it that were measured (0 is all-BIG); None beyond the largest."""
     points = {0: all_big, **{int(m): v[method]["ppl"] for m, v in by_moved.items()}}
     if skipped > max(points) or skipped < 0:
         return None
-    low = int(math.floor(skipped))
-    high = min(low + 1, max(points))
-    share = skipped - low if high > low else 0.0
+    low = max(m for m in points if m <= skipped)
+    high = min(m for m in points if m >= skipped)
+    share = (skipped - low) / (high - low) if high > low else 0.0
     return math.exp(math.log(points[low]) + share * (math.log(points[high]) - math.log(points[low])))
 
 
@@ -155,11 +175,13 @@ def skip_findings(metrics: dict) -> list[dict]:
                 {"id": key, "holdout": holdout, "statement": statement, "reproduced": bool(holds), "numbers": numbers}
             )
 
-        ppl = {m: {k: v[k]["ppl"] for k in ("oracle", best_of, "fixed")} for m, v in h["by_moved"].items()}
+        ppl = {
+            m: {k: v[k]["ppl"] for k in ("oracle", best_of, "fixed")} for m, v in h["by_moved"].items() if best_of in v
+        }
         finding(
             "oracle_beats_random_beats_fixed",
-            f"oracle <= {best_of.replace('_', '-')} < fixed at every exact budget (equal where the budget holds "
-            "no more patterns than K)",
+            f"oracle <= {best_of.replace('_', '-')} < fixed at every budget with best-of-K (equal where the budget "
+            "holds no more patterns than K; at a beam budget the oracle and fixed are over the patterns searched)",
             all(v["oracle"] <= v[best_of] < v["fixed"] for v in ppl.values()),
             ppl,
         )
@@ -187,10 +209,11 @@ def skip_findings(metrics: dict) -> list[dict]:
         )
         top = str(max(int(m) for m in h["by_moved"]))
         center = h["by_moved"][top]["oracle_skip_center"]
+        how = " (beam search)" if h["by_moved"][top].get("search") == "beam" else ""
         finding(
             "oracle_keeps_early_layers_at_high_budget",
-            f"at a high budget ({top} of {n} FFNs skipped) the oracle keeps the earlier layers BIG: its skipped FFNs "
-            f"lie above the middle layer {(n - 1) / 2:g} (mean index)",
+            f"at a high budget ({top} of {n} FFNs skipped{how}) the oracle keeps the earlier layers BIG: its skipped "
+            f"FFNs lie above the middle layer {(n - 1) / 2:g} (mean index)",
             center > (n - 1) / 2,
             {"mean_skipped_layer": center},
         )
@@ -302,8 +325,8 @@ def skip_report_blocks(metrics: dict) -> list[tuple]:
     for holdout, h in metrics["holdouts"].items():
         rows = [["0", "1", fmt_ci(h["all_big"]), fmt_ci(h["all_big"]), fmt_ci(h["all_big"]), "(all-BIG)"]]
         for m, v in h["by_moved"].items():
-            rows.append([m, fmt(v["patterns"]), fmt_ci(v["oracle"]), fmt_ci(v[best_of]), fmt_ci(v["fixed"]),
-                         " ".join(map(str, v["fixed_skipped"]))])  # fmt: skip
+            rows.append([m, _searched(v), fmt_ci(v["oracle"]), fmt_ci(v[best_of]) if best_of in v else "-",
+                         fmt_ci(v["fixed"]), " ".join(map(str, v["fixed_skipped"]))])  # fmt: skip
         blocks += [
             ("h", 2, f"{holdout} holdout ({h['blocks']} blocks, {fmt(h['tokens'])} tokens)"),
             (
@@ -312,12 +335,15 @@ def skip_report_blocks(metrics: dict) -> list[tuple]:
                 rows,
             ),
         ]
+        if "search" in h:
+            blocks.append(("p", _search_text(h["search"])))
         for m, v in h["by_moved"].items():
-            curve = v["best_of_k_curve"]
-            points = ", ".join(f"K={k}: {p:.2f}" for k, p in zip(curve["k"], curve["ppl"]))
-            blocks.append(
-                ("p", f"Best of K random patterns per token, {m} FFN(s) skipped (expected, exact): {points}.")
-            )
+            if "best_of_k_curve" in v:
+                curve = v["best_of_k_curve"]
+                points = ", ".join(f"K={k}: {p:.2f}" for k, p in zip(curve["k"], curve["ppl"]))
+                blocks.append(
+                    ("p", f"Best of K random patterns per token, {m} FFN(s) skipped (expected, exact): {points}.")
+                )
             usage = " ".join(f"{u:.2f}" for u in v["oracle_skip_usage"])
             blocks.append(("p", f"Oracle's share of tokens skipping each layer's FFN ({m} skipped): {usage}."))
         if "causal" in h:
@@ -352,6 +378,29 @@ def skip_report_blocks(metrics: dict) -> list[tuple]:
     return blocks
 
 
+def _searched(entry: dict) -> str:
+    """The patterns column: how many patterns the budget holds, or how many of them a search evaluated."""
+    from .report import fmt
+
+    if entry.get("search", "exact") == "exact":
+        return fmt(entry["patterns"])
+    return f"{fmt(entry['patterns'])} of {fmt(entry['budget_size'])} ({entry['search']})"
+
+
+def _search_text(search: dict) -> str:
+    """One sentence on how the budgets beyond the exact ones were searched, and the search's measured gap."""
+    gap = search["gap"]
+    return (
+        f"Budgets beyond {gap['moved']} FFNs skipped: beam search (width {search['width']}, kept by mean loss and "
+        "by tokens won, from every pattern of the last exact budget); the oracle and fixed there are over the "
+        f"patterns searched, so each is an upper bound on the exact figure. Measured gap of one beam step at "
+        f"{gap['moved']} FFNs skipped ({gap['patterns_searched']} of {gap['budget_size']} patterns searched): "
+        f"oracle {gap['oracle']['searched']:.2f} against exact {gap['oracle']['exact']:.2f} (ratio "
+        f"{gap['oracle']['ratio']:.3f}), fixed {gap['fixed']['searched']:.2f} against {gap['fixed']['exact']:.2f} "
+        f"(ratio {gap['fixed']['ratio']:.3f}). Each further beam step can add to that gap."
+    )
+
+
 def _perspective_blocks(metrics: dict) -> list[tuple]:
     return [
         ("h", 2, "The oracle's label-aware selection, in perspective"),
@@ -375,7 +424,8 @@ def _fixed_blocks(metrics: dict) -> list[tuple]:
         return []
     rows = [
         [m, s["search"], " ".join(map(str, s["skipped"])), fmt(math.exp(s["loss"])),
-         " ".join(map(str, s["greedy_skipped"])), fmt(math.exp(s["greedy_loss"]))]
+         " ".join(map(str, s.get("greedy_skipped", []))) or "-",
+         fmt(math.exp(s["greedy_loss"])) if "greedy_loss" in s else "-"]
         for m, s in sets.items()
     ]  # fmt: skip
     return [
@@ -383,8 +433,9 @@ def _fixed_blocks(metrics: dict) -> list[tuple]:
         (
             "p",
             f"Chosen on the first {metrics['settings']['fixed_blocks']} blocks of the {metrics['fixed_holdout']} "
-            "holdout: exact (every pattern) where the oracle's table holds the budget, greedy beyond (the best set "
-            "with one FFN fewer plus the cheapest next layer). The greedy columns run greedy from zero skipped; "
+            "holdout: exact (every pattern) where the oracle's table holds the budget, the best pattern the beam "
+            "searched where it searched, greedy beyond (the set with one FFN fewer plus the cheapest next layer). "
+            "The greedy columns run greedy from zero skipped; "
             "where exact is known, their difference is the measured gap of the greedy search.",
         ),
         ("table", ["FFNs skipped", "search", "skipped layers", "perplexity", "greedy: skipped", "greedy: ppl"], rows),
@@ -440,10 +491,11 @@ def skip_summary(metrics: dict) -> str:
             f"  0 all-BIG {fmt_ci(h['all_big'])}",
         ]
         for m, v in h["by_moved"].items():
-            lines.append(
-                f"  {m} oracle {fmt_ci(v['oracle'])}  {best_of.replace('_', '-')} {fmt_ci(v[best_of])}  "
-                f"fixed {fmt_ci(v['fixed'])}"
-            )
+            random = f"{best_of.replace('_', '-')} {fmt_ci(v[best_of])}  " if best_of in v else ""
+            how = "" if v.get("search", "exact") == "exact" else f" ({v['search']} search)"
+            lines.append(f"  {m} oracle {fmt_ci(v['oracle'])}  {random}fixed {fmt_ci(v['fixed'])}{how}")
+        if "search" in h:
+            lines.append("  " + _search_text(h["search"]))
     lines.append("Findings of the paper, for this model:")
     for f in metrics["findings"]:
         lines.append(f"  [{'holds' if f['reproduced'] else 'does NOT hold'}] ({f['holdout']}) {f['statement']}")

@@ -23,7 +23,6 @@ Every stage is kept in its folder and reused by a re-run, so an interrupted stud
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,11 +32,9 @@ from ..models.routes import BIG, SKIP, pattern_to_str
 from ..oracle.spaces import RouteSpace
 from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.schema import FIXED_SETS_SCHEMA, read_state_file
-from . import skip_analysis
+from . import skip_analysis, skip_search
 
 TABLE_FILE = "losses.safetensors"
-# Blocks per prefix-tree walk of the loss table (and per saved batch file).
-TABLE_BATCH = 4
 
 
 def moved_space(num_layers: int, moved: int) -> RouteSpace:
@@ -64,29 +61,21 @@ def convert_stage(stages, source: str) -> Path:
     return folder
 
 
-def table_stage(stages, model, holdout: str, blocks: torch.LongTensor) -> dict:
-    """``skip_oracle/<holdout>/``: the loss table ``[patterns, blocks, positions]`` of `moved_space`, computed
-    ``TABLE_BATCH`` blocks at a time (each batch saved as it finishes, so a killed run keeps them)."""
-    from ..oracle.engine import pattern_losses
-
-    config = stages.config
+def table_stage(stages, model, holdout: str, blocks: torch.LongTensor, moved: int) -> dict:
+    """``skip_oracle/<holdout>/``: the loss table ``[patterns, blocks, positions]`` of `moved_space` (at most
+    ``moved`` FFNs skipped), computed ``TABLE_BATCH`` blocks at a time (each batch saved as it finishes, so a
+    killed run keeps them)."""
     folder = stages.out / "skip_oracle" / holdout
-    space = moved_space(model.config.num_hidden_layers, config.moved_exact)
+    space = moved_space(model.config.num_hidden_layers, moved)
 
     def work() -> dict:
-        parts = []
-        for start in range(0, len(blocks), TABLE_BATCH):
-            path = folder / "batches" / f"batch_{start // TABLE_BATCH:05d}.safetensors"
-            if not path.is_file():
-                _, losses = pattern_losses(model, blocks[start : start + TABLE_BATCH].to(_device(model)), space)
-                atomic_save_tensors({"losses": losses.cpu().contiguous()}, path)
-            parts.append(load_file(path)["losses"])
-        tensors = {"losses": torch.cat(parts, 1), "patterns": space.patterns.clone(), "input_ids": blocks.clone()}
+        losses = skip_search.batched_pattern_losses(model, blocks, space, folder)
+        tensors = {"losses": losses, "patterns": space.patterns.clone(), "input_ids": blocks.clone()}
         atomic_save_tensors(tensors, folder / TABLE_FILE)
-        shutil.rmtree(folder / "batches")
+        skip_search.remove_batches(folder)
         return {"patterns": space.size, "blocks": len(blocks)}
 
-    stages.run(f"oracle, up to {config.moved_exact} FFNs skipped ({holdout}; {space.size} patterns)", folder, work)
+    stages.run(f"oracle, up to {moved} FFNs skipped ({holdout}; {space.size} patterns)", folder, work)
     return load_file(folder / TABLE_FILE)
 
 
@@ -123,14 +112,15 @@ def pattern_token_losses(model, blocks: torch.LongTensor, routes: torch.Tensor, 
     return torch.cat(out)
 
 
-def fixed_stage(stages, model, table: dict) -> dict:
+def fixed_stage(stages, model, table: dict, searched: dict) -> dict:
     """``fixed_skip/``: the best fixed skip set at every count of ``fixed_moved`` (static layer pruning), chosen by
     mean loss on the first ``fixed_blocks`` blocks of the first holdout (``table``'s).
 
-    Exact (every pattern of the table) up to ``moved_exact`` FFNs; beyond, greedy: the best set at m - 1 plus the
-    one layer whose skipping costs least. The greedy choice is also run from zero skipped FFNs up to
-    ``moved_exact``, and its mean loss there next to exact's is the measured gap of the greedy search.
-    Returns ``{m: {"skipped": [...], "loss": ..., "search": "exact"|"greedy", "greedy_loss": ...}}``.
+    Exact (every pattern of the table) up to the table's last level; at a level the beam searched (``searched``,
+    `skip_search.search_stage`'s levels), the best of the patterns searched; beyond, greedy: the set at m - 1 plus
+    the one layer whose skipping costs least. The greedy choice is also run from zero skipped FFNs up to the
+    table's last level, and its mean loss there next to exact's is the measured gap of the greedy search.
+    Returns ``{m: {"skipped": [...], "loss": ..., "search": "exact"|"beam"|"greedy", "greedy_loss": ...}}``.
     """
     config = stages.config
     folder = stages.out / "fixed_skip"
@@ -139,10 +129,10 @@ def fixed_stage(stages, model, table: dict) -> dict:
     def work() -> dict:
         losses, patterns = table["losses"][:, : config.fixed_blocks], table["patterns"]
         ids = table["input_ids"][: config.fixed_blocks]
-        mask = torch.ones(ids.shape, dtype=torch.bool)
-        mask[:, -1] = False
+        mask = skip_analysis.token_mask(ids)
         means = skip_analysis.masked_mean(losses, mask)
         moved = skip_analysis.moved_counts(patterns)
+        exact_top = int(moved.max())
 
         def mean_of(skipped: list[int]) -> float:
             pattern = torch.full((n,), BIG, dtype=torch.long)
@@ -152,17 +142,28 @@ def fixed_stage(stages, model, table: dict) -> dict:
                 return float(means[int(hit[0])])
             return float(skip_analysis.masked_mean(pattern_token_losses(model, ids, pattern), mask))
 
+        def best_of(rows_patterns: torch.Tensor, row_means: torch.Tensor) -> tuple[list[int], float]:
+            best = int(row_means.argmin())
+            return (rows_patterns[best] == SKIP).nonzero().flatten().tolist(), float(row_means[best])
+
         sets: dict[str, dict] = {}
         greedy: list[int] = []
         for m in range(1, max(config.fixed_moved) + 1):
-            tried = {layer: mean_of(sorted([*greedy, layer])) for layer in range(n) if layer not in greedy}
-            greedy = sorted([*greedy, min(tried, key=tried.get)])
-            entry = {"greedy_skipped": greedy, "greedy_loss": tried[min(tried, key=tried.get)]}
-            if m <= config.moved_exact:
+            if m <= exact_top or m not in searched:
+                # From zero inside the table (its gap to exact measured there), else from the set at m - 1.
+                start = greedy if m <= exact_top else sets[str(m - 1)]["skipped"]
+                tried = {layer: mean_of(sorted([*start, layer])) for layer in range(n) if layer not in start}
+                greedy = sorted([*start, min(tried, key=tried.get)])
+                entry = {"greedy_skipped": greedy, "greedy_loss": tried[min(tried, key=tried.get)]}
+            if m <= exact_top:
                 rows = (moved == m).nonzero().flatten()
-                best = int(rows[means[rows].argmin()])
-                exact = (patterns[best] == SKIP).nonzero().flatten().tolist()
-                entry.update(skipped=exact, loss=float(means[best]), search="exact")
+                skipped, loss = best_of(patterns[rows], means[rows])
+                entry.update(skipped=skipped, loss=loss, search="exact")
+            elif m in searched:
+                level = searched[m]
+                level_means = skip_analysis.masked_mean(level["losses"][:, : config.fixed_blocks], mask)
+                skipped, loss = best_of(level["patterns"], level_means)
+                entry = {"skipped": skipped, "loss": loss, "search": "beam"}
             else:
                 entry.update(skipped=greedy, loss=entry["greedy_loss"], search="greedy")
             sets[str(m)] = entry
@@ -310,20 +311,24 @@ def run_skip_study(stages, model_dir: Path) -> dict:
     tables, causal, blocks = {}, {}, {}
     for i, holdout in enumerate(study_holdouts(config)):
         blocks[holdout] = holdout_blocks(model_dir, config, holdout, config.oracle_blocks)
-        tables[holdout] = table_stage(stages, model, holdout, blocks[holdout])
+        moved = config.moved_exact if i == 0 or config.moved_exact_other is None else config.moved_exact_other
+        tables[holdout] = table_stage(stages, model, holdout, blocks[holdout], moved)
         if config.moved_causal and (config.causal_holdouts is None or i < config.causal_holdouts):
             causal[holdout] = causal_stage(stages, model, holdout, blocks[holdout])
     first = next(iter(tables))
-    fixed_sets = fixed_stage(stages, model, tables[first])
+    search = {}
+    if config.moved_search:
+        search[first] = skip_search.search_stage(stages, model, first, blocks[first], tables[first])
+    fixed_sets = fixed_stage(stages, model, tables[first], search[first]["levels"] if search else {})
     routers = {}
     if config.router_budgets and "conventional" in config.router_kinds:
         train_blocks = training_blocks(model_dir, config)
         routers = {m: router_stage(stages, model_dir, n, m, blocks, train_blocks) for m in config.router_budgets}
     hellaswag = hellaswag_stage(stages, model, model_dir, fixed_sets, routers)
-    return write_skip_report(stages, model, tables, causal, fixed_sets, routers, hellaswag, first)
+    return write_skip_report(stages, model, tables, causal, search, fixed_sets, routers, hellaswag, first)
 
 
-def write_skip_report(stages, model, tables, causal, fixed_sets, routers, hellaswag, first: str) -> dict:
+def write_skip_report(stages, model, tables, causal, search, fixed_sets, routers, hellaswag, first: str) -> dict:
     """``metrics.json``, ``report.md`` and ``report.html`` of the skip study; returns the metrics."""
     import dataclasses
 
@@ -347,7 +352,7 @@ def write_skip_report(stages, model, tables, causal, fixed_sets, routers, hellas
             "weights_note": config.weights_note,
         },
         "holdouts": {
-            h: holdout_metrics(t, config, causal.get(h), {str(m): r for m, r in routers.items()}, h)
+            h: holdout_metrics(t, config, causal.get(h), search.get(h), {str(m): r for m, r in routers.items()}, h)
             for h, t in tables.items()
         },
         "fixed_holdout": first,

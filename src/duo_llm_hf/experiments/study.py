@@ -113,6 +113,13 @@ class StudyConfig:
     source: str | None = None
     weights_note: str = ""
     moved_exact: int = 2
+    # Exact budgets on the holdouts after the first (None: moved_exact): C(30, 2) patterns cost 15 times C(30, 1).
+    moved_exact_other: int | None = None
+    # Budgets (FFNs skipped) beyond moved_exact searched by a beam on the first holdout (`skip_search`): every
+    # level up to the largest is searched; best-of-K draws search_best_of_k patterns at these levels (0: none).
+    moved_search: tuple[int, ...] = ()
+    search_width: int = 4
+    search_best_of_k: int = 0
     moved_causal: int = 1
     # The causal oracle (one tree walk per token) on the first N holdouts only; None: on every holdout.
     causal_holdouts: int | None = None

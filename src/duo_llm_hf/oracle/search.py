@@ -136,20 +136,26 @@ def next_beam(result: OracleResult, search: SearchSettings, later: Sequence[Laye
     space = result.space
     ranks = (space.members.any(0) & can_reach(space.patterns, later, space.num_layers, space.choices)).nonzero()
     ranks = ranks.squeeze(1)
+    mask = result.tensors["token_mask"].bool()
+    won = torch.bincount(space.ranks(result.tensors["oracle_index"][:, mask].reshape(-1)), minlength=space.size)
+    keep = beam_rows(result.tensors["pattern_loss_sum"][ranks], won[ranks], search)
+    return space.patterns[ranks[keep]]
+
+
+def beam_rows(loss_sums: torch.Tensor, won: torch.Tensor, search: SearchSettings) -> torch.Tensor:
+    """The rows (ascending) of the candidates a beam keeps, given each one's summed loss and the tokens it wins as
+    the per-token oracle's choice: the ``width`` lowest by loss and, for ``beam``, the ``width`` that win the most
+    tokens (tokens won > 0); ``greedy`` keeps the one lowest by loss. Ties go to the lowest row."""
     width = 1 if search.method == "greedy" else search.width
-    # Ranks ascend with the pattern index, so a stable sort breaks ties towards the lowest index.
-    by_loss = ranks[torch.argsort(result.tensors["pattern_loss_sum"][ranks], stable=True)[:width]]
-    keep = set(by_loss.tolist())
+    # A stable sort breaks ties towards the lowest row (rows ascend with the pattern index).
+    keep = set(torch.argsort(loss_sums, stable=True)[:width].tolist())
     if search.method == "beam":
-        mask = result.tensors["token_mask"].bool()
-        winners = result.tensors["oracle_index"][:, mask].reshape(-1)
-        won = torch.bincount(space.ranks(winners), minlength=space.size)[ranks]
         order = torch.argsort(-won, stable=True)[:width]
-        keep |= set(ranks[order[won[order] > 0]].tolist())
-    return space.patterns[sorted(keep)]
+        keep |= set(order[won[order] > 0].tolist())
+    return torch.tensor(sorted(keep), dtype=torch.long)
 
 
-def _sample_seed(seed: int, budget: LayerBudget) -> int:
+def sample_seed(seed: int, budget: LayerBudget) -> int:
     """The seed of one budget's best-of-K draw: a stable function of the run's seed and the budget's label."""
     return (seed * 1_000_003 + zlib.crc32(budget.label.encode())) % (1 << 63)
 
@@ -200,7 +206,7 @@ def run_beam_study(
         in_level = torch.stack([b.matches(_counts(candidates)) for b in level_budgets]).any(0)
         candidates = candidates[in_level]
         k = best_of_k if asked else 0
-        samples = [sample_budget(num_layers, choices, b, k, _sample_seed(seed, b)) for b in asked] if k else []
+        samples = [sample_budget(num_layers, choices, b, k, sample_seed(seed, b)) for b in asked] if k else []
         if not len(candidates) and not samples:
             raise UsageError(
                 f"the beam kept no pattern that reaches budget {level_budgets[0].label!r}; widen --beam-width or "
@@ -366,6 +372,7 @@ def route_space_for(config, budgets: Sequence, route_options: Sequence | None, s
 
 __all__ = [
     "SearchSettings",
+    "beam_rows",
     "budget_level",
     "gap_table",
     "join_levels",
@@ -376,5 +383,6 @@ __all__ = [
     "run_beam_study",
     "run_search",
     "search_gap",
+    "sample_seed",
     "search_space",
 ]

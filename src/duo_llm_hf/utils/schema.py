@@ -157,7 +157,9 @@ ABLATION_EVAL_SCHEMA = {  # one evaluation point of one ablation run, as cached
 STUDY_RECORD_SCHEMA = {  # stage 1's record as the study report reads it (train_results.json or stage_done.json)
     "global_step": Optional(int), "tokens_seen": Optional(int), "eval": Optional(dict), "seconds": Optional(float),
 }  # fmt: skip
-FIXED_SETS_SCHEMA = MapOf({"skipped": ListOf(int), "loss": float, "greedy_skipped": ListOf(int), "search": str})
+FIXED_SETS_SCHEMA = MapOf(
+    {"skipped": ListOf(int), "loss": float, "greedy_skipped": Optional(ListOf(int)), "search": str}
+)
 HELLASWAG_RUN_SCHEMA = {
     "items": int, "acc_norm": float, "acc_norm_stderr": (float, str), "acc": float, "acc_stderr": (float, str),
     "loglikelihoods": ListOf(ListOf(float)),

@@ -1,0 +1,136 @@
+"""The BIG-or-SKIP study's oracle beyond its exact budgets: a beam over the levels below all-BIG, started from the
+exact loss table, on the first holdout's blocks.
+
+Level ``m`` (FFNs skipped per token) evaluates every pattern one move below a pattern the beam kept at level
+``m - 1`` (`oracle.search.one_move_below`); the beam keeps the ``width`` patterns lowest in mean loss and the
+``width`` that are the per-token oracle's choice for the most tokens (`oracle.search.beam_rows`), and starts from
+every pattern of the last exact level. At a level the study reports, ``search_best_of_k`` patterns drawn uniformly
+from the whole budget (`oracle.spaces.sample_budget`) join the searched ones, so best-of-K stays exact over its K
+draws. The oracle of a searched level is the per-token minimum over the patterns searched and *fixed* the searched
+pattern lowest in mean loss: each an upper bound on the exact figure. `table_beam_gap` measures by how much, by
+running the same beam one step inside the exact table, where every pattern's loss is known.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..models.routes import BIG, SKIP
+from ..oracle.search import SearchSettings, beam_rows, one_move_below, sample_seed
+from ..oracle.spaces import LayerBudget, PatternSet, pattern_index, sample_budget
+from ..utils.files import atomic_save_tensors
+from . import skip_analysis as sa
+
+LEVEL_FILE = "level.safetensors"
+# Blocks per prefix-tree walk (and per saved batch file) of a loss table.
+TABLE_BATCH = 4
+CHOICES = (BIG, SKIP)
+
+
+def batched_pattern_losses(model, blocks: torch.LongTensor, space, folder: Path) -> torch.Tensor:
+    """The losses ``[patterns, blocks, positions]`` of every pattern of ``space``, ``TABLE_BATCH`` blocks per
+    prefix-tree walk; each batch is saved under ``folder/batches`` as it finishes (a killed run keeps them) and
+    the folder is removed once the whole table is returned."""
+    from ..oracle.engine import pattern_losses
+
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, len(blocks), TABLE_BATCH):
+        path = folder / "batches" / f"batch_{start // TABLE_BATCH:05d}.safetensors"
+        if not path.is_file():
+            _, losses = pattern_losses(model, blocks[start : start + TABLE_BATCH].to(device), space)
+            atomic_save_tensors({"losses": losses.cpu().contiguous()}, path)
+        parts.append(load_file(path)["losses"])
+    return torch.cat(parts, 1)
+
+
+def remove_batches(folder: Path) -> None:
+    """Remove the batch files of `batched_pattern_losses` once their table is saved whole."""
+    shutil.rmtree(folder / "batches", ignore_errors=True)
+
+
+def kept_for_next_level(losses: torch.Tensor, mask: torch.Tensor, search: SearchSettings) -> torch.Tensor:
+    """The rows of ``losses`` (``[P, N, T]``, one row per searched pattern) that the beam keeps (`beam_rows`)."""
+    sums = (losses.double() * mask.double()).sum((-2, -1))
+    winners = losses.argmin(0)[mask.bool()]
+    won = torch.bincount(winners, minlength=losses.shape[0])
+    return beam_rows(sums, won, search)
+
+
+def _rows_of(patterns: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Row of each pattern of ``wanted`` in ``patterns`` (every one must be there)."""
+    have, want = pattern_index(patterns, CHOICES), pattern_index(wanted, CHOICES)
+    order = torch.argsort(have)
+    rows = order[torch.searchsorted(have[order], want)]
+    if not torch.equal(have[rows], want):
+        raise ValueError("beam: a candidate pattern is missing from the exact table.")
+    return rows
+
+
+def table_beam_gap(table: dict, mask: torch.Tensor, search: SearchSettings) -> dict:
+    """The beam's measured gap at the table's last exact level ``m``: the beam kept at level ``m - 1`` (every
+    pattern of which the table holds) and its candidates one move below, whose losses the table holds too, against
+    every pattern of level ``m``. Per method (``oracle``, ``fixed``), both perplexities and their ratio
+    (searched / exact, >= 1); also the patterns searched against the budget's size."""
+    losses, patterns = table["losses"], table["patterns"]
+    moved = sa.moved_counts(patterns)
+    top = int(moved.max())
+    if top < 2:
+        raise ValueError("beam gap: the exact table must hold at least 2 FFNs skipped.")
+    level = (moved == top - 1).nonzero().flatten()
+    beam = patterns[level[kept_for_next_level(losses[level], mask, search)]]
+    searched = _rows_of(patterns, one_move_below(beam, CHOICES))
+    exact = (moved == top).nonzero().flatten()
+    gap = {"moved": top, "patterns_searched": len(searched), "budget_size": len(exact)}
+    for method in ("oracle", "fixed"):
+        a = _method_ppl(losses[searched], mask, method)
+        e = _method_ppl(losses[exact], mask, method)
+        gap[method] = {"searched": a, "exact": e, "ratio": a / e}
+    return gap
+
+
+def _method_ppl(losses: torch.Tensor, mask: torch.Tensor, method: str) -> float:
+    if method == "oracle":
+        return math.exp(float(sa.masked_mean(losses.min(0).values, mask)))
+    return math.exp(float(sa.masked_mean(losses, mask).min()))
+
+
+def search_stage(stages, model, holdout: str, blocks: torch.LongTensor, table: dict) -> dict:
+    """``skip_search/<holdout>/level_XX/``: the beam's levels from the table's last exact level up to the largest
+    of ``moved_search``, one stage per level (batches saved as they finish). Returns ``{"levels": {m: {"patterns",
+    "losses", "sampled"}}, "gap": table_beam_gap, "search": settings}`` for the levels of ``moved_search``."""
+    config = stages.config
+    search = SearchSettings("beam", config.search_width)
+    n = model.config.num_hidden_layers
+    mask = sa.token_mask(blocks)
+    moved = sa.moved_counts(table["patterns"])
+    top = int(moved.max())
+    rows = (moved == top).nonzero().flatten()
+    patterns, losses = table["patterns"][rows], table["losses"][rows]
+    levels = {}
+    for m in range(top + 1, max(config.moved_search) + 1):
+        candidates = one_move_below(patterns[kept_for_next_level(losses, mask, search)], CHOICES)
+        folder = stages.out / "skip_search" / holdout / f"level_{m:02d}"
+        k = config.search_best_of_k if m in config.moved_search else 0
+        budget = LayerBudget(counts=((BIG, n - m),))
+        samples = [sample_budget(n, CHOICES, budget, k, sample_seed(config.seed, budget))] if k else []
+        space = PatternSet(n, CHOICES, [budget], candidates, samples=samples, sample_k=k, sample_seed=config.seed)
+
+        def work(folder=folder, space=space) -> dict:
+            level_losses = batched_pattern_losses(model, blocks, space, folder)
+            tensors = {"losses": level_losses, "patterns": space.patterns.clone(), "sampled": space.sampled[0].clone()}
+            atomic_save_tensors(tensors, folder / LEVEL_FILE)
+            remove_batches(folder)
+            return {"patterns": space.size, "sampled": int(space.sampled.sum())}
+
+        stages.run(f"beam search, {m} FFNs skipped ({holdout}; {space.size} patterns)", folder, work)
+        level = load_file(folder / LEVEL_FILE)
+        patterns, losses = level["patterns"], level["losses"]
+        if m in config.moved_search:
+            levels[m] = level
+    return {"levels": levels, "gap": table_beam_gap(table, mask, search), "search": search.describe()}
