@@ -272,3 +272,24 @@ def test_beam_gap_inside_the_exact_table():
     with pytest.raises(ValueError, match="at least 2"):
         low = sa.moved_counts(space.patterns) <= 1
         table_beam_gap({"losses": losses[low], "patterns": space.patterns[low]}, mask, SearchSettings("beam", 2))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"moved_search": (2,)}, "must lie above moved_exact"),
+        ({"moved_search": (30,)}, "below the model's 30 layers"),
+        ({"moved_search": (4,), "moved_exact": 1}, "needs moved_exact >= 2"),
+        ({"moved_exact_other": 0}, "moved_exact: 0"),
+        ({"search_width": 0}, "search_width"),
+        ({"search_best_of_k": -1}, "search_best_of_k"),
+    ],
+)
+def test_budgets_the_model_cannot_serve_are_refused_in_one_line(overrides, message):
+    from duo_llm_hf.experiments.skip_study import check_budgets
+    from duo_llm_hf.experiments.study import study_config
+    from duo_llm_hf.utils.errors import UsageError
+
+    check_budgets(study_config("smollm2"), LAYERS)  # the preset itself is fine
+    with pytest.raises(UsageError, match=message):
+        check_budgets(study_config("smollm2", **overrides), LAYERS)

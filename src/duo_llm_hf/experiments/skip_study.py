@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from ..models.routes import BIG, SKIP, pattern_to_str
 from ..oracle.spaces import RouteSpace
+from ..utils.errors import UsageError
 from ..utils.files import atomic_save_tensors, atomic_write_json
 from ..utils.schema import FIXED_SETS_SCHEMA, read_state_file
 from . import skip_analysis, skip_search
@@ -42,6 +43,26 @@ def moved_space(num_layers: int, moved: int) -> RouteSpace:
     if not 0 <= moved < num_layers:
         raise ValueError(f"moved={moved}: skip between 0 and {num_layers - 1} FFNs of {num_layers}.")
     return RouteSpace(num_layers, ["big", "skip"], [f"big={num_layers - m}" for m in range(moved + 1)])
+
+
+def check_budgets(config, num_layers: int) -> None:
+    """Refuse, before any stage runs, budgets the model's depth or the exact table cannot serve (one line each)."""
+    exact = [config.moved_exact] + ([config.moved_exact_other] if config.moved_exact_other is not None else [])
+    for m in exact:
+        if not isinstance(m, int) or not 1 <= m < num_layers:
+            raise UsageError(f"moved_exact: {m!r} must be a whole number of FFNs from 1 to {num_layers - 1}.")
+    for m in config.moved_search:
+        if not isinstance(m, int) or not config.moved_exact < m < num_layers:
+            raise UsageError(
+                f"moved_search: {m!r} must lie above moved_exact ({config.moved_exact}) and below the model's "
+                f"{num_layers} layers; smaller budgets are searched exactly."
+            )
+    if config.moved_search and config.moved_exact < 2:
+        raise UsageError("moved_search needs moved_exact >= 2: the beam's gap is measured inside the exact table.")
+    if not isinstance(config.search_width, int) or config.search_width < 1:
+        raise UsageError(f"search_width: {config.search_width!r} must be a whole number >= 1.")
+    if not isinstance(config.search_best_of_k, int) or config.search_best_of_k < 0:
+        raise UsageError(f"search_best_of_k: {config.search_best_of_k!r} must be a whole number >= 0 (0: none).")
 
 
 def convert_stage(stages, source: str) -> Path:
@@ -75,7 +96,8 @@ def table_stage(stages, model, holdout: str, blocks: torch.LongTensor, moved: in
         skip_search.remove_batches(folder)
         return {"patterns": space.size, "blocks": len(blocks)}
 
-    stages.run(f"oracle, up to {moved} FFNs skipped ({holdout}; {space.size} patterns)", folder, work)
+    ffns = "FFN" if moved == 1 else "FFNs"
+    stages.run(f"oracle, up to {moved} {ffns} skipped ({holdout}; {space.size} patterns)", folder, work)
     return load_file(folder / TABLE_FILE)
 
 
@@ -308,6 +330,7 @@ def run_skip_study(stages, model_dir: Path) -> dict:
     allow_route_options(model.config, ["big", "skip"])
     model.to(_device_of_runs()).eval()
     n = model.config.num_hidden_layers
+    check_budgets(config, n)
     tables, causal, blocks = {}, {}, {}
     for i, holdout in enumerate(study_holdouts(config)):
         blocks[holdout] = holdout_blocks(model_dir, config, holdout, config.oracle_blocks)
