@@ -155,7 +155,7 @@ def build_model_card(
         architecture=architecture_rows(model_dir, config),
         route_options_text=", ".join(f"`{o}`" for o in config.get("route_options", [])) or "not recorded",
         choices=choice_rows(config),
-        routing_mode=config.get("routing_mode", "not recorded"),
+        routing=config.get("routing", "not recorded"),
         routing_detail=_routing_detail(config),
         flop_seq_len=config.get("max_position_embeddings", "n/a"),
         flop_rows=flop_rows(config),
@@ -175,7 +175,10 @@ def build_model_card(
 
 
 def read_config(model_dir: Path) -> dict:
-    """The checkpoint's ``config.json`` as a dict (a clear error when the folder is not a saved model)."""
+    """The checkpoint's ``config.json`` as a dict (a clear error when the folder is not a saved model), the Duo keys
+    an older version wrote (``routing_mode``, ...) read under their names of now."""
+    from ..models.configuration_duo import RENAMED_KEYS
+
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise MissingFileError(
@@ -185,7 +188,8 @@ def read_config(model_dir: Path) -> dict:
         config = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"model_dir: {str(path)!r} is not valid JSON ({err}); is this a saved model?") from err
-    return check_state(config, JSON_OBJECT_SCHEMA, path)
+    config = check_state(config, JSON_OBJECT_SCHEMA, path)
+    return {RENAMED_KEYS.get(key, key): value for key, value in config.items()}
 
 
 def collect_figures(model_dir: Path, metrics=None) -> dict:
@@ -689,14 +693,14 @@ def _small_ratio(config: dict) -> str:
 
 
 def _routing_detail(config: dict) -> str:
-    mode = config.get("routing_mode")
+    mode = config.get("routing")
     if mode == "random" and config.get("route_probs"):
         probs = ", ".join(f"{k} {v:g}" for k, v in config["route_probs"].items())
         return f" with route probabilities {probs}"
-    if mode == "fixed" and config.get("fixed_pattern"):
+    if mode == "fixed" and config.get("pattern"):
         from ..models.routes import CHOICE_LETTERS
 
-        return " with pattern `" + "".join(CHOICE_LETTERS[int(c)] for c in config["fixed_pattern"]) + "`"
+        return " with pattern `" + "".join(CHOICE_LETTERS[int(c)] for c in config["pattern"]) + "`"
     return ""
 
 

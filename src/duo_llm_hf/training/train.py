@@ -181,7 +181,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             },
         ),
     )
-    route_modes = args.eval_route_list()
+    route_modes = args.eval_routing_list()
     eval_seed = unwrapped_config.route_seed if is_duo else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses: dict[int, float] = {}

@@ -159,11 +159,11 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
             **extra,
         )
 
-    budget = steps * tokens_per_step
-    runs = [PlannedRun("duo", "duo", train_p_big, train_args("duo", "random", train_p_big, steps), budget, budget)]
+    tokens = steps * tokens_per_step  # the token budget of every run
+    runs = [PlannedRun("duo", "duo", train_p_big, train_args("duo", "scratch", train_p_big, steps), tokens, tokens)]
     for p in p_bigs:
         name = f"dense_p{p:g}"
-        runs.append(PlannedRun(name, "dense", p, train_args(name, "dense", p, steps), budget, budget))
+        runs.append(PlannedRun(name, "dense", p, train_args(name, "dense", p, steps), tokens, tokens))
     pre_tokens = pretrain_steps * tokens_per_step
     runs.append(
         PlannedRun(
@@ -180,7 +180,7 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
         seed=settings["seed"] + 1,  # a fresh batch order for the small-module stage
     )
     runs.append(
-        PlannedRun("frozen_big", "frozen-big", train_p_big, frozen_args, budget - pre_tokens, budget, "big_pretrain")
+        PlannedRun("frozen_big", "frozen-big", train_p_big, frozen_args, tokens - pre_tokens, tokens, "big_pretrain")
     )
 
     for run in runs:  # every run's arguments are checked now, before the first one trains
@@ -197,7 +197,7 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
 
 def _validate_run_args(args: TrainArguments) -> None:
     # frozen-big's init_from and the tokenizer do not exist before the runs that make them; check the rest.
-    checked = dataclasses.replace(args, init_from=None, mode="random" if args.mode == "frozen-big" else args.mode)
+    checked = dataclasses.replace(args, init_from=None, mode="scratch" if args.mode == "frozen-big" else args.mode)
     checked = dataclasses.replace(checked, tokenizer=None)
     checked.validate()
 
