@@ -22,13 +22,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, OPTCon
 from duo_llm_hf import BIG, DuoOPTForCausalLM
 from duo_llm_hf.cli import COMMANDS
 from duo_llm_hf.models.routes import CHOICE_CODES
-from duo_llm_hf.training.router_settings import ROUTER_SETTINGS
 from duo_llm_hf.oracle.engine import pattern_losses
 from duo_llm_hf.oracle.spaces import RouteSpace
 from duo_llm_hf.training import finetune as finetuning
 from duo_llm_hf.training.arguments import FinetuneArguments, parse_arguments
 from duo_llm_hf.training.building import build_model, freeze_all_but_small
 from duo_llm_hf.training.finetune import AttentionLoRA, estimate_memory, finetune
+from duo_llm_hf.training.router_settings import ROUTER_SETTINGS
 from duo_llm_hf.training.routers import train_router
 from tests.helpers import (
     FLOAT_TOL,

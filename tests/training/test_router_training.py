@@ -19,7 +19,7 @@ from duo_llm_hf.oracle.results import OracleResult
 from duo_llm_hf.training.arguments import parse_arguments
 from duo_llm_hf.training.checkpointing import list_checkpoints
 from duo_llm_hf.training.loaders import load_corpora, make_eval_loaders
-from duo_llm_hf.training.router_arguments import RouterTrainArguments, target_usage_flag, parse_target_usage_flag
+from duo_llm_hf.training.router_arguments import RouterTrainArguments, parse_target_usage_flag, target_usage_flag
 from duo_llm_hf.training.router_evaluation import evaluate_router
 from duo_llm_hf.training.router_oracle import (
     compute_oracle_targets,
@@ -352,7 +352,9 @@ def test_duo_opt_model_with_the_big_skip_setting(tmp_path, builtin_tokenizer):
         )
     )
     folder = save_model_folder(tmp_path / "opt", DuoOPTForCausalLM(config), builtin_tokenizer)
-    args = tiny_router_args(tmp_path, folder, target_usage=None, setting="big50-skip50", max_steps=2, holdout_code="none")
+    args = tiny_router_args(
+        tmp_path, folder, target_usage=None, setting="big50-skip50", max_steps=2, holdout_code="none"
+    )
     report = train_router(args).report
     assert report["route_options"] == ["big", "skip"] and report["target_usage"] == {"big": 0.5}
     assert report["holdouts"]["english"]["realised"]["overall"]["small"] == 0.0

@@ -91,31 +91,35 @@ class ComparisonArguments:
         inspect_duo_source(self.model)
 
 
-def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, supervision: str) -> RouterTrainArguments:
-    """The `train_router` arguments of one router of the comparison (``k`` BIG layers of ``num_layers``)."""
-    oracle = supervision == "oracle"
-    layer_budget = parse_layer_budget(k)
+def router_preset(args: ComparisonArguments) -> RouterTrainArguments:
+    """The `train_router` arguments both routers of the comparison share (small / big, the comparison's sizes)."""
+    shared = ("alpha", "builtin_max_chars", "block_size", "batch_size", "learning_rate", "eval_blocks", "seed")
     return RouterTrainArguments(
         model=args.model,
-        output_dir=str(Path(args.output_dir) / "routers" / f"{supervision}-big{k}"),
+        output_dir=str(Path(args.output_dir) / "routers"),
         route_options="small,big",
+        max_steps=args.router_steps,
+        checkpoint_every=0,
+        report_to="jsonl",
+        progress=args.progress,
+        **{name: getattr(args, name) for name in shared},
+    )
+
+
+def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, supervision: str) -> RouterTrainArguments:
+    """The `train_router` arguments of one router of the comparison (``k`` BIG layers of ``num_layers``): the
+    `router_preset` with its folder, target usage and supervision."""
+    oracle = supervision == "oracle"
+    layer_budget = parse_layer_budget(k)
+    return dataclasses.replace(
+        router_preset(args),
+        output_dir=str(Path(args.output_dir) / "routers" / f"{supervision}-big{k}"),
         target_usage=target_usage_flag(layer_budget.fractions(num_layers)),
-        alpha=args.alpha,
         supervision=supervision,
         oracle_budget=layer_budget.label if oracle else None,
         **({"oracle_blocks": args.oracle_blocks, "oracle_batch_size": args.oracle_batch_size} if oracle else {}),
         # Distillation fits P = softmax(logits) to the oracle's choices: no annealing needed.
         temperature_schedule="constant" if oracle else "exponential",
-        builtin_max_chars=args.builtin_max_chars,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_steps=args.router_steps,
-        eval_blocks=args.eval_blocks,
-        checkpoint_every=0,
-        report_to="jsonl",
-        seed=args.seed,
-        progress=args.progress,
     )
 
 

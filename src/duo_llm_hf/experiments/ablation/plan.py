@@ -145,17 +145,18 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
     common.update(holdout_english="none", holdout_code="none", eval_every=0, progress=settings["progress"])
     tokenizer = str(Path(settings["tokenizer"]).expanduser() if settings["tokenizer"] else out / "tokenizer")
 
-    def train_args(name: str, mode: str, p_big: float, run_steps: int, seed: int | None = None, **extra):
-        return TrainArguments(
+    # What every run shares; each run is this preset with its own name, model kind, p_big, length and seed.
+    preset = TrainArguments(output_dir=str(out / "runs"), tokenizer=tokenizer, seed=settings["seed"], **common)
+
+    def train_args(name: str, mode: str, p_big: float, run_steps: int, **extra):
+        return dataclasses.replace(
+            preset,
             output_dir=str(out / "runs" / name),
+            run_name=name,
             mode=mode,
             p_big=p_big,
-            tokenizer=tokenizer,
             max_steps=run_steps,
             warmup_steps=math.ceil(warmup_fraction * run_steps),
-            seed=settings["seed"] if seed is None else seed,
-            run_name=name,
-            **common,
             **extra,
         )
 
