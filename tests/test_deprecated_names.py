@@ -129,3 +129,14 @@ def test_the_model_card_reads_a_config_with_the_old_keys(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"routing_mode": "fixed", "fixed_pattern": [1, 0]}))
     assert read_config(tmp_path) == {"routing": "fixed", "pattern": [1, 0]}
+
+
+def test_the_model_card_reads_run_files_with_the_old_keys(tmp_path):
+    """A router folder of 0.1: its training_args.json and router_report.json name the target usage `budget`."""
+    from duo_llm_hf.integrations.model_card import collect_figures
+
+    (tmp_path / "training_args.json").write_text(json.dumps({"budget": "0.5", "eval_routes": "random"}))
+    (tmp_path / "router_report.json").write_text(json.dumps({"budget": {"big": 0.5}, "holdouts": {}}))
+    figures = collect_figures(tmp_path)
+    assert figures["router"] == {"target_usage": {"big": 0.5}, "holdouts": {}}
+    assert figures["training"]["router"]["hyperparameters"] == {"target_usage": "0.5", "eval_routings": "random"}

@@ -40,6 +40,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..data import HUB_PREFIX
+from ..training.arguments import current_names
 from ..utils.arguments import label as flag_label
 from ..utils.arguments import parse_arguments
 from ..utils.errors import MissingFileError, UsageError
@@ -76,8 +77,8 @@ STAGES = {
     "router": (
         "Stage 3: learned router",
         "The Duo weights are frozen; a linear router per layer maps the FFN input to one logit per allowed "
-        "choice and is trained with cross-entropy + alpha x budget loss, its softmax temperature annealed "
-        "so that the choices become hard. At inference each token runs only its argmax choice.",
+        "choice and is trained with cross-entropy + alpha x usage loss (the paper's budget loss), its softmax "
+        "temperature annealed so that the choices become hard. At inference each token runs only its argmax choice.",
     ),
 }
 # A JSON file given without a section goes to the section its name mentions.
@@ -201,6 +202,8 @@ def collect_figures(model_dir: Path, metrics=None) -> dict:
         if not path.is_file():
             continue
         data = _load_json(path, LM_EVAL_RESULTS_SCHEMA if section == "lm_eval" else JSON_OBJECT_SCHEMA)
+        if part == "hyperparameters" or section == "router":
+            data = current_names(data)  # written before 0.2: `budget`, `eval_routes`, mode `random`
         if section == "training":
             stage = "router" if router_run else stage
             figures.setdefault("training", {}).setdefault(stage, {})[part] = _scalars(data)
