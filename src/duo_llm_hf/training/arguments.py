@@ -210,10 +210,13 @@ class ModelArguments:
         default=None, metadata={"help": "Positions of the model (default: --block-size)."}
     )
     p_big: float = field(
-        default=0.5, metadata={"help": "Probability of the big FFN (dense: FLOP-matched at it)."}
+        default=0.5,
+        metadata={
+            "help": "Probability of the big FFN under random routing, route_probs['big'] (dense: FLOP-matched at it)."
+        },
     )
     p_skip: float = field(
-        default=0.0, metadata={"help": "Probability of skipping the FFN; small gets the rest."}
+        default=0.0, metadata={"help": "Probability of skipping the FFN, route_probs['skip']; small gets the rest."}
     )
     route_seed: int | None = field(
         default=None, metadata={"help": "Seed of the random routes (default: --seed)."}
