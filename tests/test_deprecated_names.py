@@ -88,6 +88,15 @@ def test_old_flags_and_values_parse_with_one_deprecation_line(capsys, arguments,
     assert len(err) == 1 and message in err[0] and "0.3" in err[0]
 
 
+def test_old_keywords_of_the_arguments_dataclasses_warn_and_set_the_new_fields():
+    with pytest.warns(FutureWarning, match=r"budget=\.\.\.\) is now target_usage"):
+        router = RouterTrainArguments(model="m", output_dir="out", budget="0.3")
+    with pytest.warns(FutureWarning, match=r"eval_routes=\.\.\.\) is now eval_routings"):
+        train = TrainArguments(output_dir="out", eval_routes="all-big")
+    assert router.target_usage == "0.3" and train.eval_routings == "all-big"
+    assert "budget" not in dataclasses.asdict(router) and "eval_routes" not in dataclasses.asdict(train)
+
+
 def test_old_flags_are_left_out_of_help_and_hints():
     text = build_parser(RouterTrainArguments).format_help() + build_parser(TrainArguments).format_help()
     assert "--budget" not in text.replace("--oracle-budget", "") and "--eval-routes" not in text

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,6 +237,12 @@ class ModelArguments:
         },
     )
 
+    eval_routes: InitVar[str | None] = None  # the 0.1 name of eval_routings, as a Python keyword
+
+    def __post_init__(self, eval_routes: str | None) -> None:
+        if eval_routes is not None:
+            self.eval_routings = renamed_keyword(type(self).__name__, "eval_routes", eval_routes)
+
     def eval_routing_list(self) -> list[str]:
         return [r.strip() for r in self.eval_routings.split(",") if r.strip()]
 
@@ -446,6 +453,12 @@ class FinetuneArguments(TrainArguments):
         if self.lora_target_modules is None:
             return None
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+
+def renamed_keyword(owner: str, old: str, value: Any) -> Any:
+    """The value a script of 0.1 gave an arguments dataclass under a renamed keyword, with a FutureWarning."""
+    warnings.warn(f"{owner}({old}=...) is now {RENAMED_FIELDS[old]}=... (removed in 0.3).", FutureWarning, stacklevel=4)
+    return value
 
 
 def current_names(saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import TYPE_CHECKING, Literal
 
 from ..utils.arguments import check_folder, check_integer_fields, check_output_dir, user_values
@@ -23,6 +23,7 @@ from .arguments import (
     RunArguments,
     check_data_fields,
     check_run_fields,
+    renamed_keyword,
     with_default,
 )
 from .router_settings import ROUTER_SETTINGS
@@ -72,6 +73,7 @@ class RouterArguments:
             "deprecated_aliases": ["budget"],
         },
     )
+    budget: InitVar[str | None] = None  # the 0.1 name of target_usage, as a Python keyword
     alpha: float = field(
         default=1.0, metadata={"help": "Weight of the usage loss (the paper's budget loss): loss = CE + alpha * usage."}
     )
@@ -137,6 +139,10 @@ class RouterArguments:
         default=0.0,
         metadata={"help": "supervision oracle: label smoothing of the routers' cross-entropy towards the oracle."},
     )
+
+    def __post_init__(self, budget: str | None) -> None:
+        if budget is not None:
+            self.target_usage = renamed_keyword(type(self).__name__, "budget", budget)
 
     def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
         """The router temperature schedule of a run of ``total_steps`` optimizer steps."""
