@@ -337,7 +337,7 @@ class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunAr
         if self.block_size < 2:
             raise UsageError(f"block_size: {self.block_size} must be at least 2 tokens.")
         if self.mode in RENAMED_MODES:  # a script of 0.1 that builds the arguments in Python
-            deprecation(f"mode {self.mode!r}", f"mode {RENAMED_MODES[self.mode]!r}")
+            deprecation(self.prog, f"mode {self.mode!r}", f"mode {RENAMED_MODES[self.mode]!r}")
             self.mode = RENAMED_MODES[self.mode]
         if self.mode not in MODES:
             raise UsageError(f"mode: {self.mode!r} is not a training mode; use one of {list(MODES)}.")

@@ -164,7 +164,9 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) 
         choices = typing.get_args(kind)
         by_text = {str(choice): choice for choice in choices}
         renamed = field.metadata.get("deprecated_values", {})
-        kwargs.update(choices=choices, type=lambda text: by_text.get(renamed_value(names[0], text, renamed), text))
+        kwargs.update(
+            choices=choices, type=lambda text: by_text.get(renamed_value(parser.prog, names[0], text, renamed), text)
+        )
     elif kind is bool or kind == (bool | None):
         kwargs.update(type=string_to_bool, nargs="?", const=True)
     elif origin is list or kind is list:
@@ -213,15 +215,15 @@ class _ValueFlag(argparse.Action):
         setattr(namespace, self.dest, self.value if values else "no")
 
 
-def deprecation(old: str, new: str) -> None:
-    """One line on stderr: ``old`` (a flag or value of a command) is now spelled ``new``."""
-    print(f"duo-llm: {old} is deprecated (removed in {DEPRECATED_UNTIL}); use {new}.", file=sys.stderr)
+def deprecation(prog: str, old: str, new: str) -> None:
+    """One line on stderr: ``old`` (a flag or value of command ``prog``) is now spelled ``new``."""
+    print(f"{prog}: {old} is deprecated (removed in {DEPRECATED_UNTIL}); use {new}.", file=sys.stderr)
 
 
-def renamed_value(flag: str, text: str, renamed: dict[str, str]) -> str:
+def renamed_value(prog: str, flag: str, text: str, renamed: dict[str, str]) -> str:
     """``text``, or the value it was renamed to (with a `deprecation` line) when ``renamed`` names it."""
     if text in renamed:
-        deprecation(f"{flag} {text}", f"{flag} {renamed[text]}")
+        deprecation(prog, f"{flag} {text}", f"{flag} {renamed[text]}")
         return renamed[text]
     return text
 
@@ -234,7 +236,7 @@ class _DeprecatedFlag(argparse._StoreAction):
         self.new_flag = new_flag
 
     def __call__(self, parser, namespace, values, option_string=None):
-        deprecation(option_string, self.new_flag)
+        deprecation(parser.prog, option_string, self.new_flag)
         super().__call__(parser, namespace, values, option_string)
 
 
