@@ -55,6 +55,9 @@ def test_old_attribute_and_keyword_names_warn_and_work(tiny_model):
     with pytest.warns(FutureWarning, match="pattern="):
         model.set_routing("fixed", fixed_pattern="BBs")
     assert model.config.pattern == [BIG, BIG, SMALL]
+    with pytest.warns(FutureWarning, match=r"set_routing\(mode=\.\.\.\) is now routing="):
+        model.set_routing(mode="fixed", pattern="sBs")
+    assert (model.config.routing, model.config.pattern) == ("fixed", [SMALL, BIG, SMALL])
     with pytest.warns(FutureWarning, match="'router_budget' is now 'router_target_usage'"):
         model.config.router_budget = 0.5
     assert model.config.router_target_usage == 0.5

@@ -202,21 +202,27 @@ class DuoCausalLMMixin:
 
     def set_routing(
         self,
-        routing: str,
+        routing: str | None = None,
         pattern: list[int | str] | str | None = None,
         route_probs: dict[str, float] | None = None,
         route_seed: int | None = None,
         *,
+        mode: str | None = None,
         fixed_pattern: list[int | str] | str | None = None,
     ):
         """Change the routing (and its pattern, probabilities or seed), validated like the config.
 
         `routing="learned"` on a model without routers adds freshly initialised ones (`config.use_router`).
-        `fixed_pattern=` is the 0.1 name of `pattern=`, still taken with a FutureWarning.
+        `mode=` and `fixed_pattern=` are the 0.1 names of `routing=` and `pattern=`, still taken with a
+        FutureWarning until 0.3.
         """
-        if fixed_pattern is not None:
-            warnings.warn("set_routing(fixed_pattern=...) is now pattern=...", FutureWarning, stacklevel=2)
-            pattern = fixed_pattern if pattern is None else pattern
+        for old, new, value in (("mode", "routing", mode), ("fixed_pattern", "pattern", fixed_pattern)):
+            if value is not None:
+                warnings.warn(f"set_routing({old}=...) is now {new}=...", FutureWarning, stacklevel=2)
+        routing = mode if routing is None else routing
+        pattern = fixed_pattern if pattern is None else pattern
+        if routing is None:
+            raise TypeError("set_routing() needs the routing, e.g. set_routing('fixed', pattern='sBsB').")
         config = self.config
         previous = {k: getattr(config, k) for k in DUO_CONFIG_FIELDS}
         config.routing = routing
