@@ -137,7 +137,7 @@ def build_cases(
     n_layers = model.config.num_hidden_layers
 
     def fixed(n_big: int):
-        return lambda m: m.set_routing("fixed", fixed_pattern=evenly_spaced_pattern(n_layers, n_big))
+        return lambda m: m.set_routing("fixed", pattern=evenly_spaced_pattern(n_layers, n_big))
 
     def random(p_big: float):
         return lambda m: m.set_routing("random", route_probs={"small": 1 - p_big, "big": p_big}, route_seed=0)

@@ -197,7 +197,7 @@ def part_correctness(ctx: dict) -> dict:
         checks.append(_check("all-BIG Duo = dense Llama (logits)", error, dtype_name))
 
         # Cached decoding under random routing = one forward over the sequence with the routes the steps took.
-        model = DuoLlamaForCausalLM(DuoLlamaConfig(**_tiny_config(), routing_mode="random")).to(device, dtype).eval()
+        model = DuoLlamaForCausalLM(DuoLlamaConfig(**_tiny_config(), routing="random")).to(device, dtype).eval()
         with torch.no_grad():
             out = model(ids[:, :8], use_cache=True)
             cache, logits, routes, tokens = out.cache, [out.logits[:, -1]], [out.routes], [ids[:, :8]]

@@ -1,4 +1,4 @@
-"""Held-out perplexity against realised budget: conventional router, oracle-supervised router, fixed, oracle.
+"""Held-out perplexity against realised usage: conventional router, oracle-supervised router, fixed, oracle.
 
     python eval/router_vs_oracle.py --model runs/duo-tiny --output-dir runs/router-vs-oracle
 

@@ -179,8 +179,8 @@ def tiny_train_args(tmp_path: Path, name: str = "run", **overrides) -> TrainArgu
 
 
 def tiny_router_args(tmp_path: Path, model_dir: str, name: str = "run", **overrides) -> RouterTrainArguments:
-    """A short router training run on the Duo model folder ``model_dir``: 8 steps toward a BIG budget of 0.5."""
-    values = dict(model=model_dir, budget="0.5", max_steps=8, report_to="none")
+    """A short router training run on the Duo model folder ``model_dir``: 8 steps toward a BIG usage of 0.5."""
+    values = dict(model=model_dir, target_usage="0.5", max_steps=8, report_to="none")
     return RouterTrainArguments(**tiny_run_fields(tmp_path, name, **{**values, **overrides}))
 
 

@@ -89,7 +89,7 @@ def train(a, out, *flags):
 
 
 def router(a, out, *flags):
-    base = ["--model", a.duo, "--output-dir", out, "--budget", "0.5", "--block-size", "16", "--max-steps", "2"]
+    base = ["--model", a.duo, "--output-dir", out, "--target-usage", "0.5", "--block-size", "16", "--max-steps", "2"]
     return ["train-router", *_merge(base, flags)]
 
 
@@ -196,8 +196,9 @@ CASES = [
     ("train-weight-decay-negative", lambda a, o: train(a, o, "--weight-decay", "-0.1"), r"weight_decay: -0.1 must be"),
     ("train-max-grad-norm-inf", lambda a, o: train(a, o, "--max-grad-norm", "inf"), r"max_grad_norm: inf must be"),
     ("train-p-big-above-one", lambda a, o: train(a, o, "--p-big", "1.5"), r"p_big=1.5, p_skip=0.0: each must be"),
-    ("train-eval-routes-empty", lambda a, o: train(a, o, "--eval-routes", ""), r"eval_routes: '' names none"),
-    ("train-eval-routes-unknown", lambda a, o: train(a, o, "--eval-routes", "all-big,huge"), r"\['huge'\] are not"),
+    ("train-eval-routings-empty", lambda a, o: train(a, o, "--eval-routings", ""), r"eval_routings: '' names none"),
+    ("train-eval-routings-unknown", lambda a, o: train(a, o, "--eval-routings", "all-big,huge"),
+     r"\['huge'\] are not"),
     ("train-lr-scheduler", lambda a, o: train(a, o, "--lr-scheduler", "wavy"), r"lr_scheduler: 'wavy' is not a sched"),
     ("train-vocab-size-tiny", lambda a, o: train(a, o, "--vocab-size", "10"), r"vocab_size: 10 is too small"),
     ("train-heads-do-not-divide", lambda a, o: train(a, o, "--hidden-size", "30"),
@@ -234,11 +235,12 @@ CASES = [
     ("train-bool-type", lambda a, o: train(a, o, "--streaming", "perhaps"), r"argument --streaming"),
     ("train-unknown-flag", lambda a, o: train(a, o, "--num-blocks", "3"), r"unrecognized arguments: --num-blocks 3"),
     # duo-llm train-router
-    ("router-budget-empty", lambda a, o: router(a, o, "--budget", ""), r"budget: '' is not a number"),
-    ("router-budget-above-one", lambda a, o: router(a, o, "--budget", "1.5"), r"budget: target 1.5 for 'big'"),
+    ("router-target-usage-empty", lambda a, o: router(a, o, "--target-usage", ""), r"target_usage: '' is not a number"),
+    ("router-target-usage-above-one", lambda a, o: router(a, o, "--target-usage", "1.5"),
+     r"target_usage: target 1.5 for 'big'"),
     ("router-alpha-negative", lambda a, o: router(a, o, "--alpha", "-1"), r"alpha: -1.0 must be a finite number >= 0"),
     ("router-temperature-zero", lambda a, o: router(a, o, "--temperature-start", "0"), r"temperatures must be > 0"),
-    ("router-setting-unknown", lambda a, o: _without(router(a, o, "--setting", "fast"), "--budget", "0.5"),
+    ("router-setting-unknown", lambda a, o: _without(router(a, o, "--setting", "fast"), "--target-usage", "0.5"),
      r"--setting: invalid choice: 'fast'"),
     ("router-route-options-unknown", lambda a, o: router(a, o, "--route-options", "small,huge"), r"huge"),
     ("router-oracle-field-needs-oracle", lambda a, o: router(a, o, "--oracle-budget", "2"),
@@ -424,9 +426,9 @@ REPEATED_CHOICE_CASES = [
     ("oracle-budget-big-count-and-schedule", lambda a, o: oracle(a, o, "--budget", "big=2:1,big=1"),
      r"names 'big' twice \(a count and a schedule\)"),
     ("oracle-budget-two-schedules", lambda a, o: oracle(a, o, "--budget", "big=2:1,big=3:1"), r"names 'big' twice"),
-    ("router-budget-big-twice", lambda a, o: router(a, o, "--budget", "big=0.3,big=0.5"),
-     r"budget: 'big=0.3,big=0.5' names 'big' twice"),
-    ("router-budget-small-twice", lambda a, o: router(a, o, "--budget", "small=0.5,Small=0.2,big=0.3"),
+    ("router-target-usage-big-twice", lambda a, o: router(a, o, "--target-usage", "big=0.3,big=0.5"),
+     r"target_usage: 'big=0.3,big=0.5' names 'big' twice"),
+    ("router-target-usage-small-twice", lambda a, o: router(a, o, "--target-usage", "small=0.5,Small=0.2,big=0.3"),
      r"names 'small' twice"),
     ("router-oracle-budget-big-twice",
      lambda a, o: router(a, o, "--supervision", "oracle", "--oracle-budget", "big=1,big=2"), r"names 'big' twice"),
@@ -443,11 +445,11 @@ def test_a_choice_named_twice_is_refused(assets, tmp_path, capsys, argv, message
 @pytest.mark.parametrize(
     "parse, spec",
     [
-        ("duo_llm_hf.models.losses:parse_budget_fractions", {"big": 0.3, "BIG": 0.5}),
-        ("duo_llm_hf.models.losses:parse_budget_fractions", {"big": 0.3, 1: 0.5}),
+        ("duo_llm_hf.models.losses:parse_target_usage", {"big": 0.3, "BIG": 0.5}),
+        ("duo_llm_hf.models.losses:parse_target_usage", {"big": 0.3, 1: 0.5}),
         ("duo_llm_hf.utils.flops:dense_intermediate_size", {"small": 0.5, "SMALL": 0.5}),
         ("duo_llm_hf.oracle.spaces:parse_layer_budget", {"big": 2, "Big": 2}),
-        ("duo_llm_hf.training.router_arguments:parse_budget_flag", "skip=0.2,big=0.5,skip=0.3"),
+        ("duo_llm_hf.training.router_arguments:parse_target_usage_flag", "skip=0.2,big=0.5,skip=0.3"),
     ],
 )
 def test_library_parsers_refuse_a_choice_named_twice(parse, spec):

@@ -72,16 +72,17 @@ def test_negative_flags_have_their_own_help_and_output_dir_is_one_spelling(capsy
 
 
 def test_router_flag_vocabularies_match_the_model_code():
-    """train-router spells its --setting and --temperature-schedule choices out (so its --help imports no torch):
-    they must stay those of the model code."""
+    """train-router spells its --temperature-schedule choices out (so its --help imports no torch): they must stay
+    those of the model code. Its --setting choices are the router settings' data file."""
     from typing import get_args
 
     from duo_llm_hf.models.routed_ffn import SCHEDULE_KINDS
-    from duo_llm_hf.models.routes import ROUTER_SETTINGS
-    from duo_llm_hf.training.router_arguments import RouterSetting, ScheduleKind
+    from duo_llm_hf.training.router_arguments import RouterTrainArguments, ScheduleKind
+    from duo_llm_hf.training.router_settings import ROUTER_SETTINGS
 
-    assert sorted(get_args(RouterSetting)) == sorted(ROUTER_SETTINGS)
     assert get_args(ScheduleKind) == tuple(SCHEDULE_KINDS)
+    (setting,) = [a for a in build_parser(RouterTrainArguments)._actions if a.dest == "setting"]
+    assert list(setting.choices) == sorted(ROUTER_SETTINGS) and len(ROUTER_SETTINGS) == 3
 
 
 # transformers' TrainingArguments flag -> our field and the value it parses to

@@ -1,8 +1,8 @@
-"""Stage 3: train learned routers on a frozen Duo model (the paper's CE + alpha * budget loss).
+"""Stage 3: train learned routers on a frozen Duo model (the paper's CE + alpha * budget loss: the usage loss).
 
     accelerate launch --config_file training/configs/cpu.yaml training/train_router.py \
         --model runs/duo --output-dir runs/router-big30 --setting small70-big30
-    python training/train_router.py --model runs/duo --output-dir runs/router --budget 0.5 --max-steps 200
+    python training/train_router.py --model runs/duo --output-dir runs/router --target-usage 0.5 --max-steps 200
 
 All flags: ``python training/train_router.py --help``. The work is done by `duo_llm_hf.training.routers`.
 """

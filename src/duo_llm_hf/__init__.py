@@ -14,7 +14,10 @@ import importlib
 _LAZY = {
     **dict.fromkeys(["DuoLlamaConfig"], ".models.configuration_duo_llama"),
     **dict.fromkeys(["DuoOPTConfig"], ".models.configuration_duo_opt"),
-    **dict.fromkeys(["budget_loss", "parse_budget_fractions", "token_losses"], ".models.losses"),
+    # `budget_loss` and `parse_budget_fractions`: the 0.1 names of `usage_loss` and `parse_target_usage`.
+    **dict.fromkeys(
+        ["budget_loss", "parse_budget_fractions", "parse_target_usage", "token_losses", "usage_loss"], ".models.losses"
+    ),
     **dict.fromkeys(
         ["DuoCausalLMOutputWithPast", "DuoLlamaForCausalLM", "DuoLlamaModel", "DuoLlamaPreTrainedModel"],
         ".models.modeling_duo_llama",
@@ -37,7 +40,6 @@ _LAZY = {
         [
             "BIG",
             "CHOICE_NAMES",
-            "ROUTER_SETTINGS",
             "ROUTING_MODES",
             "SKIP",
             "SMALL",
@@ -51,6 +53,7 @@ _LAZY = {
         ],
         ".models.routes",
     ),
+    **dict.fromkeys(["ROUTER_SETTINGS"], ".training.router_settings"),
     **dict.fromkeys(["FlopCount", "dense_intermediate_size", "flops_per_token", "pattern_flops"], ".utils.flops"),
 }
 
@@ -92,7 +95,6 @@ __all__ = [
     "DuoRouter",
     "RouteSampler",
     "TemperatureSchedule",
-    "budget_loss",
     "freeze_all_but_routers",
     "realised_fractions",
     "router_parameters",
@@ -101,11 +103,12 @@ __all__ = [
     "set_router_temperature",
     "dense_intermediate_size",
     "flops_per_token",
-    "parse_budget_fractions",
+    "parse_target_usage",
     "parse_pattern",
     "parse_routing",
     "pattern_flops",
     "pattern_to_str",
     "route_fractions",
     "token_losses",
+    "usage_loss",
 ]

@@ -172,7 +172,7 @@ def test_llama_folder_converts_exactly(tmp_path, llama_folder, builtin_tokenizer
     assert record["source"] == str(llama_folder.resolve()) and record["gguf_file"] is None
     assert record["sha256"] == files_hash(sorted(llama_folder.glob("*.safetensors")))
     assert record["source_class"] == "LlamaForCausalLM" and record["dtype"] == "float32"
-    assert config["route_options"] == ["big", "skip"] and config["routing_mode"] == "fixed"
+    assert config["route_options"] == ["big", "skip"] and config["routing"] == "fixed"
     assert config["small_intermediate_size"] == dense.config.intermediate_size // 16
     saved = AutoTokenizer.from_pretrained(out)
     assert saved(TEXT).input_ids == builtin_tokenizer(TEXT).input_ids
@@ -398,7 +398,7 @@ def test_a_dense_checkpoint_never_loads_into_a_duo_class(tmp_path, llama_folder,
     # a Duo checkpoint whose weights lack a layer's FFNs (its config changed) is refused too, as incomplete
     incomplete = tmp_path / "duo"
     config = json.loads((incomplete / "config.json").read_text())
-    (incomplete / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4, "fixed_pattern": [BIG] * 4}))
+    (incomplete / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4, "pattern": [BIG] * 4}))
     with pytest.raises(CheckpointMismatchError, match=r"\(4 layers\): missing model\.layers\.3\.mlp\..* incomplete"):
         DuoLlamaForCausalLM.from_pretrained(incomplete)
 

@@ -171,7 +171,7 @@ def test_routing_modes_change_scores_and_match_their_dense_paths(duo_model, toke
     assert (small_logits - big_logits).abs().max() > 1e-2
 
     for routing, choice, letters in (("all-small", SMALL, "ss"), ("all-big", BIG, "BB")):
-        assert fixed_runs[routing]["config"]["duo_routing"]["fixed_pattern"] == letters
+        assert fixed_runs[routing]["config"]["duo_routing"]["pattern"] == letters
         dense = get_model("hf")(pretrained=dense_path(duo_model, choice), tokenizer=tokenizer, batch_size=8)
         reference = evaluate(dense, task_manager)
         assert_same_scores(fixed_runs[routing], reference)
@@ -196,7 +196,7 @@ def test_random_routing_with_p_big(duo_model, tokenizer, task_manager, fixed_run
         assert duo_model.config.route_probs == {"small": 1 - p_big, "big": p_big}
         by_p[p_big] = loglikelihoods(results := evaluate(lm, task_manager))
         assert results["config"]["duo_routing"] == {
-            "routing_mode": "random",
+            "routing": "random",
             "route_options": ["small", "big"],
             "route_probs": {"small": 1 - p_big, "big": p_big},
             "route_seed": 5,
@@ -220,7 +220,7 @@ def test_learned_routing(duo_model, tokenizer, task_manager, fixed_runs):
                 router.weight.zero_()
                 router.bias.copy_(torch.tensor([10.0 if c == choice else -10.0 for c in router.choices]))
         results = evaluate(DuoLM(pretrained=model, tokenizer=tokenizer, routing="learned", batch_size=8), task_manager)
-        assert results["config"]["duo_routing"]["routing_mode"] == "learned"
+        assert results["config"]["duo_routing"]["routing"] == "learned"
         assert max_difference(loglikelihoods(results), loglikelihoods(fixed_runs[routing])) < 1e-5
 
 
@@ -234,17 +234,17 @@ def test_routing_arguments():
         route_options=["small", "big", "skip"],
     )
     assert routing_settings(config) is None
-    assert routing_settings(config, "all-big") == {"mode": "fixed", "fixed_pattern": [BIG] * 4}
-    assert routing_settings(config, pattern="sB-B") == {"mode": "fixed", "fixed_pattern": "sB-B"}
+    assert routing_settings(config, "all-big") == {"routing": "fixed", "pattern": [BIG] * 4}
+    assert routing_settings(config, pattern="sB-B") == {"routing": "fixed", "pattern": "sB-B"}
     assert routing_settings(config, p_big=0.5, p_skip=0.25, route_seed=3) == {
-        "mode": "random",
+        "routing": "random",
         "route_seed": 3,
         "route_probs": {"big": 0.5, "skip": 0.25, "small": 0.25},
     }
     with pytest.raises(ValueError, match="no routers"):
         routing_settings(config, "learned")
     config.use_router = True
-    assert routing_settings(config, "learned") == {"mode": "learned"}
+    assert routing_settings(config, "learned") == {"routing": "learned"}
     with pytest.raises(ValueError, match="set the probabilities of"):
         routing_settings(config, p_big=0.5)
     with pytest.raises(ValueError, match="not a routing"):
@@ -499,14 +499,14 @@ def test_lm_eval_cli_model_hf_reaches_every_routing(duo_model, tokenizer, task_m
     probs = {"small": 0.75, "big": 0.25}
     runs = {  # name -> (--model hf overrides, the same routing as duo arguments)
         "config": (folder, {}, {}),
-        "fixed": (folder, {"routing_mode": "fixed", "fixed_pattern": "Bs"}, {"routing": "fixed", "pattern": "Bs"}),
-        "all-small": (folder, {"routing_mode": "fixed", "fixed_pattern": "ss"}, {"routing": "all-small"}),
+        "fixed": (folder, {"routing": "fixed", "pattern": "Bs"}, {"routing": "fixed", "pattern": "Bs"}),
+        "all-small": (folder, {"routing": "fixed", "pattern": "ss"}, {"routing": "all-small"}),
         "random": (
             folder,
-            {"routing_mode": "random", "route_probs": probs, "route_seed": 5},
+            {"routing": "random", "route_probs": probs, "route_seed": 5},
             {"routing": "random", "p_big": 0.25, "route_seed": 5},
         ),
-        "learned": (routers_folder, {"routing_mode": "learned"}, {"routing": "learned"}),
+        "learned": (routers_folder, {"routing": "learned"}, {"routing": "learned"}),
     }
     hf = run_cli_without_the_package(
         {name: hf_model_args(f, **hf_args) for name, (f, hf_args, _) in runs.items()}, tmp_path
@@ -529,23 +529,23 @@ def test_lm_eval_cli_model_hf_reaches_every_routing(duo_model, tokenizer, task_m
 @pytest.mark.numerics
 def test_lm_eval_command_model_hf(duo_model, tokenizer, task_manager, tmp_path):
     """The harness's own `lm_eval` executable, in a fresh process that imports nothing of ours (no start-up hook):
-    `--model hf --model_args pretrained=DIR,trust_remote_code=True,routing_mode=fixed,fixed_pattern=Bs` scores
+    `--model hf --model_args pretrained=DIR,trust_remote_code=True,routing=fixed,pattern=Bs` scores
     like `duo` with `routing=fixed,pattern=Bs` in this process."""
     lm_eval_command = Path(sys.executable).with_name("lm_eval")
     assert lm_eval_command.is_file(), f"{lm_eval_command} missing: install lm-eval in this environment"
     folder = tmp_path / "tiny-duo"
-    duo_model.set_routing("fixed", fixed_pattern="sB")  # the saved default, which the override replaces
+    duo_model.set_routing("fixed", pattern="sB")  # the saved default, which the override replaces
     save_model_folder(folder, duo_model, tokenizer)
     lm = DuoLM(pretrained=str(folder), routing="fixed", pattern="Bs", device="cpu", batch_size=8)
     expected = evaluate(lm, task_manager)
 
-    model_args = hf_model_args(folder, routing_mode="fixed", fixed_pattern="Bs")
+    model_args = hf_model_args(folder, routing="fixed", pattern="Bs")
     argv = cli_args("hf", model_args, tmp_path / "out")
     env = {**os.environ, **CLI_ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")}
     done = subprocess.run([str(lm_eval_command), *argv[1:]], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = read_outputs(tmp_path / "out")
-    assert results["config"]["model_args"]["fixed_pattern"] == "Bs"
+    assert results["config"]["model_args"]["pattern"] == "Bs"
     assert_same_scores(results, expected)
     assert max_difference(loglikelihoods(results), loglikelihoods(expected)) < LL_TOL
 

@@ -41,7 +41,7 @@ def set_mode(model, mode: str, batch: int, total_len: int, seed: int = 0) -> dic
     config = model.config
     layers, options = config.num_hidden_layers, config.route_options
     if mode == "fixed":
-        model.set_routing("fixed", fixed_pattern=[options[i % len(options)] for i in range(layers)])
+        model.set_routing("fixed", pattern=[options[i % len(options)] for i in range(layers)])
         return {}
     if mode == "explicit":
         model.set_routing("explicit")

@@ -236,7 +236,7 @@ def test_token_losses():
 
 def test_generate_all_big_equals_opt_generate():
     opt = tiny_opt()
-    duo = DuoOPTForCausalLM.from_dense(opt, routing_mode="fixed", fixed_pattern="BBB").eval()
+    duo = DuoOPTForCausalLM.from_dense(opt, routing="fixed", pattern="BBB").eval()
     ids, mask = batch(pad=4)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
     expected = opt.generate(ids, **kwargs)
@@ -302,10 +302,10 @@ def test_route_and_config_validation_errors():
         duo(ids, routes=torch.zeros(2, 10, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="dtype"):
         duo(ids, routes=torch.zeros(2, 10, 3))
-    with pytest.raises(ValueError, match="fixed_pattern"):
+    with pytest.raises(ValueError, match="pattern"):
         duo.set_routing("fixed", "sB")
-    assert duo.config.routing_mode == "random"  # a rejected change leaves the config as it was
-    with pytest.raises(ValueError, match="routing_mode"):
+    assert duo.config.routing == "random"  # a rejected change leaves the config as it was
+    with pytest.raises(ValueError, match="routing"):
         duo.set_routing("sometimes")
     with pytest.raises(ValueError, match=r"1\.\.128 \(ffn_dim\)"):
         DuoOPTConfig(ffn_dim=128, small_intermediate_size=200)
@@ -455,7 +455,7 @@ def test_llama_family_from_dense():
 
 
 def test_learned_routing_shares_the_router_code(tmp_path):
-    model = DuoOPTForCausalLM.from_dense(tiny_opt(), route_options=["small", "big", "skip"], routing_mode="learned")
+    model = DuoOPTForCausalLM.from_dense(tiny_opt(), route_options=["small", "big", "skip"], routing="learned")
     model.eval()
     assert all(layer.mlp.router is not None for layer in model.model.layers)
     ids, mask = batch()

@@ -111,11 +111,11 @@ def test_prefill_and_cached_decoding_equal(case):
 @pytest.mark.parametrize(
     "routing",
     [
-        {"mode": "random", "route_probs": {"small": 0.5, "big": 0.5}, "route_seed": 3},
-        {"mode": "random", "route_probs": {"small": 0.3, "big": 0.5, "skip": 0.2}, "route_seed": 4},
-        {"mode": "fixed", "fixed_pattern": "sB-"},
-        {"mode": "fixed", "fixed_pattern": "BBB"},
-        {"mode": "fixed", "fixed_pattern": "sss"},
+        {"routing": "random", "route_probs": {"small": 0.5, "big": 0.5}, "route_seed": 3},
+        {"routing": "random", "route_probs": {"small": 0.3, "big": 0.5, "skip": 0.2}, "route_seed": 4},
+        {"routing": "fixed", "pattern": "sB-"},
+        {"routing": "fixed", "pattern": "BBB"},
+        {"routing": "fixed", "pattern": "sss"},
     ],
     ids=["random-small-big", "random-with-skip", "fixed-mixed", "fixed-all-big", "fixed-all-small"],
 )

@@ -56,7 +56,7 @@ def test_explicit_routes_must_cover_the_generated_positions():
 def test_past_key_values_still_works_with_transformers_deprecation_warning():
     """As for LlamaForCausalLM: the old name of the cache argument maps to `cache`, with a FutureWarning."""
     model = tiny_llama()
-    model.set_routing("fixed", fixed_pattern="sB-")
+    model.set_routing("fixed", pattern="sB-")
     ids, _ = prompt(padded=False)
     with torch.no_grad():
         prefill = model(ids[:, :-1], use_cache=True)
@@ -70,7 +70,7 @@ def test_past_key_values_still_works_with_transformers_deprecation_warning():
 def test_text_generation_pipeline(builtin_tokenizer):
     """pipeline("text-generation") continues a prompt as greedy decoding by full recomputation does."""
     model = tiny_llama(vocab_size=len(builtin_tokenizer))
-    model.set_routing("fixed", fixed_pattern="sBs")
+    model.set_routing("fixed", pattern="sBs")
     generator = pipeline("text-generation", model=model, tokenizer=builtin_tokenizer)
     text = "The model routes every token"
     with warnings.catch_warnings(record=True) as caught:

@@ -97,7 +97,7 @@ def test_mixed_routes_match_per_token_module_outputs(tiny_model):
 
 
 def test_output_returns_routes_taken(tiny_model):
-    model = tiny_model(routing_mode="fixed", fixed_pattern="sBs")
+    model = tiny_model(routing="fixed", pattern="sBs")
     out = model(ids_batch())
     assert out.routes.shape == (2, 12, 3)
     assert torch.equal(out.routes, torch.tensor([SMALL, BIG, SMALL]).expand(2, 12, 3))
@@ -152,16 +152,16 @@ def test_uniform_pattern_routings_are_explicit_uniform_routes(tiny_model):
 
 def test_explicit_mode_without_routes_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="routes="):
-        tiny_model(routing_mode="explicit")(ids_batch())
+        tiny_model(routing="explicit")(ids_batch())
 
 
 def test_set_routing_validates_and_keeps_old_settings_on_error(tiny_model):
     model = tiny_model()
-    model.set_routing("fixed", fixed_pattern="BBs")
-    assert model.config.fixed_pattern == [BIG, BIG, SMALL]
-    with pytest.raises(ValueError, match="fixed_pattern"):
-        model.set_routing("fixed", fixed_pattern="BB")
-    assert model.config.fixed_pattern == [BIG, BIG, SMALL] and model.config.routing_mode == "fixed"
+    model.set_routing("fixed", pattern="BBs")
+    assert model.config.pattern == [BIG, BIG, SMALL]
+    with pytest.raises(ValueError, match="pattern"):
+        model.set_routing("fixed", pattern="BB")
+    assert model.config.pattern == [BIG, BIG, SMALL] and model.config.routing == "fixed"
 
 
 def test_save_reload_identical_logits(tiny_model, tmp_path):
@@ -180,7 +180,7 @@ def test_save_reload_identical_logits(tiny_model, tmp_path):
 @pytest.mark.numerics
 @pytest.mark.slow
 def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
-    model = tiny_model(routing_mode="fixed", fixed_pattern="BsB")
+    model = tiny_model(routing="fixed", pattern="BsB")
     model.save_pretrained(tmp_path / "duo")
     ids = ids_batch()
     hidden = model.model(ids).last_hidden_state
@@ -212,7 +212,7 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("mode", ["random", "fixed"])
 def test_generate_with_kv_cache(tiny_model, mode):
-    model = tiny_model(routing_mode=mode, fixed_pattern="sBs" if mode == "fixed" else None)
+    model = tiny_model(routing=mode, pattern="sBs" if mode == "fixed" else None)
     prompt = ids_batch(seq=5)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
@@ -239,7 +239,7 @@ def test_cached_decoding_matches_full_forward_with_explicit_routes(tiny_model):
 
 
 def test_batched_generation_with_left_padding(tiny_model):
-    model = tiny_model(routing_mode="fixed", fixed_pattern="BsB")
+    model = tiny_model(routing="fixed", pattern="BsB")
     a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12]])
     batch = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 10, 11, 12]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])

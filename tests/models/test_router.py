@@ -20,14 +20,14 @@ from duo_llm_hf import (
     DuoLlamaForCausalLM,
     DuoRouter,
     TemperatureSchedule,
-    budget_loss,
     freeze_all_but_routers,
     realised_fractions,
     router_probabilities,
     set_router_temperature,
+    usage_loss,
 )
 from duo_llm_hf.experiments.analysis import usage_fraction
-from duo_llm_hf.models.losses import parse_budget_fractions
+from duo_llm_hf.models.losses import parse_target_usage
 from duo_llm_hf.models.routed_ffn import router_temperature, routers
 from duo_llm_hf.models.routes import route_usage
 
@@ -43,7 +43,7 @@ def tiny_config(**kwargs) -> DuoLlamaConfig:
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=64,
-        routing_mode="learned",
+        routing="learned",
     )
     fields.update(kwargs)
     return DuoLlamaConfig(**fields)
@@ -73,33 +73,33 @@ ZERO = pytest.approx(0.0, abs=1e-12)
 def test_budget_loss_is_zero_exactly_at_the_target():
     # Mean over layers of P_big is 0.25 in every sequence although no single layer has 0.25.
     p_big = torch.tensor([0.5, 0.0]).expand(3, 5, 2)
-    assert budget_loss(probs_with_big(p_big), 0.25).item() == ZERO
-    assert budget_loss(probs_with_big(p_big), 0.5).item() == pytest.approx(0.0625)
+    assert usage_loss(probs_with_big(p_big), 0.25).item() == ZERO
+    assert usage_loss(probs_with_big(p_big), 0.5).item() == pytest.approx(0.0625)
 
     three = torch.tensor([0.25, 0.5, 0.25]).expand(2, 4, 3, 3).log()
-    assert budget_loss(three, {"small": 0.25, "big": 0.5, "skip": 0.25}).item() == ZERO
-    assert budget_loss(three, {"small": 0.5, "big": 0.5, "skip": 0.0}).item() == pytest.approx(2 * 0.25**2)
+    assert usage_loss(three, {"small": 0.25, "big": 0.5, "skip": 0.25}).item() == ZERO
+    assert usage_loss(three, {"small": 0.5, "big": 0.5, "skip": 0.0}).item() == pytest.approx(2 * 0.25**2)
     # The temperature divides the logits before the softmax: tau = 0.5 squares the odds (1:3 -> 1:9).
     p_big = torch.full((2, 4, 3), 0.25)
-    assert budget_loss(probs_with_big(p_big), 0.1, temperature=0.5).item() == ZERO
+    assert usage_loss(probs_with_big(p_big), 0.1, temperature=0.5).item() == ZERO
 
 
 def test_budget_loss_is_per_sequence_and_ignores_padding():
     # Sequence means 0 and 0.5 average to the target 0.25, but each sequence misses it by 0.25.
     p_big = torch.tensor([0.0, 0.5])[:, None, None].expand(2, 4, 3)
-    assert budget_loss(probs_with_big(p_big), 0.25).item() == pytest.approx(0.0625)
+    assert usage_loss(probs_with_big(p_big), 0.25).item() == pytest.approx(0.0625)
 
     # Padded tokens (mask False) may hold anything: only the counted tokens meet the target.
     p_big = torch.full((2, 6, 3), 0.25)
     p_big[:, 4:] = 1.0
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[:, 4:] = False
-    assert budget_loss(probs_with_big(p_big), 0.25, mask).item() == ZERO
-    assert budget_loss(probs_with_big(p_big), 0.25).item() > 1e-6
+    assert usage_loss(probs_with_big(p_big), 0.25, mask).item() == ZERO
+    assert usage_loss(probs_with_big(p_big), 0.25).item() > 1e-6
     # A sequence with no counted token does not count in the batch mean.
     mask[1] = False
     p_big[1] = 1.0
-    assert budget_loss(probs_with_big(p_big), 0.25, mask).item() == ZERO
+    assert usage_loss(probs_with_big(p_big), 0.25, mask).item() == ZERO
 
 
 def test_budget_loss_gradient_points_toward_the_target():
@@ -109,7 +109,7 @@ def test_budget_loss_gradient_points_toward_the_target():
         logits.requires_grad_(True)
         p = torch.softmax(logits, -1)
         skip = torch.full_like(logits[..., :1], float("-inf"))
-        loss = budget_loss(torch.cat([logits, skip], -1), target)
+        loss = usage_loss(torch.cat([logits, skip], -1), target)
         loss.backward()
         # Gradient descent on the BIG logit moves P_big toward the target ...
         direction = -logits.grad[..., 1]
@@ -117,26 +117,26 @@ def test_budget_loss_gradient_points_toward_the_target():
         # ... and a small step lowers the loss.
         with torch.no_grad():
             stepped = logits - 0.5 * logits.grad
-            assert budget_loss(torch.cat([stepped, skip], -1), target) < loss
+            assert usage_loss(torch.cat([stepped, skip], -1), target) < loss
 
 
 def test_parse_budget_fractions_errors_name_the_problem():
-    assert parse_budget_fractions(0.3) == {BIG: 0.3}
-    assert parse_budget_fractions({"skip": 0.2, "big": 0.5, "small": 0.3}, ["small", "big", "skip"]) == {
+    assert parse_target_usage(0.3) == {BIG: 0.3}
+    assert parse_target_usage({"skip": 0.2, "big": 0.5, "small": 0.3}, ["small", "big", "skip"]) == {
         SMALL: 0.3,
         BIG: 0.5,
         SKIP: 0.2,
     }
     with pytest.raises(ValueError, match="sum to 1"):
-        parse_budget_fractions({"small": 0.3, "big": 0.3, "skip": 0.3}, ["small", "big", "skip"])
+        parse_target_usage({"small": 0.3, "big": 0.3, "skip": 0.3}, ["small", "big", "skip"])
     with pytest.raises(ValueError, match="does not allow"):
-        parse_budget_fractions({"skip": 0.5}, ["small", "big"])
+        parse_target_usage({"skip": 0.5}, ["small", "big"])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        parse_budget_fractions(1.5)
+        parse_target_usage(1.5)
     with pytest.raises(ValueError, match="shape"):
-        budget_loss(torch.zeros(2, 3, 2), 0.5)
+        usage_loss(torch.zeros(2, 3, 2), 0.5)
     for setting in ROUTER_SETTINGS.values():
-        parse_budget_fractions(setting["budget"], setting["route_options"])
+        parse_target_usage(setting["target_usage"], setting["route_options"])
 
 
 # ---------------------------------------------------------------- router and temperature
@@ -240,8 +240,8 @@ def test_routing_fields_are_validated():
     with pytest.raises(ValueError, match="use_router"):
         tiny_config(use_router="yes")
     assert tiny_config().use_router is True
-    assert tiny_config(routing_mode="random").use_router is False
-    model = tiny_model(routing_mode="random")
+    assert tiny_config(routing="random").use_router is False
+    model = tiny_model(routing="random")
     with pytest.raises(ValueError, match="set_routing"):
         model(ids(), routing="learned")
     model.set_routing("learned")
@@ -269,7 +269,7 @@ def test_configs_of_older_versions_load(tmp_path):
 
 
 def test_budget_loss_as_aux_loss_follows_mixtral():
-    model = tiny_model(router_budget=0.3, router_aux_loss_coef=0.5)
+    model = tiny_model(router_target_usage=0.3, router_aux_loss_coef=0.5)
     x = ids()
     mask = torch.ones_like(x)
     mask[0, :3] = 0
@@ -277,15 +277,15 @@ def test_budget_loss_as_aux_loss_follows_mixtral():
         plain = model(x, labels=x, attention_mask=mask)
         out = model(x, labels=x, attention_mask=mask, output_router_logits=True)
     assert plain.aux_loss is None
-    expected = budget_loss(out.router_logits, 0.3, mask.bool())
+    expected = usage_loss(out.router_logits, 0.3, mask.bool())
     torch.testing.assert_close(out.aux_loss, expected)
     torch.testing.assert_close(out.loss, plain.loss + 0.5 * expected)
     set_router_temperature(model, 0.5)
     with torch.no_grad():
         hot = model(x, output_router_logits=True)
-    torch.testing.assert_close(hot.aux_loss, budget_loss(hot.router_logits, 0.3, temperature=0.5))
-    with pytest.raises(ValueError, match="budget"):
-        tiny_config(router_budget={"skip": 0.5})
+    torch.testing.assert_close(hot.aux_loss, usage_loss(hot.router_logits, 0.3, temperature=0.5))
+    with pytest.raises(ValueError, match="target_usage"):
+        tiny_config(router_target_usage={"skip": 0.5})
 
 
 def test_route_usage_layout_and_realised_fractions():
@@ -338,9 +338,9 @@ def test_router_weights_survive_save_and_load(tmp_path):
 
 
 def test_stage1_checkpoint_loads_with_fresh_routers(tmp_path):
-    stage1 = tiny_model(routing_mode="random")
+    stage1 = tiny_model(routing="random")
     stage1.save_pretrained(tmp_path)
-    model, info = DuoLlamaForCausalLM.from_pretrained(tmp_path, routing_mode="learned", output_loading_info=True)
+    model, info = DuoLlamaForCausalLM.from_pretrained(tmp_path, routing="learned", output_loading_info=True)
     assert info["missing_keys"] == set() or not info["missing_keys"]
     assert model.config.use_router and len(routers(model)) == 2
     for router in routers(model):
@@ -392,7 +392,7 @@ def train_routers(model, budget, steps: int, alpha: float = 10.0, lr: float = 0.
     for step in range(steps):
         x = ids(batch=4, seq=16, seed=100 + step)
         out = model(x, labels=x)
-        loss = out.loss + alpha * budget_loss(out.router_logits, budget)
+        loss = out.loss + alpha * usage_loss(out.router_logits, budget)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

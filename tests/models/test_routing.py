@@ -41,11 +41,11 @@ def test_one_routing_vocabulary():
         parse_routing("dense", 2)
 
 
-def test_config_routing_mode_takes_every_mode_but_the_oracle(tiny_config):
+def test_config_routing_takes_every_mode_but_the_oracle(tiny_config):
     for mode in ("random", "explicit", "learned"):
-        assert tiny_config(routing_mode=mode).routing_mode == mode
-    with pytest.raises(ValueError, match="routing_mode"):
-        tiny_config(routing_mode="oracle")
+        assert tiny_config(routing=mode).routing == mode
+    with pytest.raises(ValueError, match="routing"):
+        tiny_config(routing="oracle")
 
 
 def test_config_defaults(tiny_config):
@@ -53,7 +53,7 @@ def test_config_defaults(tiny_config):
     assert config.small_intermediate_size == 64 // 16
     assert config.route_options == ["small", "big"]
     assert config.route_probs == {"small": 0.5, "big": 0.5}
-    assert config.routing_mode == "random"
+    assert config.routing == "random"
     skip = tiny_config(route_options=["skip", "big"])
     assert skip.route_options == ["big", "skip"]  # canonical order
 
@@ -65,14 +65,14 @@ def test_config_defaults(tiny_config):
         ({"small_intermediate_size": 65}, "small_intermediate_size", "1..64"),
         ({"route_options": []}, "route_options", "non-empty"),
         ({"route_options": ["small", "huge"]}, "route_options", "'huge'"),
-        ({"routing_mode": "greedy"}, "routing_mode", "'greedy'"),
+        ({"routing": "greedy"}, "routing", "'greedy'"),
         ({"route_probs": {"small": 0.7, "big": 0.7}}, "route_probs", "sum to 1"),
         ({"route_probs": {"small": -0.5, "big": 1.5}}, "route_probs", ">= 0"),
         ({"route_probs": {"skip": 0.5, "big": 0.5}}, "route_probs", "'skip'"),
-        ({"routing_mode": "fixed"}, "fixed_pattern", "one choice per layer"),
-        ({"routing_mode": "fixed", "fixed_pattern": "sB"}, "fixed_pattern", "3 layers"),
-        ({"routing_mode": "fixed", "fixed_pattern": "sB-"}, "fixed_pattern", "['skip']"),
-        ({"fixed_pattern": "sBx"}, "fixed_pattern", "'x'"),
+        ({"routing": "fixed"}, "pattern", "one choice per layer"),
+        ({"routing": "fixed", "pattern": "sB"}, "pattern", "3 layers"),
+        ({"routing": "fixed", "pattern": "sB-"}, "pattern", "['skip']"),
+        ({"pattern": "sBx"}, "pattern", "'x'"),
         ({"route_seed": -1}, "route_seed", "non-negative"),
     ],
 )
@@ -84,8 +84,8 @@ def test_config_rejects_bad_fields_with_clear_errors(tiny_config, overrides, fie
 
 
 def test_fixed_pattern_stored_as_codes(tiny_config):
-    config = tiny_config(routing_mode="fixed", fixed_pattern="sBs")
-    assert config.fixed_pattern == [SMALL, BIG, SMALL]
+    config = tiny_config(routing="fixed", pattern="sBs")
+    assert config.pattern == [SMALL, BIG, SMALL]
 
 
 def test_random_routing_realises_route_probs_and_is_seeded():

@@ -278,7 +278,7 @@ def test_stage1_model_loads_for_learned_routing_without_router_weights(files, tm
     model_dir = tmp_path / "model"
     shutil.copytree(files / "model", model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config["routing_mode"] = "learned"
+    config["routing"] = "learned"
     (model_dir / "config.json").write_text(json.dumps(config))
     model = load_duo_model(model_dir)  # routers missing from the weights: legitimate, they start fresh
     assert model.model.layers[0].mlp.router is not None

@@ -21,13 +21,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, OPTCon
 
 from duo_llm_hf import BIG, DuoOPTForCausalLM
 from duo_llm_hf.cli import COMMANDS
-from duo_llm_hf.models.routes import CHOICE_CODES, ROUTER_SETTINGS
+from duo_llm_hf.models.routes import CHOICE_CODES
 from duo_llm_hf.oracle.engine import pattern_losses
 from duo_llm_hf.oracle.spaces import RouteSpace
 from duo_llm_hf.training import finetune as finetuning
 from duo_llm_hf.training.arguments import FinetuneArguments, parse_arguments
 from duo_llm_hf.training.building import build_model, freeze_all_but_small
 from duo_llm_hf.training.finetune import AttentionLoRA, estimate_memory, finetune
+from duo_llm_hf.training.router_settings import ROUTER_SETTINGS
 from duo_llm_hf.training.routers import train_router
 from tests.helpers import (
     FLOAT_TOL,
@@ -89,7 +90,7 @@ def test_finetune_changes_only_the_small_ffns(tmp_path, source):
 
     duo = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
     assert type(duo) is DuoOPTForCausalLM
-    assert duo.config.routing_mode == "random" and duo.config.route_probs == {"small": 0.5, "big": 0.5}
+    assert duo.config.routing == "random" and duo.config.route_probs == {"small": 0.5, "big": 0.5}
     assert duo.config.small_intermediate_size == 128 // 16
     # Every pretrained weight is unchanged: the big path is the source OPT, bit for bit ...
     big_path, original = duo.to_dense().state_dict(), opt.state_dict()
@@ -248,10 +249,10 @@ def test_oracle_prefix_tree_equals_naive_forwards_on_the_finetuned_model(finetun
 
 @pytest.mark.parametrize("setting", sorted(ROUTER_SETTINGS))
 def test_routers_train_on_the_finetuned_model_in_each_appendix_a_setting(tmp_path, finetuned, setting):
-    args = tiny_router_args(tmp_path, finetuned, setting, budget=None, setting=setting, max_steps=3)
+    args = tiny_router_args(tmp_path, finetuned, setting, target_usage=None, setting=setting, max_steps=3)
     report = train_router(args).report
     preset = ROUTER_SETTINGS[setting]
-    assert report["route_options"] == preset["route_options"] and report["budget"] == preset["budget"]
+    assert report["route_options"] == preset["route_options"] and report["target_usage"] == preset["target_usage"]
     for entry in report["holdouts"].values():  # only the setting's choices are taken, at hard (argmax) routing
         overall = entry["realised"]["overall"]
         assert sum(overall.values()) == pytest.approx(1.0)
@@ -260,7 +261,7 @@ def test_routers_train_on_the_finetuned_model_in_each_appendix_a_setting(tmp_pat
         )
 
     routed = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
-    assert type(routed) is DuoOPTForCausalLM and routed.config.routing_mode == "learned"
+    assert type(routed) is DuoOPTForCausalLM and routed.config.routing == "learned"
     assert routed.config.route_options == preset["route_options"]
     # The routers train on top: every weight of the finetuned model is unchanged.
     duo_state = AutoModelForCausalLM.from_pretrained(finetuned).state_dict()

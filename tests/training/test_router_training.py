@@ -19,7 +19,7 @@ from duo_llm_hf.oracle.results import OracleResult
 from duo_llm_hf.training.arguments import parse_arguments
 from duo_llm_hf.training.checkpointing import list_checkpoints
 from duo_llm_hf.training.loaders import load_corpora, make_eval_loaders
-from duo_llm_hf.training.router_arguments import RouterTrainArguments, budget_flag, parse_budget_flag
+from duo_llm_hf.training.router_arguments import RouterTrainArguments, parse_target_usage_flag, target_usage_flag
 from duo_llm_hf.training.router_evaluation import evaluate_router
 from duo_llm_hf.training.router_oracle import (
     compute_oracle_targets,
@@ -71,7 +71,7 @@ def test_routers_move_to_the_budget_and_the_duo_weights_stay(tmp_path, source, b
     loaders = make_eval_loaders(holdouts, builtin_tokenizer, args)
     before = evaluate_router(fresh, loaders)["all"]["realised"]["overall"]["big"]
     target = 0.9 if before < 0.5 else 0.1
-    args.budget = str(target)
+    args.target_usage = str(target)
 
     result = train_router(args)
     report = result.report
@@ -80,7 +80,7 @@ def test_routers_move_to_the_budget_and_the_duo_weights_stay(tmp_path, source, b
     assert json.loads((Path(args.output_dir) / ROUTER_REPORT_FILE).read_text()) == report
 
     trained = AutoModelForCausalLM.from_pretrained(args.output_dir)
-    assert trained.config.routing_mode == "learned" and len(routers(trained)) == LAYERS
+    assert trained.config.routing == "learned" and len(routers(trained)) == LAYERS
     assert report["temperature_final"] == pytest.approx(args.temperature_end)
     source_state = load_file(str(Path(source) / "model.safetensors"))
     trained_state = trained.state_dict()
@@ -91,7 +91,7 @@ def test_routers_move_to_the_budget_and_the_duo_weights_stay(tmp_path, source, b
     assert router_keys and all(not torch.equal(trained_state[k], fresh_state[k]) for k in router_keys)
 
     # The report: per-layer and overall fractions, usage counts, perplexity and FLOPs of each held-out set.
-    assert report["route_options"] == ["small", "big"] and report["budget"] == {"big": target}
+    assert report["route_options"] == ["small", "big"] and report["target_usage"] == {"big": target}
     assert set(report["holdouts"]) == {"english", "code", "all"}
     for entry in report["holdouts"].values():
         realised = entry["realised"]
@@ -169,7 +169,7 @@ def test_three_way_setting_through_the_script(tmp_path, source):
     report = json.loads((out / ROUTER_REPORT_FILE).read_text())
     assert report["setting"] == "big50-small30-skip20"
     assert report["route_options"] == ["small", "big", "skip"]
-    assert report["budget"] == {"small": 0.3, "big": 0.5, "skip": 0.2}
+    assert report["target_usage"] == {"small": 0.3, "big": 0.5, "skip": 0.2}
     assert set(report["holdouts"]) == {"english"}
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.route_options == ["small", "big", "skip"]
@@ -352,22 +352,25 @@ def test_duo_opt_model_with_the_big_skip_setting(tmp_path, builtin_tokenizer):
         )
     )
     folder = save_model_folder(tmp_path / "opt", DuoOPTForCausalLM(config), builtin_tokenizer)
-    args = tiny_router_args(tmp_path, folder, budget=None, setting="big50-skip50", max_steps=2, holdout_code="none")
+    args = tiny_router_args(
+        tmp_path, folder, target_usage=None, setting="big50-skip50", max_steps=2, holdout_code="none"
+    )
     report = train_router(args).report
-    assert report["route_options"] == ["big", "skip"] and report["budget"] == {"big": 0.5}
+    assert report["route_options"] == ["big", "skip"] and report["target_usage"] == {"big": 0.5}
     assert report["holdouts"]["english"]["realised"]["overall"]["small"] == 0.0
     model = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert type(model) is DuoOPTForCausalLM and [r.choices for r in routers(model)] == [(1, 2)] * LAYERS
 
 
-def test_parser_and_budget_flags():
-    argv = ["--model", "m", "--output-dir", "o", "--budget", "big=0.5,skip=0.5", "--alpha", "3"]
+def test_parser_and_target_usage_flags():
+    argv = ["--model", "m", "--output-dir", "o", "--target-usage", "big=0.5,skip=0.5", "--alpha", "3"]
     args = parse_arguments(RouterTrainArguments, argv)
-    assert (args.budget, args.alpha, args.block_size) == ("big=0.5,skip=0.5", 3.0, None)
-    assert parse_budget_flag(args.budget) == {"big": 0.5, "skip": 0.5}
-    assert parse_budget_flag("0.3") == 0.3
-    assert budget_flag({BIG: 4 / 12}) == repr(4 / 12) and parse_budget_flag(budget_flag({BIG: 4 / 12})) == 4 / 12
-    assert budget_flag({SKIP: 0.25, BIG: 0.5}) == "big=0.5,skip=0.25"
+    assert (args.target_usage, args.alpha, args.block_size) == ("big=0.5,skip=0.5", 3.0, None)
+    assert parse_target_usage_flag(args.target_usage) == {"big": 0.5, "skip": 0.5}
+    assert parse_target_usage_flag("0.3") == 0.3
+    assert target_usage_flag({BIG: 4 / 12}) == repr(4 / 12)
+    assert parse_target_usage_flag(target_usage_flag({BIG: 4 / 12})) == 4 / 12
+    assert target_usage_flag({SKIP: 0.25, BIG: 0.5}) == "big=0.5,skip=0.25"
 
 
 def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, builtin_tokenizer):
@@ -383,14 +386,14 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, builtin_token
         ({"model": str(empty)}, FileNotFoundError, "not a model folder"),
         ({"model": str(llama)}, ValueError, "is a 'llama' model, not a Duo model"),
         ({"model": str(no_tok)}, FileNotFoundError, "holds no tokenizer"),
-        ({"budget": "1.5"}, ValueError, r"must be a number in \[0, 1\]"),
-        ({"budget": "lots"}, ValueError, "'lots' is not a number"),
-        ({"budget": None}, ValueError, "budget: give a target"),
-        ({"budget": "big=0.5,skip=0.5"}, ValueError, r"sets targets for \['skip'\], which route_options"),
-        ({"budget": None, "setting": "big90"}, ValueError, "'big90' is not a router setting"),
+        ({"target_usage": "1.5"}, ValueError, r"must be a number in \[0, 1\]"),
+        ({"target_usage": "lots"}, ValueError, "'lots' is not a number"),
+        ({"target_usage": None}, ValueError, "target_usage: give a target"),
+        ({"target_usage": "big=0.5,skip=0.5"}, ValueError, r"sets targets for \['skip'\], which route_options"),
+        ({"target_usage": None, "setting": "big90"}, ValueError, "'big90' is not a router setting"),
         ({"setting": "big50-skip50"}, ValueError, "leave out --route-options"),
         (
-            {"budget": None, "model": big_skip, "setting": "small70-big30"},
+            {"target_usage": None, "model": big_skip, "setting": "small70-big30"},
             ValueError,
             r"routes to \['small'\], which model .* cannot route",
         ),
@@ -401,7 +404,7 @@ def test_bad_inputs_stop_early_with_clear_errors(tmp_path, source, builtin_token
         ({"temperature_end": 0.0}, ValueError, "temperatures must be > 0"),
         ({"resume_from": str(tmp_path / "nowhere")}, ValueError, "not a checkpoint folder"),
         ({"oracle_budget": "1"}, ValueError, "need --supervision oracle"),
-        ({"supervision": "oracle", "budget": "0.25"}, ValueError, r"0.5\} layers, not whole numbers"),
+        ({"supervision": "oracle", "target_usage": "0.25"}, ValueError, r"0.5\} layers, not whole numbers"),
         ({"supervision": "oracle", "oracle_budget": "big=3"}, ValueError, "3 big layers is impossible"),
     ]
     for i, (overrides, error, message) in enumerate(cases):

@@ -116,7 +116,7 @@ WRITERS = {
     ),
     "train-router": (
         "router training run",
-        lambda model, text, out: ["--model", model, "--output-dir", out, "--budget", "0.5", "--block-size", "16"],
+        lambda model, text, out: ["--model", model, "--output-dir", out, "--target-usage", "0.5", "--block-size", "16"],
     ),
     "finetune": (
         "training run",

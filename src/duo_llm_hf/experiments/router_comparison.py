@@ -29,8 +29,9 @@ from ..data.tokenization import load_tokenizer
 from ..models.routes import BIG, CHOICE_NAMES, SMALL
 from ..oracle.run import run_oracle_study, study_space
 from ..oracle.spaces import parse_layer_budget
+from ..training.arguments import current_names
 from ..training.loaders import load_corpora, make_eval_loaders
-from ..training.router_arguments import DEFAULT_BLOCK_SIZE, RouterTrainArguments, budget_flag
+from ..training.router_arguments import DEFAULT_BLOCK_SIZE, RouterTrainArguments, target_usage_flag
 from ..training.routers import train_router
 from ..utils.arguments import DataclassArgumentParser, check_float_fields, check_integer_fields, check_output_dir
 from ..utils.errors import UsageError
@@ -57,7 +58,7 @@ class ComparisonArguments:
     router_steps: int = field(default=60, metadata={"help": "Optimizer steps of each router."})
     batch_size: int = field(default=8, metadata={"help": "Training blocks per router step."})
     learning_rate: float = field(default=1e-2, metadata={"help": "Router learning rate (AdamW, constant)."})
-    alpha: float = field(default=1.0, metadata={"help": "Budget loss weight of both routers."})
+    alpha: float = field(default=1.0, metadata={"help": "Usage loss weight of both routers."})
     block_size: int | None = field(
         default=None, metadata={"help": f"Tokens per block (default: {DEFAULT_BLOCK_SIZE} or the model's positions)."}
     )
@@ -90,31 +91,35 @@ class ComparisonArguments:
         inspect_duo_source(self.model)
 
 
-def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, supervision: str) -> RouterTrainArguments:
-    """The `train_router` arguments of one router of the comparison (``k`` BIG layers of ``num_layers``)."""
-    oracle = supervision == "oracle"
-    layer_budget = parse_layer_budget(k)
+def router_preset(args: ComparisonArguments) -> RouterTrainArguments:
+    """The `train_router` arguments both routers of the comparison share (small / big, the comparison's sizes)."""
+    shared = ("alpha", "builtin_max_chars", "block_size", "batch_size", "learning_rate", "eval_blocks", "seed")
     return RouterTrainArguments(
         model=args.model,
-        output_dir=str(Path(args.output_dir) / "routers" / f"{supervision}-big{k}"),
+        output_dir=str(Path(args.output_dir) / "routers"),
         route_options="small,big",
-        budget=budget_flag(layer_budget.fractions(num_layers)),
-        alpha=args.alpha,
+        max_steps=args.router_steps,
+        checkpoint_every=0,
+        report_to="jsonl",
+        progress=args.progress,
+        **{name: getattr(args, name) for name in shared},
+    )
+
+
+def router_run_arguments(args: ComparisonArguments, num_layers: int, k: int, supervision: str) -> RouterTrainArguments:
+    """The `train_router` arguments of one router of the comparison (``k`` BIG layers of ``num_layers``): the
+    `router_preset` with its folder, target usage and supervision."""
+    oracle = supervision == "oracle"
+    layer_budget = parse_layer_budget(k)
+    return dataclasses.replace(
+        router_preset(args),
+        output_dir=str(Path(args.output_dir) / "routers" / f"{supervision}-big{k}"),
+        target_usage=target_usage_flag(layer_budget.fractions(num_layers)),
         supervision=supervision,
         oracle_budget=layer_budget.label if oracle else None,
         **({"oracle_blocks": args.oracle_blocks, "oracle_batch_size": args.oracle_batch_size} if oracle else {}),
         # Distillation fits P = softmax(logits) to the oracle's choices: no annealing needed.
         temperature_schedule="constant" if oracle else "exponential",
-        builtin_max_chars=args.builtin_max_chars,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_steps=args.router_steps,
-        eval_blocks=args.eval_blocks,
-        checkpoint_every=0,
-        report_to="jsonl",
-        seed=args.seed,
-        progress=args.progress,
     )
 
 
@@ -123,7 +128,7 @@ def _finished_report(run: RouterTrainArguments) -> dict | None:
     folder = Path(run.output_dir)
     if not (folder / ROUTER_REPORT_FILE).is_file() or not (folder / TRAINING_ARGS_FILE).is_file():
         return None
-    saved = read_state_file(folder / TRAINING_ARGS_FILE, TRAINING_ARGS_SCHEMA)
+    saved = current_names(read_state_file(folder / TRAINING_ARGS_FILE, TRAINING_ARGS_SCHEMA))
     wanted = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("progress", "output_dir")}
     if any(saved.get(k) != v for k, v in wanted.items()):
         return None

@@ -208,7 +208,7 @@ def router_stage(stages, model_dir: Path, n: int, moved: int, blocks: dict, trai
     """``routers/conventional-skip<moved>/``: the conventional router (CE + alpha * budget loss) on BIG or SKIP,
     targeting ``moved`` of ``n`` FFNs skipped, trained on the frozen model; then, with hard routing on every
     holdout, its per-token losses and realised skipped FFNs per token (``{holdout: {"losses", "skipped"}}``)."""
-    from ..training.router_arguments import budget_flag
+    from ..training.router_arguments import target_usage_flag
     from ..training.routers import RouterTrainArguments
     from ..utils.loading import load_duo_model
     from .study import _train_router_record
@@ -219,7 +219,7 @@ def router_stage(stages, model_dir: Path, n: int, moved: int, blocks: dict, trai
         model=str(model_dir),
         output_dir=str(folder),
         route_options="big,skip",
-        budget=budget_flag({BIG: (n - moved) / n}),
+        target_usage=target_usage_flag({BIG: (n - moved) / n}),
         supervision="conventional",
         temperature_schedule="exponential",
         block_size=config.train["block_size"],

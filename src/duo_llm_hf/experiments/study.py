@@ -445,7 +445,7 @@ def router_stages(
     results (`distill_stages`). Returns ``routers[kind][k][holdout]`` = ``{"ppl", "realised", "usage", "curve"}``
     (usage: ``[3, layers, positions]``; curve: ``[[step, ppl], ...]``, the held-out perplexity along training).
     """
-    from ..training.router_arguments import budget_flag
+    from ..training.router_arguments import target_usage_flag
     from ..training.routers import RouterTrainArguments, evaluate_router
 
     config = stages.config
@@ -467,7 +467,7 @@ def router_stages(
                 model=str(model_dir),
                 output_dir=str(folder),
                 route_options="small,big",
-                budget=budget_flag(layer_budget.fractions(n)),
+                target_usage=target_usage_flag(layer_budget.fractions(n)),
                 supervision=supervision,
                 oracle_budget=layer_budget.label if distilled else None,
                 oracle_targets=str(targets[causal]) if distilled else None,

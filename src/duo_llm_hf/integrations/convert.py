@@ -5,7 +5,7 @@ safetensors weights, a Hub name, or a ``.gguf`` file of the Llama family, which 
 as transformers does, converts it with `from_dense` (each layer's MLP becomes the big FFN; the small FFNs are
 freshly initialised) and writes a Duo folder: safetensors, the tokenizer, the generation config, and a config whose
 ``conversion`` field records the source and its SHA-256. The folder routes every token to the big FFN
-(``routing_mode="fixed"``, all-BIG), and before it is published the saved folder is loaded back and its logits
+(``routing="fixed"``, all-BIG), and before it is published the saved folder is loaded back and its logits
 compared with the source's: they must be identical.
 
 The folder is written under a temporary name next to the output folder and renamed into place when complete, so a
@@ -100,7 +100,7 @@ def convert_checkpoint(
 
     The small FFNs (inner size ``small_intermediate_size``, default the big FFN's // 16) are initialised with
     ``seed`` and untrained; ``route_options`` are the choices the model may route to (default big and skip, which
-    need no training). The model routes all-BIG (``routing_mode="fixed"``), and the saved folder's logits are checked
+    need no training). The model routes all-BIG (``routing="fixed"``), and the saved folder's logits are checked
     to be identical to the source's as transformers loads it (GGUF: its dequantised weights) in ``dtype`` (``"auto"``:
     the source's). Raises `UsageError` for a source that is missing, of another architecture or a Duo model
     already, a folder that would replace a finished model without ``overwrite``, and a source without a tokenizer
@@ -126,8 +126,8 @@ def convert_checkpoint(
             dense,
             small_intermediate_size=small_intermediate_size,
             route_options=list(route_options),
-            routing_mode="fixed",
-            fixed_pattern=[BIG] * dense.config.num_hidden_layers,
+            routing="fixed",
+            pattern=[BIG] * dense.config.num_hidden_layers,
         )
     duo.generation_config = dense.generation_config
     sha256, hashed = found.sha256()

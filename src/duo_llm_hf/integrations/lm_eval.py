@@ -4,9 +4,9 @@ The harness's own `lm_eval` command evaluates a saved Duo folder as `--model hf`
 every routing is a config override that `HFLM` hands to `from_pretrained`, and the model validates it as it is
 built (a JSON `--model_args` carries `route_probs`)::
 
-    lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,routing_mode=fixed,fixed_pattern=sBsB
-    lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,routing_mode=learned
-    lm_eval --model hf --model_args '{"pretrained": "DIR", "trust_remote_code": true, "routing_mode": "random",
+    lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,routing=fixed,pattern=sBsB
+    lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,routing=learned
+    lm_eval --model hf --model_args '{"pretrained": "DIR", "trust_remote_code": true, "routing": "random",
                                       "route_probs": {"small": 0.75, "big": 0.25}, "route_seed": 0}'
 
 `DuoLM` (`duo`, registered when this module is imported: in Python and in `duo-llm eval`) is the harness's `HFLM`
@@ -92,7 +92,7 @@ def routing_settings(
             "routing=learned: this model has no routers (config.use_router is false); evaluate a model whose "
             "routers were trained (stage 3), or pick another routing."
         )
-    settings: dict[str, Any] = {"mode": mode}
+    settings: dict[str, Any] = {"routing": mode}
     if route_seed is not None:
         settings["route_seed"] = int(route_seed)
     if routing == "fixed":
@@ -100,9 +100,9 @@ def routing_settings(
             raise ValueError("routing=fixed needs pattern=..., one letter per layer: s (small), B (big), - (skip).")
         if not isinstance(pattern, (str, list, tuple)):
             raise ValueError(f"pattern={pattern!r}: give one letter per layer, s (small), B (big), - (skip): sBsB.")
-        settings["fixed_pattern"] = pattern
+        settings["pattern"] = pattern
     elif uniform_pattern is not None:
-        settings["fixed_pattern"] = uniform_pattern
+        settings["pattern"] = uniform_pattern
     elif mode == "random" and probs:
         settings["route_probs"] = _fill_route_probs(probs, list(config.route_options))
     return settings
@@ -130,10 +130,10 @@ def _fill_route_probs(probs: dict[str, float], options: list[str]) -> dict[str, 
 
 def describe_routing(config) -> dict[str, Any]:
     """The routing a Duo config applies, for result files: mode, pattern letters, probabilities, seed."""
-    info: dict[str, Any] = {"routing_mode": config.routing_mode, "route_options": list(config.route_options)}
-    if config.routing_mode == "fixed":
-        info["fixed_pattern"] = pattern_to_str(config.fixed_pattern)
-    if config.routing_mode == "random":
+    info: dict[str, Any] = {"routing": config.routing, "route_options": list(config.route_options)}
+    if config.routing == "fixed":
+        info["pattern"] = pattern_to_str(config.pattern)
+    if config.routing == "random":
         info["route_probs"] = dict(config.route_probs)
         info["route_seed"] = config.route_seed
     return info

@@ -40,6 +40,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..data import HUB_PREFIX
+from ..training.arguments import current_names
 from ..utils.arguments import label as flag_label
 from ..utils.arguments import parse_arguments
 from ..utils.errors import MissingFileError, UsageError
@@ -76,8 +77,8 @@ STAGES = {
     "router": (
         "Stage 3: learned router",
         "The Duo weights are frozen; a linear router per layer maps the FFN input to one logit per allowed "
-        "choice and is trained with cross-entropy + alpha x budget loss, its softmax temperature annealed "
-        "so that the choices become hard. At inference each token runs only its argmax choice.",
+        "choice and is trained with cross-entropy + alpha x usage loss (the paper's budget loss), its softmax "
+        "temperature annealed so that the choices become hard. At inference each token runs only its argmax choice.",
     ),
 }
 # A JSON file given without a section goes to the section its name mentions.
@@ -155,7 +156,7 @@ def build_model_card(
         architecture=architecture_rows(model_dir, config),
         route_options_text=", ".join(f"`{o}`" for o in config.get("route_options", [])) or "not recorded",
         choices=choice_rows(config),
-        routing_mode=config.get("routing_mode", "not recorded"),
+        routing=config.get("routing", "not recorded"),
         routing_detail=_routing_detail(config),
         flop_seq_len=config.get("max_position_embeddings", "n/a"),
         flop_rows=flop_rows(config),
@@ -175,7 +176,10 @@ def build_model_card(
 
 
 def read_config(model_dir: Path) -> dict:
-    """The checkpoint's ``config.json`` as a dict (a clear error when the folder is not a saved model)."""
+    """The checkpoint's ``config.json`` as a dict (a clear error when the folder is not a saved model), the Duo keys
+    an older version wrote (``routing_mode``, ...) read under their names of now."""
+    from ..models.configuration_duo import RENAMED_KEYS
+
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise MissingFileError(
@@ -185,7 +189,8 @@ def read_config(model_dir: Path) -> dict:
         config = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"model_dir: {str(path)!r} is not valid JSON ({err}); is this a saved model?") from err
-    return check_state(config, JSON_OBJECT_SCHEMA, path)
+    config = check_state(config, JSON_OBJECT_SCHEMA, path)
+    return {RENAMED_KEYS.get(key, key): value for key, value in config.items()}
 
 
 def collect_figures(model_dir: Path, metrics=None) -> dict:
@@ -197,6 +202,8 @@ def collect_figures(model_dir: Path, metrics=None) -> dict:
         if not path.is_file():
             continue
         data = _load_json(path, LM_EVAL_RESULTS_SCHEMA if section == "lm_eval" else JSON_OBJECT_SCHEMA)
+        if part == "hyperparameters" or section == "router":
+            data = current_names(data)  # written before 0.2: `budget`, `eval_routes`, mode `random`
         if section == "training":
             stage = "router" if router_run else stage
             figures.setdefault("training", {}).setdefault(stage, {})[part] = _scalars(data)
@@ -689,14 +696,14 @@ def _small_ratio(config: dict) -> str:
 
 
 def _routing_detail(config: dict) -> str:
-    mode = config.get("routing_mode")
+    mode = config.get("routing")
     if mode == "random" and config.get("route_probs"):
         probs = ", ".join(f"{k} {v:g}" for k, v in config["route_probs"].items())
         return f" with route probabilities {probs}"
-    if mode == "fixed" and config.get("fixed_pattern"):
+    if mode == "fixed" and config.get("pattern"):
         from ..models.routes import CHOICE_LETTERS
 
-        return " with pattern `" + "".join(CHOICE_LETTERS[int(c)] for c in config["fixed_pattern"]) + "`"
+        return " with pattern `" + "".join(CHOICE_LETTERS[int(c)] for c in config["pattern"]) + "`"
     return ""
 
 

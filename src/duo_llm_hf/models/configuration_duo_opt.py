@@ -9,7 +9,7 @@ from .configuration_duo import DuoConfigMixin
 
 class DuoOPTConfig(DuoConfigMixin, OPTConfig):
     r"""Configuration of a [`DuoOPTForCausalLM`]: every [`~transformers.OPTConfig`] field plus the Duo fields
-    (the small FFN's size, the route options and routing mode, the routers and their budget), documented and
+    (the small FFN's size, the route options and routing, the routers and their target usage), documented and
     validated in [`~configuration_duo.DuoConfigMixin`].
 
     The big FFN's inner size is OPT's `ffn_dim`; `intermediate_size` is an alias of it (as in Llama configs),
@@ -22,7 +22,7 @@ class DuoOPTConfig(DuoConfigMixin, OPTConfig):
     ```python
     >>> from duo_llm_hf import DuoOPTConfig, DuoOPTForCausalLM
     >>> config = DuoOPTConfig(hidden_size=64, ffn_dim=256, num_hidden_layers=4, num_attention_heads=4,
-    ...                       vocab_size=128, routing_mode="fixed", fixed_pattern="sBsB")
+    ...                       vocab_size=128, routing="fixed", pattern="sBsB")
     >>> model = DuoOPTForCausalLM(config)
     ```
     """

@@ -1,12 +1,13 @@
 """The losses of a Duo model: per-token causal LM losses (shared by the model, the oracle and the analyses) and
-the routers' budget loss (the model's `aux_loss`, and the second term of router training).
+the routers' usage loss (the paper's budget loss: the model's `aux_loss`, and the second term of router training).
 
-A router budget is a target *fraction* of the (token, layer) pairs per choice (`parse_budget_fractions`); the
-oracle's budgets count layers per pattern instead (`duo_llm_hf.oracle.spaces`).
+A router's *target usage* is a target fraction of the (token, layer) pairs per choice (`parse_target_usage`); a
+*budget* is the oracle's, and counts layers per pattern instead (`duo_llm_hf.oracle.spaces`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -56,63 +57,69 @@ def mean_loss(
     return losses.sum() / denominator
 
 
-def parse_budget_fractions(
-    budget: float | Mapping[str | int, float], route_options: Sequence[str] | None = None
+def parse_target_usage(
+    target_usage: float | Mapping[str | int, float], route_options: Sequence[str] | None = None
 ) -> dict[int, float]:
-    """Normalise a router budget to ``{choice code: target fraction of the (token, layer) pairs}``.
+    """Normalise a router's target usage to ``{choice code: target fraction of the (token, layer) pairs}``.
 
     A number is the target fraction of BIG (the paper's budget); a mapping gives a target per choice (names or
     codes). Targets lie in [0, 1]; a mapping over every allowed choice must sum to 1; with ``route_options``,
     every choice must be allowed.
     """
-    if isinstance(budget, Mapping):
-        if not budget:
-            raise ValueError("budget: {} is empty; give a BIG fraction such as 0.3 or a target per choice.")
-        targets = choice_values(budget.items(), "budget", dict(budget))
+    if isinstance(target_usage, Mapping):
+        if not target_usage:
+            raise ValueError(
+                "target_usage: {} is empty; give a BIG fraction such as 0.3 or a target per choice."
+            )
+        targets = choice_values(target_usage.items(), "target_usage", dict(target_usage))
     else:
-        targets = {CHOICE_CODES["big"]: budget}
+        targets = {CHOICE_CODES["big"]: target_usage}
     for code, value in targets.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"budget: target {value!r} for {CHOICE_NAMES[code]!r} must be a number in [0, 1].")
+            raise ValueError(
+                f"target_usage: target {value!r} for {CHOICE_NAMES[code]!r} must be a number in [0, 1]."
+            )
     if route_options is not None:
         allowed = {choice_code(c, "route_options") for c in route_options}
         outside = sorted(CHOICE_NAMES[c] for c in targets if c not in allowed)
         if outside:
+            given = dict(target_usage) if isinstance(target_usage, Mapping) else target_usage
             raise ValueError(
-                f"budget: {dict(budget) if isinstance(budget, Mapping) else budget!r} sets targets for "
-                f"{outside}, which route_options {list(route_options)} does not allow."
+                f"target_usage: {given!r} sets targets for {outside}, which route_options {list(route_options)} "
+                "does not allow."
             )
         if set(targets) == allowed and abs(sum(targets.values()) - 1.0) > 1e-6:
             named = {CHOICE_NAMES[c]: v for c, v in targets.items()}
             raise ValueError(
-                f"budget: targets {named} cover every allowed choice and must sum to 1 (they sum to "
+                f"target_usage: targets {named} cover every allowed choice and must sum to 1 (they sum to "
                 f"{sum(targets.values()):g})."
             )
     return {code: float(v) for code, v in sorted(targets.items())}
 
 
-def budget_loss(
+def usage_loss(
     router_logits: torch.Tensor,
-    budget: float | Mapping[str | int, float],
+    target_usage: float | Mapping[str | int, float],
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    r"""The paper's budget loss, per sequence, averaged over the batch.
+    r"""The paper's budget loss, per sequence, averaged over the batch: how far the routers' usage of each choice
+    is from its target usage.
 
     ``router_logits``: ``[batch, seq, layers, 3]`` (the model's ``router_logits``, choice-code layout), turned
     into the routers' probabilities ``P = softmax(logits / temperature)`` (pass the routers' temperature);
     ``mask``: ``[batch, seq]``, True for the tokens that count (e.g. the attention mask; padding excluded).
-    For sequence ``b`` and each choice ``x`` with a target ``budget_x`` (see `parse_budget_fractions`; a number
+    For sequence ``b`` and each choice ``x`` with a target usage ``u_x`` (see `parse_target_usage`; a number
     is the BIG target):
 
     .. math::
         f_{b,x} = \frac{1}{L\,|T_b|} \sum_{t \in T_b} \sum_{l=1}^{L} P_{b,t,l,x}, \qquad
-        \mathcal{L}_{budget} = \frac{1}{B'} \sum_{b} \sum_{x} (f_{b,x} - budget_x)^2
+        \mathcal{L}_{usage} = \frac{1}{B'} \sum_{b} \sum_{x} (f_{b,x} - u_x)^2
 
     where ``T_b`` are the counted tokens of sequence ``b`` and ``B'`` the number of sequences with at least
     one counted token (a batch with none gives 0). With one target (BIG) this is the paper's
     ``(sum_l P_{l,big} / L - budget)^2`` with P_big averaged over the sequence's tokens before the square (a
-    budget per sequence: single tokens may spend more or less); with several choices it is one such term per
+    target per sequence: single tokens may spend more or less); with several choices it is one such term per
     choice. It is 0 exactly when every sequence's mean usage meets its targets.
     """
     if router_logits.dim() != 4 or router_logits.shape[-1] != len(CHOICE_NAMES):
@@ -121,7 +128,7 @@ def budget_loss(
             f"{tuple(router_logits.shape)}."
         )
     router_probs = router_probabilities(router_logits, temperature)
-    targets = parse_budget_fractions(budget)
+    targets = parse_target_usage(target_usage)
     batch, seq = router_probs.shape[:2]
     if mask is None:
         mask = torch.ones(batch, seq, dtype=torch.bool, device=router_probs.device)
@@ -137,3 +144,15 @@ def budget_loss(
     per_sequence = ((usage[:, codes] - target) ** 2).sum(-1)  # [B]
     has_tokens = tokens > 0
     return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+
+
+def parse_budget_fractions(budget, route_options=None) -> dict[int, float]:
+    """Deprecated name of `parse_target_usage` (removed in 0.3)."""
+    warnings.warn("parse_budget_fractions is deprecated; use parse_target_usage.", FutureWarning, stacklevel=2)
+    return parse_target_usage(budget, route_options)
+
+
+def budget_loss(router_logits, budget, mask=None, temperature: float = 1.0) -> torch.Tensor:
+    """Deprecated name of `usage_loss` (removed in 0.3)."""
+    warnings.warn("budget_loss is deprecated; use usage_loss.", FutureWarning, stacklevel=2)
+    return usage_loss(router_logits, budget, mask, temperature)

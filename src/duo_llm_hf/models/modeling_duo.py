@@ -12,7 +12,7 @@ name `generate` passes; `past_key_values` still works with transformers' FutureW
 (`capture_outputs`, `_can_record_outputs` of the model class) and `return_dict=False` returns a tuple. Router
 outputs follow Mixtral's: `router_logits` (here stacked, `[batch, seq, layers, 3]` in the choice-code layout, float32,
 `-inf` for choices a router does not allow; `P = softmax(router_logits / tau)` with the routers' temperature) and,
-with `output_router_logits=True` and a `config.router_budget`, the budget loss as `aux_loss`, added to `loss` times
+with `output_router_logits=True` and a `config.router_target_usage`, the usage loss as `aux_loss`, added to `loss` times
 `config.router_aux_loss_coef`.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -78,8 +79,8 @@ class DuoCausalLMOutputWithPast(CausalLMOutputWithPast):
     `token_losses[b, t]` is the cross-entropy of predicting `labels[b, t + 1]` (0 where there is no target);
     `loss` is their mean over positions with a target (plus `router_aux_loss_coef * aux_loss` when `aux_loss` is
     set). `router_logits` (`[batch, seq, layers, 3]`, float32, indexed by choice code, `-inf` for choices not
-    allowed) is set under learned routing and with `output_router_logits=True`; `aux_loss` is the budget loss of
-    `config.router_budget`, set with `output_router_logits=True` when the config has a budget.
+    allowed) is set under learned routing and with `output_router_logits=True`; `aux_loss` is the usage loss of
+    `config.router_target_usage`, set with `output_router_logits=True` when the config has a target usage.
     """
 
     aux_loss: torch.FloatTensor | None = None
@@ -105,7 +106,7 @@ def resolve_routes(
     past_seen: int = 0,
 ) -> torch.LongTensor | None:
     """The route tensor for the `seq_len` tokens of a call (after `past_seen` cached ones): the given `routes`
-    (see `routes_of_call`), or one made by the routing (`routing`, else `config.routing_mode`): a routing mode or a
+    (see `routes_of_call`), or one made by the routing (`routing`, else `config.routing`): a routing mode or a
     uniform pattern (`all-small`, `all-big`, `all-skip`: every token on that choice in every layer).
 
     With a KV cache, each call routes only its new tokens: random routing draws their routes from the sampler (a
@@ -113,7 +114,7 @@ def resolve_routes(
     those routes reproduces the cached run), fixed routing repeats the pattern. `None` for learned routing, where
     each layer's router decides from the token's FFN input.
     """
-    mode = routing or ("explicit" if routes is not None else config.routing_mode)
+    mode = routing or ("explicit" if routes is not None else config.routing)
     if routes is not None:
         routes = routes_of_call(routes, past_seen, seq_len)
         check_routes(routes, config, batch_size, seq_len)
@@ -126,18 +127,18 @@ def resolve_routes(
         check_routes(routes, config, batch_size, seq_len)
         return routes
     if mode == "fixed":
-        if config.fixed_pattern is None:
+        if config.pattern is None:
             raise ValueError(
-                "routing='fixed' needs config.fixed_pattern; set it with model.set_routing('fixed', pattern)."
+                "routing='fixed' needs config.pattern; set it with model.set_routing('fixed', pattern)."
             )
-        return torch.tensor(config.fixed_pattern, device=device).expand(shape)
+        return torch.tensor(config.pattern, device=device).expand(shape)
     if mode == "learned":
         if not config.use_router:
             raise ValueError("routing='learned' needs routers; add them with set_routing('learned').")
         return None
     if mode == "explicit":
         raise ValueError(
-            "routing_mode='explicit' needs a route tensor: call the model with routes=[batch, seq, layers]."
+            "routing='explicit' needs a route tensor: call the model with routes=[batch, seq, layers]."
         )
     raise ValueError(
         f"routing={mode!r} is not a routing of {config.model_type}; use a mode {list(ROUTING_MODES)} or a uniform "
@@ -201,20 +202,32 @@ class DuoCausalLMMixin:
 
     def set_routing(
         self,
-        mode: str,
-        fixed_pattern: list[int | str] | str | None = None,
+        routing: str | None = None,
+        pattern: list[int | str] | str | None = None,
         route_probs: dict[str, float] | None = None,
         route_seed: int | None = None,
+        *,
+        mode: str | None = None,
+        fixed_pattern: list[int | str] | str | None = None,
     ):
-        """Change the routing mode (and its pattern, probabilities or seed), validated like the config.
+        """Change the routing (and its pattern, probabilities or seed), validated like the config.
 
-        `mode="learned"` on a model without routers adds freshly initialised ones (`config.use_router`).
+        `routing="learned"` on a model without routers adds freshly initialised ones (`config.use_router`).
+        `mode=` and `fixed_pattern=` are the 0.1 names of `routing=` and `pattern=`, still taken with a
+        FutureWarning until 0.3.
         """
+        for old, new, value in (("mode", "routing", mode), ("fixed_pattern", "pattern", fixed_pattern)):
+            if value is not None:
+                warnings.warn(f"set_routing({old}=...) is now {new}=...", FutureWarning, stacklevel=2)
+        routing = mode if routing is None else routing
+        pattern = fixed_pattern if pattern is None else pattern
+        if routing is None:
+            raise TypeError("set_routing() needs the routing, e.g. set_routing('fixed', pattern='sBsB').")
         config = self.config
         previous = {k: getattr(config, k) for k in DUO_CONFIG_FIELDS}
-        config.routing_mode = mode
-        if fixed_pattern is not None:
-            config.fixed_pattern = fixed_pattern
+        config.routing = routing
+        if pattern is not None:
+            config.pattern = pattern
         if route_probs is not None:
             config.route_probs = route_probs
         if route_seed is not None:
@@ -282,7 +295,7 @@ class DuoCausalLMMixin:
 
         `dense` is a `cls.dense_class` (see the model class for which checkpoints convert). The small FFNs (inner
         size `small_intermediate_size`, by default the big FFN's // 16) are freshly initialised. `duo_kwargs` are
-        Duo config fields (`route_options`, `routing_mode`, ...). With every route on BIG the Duo logits equal
+        Duo config fields (`route_options`, `routing`, ...). With every route on BIG the Duo logits equal
         `dense`'s logits.
         """
         dense_type = cls.dense_class.config_class.model_type

@@ -21,7 +21,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
-from .losses import budget_loss, mean_loss, token_losses
+from .losses import mean_loss, token_losses, usage_loss
 from .modeling_duo import DuoCausalLMOutputWithPast, DuoModelOutputWithPast, oracle_forward, resolve_routes
 from .routed_ffn import DispatchPlan, dispatch_plans, router_temperature
 
@@ -143,7 +143,7 @@ class DuoCausalLMForward:
             prompt length + `max_new_tokens` positions); the model takes the slice at the cache position.
         routing (`str`, *optional*):
             Routing for this call (`routes.ROUTING_MODES`: `random`, `fixed`, `explicit`, `learned`, `oracle`; or
-            a uniform pattern, `all-small` / `all-big` / `all-skip`), instead of `config.routing_mode`. Under
+            a uniform pattern, `all-small` / `all-big` / `all-skip`), instead of `config.routing`. Under
             `learned`, training mode mixes the module outputs
             with the router probabilities and evaluation mode runs each token's argmax choice only. `oracle` needs
             `labels`: every token takes the pattern with its lowest loss under `budget` (the prefix-tree search of
@@ -156,8 +156,8 @@ class DuoCausalLMForward:
             (`{"big": 6, "skip": 6}`), or a BIG count that falls with the position (`"6:2"`).
         output_router_logits (`bool`, *optional*, defaults to `config.output_router_logits`):
             Return `router_logits` also when the routes are given (`routes=` or a non-learned mode): each router's
-            logits on the FFN input of the given route (teacher forcing); and, when `config.router_budget` is set,
-            the budget loss as `aux_loss`, added to `loss` times `config.router_aux_loss_coef`.
+            logits on the FFN input of the given route (teacher forcing); and, when `config.router_target_usage` is set,
+            the usage loss as `aux_loss`, added to `loss` times `config.router_aux_loss_coef`.
         """
         if routing == "oracle":
             return oracle_forward(self, input_ids, labels, budget, attention_mask=attention_mask, **kwargs)
@@ -182,11 +182,11 @@ class DuoCausalLMForward:
         if labels is not None:
             per_token, mask = token_losses(logits, labels)
             loss = mean_loss(per_token, mask, num_items_in_batch)
-        if output_router_logits and self.config.router_budget is not None and outputs.router_logits is not None:
+        if output_router_logits and self.config.router_target_usage is not None and outputs.router_logits is not None:
             seq_len = outputs.router_logits.shape[1]
             token_mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
-            aux_loss = budget_loss(
-                outputs.router_logits, self.config.router_budget, token_mask, router_temperature(self)
+            aux_loss = usage_loss(
+                outputs.router_logits, self.config.router_target_usage, token_mask, router_temperature(self)
             )
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)

@@ -117,7 +117,7 @@ class DuoOPTPreTrainedModel(PreTrainedModel):
     # output_hidden_states / output_attentions: transformers' output hooks record the layer outputs (the initial
     # hidden state is the embeddings, the last one the final norm's output) and the attention weights (eager).
     _can_record_outputs = {"hidden_states": DuoOPTDecoderLayer, "attentions": OPTAttention}
-    # A stage-1 checkpoint loaded with routing_mode="learned" has no router weights: they start fresh
+    # A stage-1 checkpoint loaded with routing="learned" has no router weights: they start fresh
     # (initialised like any linear layer), the expected start of router training, so not reported as missing.
     _keys_to_ignore_on_load_missing = [r"\.mlp\.router\."]
 
@@ -133,7 +133,7 @@ class DuoOPTModel(DuoModelForward, DuoOPTPreTrainedModel):
 
     def __init__(self, config: DuoOPTConfig):
         super().__init__(config)
-        # from_pretrained(..., routing_mode="learned") sets overrides after the config validated itself.
+        # from_pretrained(..., routing="learned") sets overrides after the config validated itself.
         validate_route_fields(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size

@@ -282,7 +282,7 @@ def freeze_all_but_routers(model: nn.Module) -> list[nn.Parameter]:
     if not params:
         raise ValueError(
             f"{type(model).__name__} has no routers to train; call model.set_routing('learned') or load it "
-            f"with routing_mode='learned'."
+            f"with routing='learned'."
         )
     model.requires_grad_(False)
     for param in params:

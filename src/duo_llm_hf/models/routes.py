@@ -21,24 +21,12 @@ CHOICE_NAMES = ("small", "big", "skip")
 CHOICE_CODES = {name: code for code, name in enumerate(CHOICE_NAMES)}
 # One letter per choice, for patterns printed in reports: "sBB-" = small, big, big, skip.
 CHOICE_LETTERS = ("s", "B", "-")
-# Where the routes of a forward come from: `forward(routing=...)` takes every mode; `config.routing_mode` and
+# Where the routes of a forward come from: `forward(routing=...)` takes every mode; `config.routing` and
 # `set_routing` take all but `oracle`, which searches the routes of the given labels (it needs the package).
 ROUTING_MODES = ("random", "fixed", "explicit", "learned", "oracle")
 CONFIG_ROUTING_MODES = ("random", "fixed", "explicit", "learned")
 # Names of the uniform fixed patterns: every token takes that choice in every layer.
 UNIFORM_PATTERNS = {f"all-{name}": code for code, name in enumerate(CHOICE_NAMES)}
-
-# The paper's three router settings (its Fig. 7 and Appendix A): allowed choices, target fraction per choice.
-# With two choices one target is enough (the other is its complement), as in the paper's budget loss.
-ROUTER_SETTINGS: dict[str, dict] = {
-    "small70-big30": {"route_options": ["small", "big"], "budget": {"big": 0.3}},
-    "big50-skip50": {"route_options": ["big", "skip"], "budget": {"big": 0.5}},
-    "big50-small30-skip20": {
-        "route_options": ["small", "big", "skip"],
-        "budget": {"small": 0.3, "big": 0.5, "skip": 0.2},
-    },
-}
-
 
 def choice_code(choice: int | str, field: str = "choice") -> int:
     """Return the code of a choice given by name (``"big"``) or code (``BIG``); raise a clear error otherwise."""
@@ -68,7 +56,7 @@ def choice_values(pairs: Iterable[tuple[int | str, object]], field: str, spec: o
 def parse_routing(name: str, num_layers: int) -> tuple[str, list[int] | None]:
     """Read a routing name: a routing mode (`ROUTING_MODES`) or a uniform pattern (`UNIFORM_PATTERNS`).
 
-    Returns ``(mode, fixed_pattern)``: ``("fixed", [code] * num_layers)`` for ``all-small`` / ``all-big`` /
+    Returns ``(mode, pattern)``: ``("fixed", [code] * num_layers)`` for ``all-small`` / ``all-big`` /
     ``all-skip``, ``(name, None)`` for a mode.
     """
     if name in ROUTING_MODES:
@@ -105,7 +93,7 @@ def validate_route_fields(config) -> None:
 
     Every error names the field, the bad value and what is allowed. Normalised forms: ``route_options`` is a
     list of names in canonical order (small, big, skip), ``route_probs`` a dict over ``route_options``,
-    ``fixed_pattern`` a list of codes.
+    ``pattern`` a list of codes.
     """
     n_layers = config.num_hidden_layers
     big_size = config.intermediate_size
@@ -129,30 +117,30 @@ def validate_route_fields(config) -> None:
     codes = sorted({choice_code(c, "route_options") for c in options})
     config.route_options = [CHOICE_NAMES[c] for c in codes]
 
-    if config.routing_mode not in CONFIG_ROUTING_MODES:
+    if config.routing not in CONFIG_ROUTING_MODES:
         raise ValueError(
-            f"routing_mode: {config.routing_mode!r} is not a routing mode; use one of {list(CONFIG_ROUTING_MODES)}."
+            f"routing: {config.routing!r} is not a routing mode; use one of {list(CONFIG_ROUTING_MODES)}."
         )
 
     config.route_probs = _normalised_route_probs(config.route_probs, config.route_options)
 
-    if config.fixed_pattern is not None:
-        pattern = parse_pattern(config.fixed_pattern, "fixed_pattern")
+    if config.pattern is not None:
+        pattern = parse_pattern(config.pattern, "pattern")
         if len(pattern) != n_layers:
             raise ValueError(
-                f"fixed_pattern: {config.fixed_pattern!r} has {len(pattern)} choices but the model has "
+                f"pattern: {config.pattern!r} has {len(pattern)} choices but the model has "
                 f"{n_layers} layers (num_hidden_layers); give one choice per layer."
             )
         outside = sorted({CHOICE_NAMES[c] for c in pattern} - set(config.route_options))
         if outside:
             raise ValueError(
-                f"fixed_pattern: {config.fixed_pattern!r} uses {outside}, which route_options "
+                f"pattern: {config.pattern!r} uses {outside}, which route_options "
                 f"{config.route_options} does not allow."
             )
-        config.fixed_pattern = pattern
-    elif config.routing_mode == "fixed":
+        config.pattern = pattern
+    elif config.routing == "fixed":
         raise ValueError(
-            "fixed_pattern: None is not allowed with routing_mode='fixed'; give one choice per layer."
+            "pattern: None is not allowed with routing='fixed'; give one choice per layer."
         )
 
     seed = config.route_seed
@@ -163,7 +151,7 @@ def validate_route_fields(config) -> None:
     if not isinstance(use_router, bool):
         raise ValueError(f"use_router: {use_router!r} is not allowed; it must be True or False.")
     # Learned routing needs routers; a model that has them keeps them (and their weights) in every mode.
-    config.use_router = use_router or config.routing_mode == "learned"
+    config.use_router = use_router or config.routing == "learned"
 
 
 def _normalised_route_probs(probs: Mapping[str, float] | None, options: list[str]) -> dict[str, float]:

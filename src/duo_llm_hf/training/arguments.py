@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import MISSING, dataclass, field
+import warnings
+from collections.abc import Mapping
+from dataclasses import MISSING, InitVar, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..data import BUILTIN
 from ..utils.arguments import (
@@ -30,13 +32,19 @@ from ..utils.arguments import (
     check_folder,
     check_integer_fields,
     check_output_dir,
+    deprecation,
     parse_arguments,
 )
 from ..utils.errors import MissingDependencyError, MissingFileError, UsageError
 
 # Only light modules above: ``--help`` builds its parser from these dataclasses without torch, transformers or
 # datasets, which the checks (`validate`) import when a command runs.
-MODES = ("random", "frozen-big", "dense")
+MODES = ("scratch", "frozen-big", "dense")
+# Spellings of 0.1 that still work, with a deprecation line, until 0.3: the training mode ``random`` (a name of the
+# routing vocabulary) is ``scratch``, and these fields were renamed (old -> new). `loop.run_identity` reads them in the
+# fingerprint of a checkpoint written before, so such a run resumes.
+RENAMED_MODES = {"random": "scratch"}
+RENAMED_FIELDS = {"eval_routes": "eval_routings", "budget": "target_usage"}
 # What --report-to may name: our own trackers, then Accelerate's (`accelerate.utils.LoggerType`, 1.16; a test keeps
 # the two lists equal, so the help, the check and Accelerate agree).
 OUR_TRACKERS = ("auto", "jsonl", "none")
@@ -166,12 +174,13 @@ class DataArguments:
 class ModelArguments:
     """The model a stage 1 run trains, its random routes, and the tokenizer it trains when none is given."""
 
-    mode: Literal["random", "frozen-big", "dense"] = field(
-        default="random",
+    mode: Literal["scratch", "frozen-big", "dense"] = field(
+        default="scratch",
         metadata={
-            "help": "random: a Duo model from scratch with random routing (stage 1). frozen-big: start from "
+            "help": "scratch: a Duo model from scratch with random routing (stage 1). frozen-big: start from "
             "--init-from, freeze it, train only the small FFNs. dense: a LlamaForCausalLM whose FFN inner "
-            "size matches the Duo model's FLOPs at --p-big."
+            "size matches the Duo model's FLOPs at --p-big.",
+            "deprecated_values": RENAMED_MODES,
         },
     )
     vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size of a trained tokenizer."})
@@ -202,10 +211,13 @@ class ModelArguments:
         default=None, metadata={"help": "Positions of the model (default: --block-size)."}
     )
     p_big: float = field(
-        default=0.5, metadata={"help": "Probability of the big FFN (dense: FLOP-matched at it)."}
+        default=0.5,
+        metadata={
+            "help": "Probability of the big FFN under random routing, route_probs['big'] (dense: FLOP-matched at it)."
+        },
     )
     p_skip: float = field(
-        default=0.0, metadata={"help": "Probability of skipping the FFN; small gets the rest."}
+        default=0.0, metadata={"help": "Probability of skipping the FFN, route_probs['skip']; small gets the rest."}
     )
     route_seed: int | None = field(
         default=None, metadata={"help": "Seed of the random routes (default: --seed)."}
@@ -217,15 +229,22 @@ class ModelArguments:
         default=False,
         metadata={"help": "torch.compile each layer's big and small FFN (dynamic shapes); see BENCHMARKS.md."},
     )
-    eval_routes: str = field(
+    eval_routings: str = field(
         default="random,all-big,all-small",
         metadata={
-            "help": "Duo routings to evaluate, comma-separated: random (fixed seed), all-big, all-small, all-skip."
+            "help": "Duo routings to evaluate, comma-separated: random (fixed seed), all-big, all-small, all-skip.",
+            "deprecated_aliases": ["eval_routes"],
         },
     )
 
-    def eval_route_list(self) -> list[str]:
-        return [r.strip() for r in self.eval_routes.split(",") if r.strip()]
+    eval_routes: InitVar[str | None] = None  # the 0.1 name of eval_routings, as a Python keyword
+
+    def __post_init__(self, eval_routes: str | None) -> None:
+        if eval_routes is not None:
+            self.eval_routings = renamed_keyword(type(self).__name__, "eval_routes", eval_routes)
+
+    def eval_routing_list(self) -> list[str]:
+        return [r.strip() for r in self.eval_routings.split(",") if r.strip()]
 
     def route_probs(self) -> dict[str, float]:
         """Random-routing probabilities: big = p_big, skip = p_skip, small = the rest."""
@@ -317,6 +336,9 @@ class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunAr
         )
         if self.block_size < 2:
             raise UsageError(f"block_size: {self.block_size} must be at least 2 tokens.")
+        if self.mode in RENAMED_MODES:  # a script of 0.1 that builds the arguments in Python
+            deprecation(self.prog, f"mode {self.mode!r}", f"mode {RENAMED_MODES[self.mode]!r}")
+            self.mode = RENAMED_MODES[self.mode]
         if self.mode not in MODES:
             raise UsageError(f"mode: {self.mode!r} is not a training mode; use one of {list(MODES)}.")
         from ..data.tokenization import MIN_VOCAB_SIZE
@@ -335,10 +357,10 @@ class TrainArguments(OptimizationArguments, ModelArguments, DataArguments, RunAr
                 f"p_big={self.p_big!r}, p_skip={self.p_skip!r}: each must be in [0, 1] and together at most "
                 "1 (the small FFN gets 1 - p_big - p_skip)."
             )
-        routes = check_choices(self, "eval_routes", eval_routings())
-        if "all-skip" in routes and self.p_skip == 0:
+        routings = check_choices(self, "eval_routings", eval_routings())
+        if "all-skip" in routings and self.p_skip == 0:
             raise UsageError(
-                "eval_routes: 'all-skip' needs a model that allows skipping (train with --p-skip > 0)."
+                "eval_routings: 'all-skip' needs a model that allows skipping (train with --p-skip > 0)."
             )
         check_init_source(self)
         positions = self.max_position_embeddings
@@ -433,8 +455,23 @@ class FinetuneArguments(TrainArguments):
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
 
 
+def renamed_keyword(owner: str, old: str, value: Any) -> Any:
+    """The value a script of 0.1 gave an arguments dataclass under a renamed keyword, with a FutureWarning."""
+    warnings.warn(f"{owner}({old}=...) is now {RENAMED_FIELDS[old]}=... (removed in 0.3).", FutureWarning, stacklevel=4)
+    return value
+
+
+def current_names(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments saved by 0.1 (``training_args.json``, a checkpoint's fingerprint) under the names of now
+    (`RENAMED_FIELDS`, `RENAMED_MODES`), so that its runs still compare equal to the same run asked for now."""
+    values = {RENAMED_FIELDS.get(key, key): value for key, value in saved.items()}
+    if values.get("mode") in RENAMED_MODES:
+        values["mode"] = RENAMED_MODES[values["mode"]]
+    return values
+
+
 def eval_routings() -> tuple[str, ...]:
-    """The routings a stage 1 model may be evaluated under (``--eval-routes``): names of the routing vocabulary
+    """The routings a stage 1 model may be evaluated under (``--eval-routings``): names of the routing vocabulary
     (`models.routes.parse_routing`)."""
     from ..models.routes import UNIFORM_PATTERNS
 
@@ -562,6 +599,8 @@ __all__ = [
     "FinetuneArguments",
     "MODES",
     "ModelArguments",
+    "RENAMED_FIELDS",
+    "RENAMED_MODES",
     "OptimizationArguments",
     "RunArguments",
     "TrainArguments",
@@ -571,6 +610,7 @@ __all__ = [
     "check_model_shape",
     "check_report_to",
     "check_run_fields",
+    "current_names",
     "eval_routings",
     "parse_arguments",
     "schedulers",

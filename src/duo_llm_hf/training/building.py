@@ -59,7 +59,7 @@ def duo_config_from_args(args: TrainArguments, vocab_size: int, **overrides) -> 
         num_key_value_heads=args.num_kv_heads or args.num_heads,
         max_position_embeddings=args.max_position_embeddings or args.block_size,
         route_options=options,
-        routing_mode="random",
+        routing="random",
         route_probs=args.route_probs(),
         route_seed=args.seed if args.route_seed is None else args.route_seed,
         **overrides,
@@ -118,7 +118,7 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
 
     From scratch, the vocabulary is the tokenizer's and the config takes its special token ids.
     """
-    if args.mode in ("dense", "random"):
+    if args.mode in ("dense", "scratch"):
         config = duo_config_from_args(args, len(tokenizer), **special_token_ids(tokenizer))
         if args.mode == "dense":
             return LlamaForCausalLM(dense_baseline_config(config))
@@ -132,7 +132,7 @@ def build_model(args: TrainArguments, tokenizer) -> torch.nn.Module:
         dense,
         small_intermediate_size=args.small_intermediate_size,
         route_options=options,
-        routing_mode="random",
+        routing="random",
         route_probs=args.route_probs(),
         route_seed=args.seed if args.route_seed is None else args.route_seed,
     )

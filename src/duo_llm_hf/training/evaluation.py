@@ -18,15 +18,15 @@ from ..models.routes import RouteSampler, parse_routing
 from ..utils.loading import is_duo_model
 
 
-def eval_route_kwargs(model, mode: str, input_ids: torch.Tensor, sampler: RouteSampler | None) -> dict:
-    """Keyword arguments that make a Duo model follow ``mode`` (``random`` or a uniform pattern, ``all-big``, ...)
-    on a batch; none for a dense model (``dense``)."""
-    if mode == "dense":
+def eval_route_kwargs(model, routing: str, input_ids: torch.Tensor, sampler: RouteSampler | None) -> dict:
+    """Keyword arguments that make a Duo model follow ``routing`` (``random`` or a uniform pattern, ``all-big``,
+    ...) on a batch; none for a dense model (``dense``)."""
+    if routing == "dense":
         return {}
     shape = (*input_ids.shape, model.config.num_hidden_layers)
-    if mode == "random":
+    if routing == "random":
         return {"routes": sampler.sample(shape, input_ids.device)}
-    _, pattern = parse_routing(mode, model.config.num_hidden_layers)
+    _, pattern = parse_routing(routing, model.config.num_hidden_layers)
     return {"routes": torch.tensor(pattern, dtype=torch.long, device=input_ids.device).expand(shape)}
 
 
@@ -35,17 +35,17 @@ def evaluate_perplexity(
     model,
     loaders: dict[str, DataLoader],
     accelerator: Accelerator,
-    route_modes: list[str],
+    routings: list[str],
     route_seed: int = 0,
 ) -> dict[str, float]:
-    """Held-out loss and perplexity of each eval set under each route mode (``dense`` for a dense model).
+    """Held-out loss and perplexity of each eval set under each routing (``dense`` for a dense model).
 
     Random routes come from a fresh sampler seeded with ``route_seed`` at every call, so evaluations along a
-    run see the same routes and are comparable. Keys: ``eval/<set>/<mode>/loss`` and ``.../ppl``.
+    run see the same routes and are comparable. Keys: ``eval/<set>/<routing>/loss`` and ``.../ppl``.
     """
     unwrapped = accelerator.unwrap_model(model)
     is_duo = is_duo_model(unwrapped)
-    modes = route_modes if is_duo else ["dense"]
+    modes = routings if is_duo else ["dense"]
     was_training = model.training
     model.eval()
     metrics = {}

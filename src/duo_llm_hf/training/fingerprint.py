@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = frozenset(
         "eval_every",
         "eval_blocks",
         "eval_batch_size",
-        "eval_routes",
+        "eval_routings",
         "checkpoint_every",
         "checkpoints_to_keep",
         "cache_dir",

@@ -38,6 +38,7 @@ from ..utils.run_files import (
     refuse_overwrite,
 )
 from ..utils.schema import FINISHED_RUN_SCHEMA, read_state_file
+from .arguments import current_names
 from .checkpointing import (
     CHECKPOINTS_DIR,
     LATEST,
@@ -340,7 +341,7 @@ def run_identity(resume_dir: Path | None, fingerprint: dict, what: str = "traini
     if resume_dir is None:
         return {"run_id": new_run_id(), "fingerprint": fingerprint}
     saved = read_checkpoint_state(resume_dir) or {}
-    check_fingerprint(saved.get("fingerprint", {}), fingerprint, resume_dir, what)
+    check_fingerprint(current_names(saved.get("fingerprint", {})), fingerprint, resume_dir, what)
     return {"run_id": saved["run_id"], "fingerprint": fingerprint}
 
 

@@ -1,18 +1,19 @@
-"""The arguments of the router training (stage 3), and what they resolve to: the routers' options and budget.
+"""The arguments of the router training (stage 3), and what they resolve to: the routers' options and targets.
 
 `RouterTrainArguments` composes stage 1's run, data and optimisation groups (`arguments`), with the defaults of a
 few small linear layers (`with_default`), and the router fields (`RouterArguments`). The route options and the
-budget come from ``setting`` (one of `routes.ROUTER_SETTINGS`) or from ``route_options`` and ``budget``;
-`resolve_router_budget` resolves them against the model (`RouterBudget`), `oracle_layer_budget` gives the oracle's
-exact budget under oracle supervision; `budget_flag` writes budget targets back as a ``--budget`` value.
+target usage (the fraction of the (token, layer) pairs each choice should take) come from ``setting`` (one of
+`router_settings.ROUTER_SETTINGS`) or from ``route_options`` and ``target_usage``; `resolve_router_targets` resolves
+them against the model (`RouterTargets`), `oracle_layer_budget` gives the oracle's exact budget (whole layers per
+pattern) under oracle supervision; `target_usage_flag` writes targets back as a ``--target-usage`` value.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Literal, get_args
+from dataclasses import InitVar, dataclass, field, fields
+from typing import TYPE_CHECKING, Literal
 
 from ..utils.arguments import check_folder, check_integer_fields, check_output_dir, user_values
 from ..utils.errors import UsageError
@@ -22,16 +23,16 @@ from .arguments import (
     RunArguments,
     check_data_fields,
     check_run_fields,
+    renamed_keyword,
     with_default,
 )
+from .router_settings import ROUTER_SETTINGS
 
 if TYPE_CHECKING:
     from ..models.routed_ffn import TemperatureSchedule
 
-# The model code (torch, transformers) is imported where it is used, so that `--help` answers at once; the two
-# vocabularies the flags offer are spelled out as `Literal`s, which tests hold equal to `routes.ROUTER_SETTINGS` and
-# `routed_ffn.SCHEDULE_KINDS`.
-RouterSetting = Literal["big50-skip50", "big50-small30-skip20", "small70-big30"]
+# The model code (torch, transformers) is imported where it is used, so that `--help` answers at once; the schedule
+# kinds are spelled out as a `Literal`, which a test holds equal to `routed_ffn.SCHEDULE_KINDS`.
 ScheduleKind = Literal["constant", "linear", "exponential", "cosine"]
 DEFAULT_BLOCK_SIZE = 256
 SUPERVISIONS = ("conventional", "oracle")
@@ -52,25 +53,30 @@ class RouterArguments:
     """The routers, their loss and, under oracle supervision, the oracle's targets."""
 
     model: str = field(metadata={"help": "Folder of a stage 1 Duo model (DuoLlama or DuoOPT, save_pretrained)."})
-    setting: RouterSetting | None = field(
+    setting: str | None = field(
         default=None,
         metadata={
-            "help": "One of the paper's router settings: sets the route options and the "
-            "budget (then leave out --route-options and --budget)."
+            "help": "One of the paper's router settings: sets the route options and the target usage (then "
+            "leave out --route-options and --target-usage).",
+            "choices": sorted(ROUTER_SETTINGS),
         },
     )
     route_options: str | None = field(
         default=None,
         metadata={"help": "Choices the routers pick from, comma-separated (default: the model's route_options)."},
     )
-    budget: str | None = field(
+    target_usage: str | None = field(
         default=None,
         metadata={
-            "help": "Target budget: the fraction of BIG (e.g. 0.3), or a fraction per choice "
-            "(e.g. small=0.3,big=0.5,skip=0.2)."
+            "help": "Target usage: the fraction of the (token, layer) pairs on BIG (e.g. 0.3), or a fraction per "
+            "choice (e.g. small=0.3,big=0.5,skip=0.2).",
+            "deprecated_aliases": ["budget"],
         },
     )
-    alpha: float = field(default=1.0, metadata={"help": "Weight of the budget loss: loss = CE + alpha * budget."})
+    budget: InitVar[str | None] = None  # the 0.1 name of target_usage, as a Python keyword
+    alpha: float = field(
+        default=1.0, metadata={"help": "Weight of the usage loss (the paper's budget loss): loss = CE + alpha * usage."}
+    )
     temperature_start: float = field(default=1.0, metadata={"help": "Router temperature tau at step 0."})
     temperature_end: float = field(default=0.1, metadata={"help": "Router temperature at the end of annealing."})
     temperature_schedule: ScheduleKind = field(
@@ -84,10 +90,10 @@ class RouterArguments:
         default="conventional",
         metadata={
             "help": "conventional: the paper's router, trained by the LM loss through the soft mixture (plus "
-            "alpha * budget loss). oracle (beyond the paper): a router distilled from the oracle: the oracle is run "
+            "alpha * usage loss). oracle (beyond the paper): a router distilled from the oracle: the oracle is run "
             "once over --oracle-blocks training blocks (or read from --oracle-targets) and each layer's router "
             "learns the oracle's choice in that layer (cross-entropy, on the FFN inputs of the oracle's route), "
-            "plus alpha * budget loss."
+            "plus alpha * usage loss."
         },
     )
     oracle_targets: str | None = field(
@@ -108,7 +114,7 @@ class RouterArguments:
         default=None,
         metadata={
             "help": "supervision oracle: the oracle's exact budget (e.g. 2 = two BIG layers, big=6,skip=6); "
-            "default: the --budget targets times the number of layers, which must be whole numbers."
+            "default: the --target-usage fractions times the number of layers, which must be whole numbers."
         },
     )
     oracle_causal: bool = field(
@@ -133,6 +139,10 @@ class RouterArguments:
         default=0.0,
         metadata={"help": "supervision oracle: label smoothing of the routers' cross-entropy towards the oracle."},
     )
+
+    def __post_init__(self, budget: str | None) -> None:
+        if budget is not None:
+            self.target_usage = renamed_keyword(type(self).__name__, "budget", budget)
 
     def temperature_plan(self, total_steps: int) -> TemperatureSchedule:
         """The router temperature schedule of a run of ``total_steps`` optimizer steps."""
@@ -180,7 +190,7 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
 
     def validate(self) -> None:
         """Check every argument and the paths they name, before any work is done (see also
-        `resolve_router_budget`); raise `UsageError`."""
+        `resolve_router_targets`); raise `UsageError`."""
         check_output_dir(self)
         check_integer_fields(
             self,
@@ -211,30 +221,31 @@ class RouterTrainArguments(OptimizationArguments, DataArguments, RouterArguments
         if self.block_size is not None and self.block_size < 2:
             raise UsageError(f"block_size: {self.block_size} must be at least 2 tokens.")
         if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise UsageError(f"alpha: {self.alpha!r} must be a finite number >= 0 (the budget loss weight).")
+            raise UsageError(f"alpha: {self.alpha!r} must be a finite number >= 0 (the usage loss weight).")
         with user_values():
             self.temperature_plan(1)  # checks the temperatures and the schedule kind
         if self.setting is not None:
-            if self.setting not in get_args(RouterSetting):
+            if self.setting not in ROUTER_SETTINGS:
                 raise UsageError(
                     f"setting: {self.setting!r} is not a router setting; use one of "
-                    f"{sorted(get_args(RouterSetting))}, or --route-options with --budget."
+                    f"{sorted(ROUTER_SETTINGS)}, or --route-options with --target-usage."
                 )
-            if self.route_options is not None or self.budget is not None:
+            if self.route_options is not None or self.target_usage is not None:
                 raise UsageError(
-                    f"setting {self.setting!r} fixes the route options and the budget; leave out --route-options "
-                    "and --budget, or give those without --setting."
+                    f"setting {self.setting!r} fixes the route options and the target usage; leave out "
+                    "--route-options and --target-usage, or give those without --setting."
                 )
-        elif self.budget is None:
+        elif self.target_usage is None:
             raise UsageError(
-                f"budget: give a target, e.g. --budget 0.3 (the fraction of BIG) or --budget small=0.3,big=0.5,"
-                f"skip=0.2, or one of the paper's settings with --setting ({', '.join(get_args(RouterSetting))})."
+                "target_usage: give a target, e.g. --target-usage 0.3 (the fraction of BIG) or --target-usage "
+                f"small=0.3,big=0.5,skip=0.2, or one of the paper's settings with --setting "
+                f"({', '.join(ROUTER_SETTINGS)})."
             )
         else:
-            from ..models.losses import parse_budget_fractions
+            from ..models.losses import parse_target_usage
 
             with user_values():
-                parse_budget_fractions(parse_budget_flag(self.budget))
+                parse_target_usage(parse_target_usage_flag(self.target_usage))
         if self.route_options is not None:
             with user_values():
                 parse_route_options(self.route_options)
@@ -256,8 +267,8 @@ def parse_route_options(text: str | Sequence[str | int]) -> list[str]:
     return [CHOICE_NAMES[c] for c in sorted({choice_code(item, "route_options") for item in items})]
 
 
-def parse_budget_flag(text: str | float | Mapping[str, float]) -> float | dict[str, float]:
-    """A ``--budget`` value: ``"0.3"`` (the BIG fraction) or ``"small=0.3,big=0.5,skip=0.2"`` (per choice)."""
+def parse_target_usage_flag(text: str | float | Mapping[str, float]) -> float | dict[str, float]:
+    """A ``--target-usage`` value: ``"0.3"`` (the BIG fraction) or ``"small=0.3,big=0.5,skip=0.2"`` (per choice)."""
     if not isinstance(text, str):
         return text if isinstance(text, Mapping) else float(text)
     if "=" not in text:
@@ -265,7 +276,7 @@ def parse_budget_flag(text: str | float | Mapping[str, float]) -> float | dict[s
             return float(text)
         except ValueError:
             raise ValueError(
-                f"budget: {text!r} is not a number; give the BIG fraction (e.g. 0.3) or name=fraction pairs "
+                f"target_usage: {text!r} is not a number; give the BIG fraction (e.g. 0.3) or name=fraction pairs "
                 "(e.g. small=0.3,big=0.5,skip=0.2)."
             ) from None
     targets = {}
@@ -273,16 +284,16 @@ def parse_budget_flag(text: str | float | Mapping[str, float]) -> float | dict[s
         name, _, value = part.partition("=")
         name = name.strip()
         if name.lower() in {seen.lower() for seen in targets}:  # names only: a choice is named one way in text
-            raise ValueError(f"budget: {text!r} names {name.lower()!r} twice; give each choice once.")
+            raise ValueError(f"target_usage: {text!r} names {name.lower()!r} twice; give each choice once.")
         try:
             targets[name] = float(value)
         except ValueError:
-            raise ValueError(f"budget: {part!r} in {text!r} is not name=fraction (e.g. big=0.5).") from None
+            raise ValueError(f"target_usage: {part!r} in {text!r} is not name=fraction (e.g. big=0.5).") from None
     return targets
 
 
-def budget_flag(targets: Mapping[int, float]) -> str:
-    """The ``--budget`` value of budget targets (``{choice code: fraction}``), read back by `parse_budget_flag`:
+def target_usage_flag(targets: Mapping[int, float]) -> str:
+    """The ``--target-usage`` value of targets (``{choice code: fraction}``), read back by `parse_target_usage_flag`:
     the BIG fraction alone when only BIG is targeted, else ``name=fraction`` pairs; written with ``repr`` so that
     no digit of the fraction is lost."""
     from ..models.routes import BIG, CHOICE_NAMES
@@ -299,21 +310,20 @@ def routable_choices(config) -> list[str]:
     return [name for name in CHOICE_NAMES if name in config.route_options or name == CHOICE_NAMES[SKIP]]
 
 
-def resolve_router_budget(args: RouterTrainArguments, config) -> tuple[list[str], dict[int, float]]:
-    """The router's route options and budget targets (``{choice code: fraction}``) for a model's config.
+def resolve_router_targets(args: RouterTrainArguments, config) -> tuple[list[str], dict[int, float]]:
+    """The router's route options and target usage (``{choice code: fraction}``) for a model's config.
 
-    Raises when the setting asks for a choice the model cannot route (see `routable_choices`) or the budget does
+    Raises when the setting asks for a choice the model cannot route (see `routable_choices`) or the targets do
     not fit the options.
     """
-    from ..models.losses import parse_budget_fractions
-    from ..models.routes import ROUTER_SETTINGS
+    from ..models.losses import parse_target_usage
 
     if args.setting is not None:
         preset = ROUTER_SETTINGS[args.setting]
-        options, budget, source = preset["route_options"], preset["budget"], f"setting {args.setting!r}"
+        options, target_usage, source = preset["route_options"], preset["target_usage"], f"setting {args.setting!r}"
     else:
         options = parse_route_options(args.route_options or config.route_options)
-        budget, source = parse_budget_flag(args.budget), f"route_options {options}"
+        target_usage, source = parse_target_usage_flag(args.target_usage), f"route_options {options}"
     options = parse_route_options(options)
     routable = routable_choices(config)
     missing = [name for name in options if name not in routable]
@@ -325,13 +335,13 @@ def resolve_router_budget(args: RouterTrainArguments, config) -> tuple[list[str]
     if len(options) < 2:
         raise UsageError(f"{source}: a router needs at least two route options to choose between, got {options}.")
     with user_values():
-        return options, parse_budget_fractions(budget, options)
+        return options, parse_target_usage(target_usage, options)
 
 
 def oracle_layer_budget(
     args: RouterTrainArguments, options: Sequence[str], targets: Mapping[int, float], num_layers: int
 ):
-    """The oracle's budget for oracle supervision: ``args.oracle_budget``, else the targets times the layers.
+    """The oracle's budget for oracle supervision: ``args.oracle_budget``, else the target usage times the layers.
 
     The oracle picks patterns with *exact* counts (a layer budget: `oracle.spaces.parse_layer_budget` syntax), so
     each target fraction times ``num_layers`` must be a whole number (``0.5`` of 4 layers: ``big=2``). The budget
@@ -354,8 +364,9 @@ def oracle_layer_budget(
 
 
 @dataclass(frozen=True)
-class RouterBudget:
-    """What the routers learn: their options, the budget targets and, under oracle supervision, the oracle's budget."""
+class RouterTargets:
+    """What the routers learn: their options, their target usage and, under oracle supervision, the oracle's
+    budget."""
 
     options: list[str]
     targets: dict[int, float]
@@ -366,13 +377,13 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "ORACLE_FIELDS",
     "RouterArguments",
-    "RouterBudget",
+    "RouterTargets",
     "RouterTrainArguments",
     "SUPERVISIONS",
-    "budget_flag",
     "oracle_layer_budget",
-    "parse_budget_flag",
     "parse_route_options",
-    "resolve_router_budget",
+    "parse_target_usage_flag",
+    "resolve_router_targets",
     "routable_choices",
+    "target_usage_flag",
 ]

@@ -3,7 +3,7 @@
 `evaluate_router` runs the held-out sets in evaluation mode, where every token takes its routers' argmax choice
 and only that module runs, and measures the *realised* fraction of each choice (overall, per layer, and the
 per-layer x per-position usage counts that the oracle's analysis also draws) with the perplexity at that realised
-budget; `router_report` is the JSON report of a run (``router_report.json``).
+usage; `router_report` is the JSON report of a run (``router_report.json``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..models.losses import token_losses
 from ..models.routes import BIG, CHOICE_NAMES, realised_fractions, route_usage
 from ..utils.flops import flops_per_token
 from .checkpointing import TrainState
-from .router_arguments import RouterBudget, RouterTrainArguments
+from .router_arguments import RouterTargets, RouterTrainArguments
 
 
 @torch.no_grad()
@@ -90,7 +90,7 @@ def eval_metrics(results: Mapping[str, dict], prefix: str = "eval") -> dict[str,
 def router_report(
     args: RouterTrainArguments,
     config,
-    router_budget: RouterBudget,
+    router_targets: RouterTargets,
     state: TrainState,
     results: Mapping[str, dict],
     train_realised: Mapping[str, float],
@@ -120,9 +120,9 @@ def router_report(
         "model": str(args.model),
         "setting": args.setting,
         "supervision": args.supervision,
-        "route_options": list(router_budget.options),
-        "budget": {CHOICE_NAMES[code]: value for code, value in router_budget.targets.items()},
-        "oracle_budget": router_budget.oracle_budget,
+        "route_options": list(router_targets.options),
+        "target_usage": {CHOICE_NAMES[code]: value for code, value in router_targets.targets.items()},
+        "oracle_budget": router_targets.oracle_budget,
         "oracle_causal": args.oracle_causal if args.supervision == "oracle" else None,
         "alpha": args.alpha,
         "temperature_final": float(temperature_final),

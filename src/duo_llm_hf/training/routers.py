@@ -1,32 +1,33 @@
-"""Stage 3 with Accelerate: train learned routers on a frozen Duo model, and report their realised budget.
+"""Stage 3 with Accelerate: train learned routers on a frozen Duo model, and report their realised usage.
 
 `train_router` loads a stage 1 Duo model folder (DuoLlama or DuoOPT, via `AutoModelForCausalLM`), gives every
 layer a fresh router over the route options of the setting (`add_routers`), freezes the Duo weights and trains
-the routers on the training corpus with the paper's loss ``CE + alpha * budget_loss`` while the router
-temperature anneals (`routed_ffn.TemperatureSchedule`). In training mode each layer's FFN output is the soft mixture
-``sum_x P_x * H_x``; the evaluation (`evaluate_router`) runs the held-out sets in evaluation mode, where every
+the routers on the training corpus with the paper's loss ``CE + alpha * usage_loss`` (its budget loss) while the
+router temperature anneals (`routed_ffn.TemperatureSchedule`). In training mode each layer's FFN output is the soft
+mixture ``sum_x P_x * H_x``; the evaluation (`evaluate_router`) runs the held-out sets in evaluation mode, where every
 token takes its argmax choice and only that module runs, and reports the *realised* fraction of each choice
 (overall, per layer, and the per-layer x per-position usage counts that the oracle's analysis also draws) with
-the perplexity at that realised budget.
+the perplexity at that realised usage.
 
 Beyond the paper, ``supervision="oracle"`` distils the oracle into the same routers: the oracle engine is run
 once over ``oracle_blocks`` training blocks (or its result is read from ``oracle_targets``; `router_oracle`), each
 token's best pattern under an exact budget is stored, and the routers train on those rows for as many steps as
 asked: the model follows the stored routes (teacher forcing: each router sees the FFN input the oracle's route gives)
 and each layer's router learns the oracle's choice in that layer by cross-entropy (`oracle_router_loss`), plus
-``alpha * budget_loss``. ``oracle_causal`` learns the causally consistent oracle's routes instead. Afterwards (and
+``alpha * usage_loss``. ``oracle_causal`` learns the causally consistent oracle's routes instead. Afterwards (and
 for each evaluation during training) `calibrate_routers` shifts the router biases so that hard routing takes each
 choice as often as the oracle does per layer; the evaluation is the conventional router's.
 
 Which choices a model can route: those of its ``route_options`` (its small and big FFNs were trained for them
 in stage 1), plus ``skip``, which needs no module (the paper lets the oracle and the router skip layers of a
-model trained with small / big routing only). The paper's three settings are `routes.ROUTER_SETTINGS`.
+model trained with small / big routing only). The paper's three settings are
+`router_settings.ROUTER_SETTINGS`.
 
-This module is the run (`train_router`, read top to bottom in `_train_router`); its arguments and router budget are
+This module is the run (`train_router`, read top to bottom in `_train_router`); its arguments and router targets are
 in `router_arguments`, the oracle supervision in `router_oracle`, the evaluation and the report in `router_evaluation`.
 Data, optimizer, scheduler, checkpoints, trackers and resume checks are stage 1's (`loaders`, `building`,
 `checkpointing`, `loop`, `fingerprint`); the output folder
-holds the model with its routers (``save_pretrained``, ``routing_mode="learned"``), the tokenizer,
+holds the model with its routers (``save_pretrained``, ``routing="learned"``), the tokenizer,
 ``training_args.json``, ``train_results.json`` and ``router_report.json`` (`ROUTER_REPORT_FILE`). A checkpoint holds
 the whole model (Accelerate's ``save_state``), although only the routers change.
 """
@@ -47,7 +48,7 @@ from torch.utils.data import DataLoader
 
 from ..data.corpus import pack_corpus
 from ..data.tokenization import check_tokenizer_fits, has_tokenizer, load_tokenizer
-from ..models.losses import budget_loss
+from ..models.losses import usage_loss
 from ..models.modeling_duo import DUO_CONFIG_FIELDS
 from ..models.routed_ffn import (
     freeze_all_but_routers,
@@ -85,11 +86,11 @@ from .loop import (
 )
 from .router_arguments import (
     DEFAULT_BLOCK_SIZE,
-    RouterBudget,
+    RouterTargets,
     RouterTrainArguments,
     oracle_layer_budget,
     parse_route_options,
-    resolve_router_budget,
+    resolve_router_targets,
 )
 from .router_evaluation import eval_metrics, evaluate_router, router_report
 from .router_oracle import (
@@ -120,7 +121,7 @@ def add_routers(model, route_options: Sequence[str | int], seed: int = 0, temper
 
     Routers the model already had are replaced. Router weights are drawn with the model's initialisation under
     ``seed`` (the global random state is left as it was). The config's ``route_probs`` keep the probabilities of
-    the choices still allowed (renormalised; uniform if none is left) and a ``fixed_pattern`` using a choice no
+    the choices still allowed (renormalised; uniform if none is left) and a ``pattern`` using a choice no
     longer allowed is dropped, so the model stays valid in every routing mode. Returns the model.
     """
     config = model.config
@@ -128,13 +129,13 @@ def add_routers(model, route_options: Sequence[str | int], seed: int = 0, temper
     kept = {name: p for name, p in config.route_probs.items() if name in options and p > 0}
     total = sum(kept.values())
     probs = {name: kept.get(name, 0.0) / total for name in options} if total > 0 else None
-    pattern = config.fixed_pattern
+    pattern = config.pattern
     if pattern is not None and any(CHOICE_NAMES[c] not in options for c in pattern):
         pattern = None
     previous = {key: getattr(config, key) for key in DUO_CONFIG_FIELDS}
     old_routers = [layer.mlp.router for layer in model.model.layers]
     try:
-        config.route_options, config.route_probs, config.fixed_pattern = options, probs, pattern
+        config.route_options, config.route_probs, config.pattern = options, probs, pattern
         for layer in model.model.layers:
             layer.mlp.router = None
         with torch.random.fork_rng(devices=[]):
@@ -167,7 +168,7 @@ def train_router(
     """
     args.validate()
     source_config = inspect_duo_source(args.model)  # checked by validate; read again for the run
-    options, targets = resolve_router_budget(args, source_config)
+    options, targets = resolve_router_targets(args, source_config)
     positions = source_config.max_position_embeddings
     if args.block_size is not None and args.block_size > positions:
         raise UsageError(
@@ -182,25 +183,25 @@ def train_router(
     with run_lock(args.output_dir, "router training run"):  # one writer per run folder, checks to final save
         resume_dir = start_or_resume(args, "router training run")
 
-        router_budget = RouterBudget(options, targets, oracle_budget)
+        router_targets = RouterTargets(options, targets, oracle_budget)
         with accelerated_run(args, resume_dir) as accelerator:
             data = (train_blocks, eval_loaders)
             return _train_router(
-                args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback, data
+                args, accelerator, router_targets, source_config, resume_dir, checkpoints_dir, step_callback, data
             )
 
 
-def _train_router(args, accelerator, router_budget, source_config, resume_dir, checkpoints_dir, step_callback, data):
+def _train_router(args, accelerator, router_targets, source_config, resume_dir, checkpoints_dir, step_callback, data):
     run = run_identity(resume_dir, training_fingerprint(args, accelerator), "router training run")
     set_seed(args.seed)
     tokenizer, train_blocks, eval_loaders = _router_data(args, source_config, data)
     model = load_duo_model(args.model)
     calibration_set = None
     if args.supervision == "oracle":
-        train_blocks, calibration_set = _oracle_rows(args, model, accelerator, router_budget, train_blocks)
+        train_blocks, calibration_set = _oracle_rows(args, model, accelerator, router_targets, train_blocks)
     schedule = args.temperature_plan(1)  # replaced below once the number of steps is known
     router_seed = args.seed if args.router_seed is None else args.router_seed
-    add_routers(model, router_budget.options, seed=router_seed, temperature=schedule(0))
+    add_routers(model, router_targets.options, seed=router_seed, temperature=schedule(0))
     trainable = freeze_all_but_routers(model)
 
     train_loader = make_train_loader(train_blocks, args)
@@ -213,15 +214,15 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
     unwrapped = accelerator.unwrap_model(model)
 
     state = restore_train_state(accelerator, resume_dir)
-    targets_named = {CHOICE_NAMES[code]: value for code, value in router_budget.targets.items()}
+    targets_named = {CHOICE_NAMES[code]: value for code, value in router_targets.targets.items()}
     accelerator.init_trackers(
         args.run_name,
         config=tracker_config(
             args,
             {
-                "route_options_resolved": ",".join(router_budget.options),
-                "budget_resolved": json.dumps(targets_named),
-                "oracle_budget_resolved": str(router_budget.oracle_budget),
+                "route_options_resolved": ",".join(router_targets.options),
+                "target_usage_resolved": json.dumps(targets_named),
+                "oracle_budget_resolved": str(router_targets.oracle_budget),
                 "total_steps": total_steps,
                 "trainable_parameters": sum(p.numel() for p in trainable),
             },
@@ -232,11 +233,11 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
     results: dict[str, dict] = {}
     progress = progress_bar(args, accelerator, state, total_steps, "train routers")
     # Averaged per step and per log window: the total loss, the main loss (the LM's CE, or the routers' CE towards
-    # the oracle) and the budget loss; the routers' choices are counted per log window (`RouterChoiceCounts`).
+    # the oracle) and the usage loss; the routers' choices are counted per log window (`RouterChoiceCounts`).
     main_name = "train/router_ce" if args.supervision == "oracle" else "train/ce"
     meter = StepMeter(
         accelerator,
-        ["train/loss", main_name, "train/budget_loss"],
+        ["train/loss", main_name, "train/usage_loss"],
         args.batch_size * args.block_size * accelerator.num_processes,
     )
     choices = RouterChoiceCounts(accelerator.device, distilled=args.supervision == "oracle")
@@ -246,9 +247,9 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
         temperature = schedule(state.global_step)
         set_router_temperature(unwrapped, temperature)
         with accelerator.accumulate(model):
-            loss, main, budget, router_logits = _router_losses(model, batch, args, router_budget, temperature)
+            loss, main, usage, router_logits = _router_losses(model, batch, args, router_targets, temperature)
             backward_and_step(accelerator, loss, optimizer, scheduler, trainable, args.max_grad_norm)
-        meter.add(loss, main, budget)
+        meter.add(loss, main, usage)
         oracle_routes = (batch["routes"], batch["token_mask"]) if args.supervision == "oracle" else None
         choices.add(router_probabilities(router_logits.detach(), temperature), oracle_routes)
         if not accelerator.sync_gradients:
@@ -256,7 +257,7 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
 
         step_values = record_step(meter, state, losses, checkpoints_dir, progress)
         step_loss = step_values["train/loss"]
-        progress.set_postfix(loss=f"{step_loss:.3f}", budget=f"{step_values['train/budget_loss']:.4f}")
+        progress.set_postfix(loss=f"{step_loss:.3f}", usage=f"{step_values['train/usage_loss']:.4f}")
 
         metrics: dict[str, float] = {}
         last = state.global_step >= total_steps
@@ -300,7 +301,7 @@ def _train_router(args, accelerator, router_budget, source_config, resume_dir, c
     report = router_report(
         args,
         unwrapped.config,
-        router_budget,
+        router_targets,
         state,
         results,
         choices.train_realised,
@@ -336,7 +337,7 @@ def _router_data(args, source_config, data) -> tuple:
     return tokenizer, train_blocks, eval_loaders
 
 
-def _oracle_rows(args, model, accelerator, router_budget, train_blocks) -> tuple:
+def _oracle_rows(args, model, accelerator, router_targets, train_blocks) -> tuple:
     """Distillation: the oracle's routes as training rows, and the blocks the routers are calibrated on (or None).
 
     The oracle's targets are computed once (or read), before the routers are added: the oracle routes the Duo model
@@ -352,9 +353,9 @@ def _oracle_rows(args, model, accelerator, router_budget, train_blocks) -> tuple
         result = compute_oracle_targets(
             model.to(accelerator.device),
             ids,
-            [router_budget.oracle_budget],
+            [router_targets.oracle_budget],
             source,
-            route_options=router_budget.options,
+            route_options=router_targets.options,
             causal=args.oracle_causal,
             batch_size=args.oracle_batch_size,
             chunk_tokens=args.oracle_chunk_tokens,
@@ -362,15 +363,15 @@ def _oracle_rows(args, model, accelerator, router_budget, train_blocks) -> tuple
             model_id=str(args.model),
             progress=args.progress,
         )
-    rows = oracle_target_blocks(result, router_budget.oracle_budget, args.oracle_causal, source)
+    rows = oracle_target_blocks(result, router_targets.oracle_budget, args.oracle_causal, source)
     calibration_set = None
     if args.oracle_calibration_blocks:
         calibration_set = calibration_rows(rows, args.oracle_calibration_blocks, accelerator.device)
     return rows, calibration_set
 
 
-def _router_losses(model, batch, args, router_budget, temperature: float) -> tuple:
-    """The step's loss (main + alpha * budget loss), its two parts and the router logits.
+def _router_losses(model, batch, args, router_targets, temperature: float) -> tuple:
+    """The step's loss (main + alpha * usage loss), its two parts and the router logits.
 
     The main loss is the LM's cross-entropy under learned routing, or, distilling, the routers' cross-entropy
     towards the oracle's choices under teacher forcing: the model follows the oracle's routes, and each router sees
@@ -385,8 +386,8 @@ def _router_losses(model, batch, args, router_budget, temperature: float) -> tup
     else:
         out = model(input_ids=ids, labels=ids, routing="learned")
         main = out.loss
-    budget = budget_loss(out.router_logits, router_budget.targets, temperature=temperature)
-    return main + args.alpha * budget, main, budget, out.router_logits
+    usage = usage_loss(out.router_logits, router_targets.targets, temperature=temperature)
+    return main + args.alpha * usage, main, usage, out.router_logits
 
 
 class RouterChoiceCounts:
@@ -432,7 +433,7 @@ class RouterChoiceCounts:
 
 def main(argv: list[str] | None = None) -> RouterTrainResult:
     """``training/train_router.py`` (and ``duo-llm train-router``): parse the flags, train the routers, print where
-    the model went and its realised budget."""
+    the model went and its realised usage."""
     result = train_router(parse_arguments(RouterTrainArguments, argv))
     if not process_state().is_main_process:
         return result

@@ -181,7 +181,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             },
         ),
     )
-    route_modes = args.eval_route_list()
+    routings = args.eval_routing_list()
     eval_seed = unwrapped_config.route_seed if is_duo else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses: dict[int, float] = {}
@@ -207,7 +207,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
         if state.global_step % args.log_every == 0 or last:
             metrics.update(meter.log_metrics(state, scheduler))
         if eval_loaders and ((args.eval_every and state.global_step % args.eval_every == 0) or last):
-            eval_metrics = evaluate_perplexity(model, eval_loaders, accelerator, route_modes, eval_seed)
+            eval_metrics = evaluate_perplexity(model, eval_loaders, accelerator, routings, eval_seed)
             metrics.update(eval_metrics)
             meter.restart_clock()  # evaluation time is not training throughput
         if metrics:

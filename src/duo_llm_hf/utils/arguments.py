@@ -17,6 +17,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,7 +34,9 @@ SNIFF_BYTES = 1 << 13
 
 Arguments = TypeVar("Arguments")
 # Field metadata read by the parser itself rather than handed to `argparse.ArgumentParser.add_argument`.
-METADATA_KEYS = ("positional", "aliases", "no_help", "flag", "value_flags")
+METADATA_KEYS = ("positional", "aliases", "no_help", "flag", "value_flags", "deprecated_aliases", "deprecated_values")
+# When the spellings a field's ``deprecated_aliases`` / ``deprecated_values`` keep working will be removed.
+DEPRECATED_UNTIL = "0.3"
 # A help line that names its default in words: "(default: the model's)", "(default --batch-size)", "Default: ...".
 SAYS_DEFAULT = re.compile(r"\(default\b|\bdefault:", re.IGNORECASE)
 
@@ -58,6 +61,9 @@ class DataclassArgumentParser(UsageErrors, argparse.ArgumentParser):
     the field's ``no_help`` metadata (default: "Turn off --name."). A field's ``aliases`` metadata names other
     spellings of its flag (transformers' ``TrainingArguments`` names, where the meaning is the same), and its
     ``value_flags`` metadata maps a switch to a value (``{"bf16": "bf16"}``: ``--bf16`` sets the field to "bf16").
+    Renamed flags and values keep working for a while: the ``deprecated_aliases`` metadata names a flag's former
+    spellings (not in ``--help``) and ``deprecated_values`` maps a choice's former value to its new one; either,
+    used, prints one deprecation line on stderr naming the new spelling.
     A flag must be written in full (no prefix matching); an unknown one is answered with the nearest known flag.
     """
 
@@ -96,6 +102,8 @@ class DataclassArgumentParser(UsageErrors, argparse.ArgumentParser):
         (compared with underscores as dashes); "" when none is."""
         known: dict[str, str] = {}  # each spelling, with dashes -> the flag's first spelling, as --help shows it
         for action in self._actions:
+            if isinstance(action, _DeprecatedFlag):
+                continue  # a hint names the current spelling
             for option in action.option_strings:
                 known.setdefault(option.replace("_", "-"), action.option_strings[0])
         hints = []
@@ -155,7 +163,10 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) 
     if origin is typing.Literal:
         choices = typing.get_args(kind)
         by_text = {str(choice): choice for choice in choices}
-        kwargs.update(choices=choices, type=lambda text: by_text.get(text, text))
+        renamed = field.metadata.get("deprecated_values", {})
+        kwargs.update(
+            choices=choices, type=lambda text: by_text.get(renamed_value(parser.prog, names[0], text, renamed), text)
+        )
     elif kind is bool or kind == (bool | None):
         kwargs.update(type=string_to_bool, nargs="?", const=True)
     elif origin is list or kind is list:
@@ -173,6 +184,13 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind) 
             default=argparse.SUPPRESS,
             help=no_help,
         )
+    for alias in field.metadata.get("deprecated_aliases", []):
+        spellings = dict.fromkeys((f"--{alias.replace('_', '-')}", f"--{alias}"))
+        hidden = {key: value for key, value in kwargs.items() if key not in ("required", "default", "help")}
+        parser.add_argument(
+            *spellings, **hidden, dest=field.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+            action=_DeprecatedFlag, new_flag=names[0],
+        )  # fmt: skip
     for switch, value in field.metadata.get("value_flags", {}).items():
         parser.add_argument(
             *dict.fromkeys((f"--{switch.replace('_', '-')}", f"--{switch}")),
@@ -195,6 +213,31 @@ class _ValueFlag(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, self.value if values else "no")
+
+
+def deprecation(prog: str, old: str, new: str) -> None:
+    """One line on stderr: ``old`` (a flag or value of command ``prog``) is now spelled ``new``."""
+    print(f"{prog}: {old} is deprecated (removed in {DEPRECATED_UNTIL}); use {new}.", file=sys.stderr)
+
+
+def renamed_value(prog: str, flag: str, text: str, renamed: dict[str, str]) -> str:
+    """``text``, or the value it was renamed to (with a `deprecation` line) when ``renamed`` names it."""
+    if text in renamed:
+        deprecation(prog, f"{flag} {text}", f"{flag} {renamed[text]}")
+        return renamed[text]
+    return text
+
+
+class _DeprecatedFlag(argparse._StoreAction):
+    """A former spelling of a flag: stores its value as the flag does, after a `deprecation` line."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        deprecation(parser.prog, option_string, self.new_flag)
+        super().__call__(parser, namespace, values, option_string)
 
 
 class RawDescriptionDefaultsFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):

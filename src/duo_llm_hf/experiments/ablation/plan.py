@@ -145,25 +145,26 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
     common.update(holdout_english="none", holdout_code="none", eval_every=0, progress=settings["progress"])
     tokenizer = str(Path(settings["tokenizer"]).expanduser() if settings["tokenizer"] else out / "tokenizer")
 
-    def train_args(name: str, mode: str, p_big: float, run_steps: int, seed: int | None = None, **extra):
-        return TrainArguments(
+    # What every run shares; each run is this preset with its own name, model kind, p_big, length and seed.
+    preset = TrainArguments(output_dir=str(out / "runs"), tokenizer=tokenizer, seed=settings["seed"], **common)
+
+    def train_args(name: str, mode: str, p_big: float, run_steps: int, **extra):
+        return dataclasses.replace(
+            preset,
             output_dir=str(out / "runs" / name),
+            run_name=name,
             mode=mode,
             p_big=p_big,
-            tokenizer=tokenizer,
             max_steps=run_steps,
             warmup_steps=math.ceil(warmup_fraction * run_steps),
-            seed=settings["seed"] if seed is None else seed,
-            run_name=name,
-            **common,
             **extra,
         )
 
-    budget = steps * tokens_per_step
-    runs = [PlannedRun("duo", "duo", train_p_big, train_args("duo", "random", train_p_big, steps), budget, budget)]
+    tokens = steps * tokens_per_step  # the token budget of every run
+    runs = [PlannedRun("duo", "duo", train_p_big, train_args("duo", "scratch", train_p_big, steps), tokens, tokens)]
     for p in p_bigs:
         name = f"dense_p{p:g}"
-        runs.append(PlannedRun(name, "dense", p, train_args(name, "dense", p, steps), budget, budget))
+        runs.append(PlannedRun(name, "dense", p, train_args(name, "dense", p, steps), tokens, tokens))
     pre_tokens = pretrain_steps * tokens_per_step
     runs.append(
         PlannedRun(
@@ -180,7 +181,7 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
         seed=settings["seed"] + 1,  # a fresh batch order for the small-module stage
     )
     runs.append(
-        PlannedRun("frozen_big", "frozen-big", train_p_big, frozen_args, budget - pre_tokens, budget, "big_pretrain")
+        PlannedRun("frozen_big", "frozen-big", train_p_big, frozen_args, tokens - pre_tokens, tokens, "big_pretrain")
     )
 
     for run in runs:  # every run's arguments are checked now, before the first one trains
@@ -197,7 +198,7 @@ def plan_ablation(args: AblationArguments, num_processes: int | None = None) -> 
 
 def _validate_run_args(args: TrainArguments) -> None:
     # frozen-big's init_from and the tokenizer do not exist before the runs that make them; check the rest.
-    checked = dataclasses.replace(args, init_from=None, mode="random" if args.mode == "frozen-big" else args.mode)
+    checked = dataclasses.replace(args, init_from=None, mode="scratch" if args.mode == "frozen-big" else args.mode)
     checked = dataclasses.replace(checked, tokenizer=None)
     checked.validate()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ...data.corpus import iter_texts, load_corpus
 from ...data.tokenization import has_tokenizer, load_tokenizer, train_bpe_tokenizer
+from ...training.arguments import current_names
 from ...training.checkpointing import CHECKPOINTS_DIR, list_checkpoints
 from ...training.fingerprint import RESUMABLE_CHANGES
 from ...training.train import train
@@ -46,7 +47,7 @@ def run_is_finished(run: PlannedRun, overwrite: bool = False) -> bool:
         return False
     saved = read_json(folder / TRAINING_ARGS_FILE, TRAINING_ARGS_SCHEMA) or {}
     planned = _comparable_args(dataclasses.asdict(run.args))
-    saved = _comparable_args(saved)
+    saved = _comparable_args(current_names(saved))
     changed = sorted(k for k in planned if saved.get(k) != planned[k])
     if changed and not overwrite:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {planned[k]!r}" for k in changed)
