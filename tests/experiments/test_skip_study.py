@@ -129,7 +129,9 @@ def test_hellaswag_is_left_out_in_one_line_without_data(tiny_llama_folder, tmp_p
     from duo_llm_hf.experiments.study import run_study
 
     overrides = tiny_overrides(tiny_llama_folder, str(tmp_path / "absent"))
-    overrides.update(router_budgets=(), moved_exact=1, moved_causal=0, fixed_moved=(1,), oracle_blocks=2)
+    overrides.update(
+        router_budgets=(), moved_exact=1, moved_search=(), moved_causal=0, fixed_moved=(1,), oracle_blocks=2
+    )
     metrics = run_study(tmp_path / "study", "smollm2", progress=False, **overrides)
     assert "hellaswag_val.jsonl" in metrics["hellaswag"]["not_run"]
     assert "HellaSwag left out" in capsys.readouterr().out
