@@ -92,7 +92,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "train-router": Command(
         "duo_llm_hf.training.routers:main",
-        "Stage 3: train routers on a frozen Duo model (CE + alpha * budget loss, or supervised by the oracle).",
+        "Stage 3: train routers on a frozen Duo model (CE + alpha * usage loss, or supervised by the oracle).",
         "training/train_router.py",
         "duo_llm_hf.training.router_arguments:RouterTrainArguments",
     ),

@@ -13,7 +13,7 @@ cannot enumerate every pattern. Its stages follow the model's depth instead of a
 - ``fixed_skip/``: the best fixed skip sets (static layer pruning) at ``fixed_moved`` FFNs, chosen on the first
   holdout: exact up to ``moved_exact`` (from the table), greedy beyond (one layer added at a time), with the
   greedy choice's gap to exact measured where exact is known;
-- ``routers/conventional-skip<m>/``: the conventional router (CE + budget loss, BIG or SKIP) at each budget of
+- ``routers/conventional-skip<m>/``: the conventional router (CE + usage loss, BIG or SKIP) at each budget of
   ``router_budgets`` (FFNs skipped), evaluated with hard routing on every holdout;
 - ``hellaswag/``: lm-eval's HellaSwag on a local copy (`hellaswag_stage`).
 
@@ -205,7 +205,7 @@ def skip_pattern(n: int, skipped: list[int]) -> str:
 
 
 def router_stage(stages, model_dir: Path, n: int, moved: int, blocks: dict, train_blocks) -> dict:
-    """``routers/conventional-skip<moved>/``: the conventional router (CE + alpha * budget loss) on BIG or SKIP,
+    """``routers/conventional-skip<moved>/``: the conventional router (CE + alpha * usage loss) on BIG or SKIP,
     targeting ``moved`` of ``n`` FFNs skipped, trained on the frozen model; then, with hard routing on every
     holdout, its per-token losses and realised skipped FFNs per token (``{holdout: {"losses", "skipped"}}``)."""
     from ..training.router_arguments import target_usage_flag
