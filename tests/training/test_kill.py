@@ -28,10 +28,18 @@ def run(argv: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def signal_when(argv: list[str], ready: Callable[[], bool], sig: int) -> subprocess.CompletedProcess:
     """Start the command, send it ``sig`` as soon as ``ready()`` holds (polled), and return how it ended (the
     command must still be running then)."""
-    process = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that: give the command the default
+    # disposition a terminal's foreground process has, so that the suite run in the background tests the same.
+    process = subprocess.Popen(
+        [*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     deadline = time.monotonic() + TIMEOUT
     try:
         while not ready():
