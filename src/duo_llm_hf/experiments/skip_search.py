@@ -87,17 +87,17 @@ def table_beam_gap(table: dict, mask: torch.Tensor, search: SearchSettings) -> d
     searched = _rows_of(patterns, one_move_below(beam, CHOICES))
     exact = (moved == top).nonzero().flatten()
     gap = {"moved": top, "patterns_searched": len(searched), "budget_size": len(exact)}
+    found, best = _oracle_and_fixed(losses[searched], mask), _oracle_and_fixed(losses[exact], mask)
     for method in ("oracle", "fixed"):
-        a = _method_ppl(losses[searched], mask, method)
-        e = _method_ppl(losses[exact], mask, method)
-        gap[method] = {"searched": a, "exact": e, "ratio": a / e}
+        gap[method] = {"searched": found[method], "exact": best[method], "ratio": found[method] / best[method]}
     return gap
 
 
-def _method_ppl(losses: torch.Tensor, mask: torch.Tensor, method: str) -> float:
-    if method == "oracle":
-        return math.exp(float(sa.masked_mean(losses.min(0).values, mask)))
-    return math.exp(float(sa.masked_mean(losses, mask).min()))
+def _oracle_and_fixed(losses: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Perplexity of the oracle and of the fixed pattern over every pattern of ``losses`` (`method_losses`)."""
+    every = torch.ones(len(losses), dtype=torch.bool)
+    methods = sa.method_losses(losses, every, mask, best_of_k=0, seed=0)
+    return {m: math.exp(float(sa.masked_mean(methods[m], mask))) for m in ("oracle", "fixed")}
 
 
 def search_stage(stages, model, holdout: str, blocks: torch.LongTensor, table: dict) -> dict:
@@ -119,7 +119,8 @@ def search_stage(stages, model, holdout: str, blocks: torch.LongTensor, table: d
         k = config.search_best_of_k if m in config.moved_search else 0
         budget = LayerBudget(counts=((BIG, n - m),))
         samples = [sample_budget(n, CHOICES, budget, k, sample_seed(config.seed, budget))] if k else []
-        space = PatternSet(n, CHOICES, [budget], candidates, samples=samples, sample_k=k, sample_seed=config.seed)
+        seed = config.seed if k else 0
+        space = PatternSet(n, CHOICES, [budget], candidates, samples=samples, sample_k=k, sample_seed=seed)
 
         def work(folder=folder, space=space) -> dict:
             level_losses = batched_pattern_losses(model, blocks, space, folder)

@@ -84,7 +84,7 @@ def convert_stage(stages, source: str) -> Path:
 
 def table_stage(stages, model, holdout: str, blocks: torch.LongTensor, moved: int) -> dict:
     """``skip_oracle/<holdout>/``: the loss table ``[patterns, blocks, positions]`` of `moved_space` (at most
-    ``moved`` FFNs skipped), computed ``TABLE_BATCH`` blocks at a time (each batch saved as it finishes, so a
+    ``moved`` FFNs skipped), computed `skip_search.TABLE_BATCH` blocks at a time (each batch saved as it finishes, so a
     killed run keeps them)."""
     folder = stages.out / "skip_oracle" / holdout
     space = moved_space(model.config.num_hidden_layers, moved)
