@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..models.losses import IGNORE_INDEX, next_token_targets
-from ..models.routes import SKIP
+from ..models.routes import BIG, SKIP
 
 
 def token_mask(input_ids: torch.Tensor) -> torch.Tensor:
@@ -23,8 +23,8 @@ def token_mask(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def moved_counts(patterns: torch.Tensor) -> torch.Tensor:
-    """``[P]``: how many layers each pattern moves off BIG (its skipped FFNs)."""
-    return (patterns == SKIP).sum(-1)
+    """``[P]``: how many layers each pattern moves off BIG (to SKIP, or to SMALL where the space allows it)."""
+    return (patterns != BIG).sum(-1)
 
 
 def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,10 +102,10 @@ def bootstrap_ppl(losses: torch.Tensor, mask: torch.Tensor, samples: int = 1000,
     return {"ppl": ppl, "low": low, "high": high}
 
 
-def skip_usage(patterns: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> list[float]:
+def skip_usage(patterns: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, choice: int = SKIP) -> list[float]:
     """Per layer, the share of tokens (with a target) whose chosen pattern (``index`` ``[N, T]``, rows of
-    ``patterns``) skips that layer's FFN."""
-    skipped = (patterns[index] == SKIP).double()  # [N, T, L]
+    ``patterns``) takes ``choice`` there (SKIP: skips that layer's FFN)."""
+    skipped = (patterns[index] == choice).double()  # [N, T, L]
     weights = mask.double()[..., None]
     return ((skipped * weights).sum((0, 1)) / weights.sum()).tolist()
 

