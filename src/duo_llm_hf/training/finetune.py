@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -30,6 +31,7 @@ from ..models.configuration_duo_opt import DuoOPTConfig
 from .arguments import FinetuneArguments, parse_arguments
 from .building import FROZEN_BIG_SOURCES
 from .checkpointing import TrainState
+from .small_init import start_small_ffns
 from .train import ModelHooks, TrainResult, print_saved, train
 
 # The attention projections that LoRA adapts by default, by Duo model_type.
@@ -160,10 +162,11 @@ def finetune(args: FinetuneArguments, step_callback: Callable[[TrainState, dict]
     Saves the finetuned Duo model and the source's tokenizer in ``args.output_dir``; see `FinetuneArguments`.
     """
     args.validate()
-    hooks = None
+    hooks = ModelHooks()
     if args.lora:
         lora = AttentionLoRA(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_list())
         hooks = lora.hooks()
+    hooks.start = partial(start_small_ffns, args)
     return train(args, step_callback, hooks)
 
 

@@ -146,7 +146,10 @@ def backward_and_step(
     Then the optimizer and scheduler step and the gradients are zeroed: inside ``accelerator.accumulate(model)``
     the prepared optimizer and scheduler only act on the micro-batch that ends an optimizer step.
     """
-    accelerator.backward(loss)
+    # A loss no trained module reached (every route BIG, as at p_big 1 at the start of a finetuning schedule) has
+    # nothing to learn: the step runs without gradients.
+    if loss.requires_grad:
+        accelerator.backward(loss)
     if accelerator.sync_gradients and max_grad_norm > 0:
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
