@@ -142,9 +142,9 @@ def test_set_probs_keeps_the_draws_and_never_draws_a_zero_probability():
         moved.set_probs({"small": 0.0, "big": 0.0})
 
 
-def finetune_args(tmp_path, folder="unused", **overrides) -> FinetuneArguments:
+def finetune_args(tmp_path, folder="unused", name="run", **overrides) -> FinetuneArguments:
     values = dict(init_from=folder, max_steps=4, eval_every=0, warmup_steps=1, learning_rate=1e-2, report_to="jsonl")
-    return FinetuneArguments(**tiny_run_fields(tmp_path, "run", **{**values, **overrides}))
+    return FinetuneArguments(**tiny_run_fields(tmp_path, name, **{**values, **overrides}))
 
 
 def test_p_big_moves_from_its_start_to_p_big_over_the_decay_fraction(tmp_path):
@@ -225,3 +225,29 @@ def test_a_finetuning_run_slices_distils_and_schedules_p_big(tmp_path, finetune_
     assert dataclasses.asdict(args)["small_init"] == json.loads(
         (Path(result.output_dir) / "training_args.json").read_text())["small_init"]
 
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_start_and_draws_with_the_p_big_of_its_step(tmp_path, finetune_source, capsys):
+    """Crashed after step 4 of 6 and resumed: no second slice or distillation, and the same losses and weights as
+    the run that was not interrupted (the p_big of steps 5 and 6 comes from the step, not from the start)."""
+    from safetensors.torch import load_file
+
+    from duo_llm_hf.training.finetune import finetune
+
+    common = dict(small_init="slice-weight", distill_steps=2, p_big_start=0.9, p_big_decay_fraction=1.0,
+                  max_steps=6, checkpoint_every=2)
+    full = finetune(finetune_args(tmp_path, finetune_source, name="full", **common))
+
+    def crash_at_4(state, _metrics):
+        if state.global_step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(finetune_args(tmp_path, finetune_source, name="crashed", **common), step_callback=crash_at_4)
+    capsys.readouterr()
+    resumed = finetune(finetune_args(tmp_path, finetune_source, name="crashed", resume_from="latest", **common))
+    assert "small FFNs" not in capsys.readouterr().out
+    assert resumed.losses == {step: full.losses[step] for step in (5, 6)}
+    weights = [load_file(str(Path(run.output_dir) / "model.safetensors")) for run in (full, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -455,7 +455,8 @@ class FinetuneArguments(TrainArguments):
         },
     )
     p_big_decay_fraction: float = field(
-        default=0.5, metadata={"help": "Fraction of the optimizer steps over which p_big goes from its start to --p-big."}
+        default=0.5,
+        metadata={"help": "Fraction of the optimizer steps over which p_big goes from its start to --p-big."},
     )
 
     def validate(self) -> None:
@@ -492,7 +493,8 @@ class FinetuneArguments(TrainArguments):
         progress = min(1.0, step / decay_steps)
         p_big = self.p_big_start + (self.p_big - self.p_big_start) * progress
         rest = 1.0 - self.p_big
-        shares = {name: (p / rest if rest > 0 else float(name == "small")) for name, p in probs.items() if name != "big"}
+        # small's and skip's shares of what big leaves (all small when p_big is 1 and nothing is left to share)
+        shares = {name: p / rest if rest > 0 else float(name == "small") for name, p in probs.items() if name != "big"}
         return {**{name: (1.0 - p_big) * share for name, share in shares.items()}, "big": p_big}
 
     def lora_target_list(self) -> list[str] | None:

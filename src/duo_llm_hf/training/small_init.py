@@ -125,7 +125,8 @@ def slice_small_ffns(model: nn.Module, scores: list[torch.Tensor]) -> list[torch
     kept = []
     with torch.no_grad():
         for ffn, score in zip(duo_ffns(model), scores, strict=True):
-            (big_inputs, big_output), (small_inputs, small_output) = ffn_projections(ffn.big), ffn_projections(ffn.small)
+            big_inputs, big_output = ffn_projections(ffn.big)
+            small_inputs, small_output = ffn_projections(ffn.small)
             index = top_neurons(score.to(big_output.weight.device), small_output.in_features)
             for big, small in zip(big_inputs, small_inputs):
                 small.weight.copy_(big.weight[index])
@@ -227,7 +228,7 @@ def start_small_ffns(
     if args.small_init == "random" and args.distill_steps == 0:
         return {}
     generator = torch.Generator().manual_seed(args.seed)
-    pool = CALIBRATION_BLOCKS if args.distill_steps == 0 else max(CALIBRATION_BLOCKS, args.distill_steps * args.batch_size)
+    pool = max(CALIBRATION_BLOCKS, args.distill_steps * args.batch_size)
     blocks = sample_blocks(train_blocks, pool, generator)
     if args.small_init != "random":
         calibration = blocks[:CALIBRATION_BLOCKS]

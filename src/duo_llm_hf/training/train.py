@@ -89,14 +89,14 @@ class ModelHooks:
 
     ``start(model, train_blocks, log)`` gets the built model on a fresh run only (a resumed run restores its
     weights from the checkpoint), before ``adapt``: it may change the starting weights (the small FFNs' slice and
-    distillation, `small_init`) and returns metrics for the run's train results; ``log`` prints a line on the
-    main process. ``adapt(model)`` gets the built model (frozen as the mode says) before the optimizer is made and returns the
-    model to train; whatever then requires grad is trained, and checkpoints hold that model. ``export(model)``
-    gets the trained model (unwrapped from DDP) before the final ``save_pretrained`` and returns the model to
-    save. A hook that is None changes nothing.
+    distillation, `small_init`) and returns metrics for the run's train results; ``log`` prints a line (None on
+    processes other than the main one). ``adapt(model)`` gets the built model (frozen as the mode says) before the
+    optimizer is made and returns the model to train; whatever then requires grad is trained, and checkpoints hold
+    that model. ``export(model)`` gets the trained model (unwrapped from DDP) before the final ``save_pretrained``
+    and returns the model to save. A hook that is None changes nothing.
     """
 
-    start: Callable[[torch.nn.Module, object, Callable[[str], None]], dict[str, float]] | None = None
+    start: Callable[[torch.nn.Module, object, Callable[[str], None] | None], dict[str, float]] | None = None
     adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     export: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
