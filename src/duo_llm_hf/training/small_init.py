@@ -214,19 +214,24 @@ def distill_small_ffns(
     return {"distill/relative_error_start": start, "distill/relative_error_end": end}
 
 
-def start_small_ffns(
-    args, model: nn.Module, train_blocks, log: Callable[[str], None] | None = print
-) -> dict[str, float]:
+def start_small_ffns(args, model: nn.Module, train_blocks, accelerator=None) -> dict[str, float]:
     """Initialise and distil a fresh finetuning run's small FFNs as ``args`` (`FinetuneArguments`) say.
 
     ``train_blocks`` are the run's packed training blocks; calibration and distillation draw from them with a
-    generator seeded by ``args.seed``, so the result is reproducible. Returns what goes into the run's train
-    results (the distillation's relative errors). ``log`` (None: silent) gets one line per thing done, and with
-    ``args.progress`` the distillation's progress.
+    generator seeded by ``args.seed``, so the result is reproducible. The work runs on ``accelerator.device``
+    (the model is moved there; None: where the model is); the main process prints one line per thing done, and
+    with ``args.progress`` the distillation's progress. Returns what goes into the run's train results (the
+    distillation's relative errors).
     """
-    log = log or (lambda _line: None)
     if args.small_init == "random" and args.distill_steps == 0:
         return {}
+    if accelerator is not None:
+        model.to(accelerator.device)
+    main = accelerator is None or accelerator.is_main_process
+
+    def log(line: str) -> None:
+        if main:
+            print(line, flush=True)
     generator = torch.Generator().manual_seed(args.seed)
     pool = max(CALIBRATION_BLOCKS, args.distill_steps * args.batch_size)
     blocks = sample_blocks(train_blocks, pool, generator)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..data.corpus import pack_corpus
@@ -87,16 +88,16 @@ class TrainResult:
 class ModelHooks:
     """What a recipe built on `train` changes about its model (finetuning uses them all).
 
-    ``start(model, train_blocks, log)`` gets the built model on a fresh run only (a resumed run restores its
-    weights from the checkpoint), before ``adapt``: it may change the starting weights (the small FFNs' slice and
-    distillation, `small_init`) and returns metrics for the run's train results; ``log`` prints a line (None on
-    processes other than the main one). ``adapt(model)`` gets the built model (frozen as the mode says) before the
-    optimizer is made and returns the model to train; whatever then requires grad is trained, and checkpoints hold
-    that model. ``export(model)`` gets the trained model (unwrapped from DDP) before the final ``save_pretrained``
-    and returns the model to save. A hook that is None changes nothing.
+    ``start(model, train_blocks, accelerator)`` gets the built model (on the CPU) on a fresh run only (a resumed
+    run restores its weights from the checkpoint), before ``adapt``: it may change the starting weights (the small
+    FFNs' slice and distillation, `small_init`) and returns metrics for the run's train results. ``adapt(model)``
+    gets the built model (frozen as the mode says) before the optimizer is made and returns the model to train;
+    whatever then requires grad is trained, and checkpoints hold that model. ``export(model)`` gets the trained
+    model (unwrapped from DDP) before the final ``save_pretrained`` and returns the model to save. A hook that is
+    None changes nothing.
     """
 
-    start: Callable[[torch.nn.Module, object, Callable[[str], None] | None], dict[str, float]] | None = None
+    start: Callable[[torch.nn.Module, object, Accelerator], dict[str, float]] | None = None
     adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     export: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
@@ -147,8 +148,7 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
         (enable or model.gradient_checkpointing_enable)()
     start_metrics: dict[str, float] = {}
     if hooks.start is not None and resume_dir is None:
-        log = print if accelerator.is_main_process else None
-        start_metrics = hooks.start(model.to(accelerator.device), train_blocks, log)
+        start_metrics = hooks.start(model, train_blocks, accelerator)
     if hooks.adapt is not None:
         model = hooks.adapt(model)
     is_duo = is_duo_model(model)
