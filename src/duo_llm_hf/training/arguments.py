@@ -387,7 +387,9 @@ def _hidden(name: str):
 
 @dataclass(kw_only=True)
 class FinetuneArguments(TrainArguments):
-    """Arguments of the Appendix A finetuning run: `TrainArguments` in frozen-big mode, plus LoRA.
+    """Arguments of the Appendix A finetuning run: `TrainArguments` in frozen-big mode, plus where the small FFNs
+    start (``small_init``, ``distill_steps``; `small_init.start_small_ffns`), a p_big schedule (``p_big_start``)
+    and LoRA.
 
     The model's shape and vocabulary come from the checkpoint and its tokenizer, so the from-scratch flags
     (``--hidden-size``, ``--vocab-size``, ...) do not exist here.

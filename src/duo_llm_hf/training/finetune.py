@@ -8,7 +8,8 @@ of the result (``training/train_router.py``, the three settings of Appendix A). 
 same way (`DuoLlamaForCausalLM.from_dense`).
 
 The run is `training.train` in its frozen-big mode (the same loop, data, evaluation, atomic checkpoints and
-resume); LoRA comes in through `ModelHooks`.
+resume); where the small FFNs start (a slice of the big FFN, local distillation: `small_init`) and LoRA come in
+through `ModelHooks`, and a p_big that moves over the run through `FinetuneArguments.route_probs_at`.
 
 LoRA and what is saved: the checkpoints under ``checkpoints/`` hold the adapters unmerged, so a run resumes
 exactly. The final model in ``output_dir`` has them merged into the attention weights (peft's
