@@ -57,6 +57,7 @@ def zero_other_neurons(big: torch.nn.Module, kept: torch.Tensor) -> None:
         output.weight[:, others] = 0
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["slice-weight", "slice-activation"])
 def test_sliced_small_ffn_is_the_big_ffn_with_the_other_neurons_zeroed(duo, method):
     scores = neuron_scores(duo, method, blocks(), batch_size=4)
