@@ -255,6 +255,10 @@ CASES = [
      r"init_from: '.*no_opt' is not a model folder"),
     ("finetune-lora-rank-zero", lambda a, o: finetune(a, o, "--lora-r", "0"), r"lora_r: 0 must be a positive integer"),
     ("finetune-lora-dropout-one", lambda a, o: finetune(a, o, "--lora-dropout", "1"), r"lora_dropout: 1.0 must be in"),
+    ("finetune-small-init-unknown", lambda a, o: finetune(a, o, "--small-init", "slice"),
+     r"small_init: 'slice' is not an initialisation"),
+    ("finetune-p-big-start-above-one", lambda a, o: finetune(a, o, "--p-big-start", "1.5"),
+     r"p_big_start: 1.5 must be a probability in \[0, 1\]"),
     ("finetune-hidden-flag", lambda a, o: finetune(a, o, "--hidden-size", "64"), r"unrecognized arguments: --hidden"),
     # duo-llm ablation
     ("ablation-p-bigs", lambda a, o: ablation(a, o, "--p-bigs", "0,1.5"), r"p_bigs: 1.5 is not a probability"),

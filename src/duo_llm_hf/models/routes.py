@@ -253,14 +253,23 @@ class RouteSampler:
     """
 
     def __init__(self, probs: Mapping[str, float], seed: int = 0):
-        names = [name for name, p in probs.items() if p > 0]
-        # Explicit CPU tensors: models are built under a meta-device context when loaded with from_pretrained.
-        self.codes = torch.tensor([CHOICE_CODES[n] for n in names], dtype=torch.long, device="cpu")
-        cumulative = torch.tensor([probs[n] for n in names], dtype=torch.float64, device="cpu").cumsum(0)
-        self.cumulative = (cumulative / cumulative[-1]).float()
+        self.set_probs({name: p for name, p in probs.items() if p > 0})
         self.seed = seed
         # Routes are drawn on the CPU and moved to the device: the same seed gives the same routes anywhere.
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def set_probs(self, probs: Mapping[str, float]) -> None:
+        """Draw the next routes with ``probs`` (``{choice name: probability}``, summing to 1), e.g. a p_big that
+        changes over a run. A choice may have probability 0: it is never drawn. Each draw takes the same random
+        numbers whatever the probabilities, so the generator's state (what is checkpointed) stays the same."""
+        names = list(probs)
+        # Explicit CPU tensors: models are built under a meta-device context when loaded with from_pretrained.
+        self.codes = torch.tensor([CHOICE_CODES[n] for n in names], dtype=torch.long, device="cpu")
+        cumulative = torch.tensor([probs[n] for n in names], dtype=torch.float64, device="cpu").cumsum(0)
+        if not names or not cumulative[-1] > 0:
+            raise ValueError(f"route probabilities {dict(probs)!r}: at least one choice needs a probability > 0.")
+        # A choice of probability 0 is an empty interval: u in [0, 1) never falls in it (bucketize, right=True).
+        self.cumulative = (cumulative / cumulative[-1]).float()
 
     def sample(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.LongTensor:
         """Draw a route tensor of the given shape."""

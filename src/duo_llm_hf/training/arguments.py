@@ -253,6 +253,11 @@ class ModelArguments:
             probs["skip"] = self.p_skip
         return probs
 
+    def route_probs_at(self, step: int, total_steps: int) -> dict[str, float]:
+        """Random-routing probabilities of optimizer step ``step`` of ``total_steps``: here `route_probs` at every
+        step (`FinetuneArguments` may start p_big elsewhere)."""
+        return self.route_probs()
+
 
 @dataclass(kw_only=True)
 class OptimizationArguments:
@@ -382,7 +387,9 @@ def _hidden(name: str):
 
 @dataclass(kw_only=True)
 class FinetuneArguments(TrainArguments):
-    """Arguments of the Appendix A finetuning run: `TrainArguments` in frozen-big mode, plus LoRA.
+    """Arguments of the Appendix A finetuning run: `TrainArguments` in frozen-big mode, plus where the small FFNs
+    start (``small_init``, ``distill_steps``; `small_init.start_small_ffns`), a p_big schedule (``p_big_start``)
+    and LoRA.
 
     The model's shape and vocabulary come from the checkpoint and its tokenizer, so the from-scratch flags
     (``--hidden-size``, ``--vocab-size``, ...) do not exist here.
@@ -427,13 +434,42 @@ class FinetuneArguments(TrainArguments):
         },
     )
 
+    small_init: str = field(
+        default="random",
+        metadata={
+            "help": "How each small FFN starts: random (fresh weights), slice-weight (the big FFN's top neurons by "
+            "weight norms) or slice-activation (by mean |activation| on training blocks x output weight norm)."
+        },
+    )
+    distill_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Steps of local distillation before training: each small FFN learns its big FFN's output on "
+            "the all-BIG run's FFN inputs (MSE per layer; --batch-size blocks per step)."
+        },
+    )
+    distill_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the distillation."})
+    p_big_start: float | None = field(
+        default=None,
+        metadata={
+            "help": "p_big of the first step; it moves linearly to --p-big over --p-big-decay-fraction of the run "
+            "(default: --p-big throughout)."
+        },
+    )
+    p_big_decay_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of the optimizer steps over which p_big goes from its start to --p-big."},
+    )
+
     def validate(self) -> None:
-        """`TrainArguments.validate`, then the LoRA flags (and, when LoRA is on, that peft is installed)."""
+        """`TrainArguments.validate`, then the small FFNs' start (init, distillation, p_big schedule) and the LoRA
+        flags (and, when LoRA is on, that peft is installed)."""
         if not self.init_from:
             raise UsageError(
                 "init_from: give the pretrained model, e.g. --init-from facebook/opt-1.3b (Hub) or a local folder."
             )
         super().validate()
+        check_small_start(self)
         check_integer_fields(self, positive=("lora_r",))
         check_float_fields(self, positive=("lora_alpha",), fractions=("lora_dropout",))
         if self.lora_target_modules is not None and not self.lora_target_list():
@@ -447,6 +483,21 @@ class FinetuneArguments(TrainArguments):
                 "--lora is not supported under FSDP (the adapters are merged on one full copy of the model); "
                 "use DDP or one process (a Duo OPT-1.3B fits one GPU)."
             )
+
+    def route_probs_at(self, step: int, total_steps: int) -> dict[str, float]:
+        """Random-routing probabilities of optimizer step ``step`` of ``total_steps``: p_big moves linearly from
+        ``p_big_start`` to ``p_big`` over the first ``p_big_decay_fraction`` of the steps, then stays; small and
+        skip share the rest in the ratio of `route_probs`."""
+        probs = self.route_probs()
+        if self.p_big_start is None:
+            return probs
+        decay_steps = max(1, round(self.p_big_decay_fraction * total_steps))
+        progress = min(1.0, step / decay_steps)
+        p_big = self.p_big_start + (self.p_big - self.p_big_start) * progress
+        rest = 1.0 - self.p_big
+        # small's and skip's shares of what big leaves (all small when p_big is 1 and nothing is left to share)
+        shares = {name: p / rest if rest > 0 else float(name == "small") for name, p in probs.items() if name != "big"}
+        return {**{name: (1.0 - p_big) * share for name, share in shares.items()}, "big": p_big}
 
     def lora_target_list(self) -> list[str] | None:
         """The LoRA target module names, or None for the architecture's attention projections."""
@@ -511,6 +562,24 @@ def check_init_source(args: TrainArguments) -> None:
             f"init_from {args.init_from!r} holds no tokenizer; pass --tokenizer with the tokenizer that "
             "model was trained with (a new one would not match its embeddings)."
         )
+
+
+SMALL_INITS = ("random", "slice-weight", "slice-activation")
+
+
+def check_small_start(args: FinetuneArguments) -> None:
+    """The small FFNs' start of a finetuning run: an init of `SMALL_INITS`, distillation steps >= 0 at a positive
+    learning rate, a p_big start in [0, 1] and a decay fraction in (0, 1]."""
+    if args.small_init not in SMALL_INITS:
+        raise UsageError(f"small_init: {args.small_init!r} is not an initialisation; use one of {list(SMALL_INITS)}.")
+    check_integer_fields(args, non_negative=("distill_steps",))
+    check_float_fields(args, positive=("distill_learning_rate",))
+    start = args.p_big_start
+    if start is not None and not (isinstance(start, (int, float)) and 0.0 <= start <= 1.0):
+        raise UsageError(f"p_big_start: {start!r} must be a probability in [0, 1].")
+    fraction = args.p_big_decay_fraction
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
+        raise UsageError(f"p_big_decay_fraction: {fraction!r} must be in (0, 1] (a fraction of the run's steps).")
 
 
 def check_model_shape(args) -> None:
@@ -601,6 +670,7 @@ __all__ = [
     "ModelArguments",
     "RENAMED_FIELDS",
     "RENAMED_MODES",
+    "SMALL_INITS",
     "OptimizationArguments",
     "RunArguments",
     "TrainArguments",
@@ -608,6 +678,7 @@ __all__ = [
     "check_data_fields",
     "check_init_source",
     "check_model_shape",
+    "check_small_start",
     "check_report_to",
     "check_run_fields",
     "current_names",

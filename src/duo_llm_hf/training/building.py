@@ -158,8 +158,9 @@ def may_leave_a_module_unused(args: TrainArguments, chance: float = 1e-9) -> boo
     if args.mode == "dense":
         return False
     tokens = args.batch_size * args.block_size
-    probs = args.route_probs()
-    return any((1.0 - probs[choice]) ** tokens > chance for choice in ("small", "big"))
+    # p_big moves monotonically from its first step to the end (`route_probs_at`): the extremes are there
+    extremes = (args.route_probs_at(0, 1), args.route_probs())
+    return any((1.0 - probs[choice]) ** tokens > chance for probs in extremes for choice in ("small", "big"))
 
 
 def build_optimizer(model: torch.nn.Module, args: OptimizationArguments) -> torch.optim.AdamW:

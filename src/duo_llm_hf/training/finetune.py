@@ -8,7 +8,8 @@ of the result (``training/train_router.py``, the three settings of Appendix A). 
 same way (`DuoLlamaForCausalLM.from_dense`).
 
 The run is `training.train` in its frozen-big mode (the same loop, data, evaluation, atomic checkpoints and
-resume); LoRA comes in through `ModelHooks`.
+resume); where the small FFNs start (a slice of the big FFN, local distillation: `small_init`) and LoRA come in
+through `ModelHooks`, and a p_big that moves over the run through `FinetuneArguments.route_probs_at`.
 
 LoRA and what is saved: the checkpoints under ``checkpoints/`` hold the adapters unmerged, so a run resumes
 exactly. The final model in ``output_dir`` has them merged into the attention weights (peft's
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -30,6 +32,7 @@ from ..models.configuration_duo_opt import DuoOPTConfig
 from .arguments import FinetuneArguments, parse_arguments
 from .building import FROZEN_BIG_SOURCES
 from .checkpointing import TrainState
+from .small_init import start_small_ffns
 from .train import ModelHooks, TrainResult, print_saved, train
 
 # The attention projections that LoRA adapts by default, by Duo model_type.
@@ -160,10 +163,11 @@ def finetune(args: FinetuneArguments, step_callback: Callable[[TrainState, dict]
     Saves the finetuned Duo model and the source's tokenizer in ``args.output_dir``; see `FinetuneArguments`.
     """
     args.validate()
-    hooks = None
+    hooks = ModelHooks()
     if args.lora:
         lora = AttentionLoRA(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_list())
         hooks = lora.hooks()
+    hooks.start = partial(start_small_ffns, args)
     return train(args, step_callback, hooks)
 
 

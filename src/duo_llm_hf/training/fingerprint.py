@@ -45,6 +45,10 @@ EXTENDABLE = frozenset({"max_steps", "num_epochs"})
 # Paths that go into a run's fingerprint by their content (`content_fingerprint`), not by their name.
 CONTENT_PATHS = frozenset({"dataset", "holdout_english", "holdout_code", "init_from", "tokenizer", "model"})
 
+# Fields added after runs of their command were checkpointed: at their defaults (what those runs did) they are
+# left out of the fingerprint, so such a run still resumes; any other value is in it.
+ADDED_FIELDS = ("small_init", "distill_steps", "distill_learning_rate", "p_big_start", "p_big_decay_fraction")
+
 # A tokenizer's files (in a tokenizer or model folder), whose bytes define it.
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece")
 
@@ -92,12 +96,15 @@ def training_fingerprint(args, accelerator: Accelerator) -> dict:
 
     Left out: what may change on resume (`RESUMABLE_CHANGES`, and the run's length, `EXTENDABLE`).
     """
-    excluded = RESUMABLE_CHANGES | EXTENDABLE | CONTENT_PATHS
+    fields = getattr(args, "__dataclass_fields__", {})
+    at_default = {name for name in ADDED_FIELDS if name in fields and getattr(args, name) == fields[name].default}
+    excluded = RESUMABLE_CHANGES | EXTENDABLE | CONTENT_PATHS | at_default
     return run_fingerprint(args, excluded, **content_fingerprint(args, accelerator))
 
 
 
 __all__ = [
+    "ADDED_FIELDS",
     "CONTENT_PATHS",
     "EXTENDABLE",
     "RESUMABLE_CHANGES",

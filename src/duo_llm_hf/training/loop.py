@@ -134,19 +134,29 @@ def training_step(
     """
     ids = batch["input_ids"]
     loss = model(input_ids=ids, labels=ids).loss
-    backward_and_step(accelerator, loss, optimizer, scheduler, trainable, max_grad_norm)
+    backward_and_step(accelerator, loss, optimizer, scheduler, trainable, max_grad_norm, may_reach_nothing=True)
     return loss
 
 
 def backward_and_step(
-    accelerator: Accelerator, loss: torch.Tensor, optimizer, scheduler, params: list, max_grad_norm: float
+    accelerator: Accelerator,
+    loss: torch.Tensor,
+    optimizer,
+    scheduler,
+    params: list,
+    max_grad_norm: float,
+    may_reach_nothing: bool = False,
 ) -> None:
     """Backward of a micro-batch's loss; when Accelerate syncs, clip ``params`` to ``max_grad_norm`` (0: off).
+
+    ``may_reach_nothing``: a loss that no trained parameter reached (random routes that are all BIG, as at p_big 1
+    at the start of a finetuning schedule) is no error: the micro-batch has nothing to learn and adds no gradient.
 
     Then the optimizer and scheduler step and the gradients are zeroed: inside ``accelerator.accumulate(model)``
     the prepared optimizer and scheduler only act on the micro-batch that ends an optimizer step.
     """
-    accelerator.backward(loss)
+    if loss.requires_grad or not may_reach_nothing:
+        accelerator.backward(loss)
     if accelerator.sync_gradients and max_grad_norm > 0:
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..data.corpus import pack_corpus
@@ -85,14 +86,18 @@ class TrainResult:
 
 @dataclass
 class ModelHooks:
-    """What a recipe built on `train` changes about its model (LoRA finetuning uses both hooks).
+    """What a recipe built on `train` changes about its model (finetuning uses them all).
 
-    ``adapt(model)`` gets the built model (frozen as the mode says) before the optimizer is made and returns the
-    model to train; whatever then requires grad is trained, and checkpoints hold that model. ``export(model)``
-    gets the trained model (unwrapped from DDP) before the final ``save_pretrained`` and returns the model to
-    save. A hook that is None changes nothing.
+    ``start(model, train_blocks, accelerator)`` gets the built model (on the CPU) on a fresh run only (a resumed
+    run restores its weights from the checkpoint), before ``adapt``: it may change the starting weights (the small
+    FFNs' slice and distillation, `small_init`) and returns metrics for the run's train results. ``adapt(model)``
+    gets the built model (frozen as the mode says) before the optimizer is made and returns the model to train;
+    whatever then requires grad is trained, and checkpoints hold that model. ``export(model)`` gets the trained
+    model (unwrapped from DDP) before the final ``save_pretrained`` and returns the model to save. A hook that is
+    None changes nothing.
     """
 
+    start: Callable[[torch.nn.Module, object, Accelerator], dict[str, float]] | None = None
     adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     export: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
@@ -141,6 +146,9 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
         # transformers v5 deprecates gradient_checkpointing_enable for activation_checkpointing_enable.
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
+    start_metrics: dict[str, float] = {}
+    if hooks.start is not None and resume_dir is None:
+        start_metrics = hooks.start(model, train_blocks, accelerator)
     if hooks.adapt is not None:
         model = hooks.adapt(model)
     is_duo = is_duo_model(model)
@@ -191,6 +199,8 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
     meter = StepMeter(accelerator, ["train/loss"], args.batch_size * args.block_size * accelerator.num_processes)
     model.train()
     for batch in training_batches(train_loader, accelerator, state, total_steps, args):
+        if is_duo:  # the random routes of this optimizer step (p_big may move over the run)
+            unwrapped.model.route_sampler.set_probs(args.route_probs_at(state.global_step, total_steps))
         with accelerator.accumulate(model):
             loss = training_step(
                 accelerator, model, batch, optimizer, scheduler, trainable, args.max_grad_norm
@@ -220,7 +230,9 @@ def _train(args, accelerator, resume_dir, checkpoints_dir, step_callback, source
             break
     progress.close()
 
-    save_final(args, accelerator, model, tokenizer, state, eval_metrics, hooks.export, run["run_id"])
+    save_final(
+        args, accelerator, model, tokenizer, state, {**start_metrics, **eval_metrics}, hooks.export, run["run_id"]
+    )
     return TrainResult(str(Path(args.output_dir)), state.global_step, state.tokens_seen, losses, eval_metrics)
 
 
