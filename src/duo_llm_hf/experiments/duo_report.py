@@ -20,29 +20,30 @@ from .report import _finding, fmt, gap_closed
 
 def per_layer_metrics(tables: dict, config) -> dict:
     """Per holdout: all-BIG, and each layer on SMALL alone and skipped alone (perplexity), before and after
-    finetuning; how many layers SMALL beats SKIP in."""
+    finetuning (skipping reads no small FFN: its numbers come from the table after); how many layers SMALL beats
+    SKIP in."""
     out = {}
     for holdout in tables["after"]:
-        entry = {}
-        for when, by_holdout in tables.items():
-            table = by_holdout[holdout]
-            patterns, losses = table["patterns"], table["losses"]
-            mask = sa.token_mask(table["input_ids"])
-            means = sa.masked_mean(losses, mask)
-            n = patterns.shape[1]
-            alone = {}
-            for name, code in (("small", SMALL), ("skip", SKIP)):
-                rows = [int(((patterns == code).sum(-1) == 1).logical_and(patterns[:, layer] == code).nonzero()[0])
-                        for layer in range(n)]  # fmt: skip
-                alone[name] = [math.exp(float(means[r])) for r in rows]
-            all_big = int((sa.moved_counts(patterns) == 0).nonzero()[0])
-            beats = sum(s < k for s, k in zip(alone["small"], alone["skip"], strict=True))
-            entry[when] = {
-                "all_big": sa.bootstrap_ppl(losses[all_big], mask, config.bootstrap_samples, config.seed),
-                **alone,
-                "small_beats_skip": beats,
-            }
-        out[holdout] = entry
+        alone = {when: _alone(by_holdout[holdout], config) for when, by_holdout in tables.items()}
+        for entry in alone.values():
+            entry["skip"] = alone["after"]["skip"]
+            entry["small_beats_skip"] = sum(s < k for s, k in zip(entry["small"], entry["skip"], strict=True))
+        out[holdout] = alone
+    return out
+
+
+def _alone(table: dict, config) -> dict:
+    """All-BIG (with its interval) and the perplexity of each layer moved alone to each choice the table holds."""
+    patterns, losses = table["patterns"], table["losses"]
+    mask = sa.token_mask(table["input_ids"])
+    means = sa.masked_mean(losses, mask)
+    moved = sa.moved_counts(patterns)
+    all_big = int((moved == 0).nonzero()[0])
+    out = {"all_big": sa.bootstrap_ppl(losses[all_big], mask, config.bootstrap_samples, config.seed)}
+    for name, code in (("small", SMALL), ("skip", SKIP)):
+        rows = [((moved == 1) & (patterns[:, layer] == code)).nonzero().flatten() for layer in range(patterns.shape[1])]
+        if all(len(r) for r in rows):
+            out[name] = [math.exp(float(means[int(r[0])])) for r in rows]
     return out
 
 
@@ -476,5 +477,6 @@ def duo_summary(metrics: dict) -> str:
     if "not_run" in hs:
         lines.append(f"HellaSwag left out: {hs['not_run']}.")
     for name, r in hs.get("runs", {}).items():
-        lines.append(f"HellaSwag {name} ({r['items']} items): acc_norm {r['acc_norm']:.3f} +- {r['acc_norm_stderr']:.3f}")
+        score = f"acc_norm {r['acc_norm']:.3f} +- {r['acc_norm_stderr']:.3f}"
+        lines.append(f"HellaSwag {name} ({r['items']} items): {score}")
     return "\n".join(lines)

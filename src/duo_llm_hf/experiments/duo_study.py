@@ -99,8 +99,10 @@ def finetune_stage(stages, model_dir: Path) -> tuple[Path, dict]:
 
 
 def per_layer_stage(stages, model, when: str, holdout: str, blocks: torch.LongTensor) -> dict:
-    """``per_layer/<when>/<holdout>/``: the table of every pattern moving one layer off all-BIG, to SMALL or SKIP."""
-    space = moved_space(model.config.num_hidden_layers, 1, ("small", "big", "skip"))
+    """``per_layer/<when>/<holdout>/``: the table of every pattern moving one layer off all-BIG, to SMALL or SKIP
+    (``after`` finetuning), or to SMALL only (``before``: skipping does not read the small FFNs)."""
+    options = ("small", "big", "skip") if when == "after" else ("small", "big")
+    space = moved_space(model.config.num_hidden_layers, 1, options)
     folder = stages.out / "per_layer" / when / holdout
     return table_stage(stages, model, folder, f"one layer moved, {when} finetuning ({holdout})", blocks, space)
 

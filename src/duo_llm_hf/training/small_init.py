@@ -69,7 +69,8 @@ def _captured(modules: list[nn.Module], capture: Callable[[int, tuple, torch.Ten
 
 def _all_big(model: nn.Module, input_ids: torch.Tensor) -> None:
     """An all-BIG forward of ``input_ids`` (no loss, no cache) for the hooks to see."""
-    model(input_ids=input_ids.to(model.device), routing="all-big", use_cache=False)
+    # One logit kept: the hooks need the layers only, and the LM head is a large share of a small model's forward.
+    model(input_ids=input_ids.to(model.device), routing="all-big", use_cache=False, logits_to_keep=1)
 
 
 def _activation_score(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
