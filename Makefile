@@ -19,7 +19,7 @@ NO_TORCH_CONSTRAINTS := $(VENV)/constraints-without-torch.txt
 # numerics-marked tests (floats across shapes, orders, processes) rerun under every CPU kernel set PyTorch has
 CPU_CAPABILITIES ?= default avx2 avx512
 
-.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install smollm2 smollm2-study clean \
+.PHONY: test test-fast test-numerics test-latest latest-venv lock demo lint install smollm2 smollm2-study smollm2-duo-study clean \
 	device-check device-check-dry-run device-wheels
 
 install: $(STAMP)
@@ -107,6 +107,14 @@ HELLASWAG ?= ../shared/data/hellaswag
 WIKITEXT ?= ../shared/data/wikitext-2/valid.txt
 smollm2-study: smollm2
 	$(BIN)/duo-llm study --preset smollm2 --output-dir $(SMOLLM2_STUDY_OUT) --hellaswag $(HELLASWAG) \
+		$(if $(wildcard $(WIKITEXT)),--holdout wikitext=$(WIKITEXT))
+
+# The paper's Appendix A on the same model: its small FFNs finetuned on the frozen model (a slice of each big FFN,
+# then the language-model loss under random routing), the oracle over SMALL, BIG and SKIP, routers in the paper's
+# three settings, HellaSwag at equal FFN FLOPs. Resumable like smollm2-study. See docs/appendix-a.md.
+SMOLLM2_DUO_STUDY_OUT ?= smollm2-duo-study
+smollm2-duo-study: smollm2
+	$(BIN)/duo-llm study --preset smollm2-duo --output-dir $(SMOLLM2_DUO_STUDY_OUT) --hellaswag $(HELLASWAG) \
 		$(if $(wildcard $(WIKITEXT)),--holdout wikitext=$(WIKITEXT))
 
 # The GPU check (benchmarks/device_check.py, at most 270 s on one GPU; docs/gpu.md gives the device call). It

@@ -106,3 +106,15 @@ def test_interpolation_between_levels():
     levels = {"1": {"fixed": 10.0}, "3": {"fixed": 40.0}}
     assert duo_report._between(levels, 2.0, "fixed") == pytest.approx(20.0)
     assert duo_report._between(levels, 5.0, "fixed") == pytest.approx(40.0)  # beyond: the nearest level
+
+
+def test_each_space_is_searched_past_its_routers_budget_and_flops():
+    from duo_llm_hf.experiments.duo_study import levels_needed
+
+    routers = {
+        "small70-big30": {"space": "small-big", "realised": {"english": {"moved": 20.4, "flops": 0.34}}},
+        "big50-skip50": {"space": "big-skip", "realised": {"english": {"moved": 14.0, "flops": 0.53}}},
+    }
+    # small-big past 20.4 moved; big-skip past its router (14) and past the skip set at 0.34 FLOPs (20 skipped).
+    assert levels_needed(routers, None, 30) == {"small-big": 22, "big-skip": 21}
+    assert levels_needed(routers, None, 20)["small-big"] == 19  # never past the last layer
