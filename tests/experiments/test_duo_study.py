@@ -118,3 +118,34 @@ def test_each_space_is_searched_past_its_routers_budget_and_flops():
     # small-big past 20.4 moved; big-skip past its router (14) and past the skip set at 0.34 FLOPs (20 skipped).
     assert levels_needed(routers, None, 30) == {"small-big": 22, "big-skip": 21}
     assert levels_needed(routers, None, 20)["small-big"] == 19  # never past the last layer
+
+
+@pytest.mark.parametrize("preset", ["smollm2-duo", "smollm2-duo-gpu"])
+def test_the_presets_are_valid_studies_and_finetuning_runs(preset):
+    from duo_llm_hf.experiments.duo_study import check_duo_settings
+    from duo_llm_hf.experiments.study import is_duo_study, study_config
+    from duo_llm_hf.training.arguments import FinetuneArguments
+
+    config = study_config(preset)
+    assert is_duo_study(config)
+    check_duo_settings(config, LAYERS)
+    args = FinetuneArguments(init_from="a-model", output_dir="unused", **config.finetune)
+    assert args.small_init == "slice-activation" and args.distill_steps > 0 and args.max_steps > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"router_settings": ("small50",)}, "not router settings"),
+        ({"moved_exact": 1}, "moved_exact"),
+        ({"fixed_blocks": 99}, "fixed_blocks"),
+        ({"search_method": "bogus"}, "search_method"),
+    ],
+)
+def test_settings_the_study_cannot_serve_are_refused_in_one_line(overrides, message):
+    from duo_llm_hf.experiments.duo_study import check_duo_settings
+    from duo_llm_hf.experiments.study import study_config
+    from duo_llm_hf.utils.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        check_duo_settings(study_config("smollm2-duo", **overrides), LAYERS)

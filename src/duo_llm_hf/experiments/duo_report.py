@@ -317,6 +317,7 @@ def write_duo_report(stages, model, per_layer, exact, levels, paths, routers, fi
             "seconds": finetune_seconds,
             "tokens_per_second": context["finetune"]["tokens_seen"] / finetune_seconds if finetune_seconds else None,
             "all_big_unchanged": context["all_big_unchanged"],
+            "results": context["finetune_results"],
         },
         "first_holdout": first,
         "per_layer": per_layer_metrics(per_layer, config),
@@ -365,6 +366,13 @@ def duo_report_blocks(metrics: dict, figures: dict) -> list[tuple]:
 
     model, ft = metrics["model"], metrics["finetune"]
     first = metrics["first_holdout"]
+    evaluation = ", ".join(f"{k.removeprefix('eval/').removesuffix('/ppl')} {v:.2f}" for k, v in ft["results"].items()
+                           if k.endswith("/ppl"))  # fmt: skip
+    distilled = {k.removeprefix("distill/relative_error_"): v for k, v in ft["results"].items() if "distill/" in k}
+    evaluation = f"The finetuning run's own evaluation at its last step (holdout/routing perplexity): {evaluation}."
+    if distilled:
+        evaluation += (f" Distillation's mean relative error of the small FFNs: {distilled['start']:.3f} before, "
+                       f"{distilled['end']:.3f} after.")  # fmt: skip
     blocks: list[tuple] = [
         ("h", 1, f"Duo-LLM Appendix A on a pretrained model (preset {metrics['preset']})"),
         ("p", f"Model: {model['source']} ({model['layers']} layers, hidden {model['hidden_size']}, FFN "
@@ -372,6 +380,7 @@ def duo_report_blocks(metrics: dict, figures: dict) -> list[tuple]:
               f"Small FFNs finetuned on the frozen model: {ft['global_step']} steps, {ft['tokens_seen']:,} tokens in "
               f"{ft['seconds']:.0f} s ({fmt(ft['tokens_per_second'])} tokens/s); pretrained weights unchanged: "
               f"{fmt(ft['all_big_unchanged'])}. Perplexities carry a 95% bootstrap interval over blocks."),
+        ("p", evaluation),
         ("h", 2, "Findings of the paper, for this model"),
         ("table", ["finding", "holds", "numbers"],
          [[f["statement"], fmt(f["reproduced"]), _numbers_text(f["numbers"])] for f in metrics["findings"]]),
@@ -404,6 +413,7 @@ def duo_report_blocks(metrics: dict, figures: dict) -> list[tuple]:
                         f"{gap['oracle']['exact']:.2f} exact (ratio {gap['oracle']['ratio']:.3f}), fixed "
                         f"{gap['fixed']['searched']:.2f} against {gap['fixed']['exact']:.2f} (ratio "
                         f"{gap['fixed']['ratio']:.3f})."))  # fmt: skip
+    blocks.append(("p", _usage_text(metrics["levels"]["small-big"])))
     for space, by_m in metrics["levels"].items():
         rows = [[m, v["search"], v["patterns"], f"{v['oracle']:.2f}", f"{v['fixed']:.2f}", f"{v['fixed_flops']:.3f}"]
                 for m, v in by_m.items()]  # fmt: skip
@@ -413,6 +423,20 @@ def duo_report_blocks(metrics: dict, figures: dict) -> list[tuple]:
     blocks += [("h", 2, "Time per stage (seconds)"),
                ("table", ["stage", "seconds"], [[k, fmt(v)] for k, v in metrics["seconds"].items()])]  # fmt: skip
     return blocks
+
+
+def _usage_text(levels: dict) -> str:
+    """Which layers the SMALL/BIG oracle puts on small at its lowest and highest budget."""
+    parts = []
+    for m in (min(levels, key=int), max(levels, key=int)) if len(levels) > 1 else ():
+        if m == "0":
+            m = sorted(levels, key=int)[1]
+        usage = levels[m]["oracle_usage"]["small"]
+        center = sa.skip_center(usage)
+        shares = " ".join(f"{u:.2f}" for u in usage)
+        parts.append(f"with {m} layers on small, share of tokens on small per layer (0 = first): {shares} (mean layer "
+                     f"{center:.1f})")  # fmt: skip
+    return "The SMALL/BIG oracle's layers, " + "; ".join(parts) + "."
 
 
 def _router_blocks(metrics: dict, figures: dict) -> list[tuple]:

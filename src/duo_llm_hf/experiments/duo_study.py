@@ -98,6 +98,16 @@ def finetune_stage(stages, model_dir: Path) -> tuple[Path, dict]:
     return folder, record
 
 
+def finetune_results(folder: Path) -> dict:
+    """The finetuning run's own results: its held-out evaluation at the last step (``eval/<holdout>/<routing>/ppl``)
+    and the distillation's relative errors."""
+    from ..utils.run_files import TRAIN_RESULTS_FILE
+    from ..utils.schema import TRAIN_RESULTS_SCHEMA, read_state_file
+
+    results = read_state_file(folder / TRAIN_RESULTS_FILE, TRAIN_RESULTS_SCHEMA)
+    return {k: v for k, v in results.items() if k.endswith("/ppl") or k.startswith("distill/")}
+
+
 def per_layer_stage(stages, model, when: str, holdout: str, blocks: torch.LongTensor) -> dict:
     """``per_layer/<when>/<holdout>/``: the table of every pattern moving one layer off all-BIG, to SMALL or SKIP
     (``after`` finetuning), or to SMALL only (``before``: skipping does not read the small FFNs)."""
@@ -349,6 +359,7 @@ def run_duo_study(stages, model_dir: Path) -> dict:
     hellaswag = hellaswag_stage(stages, model, finetuned_dir, routers, fixed)
     context = {
         "finetune": finetune_record,
+        "finetune_results": finetune_results(finetuned_dir),
         "finetuned_dir": finetuned_dir,
         "all_big_unchanged": big_weights_unchanged(model_dir, finetuned_dir),
         "first": first,
