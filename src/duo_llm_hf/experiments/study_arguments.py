@@ -84,8 +84,8 @@ class StudyArguments:
         default=None,
         metadata={
             "help": "Folder of a local HellaSwag copy (hellaswag_val.jsonl) for the pretrained-model study's "
-            "benchmark (default: the preset's, ../shared/data/hellaswag for smollm2); absent, HellaSwag is left out "
-            "with one line.",
+            "benchmark (default: the preset's, ../shared/data/hellaswag for the smollm2 presets); absent, HellaSwag is "
+            "left out with one line.",
             "metavar": "DIR",
         },
     )
