@@ -10,12 +10,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import torch
 
 from ..models.routes import CHOICE_CODES, CHOICE_NAMES, SKIP, SMALL
 from . import skip_analysis as sa
 from .report import _finding, fmt, gap_closed
+
+
+def finetune_results(folder: Path) -> dict:
+    """The finetuning run's own results: its held-out evaluation at the last step (``eval/<holdout>/<routing>/ppl``)
+    and the distillation's relative errors."""
+    from ..utils.run_files import TRAIN_RESULTS_FILE
+    from ..utils.schema import TRAIN_RESULTS_SCHEMA, read_state_file
+
+    results = read_state_file(folder / TRAIN_RESULTS_FILE, TRAIN_RESULTS_SCHEMA)
+    return {k: v for k, v in results.items() if k.endswith("/ppl") or k.startswith("distill/")}
 
 
 def per_layer_metrics(tables: dict, config) -> dict:
@@ -317,7 +328,7 @@ def write_duo_report(stages, model, per_layer, exact, levels, paths, routers, fi
             "seconds": finetune_seconds,
             "tokens_per_second": context["finetune"]["tokens_seen"] / finetune_seconds if finetune_seconds else None,
             "all_big_unchanged": context["all_big_unchanged"],
-            "results": context["finetune_results"],
+            "results": finetune_results(context["finetuned_dir"]),
         },
         "first_holdout": first,
         "per_layer": per_layer_metrics(per_layer, config),

@@ -35,7 +35,7 @@ from ..oracle.search import SearchSettings
 from ..utils.errors import UsageError
 from . import skip_analysis as sa
 from . import skip_search
-from .skip_study import _device, _device_of_runs, moved_space, pattern_token_losses, router_stage, table_stage
+from .skip_study import _device_of_runs, moved_space, pattern_token_losses, router_stage, table_stage
 
 # The route spaces of the study, by name: the choices a pattern may take in each layer.
 SPACES = {"small-big": (SMALL, BIG), "big-skip": (BIG, SKIP), "small-big-skip": (SMALL, BIG, SKIP)}
@@ -96,16 +96,6 @@ def finetune_stage(stages, model_dir: Path) -> tuple[Path, dict]:
 
     record = stages.run("finetuning of the small FFNs", folder, work)
     return folder, record
-
-
-def finetune_results(folder: Path) -> dict:
-    """The finetuning run's own results: its held-out evaluation at the last step (``eval/<holdout>/<routing>/ppl``)
-    and the distillation's relative errors."""
-    from ..utils.run_files import TRAIN_RESULTS_FILE
-    from ..utils.schema import TRAIN_RESULTS_SCHEMA, read_state_file
-
-    results = read_state_file(folder / TRAIN_RESULTS_FILE, TRAIN_RESULTS_SCHEMA)
-    return {k: v for k, v in results.items() if k.endswith("/ppl") or k.startswith("distill/")}
 
 
 def per_layer_stage(stages, model, when: str, holdout: str, blocks: torch.LongTensor) -> dict:
@@ -289,37 +279,21 @@ def big_weights_unchanged(source_dir: Path, finetuned_dir: Path) -> bool:
 def hellaswag_stage(stages, model, model_dir: Path, routers: dict, fixed: dict) -> dict:
     """``hellaswag/``: acc_norm on the first ``hellaswag_items`` items of the finetuned model all-BIG, each router,
     and the fixed patterns of `fixed_comparisons` (a pattern shared by two comparisons runs once)."""
-    from ..data.tokenization import load_tokenizer
-    from ..integrations.lm_eval import DuoLM
-    from ..utils.loading import load_duo_model
-    from .hellaswag import HellaSwagRuns, hellaswag_available
+    from .hellaswag import DuoModels, HellaSwagRuns, left_out
 
     config = stages.config
-    reason = hellaswag_available(config.hellaswag)
-    if reason is not None:
-        print(f"[duo-llm study] HellaSwag left out: {reason}.", flush=True)
-        return {"not_run": reason}
-    hellaswag = HellaSwagRuns(stages.out / "hellaswag", config.hellaswag)
-    tokenizer = load_tokenizer(model_dir)
-    device = str(_device(model))
+    missing = left_out(config.hellaswag)
+    if missing:
+        return missing
+    hellaswag, models = HellaSwagRuns(stages.out / "hellaswag", config.hellaswag), DuoModels(model, model_dir)
     items = config.hellaswag_items
-
-    def duo(routing: str, **kwargs):
-        return lambda: DuoLM(
-            pretrained=model, tokenizer=tokenizer, routing=routing, batch_size=8, device=device, **kwargs
-        )
-
-    runs = {"all_big": hellaswag.run("all_big", duo("all-big"), items)}
+    runs = {"all_big": hellaswag.run("all_big", models.routing("all-big"), items)}
     for setting, router in routers.items():
-
-        def make(router=router):
-            routed = load_duo_model(router["folder"]).to(_device(model)).eval()
-            return DuoLM(pretrained=routed, tokenizer=tokenizer, routing="learned", batch_size=8, device=device)
-
-        runs[f"router_{setting}"] = hellaswag.run(f"router_{setting}", make, items)
+        runs[f"router_{setting}"] = hellaswag.run(f"router_{setting}", models.router(router["folder"]), items)
         for entry in fixed[setting].values():
             name = f"fixed_{entry['space']}_{entry['moved']}"
-            runs[name] = {**hellaswag.run(name, duo("fixed", pattern=entry["pattern"]), items), "flops": entry["flops"]}
+            run = hellaswag.run(name, models.routing("fixed", pattern=entry["pattern"]), items)
+            runs[name] = {**run, "flops": entry["flops"]}
     return runs
 
 
@@ -359,7 +333,6 @@ def run_duo_study(stages, model_dir: Path) -> dict:
     hellaswag = hellaswag_stage(stages, model, finetuned_dir, routers, fixed)
     context = {
         "finetune": finetune_record,
-        "finetune_results": finetune_results(finetuned_dir),
         "finetuned_dir": finetuned_dir,
         "all_big_unchanged": big_weights_unchanged(model_dir, finetuned_dir),
         "first": first,

@@ -66,6 +66,48 @@ class HellaSwagRuns:
         return record
 
 
+def left_out(data_dir: str | None) -> dict | None:
+    """``{"not_run": reason}``, said in one line, when ``data_dir`` holds no local copy; else None."""
+    reason = hellaswag_available(data_dir)
+    if reason is None:
+        return None
+    print(f"[duo-llm study] HellaSwag left out: {reason}.", flush=True)
+    return {"not_run": reason}
+
+
+class DuoModels:
+    """lm-eval models of a study's Duo model for `HellaSwagRuns.run`: ``routing(name, **kwargs)`` is the model under
+    a routing (``all-big``, ``fixed`` with ``pattern=``), ``router(folder)`` a trained router's model, learned
+    routing; each a factory, so a kept run loads nothing."""
+
+    def __init__(self, model, model_dir):
+        from ..data.tokenization import load_tokenizer
+
+        self.model, self.tokenizer = model, load_tokenizer(model_dir)
+        self.device = str(next(model.parameters()).device)  # lm-eval's own default is cuda
+
+    def routing(self, routing: str, **kwargs):
+        from ..integrations.lm_eval import DuoLM
+
+        def make():
+            return DuoLM(pretrained=self.model, tokenizer=self.tokenizer, routing=routing, batch_size=8,
+                         device=self.device, **kwargs)  # fmt: skip
+
+        return make
+
+    def router(self, folder):
+        from ..integrations.lm_eval import DuoLM
+        from ..utils.loading import load_duo_model
+
+        def make():
+            routed = load_duo_model(folder).to(self.device).eval()
+            return DuoLM(
+                pretrained=routed, tokenizer=self.tokenizer, routing="learned", batch_size=8, device=self.device
+            )
+
+        return make
+
+
 def same_scores(a: dict, b: dict) -> dict:
     """Whether two runs on the same items score identically: acc_norm, and the largest log-likelihood difference."""
     diffs = [abs(x - y) for la, lb in zip(a["loglikelihoods"], b["loglikelihoods"]) for x, y in zip(la, lb)]

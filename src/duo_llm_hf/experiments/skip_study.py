@@ -273,25 +273,15 @@ def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: d
     the converted model all-BIG on the first ``hellaswag_identity_items`` items, then on the first
     ``hellaswag_items``: all-BIG, the fixed skip sets of ``fixed_moved`` and the routers. Returns the runs by name,
     or ``{"not_run": reason}`` when the data is absent."""
-    from ..data.tokenization import load_tokenizer
-    from ..integrations.lm_eval import DuoLM
-    from ..utils.loading import load_duo_model
-    from .hellaswag import HellaSwagRuns, hellaswag_available
+    from .hellaswag import DuoModels, HellaSwagRuns, left_out
 
     config = stages.config
-    reason = hellaswag_available(config.hellaswag)
-    if reason is not None:
-        print(f"[duo-llm study] HellaSwag left out: {reason}.", flush=True)
-        return {"not_run": reason}
-    hellaswag = HellaSwagRuns(stages.out / "hellaswag", config.hellaswag)
-    tokenizer = load_tokenizer(model_dir)
+    missing = left_out(config.hellaswag)
+    if missing:
+        return missing
+    hellaswag, models = HellaSwagRuns(stages.out / "hellaswag", config.hellaswag), DuoModels(model, model_dir)
     n = model.config.num_hidden_layers
-    device = str(_device(model))  # lm-eval's own default is cuda
-
-    def duo(routing: str, **kwargs):
-        return lambda: DuoLM(
-            pretrained=model, tokenizer=tokenizer, routing=routing, batch_size=8, device=device, **kwargs
-        )
+    duo, device = models.routing, models.device
 
     runs = {}
     source = _source_checkpoint(config)
@@ -312,13 +302,9 @@ def hellaswag_stage(stages, model, model_dir: Path, fixed_sets: dict, routers: d
             "skipped": skipped,
         }
     for m, router in routers.items():
-        name = f"router_skip{m}"
-
-        def make(router=router):
-            routed = load_duo_model(router["folder"]).to(_device(model)).eval()
-            return DuoLM(pretrained=routed, tokenizer=tokenizer, routing="learned", batch_size=8, device=device)
-
-        runs[name] = hellaswag.run(name, make, config.hellaswag_items)
+        runs[f"router_skip{m}"] = hellaswag.run(
+            f"router_skip{m}", models.router(router["folder"]), config.hellaswag_items
+        )
     return runs
 
 
