@@ -93,8 +93,9 @@ def test_distillation_trains_only_the_small_ffns_lowers_their_error_and_repeats(
     data = blocks(8)
 
     def distill(model):
-        return distill_small_ffns(model, data, steps=30, batch_size=4, learning_rate=1e-2,
-                                  generator=torch.Generator().manual_seed(0))
+        return distill_small_ffns(
+            model, data, steps=30, batch_size=4, learning_rate=1e-2, generator=torch.Generator().manual_seed(0)
+        )
 
     results = distill(duo)
     assert results["distill/relative_error_end"] < 0.8 * results["distill/relative_error_start"]
@@ -194,9 +195,14 @@ def test_the_fingerprint_holds_the_new_fields_only_when_set(tmp_path):
 @pytest.fixture(scope="module")
 def finetune_source(tmp_path_factory, builtin_tokenizer):
     tokenizer = builtin_tokenizer
-    opt = tiny_opt(vocab_size=len(tokenizer), num_hidden_layers=2, max_position_embeddings=32,
-                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id)
+    opt = tiny_opt(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        max_position_embeddings=32,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return save_model_folder(tmp_path_factory.mktemp("opt"), opt, tokenizer)
 
 
@@ -212,8 +218,15 @@ def test_a_finetuning_run_slices_distils_and_schedules_p_big(tmp_path, finetune_
         set_probs(sampler, probs)
 
     monkeypatch.setattr(RouteSampler, "set_probs", record)
-    args = finetune_args(tmp_path, finetune_source, small_init="slice-activation", distill_steps=4,
-                         p_big_start=1.0, p_big_decay_fraction=0.5, max_steps=4)
+    args = finetune_args(
+        tmp_path,
+        finetune_source,
+        small_init="slice-activation",
+        distill_steps=4,
+        p_big_start=1.0,
+        p_big_decay_fraction=0.5,
+        max_steps=4,
+    )
     result = finetune(args)
     out = capsys.readouterr().out
     assert "sliced the top 8 neurons" in out and "distilled 4 steps" in out
@@ -223,9 +236,10 @@ def test_a_finetuning_run_slices_distils_and_schedules_p_big(tmp_path, finetune_
     assert any(drawn[i : i + 4] == steps for i in range(len(drawn))), drawn
     model = DuoOPTForCausalLM.from_pretrained(result.output_dir)
     assert model.config.route_probs == {"small": 0.5, "big": 0.5}
-    assert dataclasses.asdict(args)["small_init"] == json.loads(
-        (Path(result.output_dir) / "training_args.json").read_text())["small_init"]
-
+    assert (
+        dataclasses.asdict(args)["small_init"]
+        == json.loads((Path(result.output_dir) / "training_args.json").read_text())["small_init"]
+    )
 
 
 @pytest.mark.slow
@@ -236,8 +250,14 @@ def test_a_resumed_run_keeps_its_start_and_draws_with_the_p_big_of_its_step(tmp_
 
     from duo_llm_hf.training.finetune import finetune
 
-    common = dict(small_init="slice-weight", distill_steps=2, p_big_start=0.9, p_big_decay_fraction=1.0,
-                  max_steps=6, checkpoint_every=2)
+    common = dict(
+        small_init="slice-weight",
+        distill_steps=2,
+        p_big_start=0.9,
+        p_big_decay_fraction=1.0,
+        max_steps=6,
+        checkpoint_every=2,
+    )
     full = finetune(finetune_args(tmp_path, finetune_source, name="full", **common))
 
     def crash_at_4(state, _metrics):

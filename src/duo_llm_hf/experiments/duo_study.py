@@ -234,6 +234,7 @@ def duo_router_stages(stages, model_dir: Path, blocks: dict, train_blocks) -> di
 
 
 def model_config(model_dir: Path):
+    """The config of the Duo model in ``model_dir`` (no weights loaded)."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)

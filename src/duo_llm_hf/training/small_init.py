@@ -233,6 +233,7 @@ def start_small_ffns(args, model: nn.Module, train_blocks, accelerator=None) -> 
     def log(line: str) -> None:
         if main:
             print(line, flush=True)
+
     generator = torch.Generator().manual_seed(args.seed)
     pool = max(CALIBRATION_BLOCKS, args.distill_steps * args.batch_size)
     blocks = sample_blocks(train_blocks, pool, generator)
@@ -246,8 +247,14 @@ def start_small_ffns(args, model: nn.Module, train_blocks, accelerator=None) -> 
         return {}
     every = max(1, args.distill_steps // 10)
     results = distill_small_ffns(
-        model, blocks, args.distill_steps, args.batch_size, args.distill_learning_rate, generator,
-        log if args.progress else None, every,
+        model,
+        blocks,
+        args.distill_steps,
+        args.batch_size,
+        args.distill_learning_rate,
+        generator,
+        log if args.progress else None,
+        every,
     )
     log(
         f"small FFNs: distilled {args.distill_steps} steps, relative error "
