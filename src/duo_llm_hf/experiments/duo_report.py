@@ -128,12 +128,8 @@ def level_metrics(levels: dict, paths: dict, mask: torch.Tensor, config) -> dict
 def _between(levels: dict, moved: float, method: str) -> float:
     """``method``'s perplexity at a fractional number of layers moved: linear in log perplexity between the two
     levels around it (the nearest level outside the searched range)."""
-    ms = sorted(int(m) for m in levels)
-    low = max([m for m in ms if m <= moved], default=ms[0])
-    high = min([m for m in ms if m >= moved], default=ms[-1])
-    a, b = math.log(levels[str(low)][method]), math.log(levels[str(high)][method])
-    share = (moved - low) / (high - low) if high > low else 0.0
-    return math.exp(a + share * (b - a))
+    points = {int(m): v[method] for m, v in levels.items()}
+    return sa.log_interpolate(points, min(max(moved, min(points)), max(points)))
 
 
 def observations(usage: torch.Tensor) -> dict:
@@ -223,7 +219,7 @@ def duo_findings(metrics: dict) -> list[dict]:
             f"fewer_layers_beat_all_big/{holdout}",
             f"The oracle with one layer fewer on BIG beats all-BIG ({holdout}).",
             oracle < all_big,
-            {"oracle_29_big": oracle, "all_big": all_big},
+            {"oracle_one_layer_on_small": oracle, "all_big": all_big},
         ))  # fmt: skip
     levels = metrics["levels"]["small-big"]
     # Only exact levels decide it: a searched level's oracle is an upper bound, which may lie above the true one.
@@ -289,6 +285,8 @@ def _observation_findings(metrics: dict) -> list[dict]:
 
 def hellaswag_metrics(runs: dict, routers: dict) -> dict:
     """The HellaSwag table: each run's acc_norm and stderr; per router, its run and the fixed runs at its FLOPs."""
+    from .duo_study import fixed_run_name
+
     if "not_run" in runs:
         return runs
     keys = ("items", "acc_norm", "acc_norm_stderr", "acc", "acc_stderr")
@@ -297,7 +295,7 @@ def hellaswag_metrics(runs: dict, routers: dict) -> dict:
     out["comparisons"] = {
         setting: {
             "router": f"router_{setting}",
-            **{kind: f"fixed_{f['space']}_{f['moved']}" for kind, f in r["fixed"].items()},
+            **{kind: fixed_run_name(f) for kind, f in r["fixed"].items()},
         }
         for setting, r in routers.items()
     }

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.routes import BIG, CHOICE_CODES, SKIP, SMALL, pattern_to_str
+from ..models.routes import BIG, CHOICE_CODES, SKIP, SMALL, pattern_to_str, realised_fractions, route_usage
 from ..oracle.search import SearchSettings
 from ..utils.errors import UsageError
 from . import skip_analysis as sa
@@ -120,8 +120,8 @@ def in_space(patterns: torch.Tensor, choices) -> torch.Tensor:
     return torch.isin(patterns, torch.tensor(choices)).all(-1)
 
 
-def pattern_flops(patterns: torch.Tensor, config) -> torch.Tensor:
-    """FFN FLOPs of each pattern (``[..., layers]``) as a fraction of all-BIG's."""
+def ffn_fraction(patterns: torch.Tensor, config) -> torch.Tensor:
+    """FFN FLOPs of each pattern (``[..., layers]``, e.g. each token's route) as a fraction of all-BIG's."""
     from ..utils.flops import choice_cost
 
     cost = torch.tensor([choice_cost(config, c) for c in range(3)], dtype=torch.float64)
@@ -186,7 +186,7 @@ def fixed_path(levels: dict[int, dict], mask: torch.Tensor, config) -> dict[int,
     for m, level in levels.items():
         means = sa.masked_mean(level["losses"], mask)
         pattern = level["patterns"][int(means.argmin())]
-        path[m] = {"pattern": pattern, "flops": float(pattern_flops(pattern, config)), "loss": float(means.min())}
+        path[m] = {"pattern": pattern, "flops": float(ffn_fraction(pattern, config)), "loss": float(means.min())}
     return path
 
 
@@ -200,16 +200,14 @@ def router_evaluation(evaluation: dict, config) -> dict:
     token, usage per choice, and the usage counts ``[3, layers, positions]`` of its heatmaps."""
     out = {}
     for holdout, e in evaluation.items():
-        mask = sa.token_mask(e["input_ids"]).double()
+        mask = sa.token_mask(e["input_ids"])
         routes = e["routes"].long()
-        weight = mask.sum()
-        moved = (sa.moved_counts(routes).double() * mask).sum() / weight
-        flops = (pattern_flops(routes, config) * mask).sum() / weight
-        usage = torch.stack([((routes == c).double() * mask[..., None]).sum(0).T for c in range(3)])  # [3, L, T]
+        weight = mask.double().sum()
+        usage = route_usage(routes, mask)  # [3, L, T]
         out[holdout] = {
-            "moved": float(moved),
-            "flops": float(flops),
-            "usage": {name: float(usage[code].sum() / usage.sum()) for name, code in CHOICE_CODES.items()},
+            "moved": float((sa.moved_counts(routes).double() * mask).sum() / weight),
+            "flops": float((ffn_fraction(routes, config) * mask).sum() / weight),
+            "usage": realised_fractions(usage)["overall"],
             "usage_counts": usage,
         }
     return out
@@ -240,23 +238,31 @@ def model_config(model_dir: Path):
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
 
 
+def fixed_run_name(entry: dict) -> str:
+    """The HellaSwag run of a fixed pattern of `fixed_comparisons` (one per space and layers moved)."""
+    return f"fixed_{entry['space']}_{entry['moved']}"
+
+
 def fixed_comparisons(model, routers: dict, paths: dict, blocks: dict) -> dict:
     """For each router: the best fixed pattern of its space at its realised FFN FLOPs (first holdout), and the best
-    fixed skip set at the nearest FLOPs, each with its per-token losses on every holdout."""
-    out = {}
+    fixed skip set at the nearest FLOPs, each with its per-token losses on every holdout (a pattern shared by two
+    comparisons is evaluated once)."""
+    out, evaluated = {}, {}
     for setting, router in routers.items():
         flops = router["realised"][next(iter(blocks))]["flops"]
         entry = {}
         for kind, space in (("fixed", router["space"]), ("fixed_skip", "big-skip")):
             m = nearest_flops(paths[space], flops)
             pattern = paths[space][m]["pattern"]
-            losses = {h: pattern_token_losses(model, ids, pattern) for h, ids in blocks.items()}
+            letters = pattern_to_str(pattern.tolist())
+            if letters not in evaluated:
+                evaluated[letters] = {h: pattern_token_losses(model, ids, pattern) for h, ids in blocks.items()}
             entry[kind] = {
                 "space": space,
                 "moved": m,
-                "pattern": pattern_to_str(pattern.tolist()),
+                "pattern": letters,
                 "flops": paths[space][m]["flops"],
-                "losses": losses,
+                "losses": evaluated[letters],
             }
         out[setting] = entry
     return out
@@ -292,7 +298,7 @@ def hellaswag_stage(stages, model, model_dir: Path, routers: dict, fixed: dict) 
     for setting, router in routers.items():
         runs[f"router_{setting}"] = hellaswag.run(f"router_{setting}", models.router(router["folder"]), items)
         for entry in fixed[setting].values():
-            name = f"fixed_{entry['space']}_{entry['moved']}"
+            name = fixed_run_name(entry)
             run = hellaswag.run(name, models.routing("fixed", pattern=entry["pattern"]), items)
             runs[name] = {**run, "flops": entry["flops"]}
     return runs

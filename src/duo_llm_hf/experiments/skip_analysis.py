@@ -89,6 +89,15 @@ def curve_ks(size: int, points: int = 24) -> list[int]:
     return sorted(k for k in ks | {1, size} if 1 <= k <= size)
 
 
+def log_interpolate(points: dict[int, float], x: float) -> float:
+    """The perplexity at ``x`` (a fractional number of layers moved, within the range of ``points``) from the
+    perplexities measured at whole numbers ``points``: linear in log perplexity between the nearest two."""
+    low = max(m for m in points if m <= x)
+    high = min(m for m in points if m >= x)
+    share = (x - low) / (high - low) if high > low else 0.0
+    return math.exp(math.log(points[low]) + share * (math.log(points[high]) - math.log(points[low])))
+
+
 def bootstrap_ppl(losses: torch.Tensor, mask: torch.Tensor, samples: int = 1000, seed: int = 0) -> dict:
     """Perplexity of per-token ``losses`` ``[N, T]`` with a 95% bootstrap interval over blocks: ``samples``
     resamples of the ``N`` blocks with replacement, each block's summed loss and token count kept together."""

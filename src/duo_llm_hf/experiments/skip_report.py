@@ -159,10 +159,7 @@ def interpolate_moved(by_moved: dict, all_big: float, method: str, skipped: floa
     points = {0: all_big, **{int(m): v[method]["ppl"] for m, v in by_moved.items()}}
     if skipped > max(points) or skipped < 0:
         return None
-    low = max(m for m in points if m <= skipped)
-    high = min(m for m in points if m >= skipped)
-    share = (skipped - low) / (high - low) if high > low else 0.0
-    return math.exp(math.log(points[low]) + share * (math.log(points[high]) - math.log(points[low])))
+    return sa.log_interpolate(points, skipped)
 
 
 def skip_findings(metrics: dict) -> list[dict]:
